@@ -1,0 +1,43 @@
+# One target per habit. Every target creates or reuses the virtualenv in .venv.
+# torch is pinned to 2.13.0 (a CPU wheel on these machines); everything else is
+# installed under constraints.txt so that no dependency can pull another torch.
+
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+HETEROFL_DATA_DIR ?= $(abspath ../shared/datasets/mnist)
+export HETEROFL_DATA_DIR
+
+.PHONY: install demo test test-fast check bench clean
+
+$(BIN)/heterofl-edge: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(BIN)/heterofl-edge
+
+## The main job on embedded defaults: HeteroFL (conv, levels a and e, Dynamic) on MNIST.
+demo: install
+	$(BIN)/heterofl-edge simulate --model conv --mode a-e --split iid --rounds 3 \
+		--stats-clients round --out runs/demo
+
+## All tests, the real-MNIST ones included.
+test: install
+	$(BIN)/python -m pytest
+
+## Tests without the slow (training) ones.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+check: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+bench: install
+	$(BIN)/python bench/bench_simulate.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

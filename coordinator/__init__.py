@@ -1,0 +1,1 @@
+"""Coordinator service (registry, levels, rounds, aggregation over HTTP). Not built yet."""

@@ -1,0 +1,1 @@
+"""Device runtimes and the simulated fleet. Not built yet."""

@@ -1,0 +1,1 @@
+"""Exporter: per-level on-device training artifacts (ExecuTorch and ONNX). Not built yet."""

@@ -1,0 +1,151 @@
+"""HeteroFL aggregation (paper equations (1)-(3)), streaming.
+
+Every element of the global model is averaged over the clients whose
+sub-model holds it; elements no client holds keep their previous value. Rows
+of a ``labels`` dimension (the classifier's outputs) are averaged only over the
+clients that hold that label. Uploads are added one at a time into a running
+sum and count per element, so memory stays O(global model) however many
+clients upload, and the order of uploads does not change the result beyond
+float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from heterofl_edge.errors import UpdateError
+from heterofl_edge.slicing import DimKind, SlicingSpec, global_positions, shapes_at, trainable_names
+
+__all__ = ["HeteroFLAggregator", "validate_update"]
+
+
+def validate_update(update: Mapping[str, torch.Tensor], spec: SlicingSpec, rate: float) -> None:
+    """Raise ``UpdateError`` unless ``update`` fits the width-``rate`` sub-model.
+
+    It must hold exactly the trainable tensors of that sub-model, as finite
+    float32 tensors of the right shapes.
+    """
+    expected = trainable_names(spec)
+    missing = [n for n in expected if n not in update]
+    extra = [n for n in update if n not in spec or not spec[n].trainable]
+    if missing or extra:
+        raise UpdateError(
+            f"update does not match the level's tensors "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})",
+            "upload every trainable tensor of your assigned level, named as in the manifest",
+        )
+    shapes = shapes_at(spec, rate)
+    for name in expected:
+        tensor = update[name]
+        if tensor.dtype != torch.float32:
+            raise UpdateError(f"{name} has dtype {tensor.dtype}, expected float32")
+        if tuple(tensor.shape) != shapes[name]:
+            raise UpdateError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {shapes[name]} for rate {rate:g}"
+            )
+        if not torch.isfinite(tensor).all():
+            raise UpdateError(f"{name} holds NaN or Inf values", "check the client's training")
+
+
+class HeteroFLAggregator:
+    """Accumulates sub-model updates into per-element sums and counts.
+
+    ``add`` validates and adds one client's update; ``finalize`` returns the
+    new global state (trainable tensors averaged, everything else unchanged).
+    """
+
+    def __init__(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        spec: SlicingSpec,
+        global_rate: float = 1.0,
+    ) -> None:
+        self._spec = spec
+        self._global_rate = global_rate
+        self._previous = dict(global_state)
+        self._names = trainable_names(spec)
+        self._sums = {
+            n: torch.zeros_like(global_state[n], dtype=torch.float64) for n in self._names
+        }
+        self._counts = {
+            n: torch.zeros_like(global_state[n], dtype=torch.int32) for n in self._names
+        }
+        self.num_updates = 0
+
+    def add(
+        self,
+        update: Mapping[str, torch.Tensor],
+        rate: float,
+        labels: Iterable[int] | None = None,
+    ) -> None:
+        """Add one client's trained sub-model of width ``rate``.
+
+        ``labels`` are the labels present in the client's data; ``None`` means all.
+        """
+        if rate > self._global_rate:
+            raise UpdateError(
+                f"rate {rate:g} exceeds the global model's rate {self._global_rate:g}"
+            )
+        validate_update(update, self._spec, rate)
+        label_index = (
+            None if labels is None else torch.tensor(sorted(set(labels)), dtype=torch.long)
+        )
+        if label_index is not None and label_index.numel():
+            label_sizes = [
+                d.base for r in self._spec.values() for d in r.dims if d.kind is DimKind.labels
+            ]
+            low, high = int(label_index.min()), int(label_index.max())
+            if label_sizes and (low < 0 or high >= min(label_sizes)):
+                raise UpdateError(
+                    f"labels must lie in 0..{min(label_sizes) - 1}, got {low}..{high}",
+                    "report the labels present in the client's data",
+                )
+        for name in self._names:
+            rule = self._spec[name]
+            positions = list(global_positions(rule, rate, self._global_rate))
+            values = update[name].to(torch.float64)
+            for dim, d in enumerate(rule.dims):
+                if d.kind is DimKind.labels and label_index is not None:
+                    positions[dim] = label_index
+                    values = values.index_select(dim, label_index)
+            _accumulate(self._sums[name], positions, values)
+            _accumulate(self._counts[name], positions, torch.ones_like(values, dtype=torch.int32))
+        self.num_updates += 1
+
+    def finalize(self) -> dict[str, torch.Tensor]:
+        """The new global state: averages where any client contributed, else the old value."""
+        new_state = dict(self._previous)
+        for name in self._names:
+            counts = self._counts[name]
+            old = self._previous[name]
+            average = (self._sums[name] / counts.clamp(min=1)).to(old.dtype)
+            new_state[name] = torch.where(counts > 0, average, old)
+        return new_state
+
+
+def _accumulate(
+    target: torch.Tensor, positions: list[slice | torch.Tensor], values: torch.Tensor
+) -> None:
+    """``target[positions] += values``: views for slices, ``index_add_`` for one index."""
+    view = target
+    indexed = []
+    for dim, where in enumerate(positions):
+        if isinstance(where, slice):
+            view = view.narrow(dim, 0, where.stop)
+        else:
+            indexed.append(dim)
+    if not indexed:
+        view.add_(values)
+    elif len(indexed) == 1:
+        view.index_add_(indexed[0], positions[indexed[0]], values)  # type: ignore[arg-type]
+    else:
+        grids = [
+            torch.arange(view.shape[d]) if isinstance(p, slice) else p
+            for d, p in enumerate(positions)
+        ]
+        mesh = tuple(
+            g.reshape([-1 if j == d else 1 for j in range(len(grids))]) for d, g in enumerate(grids)
+        )
+        view.index_put_(mesh, values, accumulate=True)

@@ -1,0 +1,48 @@
+"""The two kinds of errors heterofl-edge raises.
+
+``HeteroFLError`` is the user's mistake or the world's (a bad level, a missing
+data directory, a corrupt file): it carries a one-line message naming the
+problem and a hint saying what to do. Boundaries (the CLI, the HTTP API) turn it
+into a clear message and a non-zero exit code or a 4xx reply.
+
+``InternalError`` is a broken invariant inside heterofl-edge itself: a bug to
+report, never the user's fault.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "HeteroFLError",
+    "InternalError",
+    "UpdateError",
+]
+
+
+class HeteroFLError(Exception):
+    """A problem the user can fix; ``hint`` says how."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(HeteroFLError):
+    """An unknown model, level, rate, mode or option value."""
+
+
+class DataError(HeteroFLError):
+    """A data set that is missing, unreadable or corrupt."""
+
+
+class UpdateError(HeteroFLError):
+    """A client update that does not fit its level (names, shapes, dtypes, values)."""
+
+
+class InternalError(RuntimeError):
+    """A broken invariant in heterofl-edge: please report it as a bug."""

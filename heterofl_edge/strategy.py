@@ -1,0 +1,100 @@
+"""The HeteroFL round strategy: who trains which level at which learning rate.
+
+``HeteroFLStrategy`` plans a round (``configure_round``) and opens an
+aggregator for it (``aggregator``); the loops that run rounds (the in-process
+simulation, the coordinator) call it and keep the I/O. A round's randomness
+comes from ``(seed, round)`` alone, so a plan can be recomputed after a restart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from heterofl_edge.aggregation import HeteroFLAggregator
+from heterofl_edge.assignment import LevelMix
+from heterofl_edge.errors import ConfigError
+from heterofl_edge.slicing import SlicingSpec
+
+__all__ = ["ClientTask", "HeteroFLStrategy", "MultiStepSchedule", "RoundPlan", "client_seed"]
+
+
+@dataclass(frozen=True)
+class MultiStepSchedule:
+    """Learning rate ``lr * factor**k`` after k milestones (rounds counted from 1)."""
+
+    lr: float
+    milestones: tuple[int, ...] = ()
+    factor: float = 0.1
+
+    def lr_at(self, round_number: int) -> float:
+        passed = sum(1 for m in self.milestones if m <= round_number - 1)
+        return self.lr * self.factor**passed
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    client_id: int
+    rate: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    round: int
+    lr: float
+    tasks: tuple[ClientTask, ...]
+
+
+def client_seed(seed: int, round_number: int, client_id: int) -> int:
+    """The seed a client shuffles its data with in a round (same everywhere it runs)."""
+    return int(np.random.SeedSequence([seed, round_number, client_id]).generate_state(1)[0])
+
+
+class HeteroFLStrategy:
+    def __init__(
+        self,
+        spec: SlicingSpec,
+        mix: LevelMix,
+        num_clients: int,
+        fraction: float,
+        schedule: MultiStepSchedule,
+        seed: int = 0,
+    ) -> None:
+        if not 0.0 < fraction <= 1.0:
+            raise ConfigError(
+                f"fraction {fraction} is outside (0, 1]", "it is the share of clients per round"
+            )
+        if num_clients < 1:
+            raise ConfigError(f"need at least one client, got {num_clients}")
+        self.spec = spec
+        self.mix = mix
+        self.num_clients = num_clients
+        self.fraction = fraction
+        self.schedule = schedule
+        self.seed = seed
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, math.ceil(round(self.fraction * self.num_clients, 9)))
+
+    def configure_round(
+        self, round_number: int, eligible: Sequence[int] | None = None
+    ) -> RoundPlan:
+        """Select ``ceil(fraction * clients)`` clients and their levels for a round."""
+        rng = np.random.default_rng([self.seed, round_number])
+        pool = np.arange(self.num_clients) if eligible is None else np.asarray(eligible)
+        chosen = rng.permutation(pool)[: min(self.clients_per_round, len(pool))].tolist()
+        rates = self.mix.rates_for(chosen, self.num_clients, rng)
+        tasks = tuple(
+            ClientTask(c, r, client_seed(self.seed, round_number, c))
+            for c, r in zip(chosen, rates, strict=True)
+        )
+        return RoundPlan(round_number, self.schedule.lr_at(round_number), tasks)
+
+    def aggregator(self, global_state: Mapping[str, torch.Tensor]) -> HeteroFLAggregator:
+        return HeteroFLAggregator(global_state, self.spec, self.mix.global_rate)

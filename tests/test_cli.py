@@ -1,0 +1,69 @@
+"""The command line as a user runs it: exit codes and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "heterofl_edge", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_models_summary_prints_the_paper_columns():
+    out = run("models", "summary", "--model", "conv")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1].split() == ["level", "rate", "parameters", "FLOPs", "space", "(MB)"]
+    assert lines[3].split() == ["b", "0.5", "391.4", "K", "20.5", "M", "1.49"]
+
+
+def test_models_summary_json_includes_extra_rates():
+    out = run("models", "summary", "--model", "resnet18", "--rate", "0.3", "--json")
+    rows = json.loads(out.stdout)
+    assert [r["level"] for r in rows] == ["a", "b", "c", "d", "e", "0.3"]
+    assert rows[4]["parameters"] == 38350
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["models", "summary", "--model", "vgg"], "'vgg' is not one of"),
+        (["models", "summary", "--rate", "0"], "rate '0' is outside (0, 1]"),
+        (["models", "summary", "--rate", "1.5"], "rate '1.5' is outside (0, 1]"),
+        (["simulate", "--mode", "a-x"], "bad level 'x' in mode 'a-x'"),
+        (["simulate", "--mode", "a2-b"], "gives weights to some levels only"),
+        (
+            ["simulate", "--data-dir", "/nonexistent/mnist"],
+            "MNIST directory /nonexistent/mnist does not exist",
+        ),
+        (["simulate", "--model", "resnet18"], "simulate runs --model conv"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_exit_code_2(args, needle, tmp_path):
+    out = run(*args)
+    assert out.returncode == 2
+    assert needle in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr
+
+
+def test_corrupt_data_dir_is_reported_without_traceback(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"not a gzip file")
+    out = run("simulate", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert out.returncode == 2
+    assert "error: cannot read" in out.stderr and "hint:" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_data_check_verifies_md5s(mnist_dir):
+    out = run("data", "check", "--data-dir", str(mnist_dir))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": ok") == 4
