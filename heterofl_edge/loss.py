@@ -28,6 +28,6 @@ def masked_cross_entropy(
     """
     if mask is not None:
         logits = logits * mask
-    if logits.dim() == 3:
-        logits = logits.transpose(1, 2)
+    if logits.dim() == 3:  # per-token classes: the same mean over all N * S positions
+        logits, target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     return F.cross_entropy(logits, target)

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from heterofl_edge.cli import data_cmd, models_cmd, simulate_cmd
+from heterofl_edge.cli import data_cmd, export_cmd, models_cmd, simulate_cmd
 from heterofl_edge.errors import HeteroFLError
 
 __all__ = ["app", "main"]
@@ -26,6 +26,7 @@ app = typer.Typer(
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(data_cmd.app, name="data")
 app.command("simulate")(simulate_cmd.simulate)
+app.command("export")(export_cmd.export)
 
 
 def main(argv: list[str] | None = None) -> None:

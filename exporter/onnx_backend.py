@@ -1,0 +1,165 @@
+"""ONNX backend: step functions -> ``make_fx`` trace -> ONNX graph for plain onnxruntime.
+
+Every workaround for this torch / ONNX stack lives here, so a release bump
+touches one file:
+
+* ``torch.export`` cannot capture ``torch.func.grad`` ("Cannot access data
+  pointer of Tensor that doesn't have storage"); tracing the step with
+  ``make_fx`` first and exporting the traced graph works.
+* The ONNX exporter has no translation for ``aten.convolution_backward``; it is
+  decomposed here into a transposed convolution (input gradient) and a
+  convolution (weight gradient).
+* The ONNX exporter turns ``nll_loss_forward``'s ``total_weight`` into 1.0
+  instead of N; PyTorch's core decompositions of nll_loss avoid that op.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch._decomp import core_aten_decompositions
+from torch.export import Dim
+from torch.fx.experimental.proxy_tensor import make_fx
+
+__all__ = ["export_onnx_program"]
+
+aten = torch.ops.aten
+
+
+def _convolution_backward(  # type: ignore[no-untyped-def]
+    grad_out,
+    x,
+    weight,
+    bias_sizes,
+    stride,
+    padding,
+    dilation,
+    transposed,
+    output_padding,
+    groups,
+    output_mask,
+):
+    """``aten.convolution_backward`` for plain 2-d convolutions, from forward ops."""
+    if transposed or groups != 1 or any(d != 1 for d in dilation) or x.dim() != 4:
+        raise NotImplementedError("only plain 2-d convolutions are decomposed")
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        kernel = weight.shape[2:]
+        extra = [
+            x.shape[2 + i] - ((grad_out.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + kernel[i])
+            for i in range(2)
+        ]
+        grad_input = F.conv_transpose2d(
+            grad_out, weight, stride=stride, padding=padding, output_padding=extra
+        )
+    if output_mask[1]:
+        # Correlate the input with the output gradient: batch becomes the channel axis.
+        full = F.conv2d(
+            x.transpose(0, 1), grad_out.transpose(0, 1), padding=padding, dilation=stride
+        ).transpose(0, 1)
+        grad_weight = full[:, :, : weight.shape[2], : weight.shape[3]]
+    if output_mask[2]:
+        grad_bias = grad_out.sum(dim=(0, 2, 3))
+    return grad_input, grad_weight, grad_bias
+
+
+def _decompositions() -> dict[Any, Callable[..., Any]]:
+    table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions())
+    table[aten.convolution_backward.default] = _convolution_backward
+    return table
+
+
+class _Traced(torch.nn.Module):
+    def __init__(self, graph: torch.fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph
+
+    def forward(self, *args: torch.Tensor) -> object:
+        return self.graph_module(*args)
+
+
+def export_onnx_program(
+    function: Callable[..., object],
+    example_args: Sequence[torch.Tensor],
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    batch_inputs: Sequence[int],
+    max_batch: int,
+    path: Path,
+) -> bool:
+    """Trace ``function`` on ``example_args`` and write an ONNX graph to ``path``.
+
+    Inputs at positions ``batch_inputs`` get a dynamic first dimension (the
+    batch: a device's last batch is short) unless tracing had to specialise
+    it; returns whether the batch stayed dynamic.
+    """
+    traced = make_fx(function, decomposition_table=_decompositions(), tracing_mode="symbolic")(
+        *example_args
+    )
+    batch = Dim("batch", min=1, max=max_batch)
+    dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(example_args)))
+    with warnings.catch_warnings(), _quiet_onnx_logs():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            _Traced(traced),
+            tuple(example_args),
+            dynamo=True,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=(dynamic,),
+            optimize=True,
+            verbose=False,
+        )
+    assert program is not None
+    program.save(str(path))
+    _strip_trace_metadata(path)
+    # Some ops (the embedding and attention backward) make tracing pin the batch
+    # size; the saved graph's inputs then say so, and the caller records it.
+    return _first_dims_are_symbolic(path, batch_inputs)
+
+
+def _strip_trace_metadata(path: Path) -> None:
+    """Drop the exporter's per-node stack traces and names of this process's tracer.
+
+    They hold the exporting machine's file paths and counters that change from
+    one export to the next in a process; without them re-exports are byte-identical.
+    """
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = [model.graph, *(f for f in model.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    del model.graph.metadata_props[:]
+    del model.metadata_props[:]
+    onnx.save(model, str(path))
+
+
+def _first_dims_are_symbolic(path: Path, positions: Sequence[int]) -> bool:
+    import onnx
+
+    inputs = onnx.load(str(path), load_external_data=False).graph.input
+    return all(bool(inputs[i].type.tensor_type.shape.dim[0].dim_param) for i in positions)
+
+
+class _quiet_onnx_logs:
+    """Silence the exporter's INFO/WARNING chatter (e.g. 'torchvision is not installed')."""
+
+    def __enter__(self) -> None:
+        self._levels = {}
+        for name in ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx"):
+            logger = logging.getLogger(name)
+            self._levels[name] = logger.level
+            logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)
