@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from heterofl_edge.cli import data_cmd, export_cmd, models_cmd, simulate_cmd
+from heterofl_edge.cli import coordinator_cmd, data_cmd, export_cmd, models_cmd, simulate_cmd
 from heterofl_edge.errors import HeteroFLError
 
 __all__ = ["app", "main"]
@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(data_cmd.app, name="data")
+app.add_typer(coordinator_cmd.app, name="coordinator")
 app.command("simulate")(simulate_cmd.simulate)
 app.command("export")(export_cmd.export)
 
@@ -38,3 +39,6 @@ def main(argv: list[str] | None = None) -> None:
         if exc.hint:
             typer.echo(f"hint: {exc.hint}", err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("stopped", err=True)
+        sys.exit(130)
