@@ -12,35 +12,40 @@ The core is pure HeteroFL math on tensors and plain data, with no I/O:
 * ``simulation``: the whole federation in one process.
 """
 
-from heterofl_edge.aggregation import HeteroFLAggregator, validate_update
-from heterofl_edge.assignment import Assignment, LevelMix, parse_mode
-from heterofl_edge.errors import ConfigError, DataError, HeteroFLError, InternalError, UpdateError
-from heterofl_edge.levels import Level, parse_rate, scaled_width
-from heterofl_edge.models import build_model, get_architecture
-from heterofl_edge.slicing import Dim, TensorRule, extract_submodel_state, shapes_at
-from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
+from importlib import import_module
+from typing import Any
 
-__all__ = [
-    "Assignment",
-    "ConfigError",
-    "DataError",
-    "Dim",
-    "HeteroFLAggregator",
-    "HeteroFLError",
-    "HeteroFLStrategy",
-    "InternalError",
-    "Level",
-    "LevelMix",
-    "MultiStepSchedule",
-    "TensorRule",
-    "UpdateError",
-    "build_model",
-    "extract_submodel_state",
-    "get_architecture",
-    "parse_mode",
-    "parse_rate",
-    "scaled_width",
-    "shapes_at",
-    "validate_update",
-]
+# Public names and the module each lives in. They load on first use, so that a
+# torch-free part (the device runtime reads MNIST with heterofl_edge.data.idx)
+# does not import torch by importing this package.
+_EXPORTS = {
+    "Assignment": "assignment",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "Dim": "slicing",
+    "HeteroFLAggregator": "aggregation",
+    "HeteroFLError": "errors",
+    "HeteroFLStrategy": "strategy",
+    "InternalError": "errors",
+    "Level": "levels",
+    "LevelMix": "assignment",
+    "MultiStepSchedule": "strategy",
+    "TensorRule": "slicing",
+    "UpdateError": "errors",
+    "build_model": "models",
+    "extract_submodel_state": "slicing",
+    "get_architecture": "models",
+    "parse_mode": "assignment",
+    "parse_rate": "levels",
+    "scaled_width": "levels",
+    "shapes_at": "slicing",
+    "validate_update": "aggregation",
+}
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"heterofl_edge.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'heterofl_edge' has no attribute {name!r}")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from heterofl_edge.assignment import parse_mode
+from heterofl_edge.batching import stats_batches
 from heterofl_edge.bn_stats import apply_statistics, collect_moments, combine_moments
 from heterofl_edge.data import ClassificationData
 from heterofl_edge.errors import ConfigError
@@ -200,10 +201,11 @@ def run_simulation(
         state: dict[str, torch.Tensor], clients: list[int]
     ) -> dict[str, torch.Tensor]:
         global_model.load_state_dict(state)
-        reports = [
-            collect_moments(global_model, train_x[train_parts.indices[c]].split(500))
-            for c in clients
-        ]
+        reports = []
+        for c in clients:
+            local = train_x[train_parts.indices[c]]
+            batches = (local[s] for s in stats_batches(len(local)))
+            reports.append(collect_moments(global_model, batches))
         return apply_statistics(state, combine_moments(reports))
 
     def test(state: dict[str, torch.Tensor]) -> tuple[float, float, float | None]:
@@ -243,7 +245,7 @@ def run_simulation(
                 plan.lr,
                 config.local,
                 masks[task.client_id],
-                torch.Generator().manual_seed(task.seed),
+                task.seed,
             )
             trained = {n: p.detach() for n, p in local_model.named_parameters()}
             aggregator.add(trained, task.rate, train_parts.labels[task.client_id])

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from heterofl_edge.batching import epoch_batches
 from heterofl_edge.loss import masked_cross_entropy
 
 __all__ = ["EvalResult", "LocalTrainingConfig", "LocalTrainingResult", "evaluate", "train_local"]
@@ -51,32 +52,33 @@ def train_local(
     lr: float,
     config: LocalTrainingConfig,
     mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> LocalTrainingResult:
-    """Train ``model`` in place on one client's data; return its training metrics."""
+    """Train ``model`` in place on one client's data; return its training metrics.
+
+    Batches come from ``heterofl_edge.batching.epoch_batches(seed)``, as on a device.
+    """
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
     )
     model.train()
     n = images.shape[0]
     steps, loss_sum, correct, seen = 0, 0.0, 0, 0
-    for _ in range(config.epochs):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, config.batch_size):
-            batch = order[start : start + config.batch_size]
-            x, y = images[batch], labels[batch]
-            logits = model(x)
-            loss = masked_cross_entropy(logits, y, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-            optimizer.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(batch)
-            masked = logits if mask is None else logits * mask
-            correct += int((masked.argmax(dim=1) == y).sum())
-            seen += len(batch)
+    for indices in epoch_batches(n, config.epochs, config.batch_size, seed):
+        batch = torch.from_numpy(indices)
+        x, y = images[batch], labels[batch]
+        logits = model(x)
+        loss = masked_cross_entropy(logits, y, mask)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+        optimizer.step()
+        steps += 1
+        loss_sum += float(loss.detach()) * len(batch)
+        masked = logits if mask is None else logits * mask
+        correct += int((masked.argmax(dim=1) == y).sum())
+        seen += len(batch)
     return LocalTrainingResult(n, steps, loss_sum / max(seen, 1), correct / max(seen, 1))
 
 
