@@ -35,7 +35,7 @@ from heterofl_edge.errors import ConfigError, UpdateError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import get_architecture
 from heterofl_edge.slicing import extract_submodel_state
-from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
+from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule, client_seed
 
 __all__ = ["Coordinator"]
 
@@ -269,7 +269,7 @@ class Coordinator:
         if current is not None:
             mine = self.store.assignment(current.number, device.id)
             if current.state == "training" and mine and mine.status == "assigned":
-                return self._train_task(current, mine.rate)
+                return self._train_task(current, mine.rate, device)
             if current.state == "statistics" and mine and mine.stats_status == "asked":
                 return self._statistics_task(current)
         if self.completed_rounds() >= self.config.rounds:
@@ -285,11 +285,13 @@ class Coordinator:
             "formats": list(self.config.artifact_formats),
         }
 
-    def _train_task(self, current: RoundRecord, rate: float) -> dict[str, Any]:
+    def _train_task(self, current: RoundRecord, rate: float, device: Device) -> dict[str, Any]:
         local = self.config.local
         return {
             "action": "train",
             "round": current.number,
+            # the seed of the device's batch order, as the in-process simulation draws it
+            "seed": client_seed(self.config.seed, current.number, device.position),
             "level": rate_label(rate),
             "rate": rate,
             "lr": current.lr,
@@ -435,6 +437,7 @@ class Coordinator:
                             "status": a.status,
                             "num_samples": a.num_samples,
                             "statistics": a.stats_status,
+                            "metrics": a.metrics,
                         }
                         for a in assignments
                     ],

@@ -4,12 +4,27 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
 from heterofl_edge.errors import ConfigError
 
-__all__ = ["Partition", "iid_partition", "shard_partition", "split_by_labels"]
+__all__ = [
+    "FederatedSplit",
+    "Partition",
+    "Split",
+    "federated_split",
+    "iid_partition",
+    "shard_partition",
+    "split_by_labels",
+    "train_shards",
+]
+
+
+class Split(StrEnum):
+    iid = "iid"
+    non_iid = "non-iid"
 
 
 @dataclass(frozen=True)
@@ -93,3 +108,69 @@ def split_by_labels(
         parts = [shard_lists[label].pop() for label in shards]
         indices.append(np.sort(np.concatenate(parts)) if parts else np.array([], dtype=np.int64))
     return Partition(indices, [sorted(set(s)) for s in client_shards])
+
+
+@dataclass(frozen=True)
+class FederatedSplit:
+    """Which examples are in play and which client holds which.
+
+    ``train.indices`` index into ``train_keep`` (the examples in play), and so
+    do ``test.indices`` into ``test_keep``; ``test`` is None for IID splits.
+    """
+
+    train_keep: np.ndarray
+    test_keep: np.ndarray
+    train: Partition
+    test: Partition | None
+
+
+def _keep(count: int, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    if limit is None or limit >= count:
+        return np.arange(count)
+    if limit < 1:
+        raise ConfigError(f"example limit must be at least 1, got {limit}")
+    return np.sort(rng.permutation(count)[:limit])
+
+
+def train_shards(
+    train_targets: np.ndarray,
+    num_clients: int,
+    split: Split,
+    num_classes: int,
+    seed: int,
+    shards_per_client: int = 2,
+    train_examples: int | None = None,
+) -> tuple[np.ndarray, Partition]:
+    """The training examples in play and each client's share of them, from the seed alone.
+
+    A device computes its own shard with this; ``federated_split`` adds the test side.
+    """
+    rng = np.random.default_rng(seed)
+    keep = _keep(len(train_targets), train_examples, rng)
+    targets = train_targets[keep]
+    if split is Split.iid:
+        return keep, iid_partition(targets, num_clients, rng)
+    return keep, shard_partition(targets, num_clients, num_classes, rng, shards_per_client)
+
+
+def federated_split(
+    train_targets: np.ndarray,
+    test_targets: np.ndarray,
+    num_clients: int,
+    split: Split,
+    num_classes: int,
+    seed: int,
+    shards_per_client: int = 2,
+    train_examples: int | None = None,
+    test_examples: int | None = None,
+) -> FederatedSplit:
+    """The whole data split of a run, from its seed alone (simulation and devices agree)."""
+    train_keep, train = train_shards(
+        train_targets, num_clients, split, num_classes, seed, shards_per_client, train_examples
+    )
+    rng = np.random.default_rng([seed, 1])  # the test side draws apart from the training side
+    test_keep = _keep(len(test_targets), test_examples, rng)
+    if split is Split.iid:
+        return FederatedSplit(train_keep, test_keep, train, None)
+    test = split_by_labels(test_targets[test_keep], [sorted(lab) for lab in train.labels], rng)
+    return FederatedSplit(train_keep, test_keep, train, test)

@@ -29,17 +29,12 @@ from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.loss import label_mask
 from heterofl_edge.models import get_architecture
-from heterofl_edge.partition import Partition, iid_partition, shard_partition, split_by_labels
+from heterofl_edge.partition import Split, federated_split
 from heterofl_edge.slicing import extract_submodel_state
 from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
 from heterofl_edge.training import LocalTrainingConfig, predict, score_logits, train_local
 
 __all__ = ["RoundRecord", "SimulationConfig", "SimulationResult", "Split", "run_simulation"]
-
-
-class Split(StrEnum):
-    iid = "iid"
-    non_iid = "non-iid"
 
 
 class StatsClients(StrEnum):
@@ -144,18 +139,6 @@ class SimulationResult:
         }
 
 
-def _subset(
-    images: torch.Tensor, labels: torch.Tensor, limit: int | None, rng: np.random.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random subset of ``limit`` examples (all of them when ``limit`` is None)."""
-    if limit is None or limit >= len(labels):
-        return images, labels
-    if limit < 1:
-        raise ConfigError(f"example limit must be at least 1, got {limit}")
-    keep = torch.from_numpy(np.sort(rng.permutation(len(labels))[:limit]))
-    return images[keep], labels[keep]
-
-
 def run_simulation(
     config: SimulationConfig,
     data: ClassificationData,
@@ -169,21 +152,25 @@ def run_simulation(
     """
     arch = get_architecture(config.model)
     mix = parse_mode(config.mode, config.assignment)
-    rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)
-    train_x, train_y = _subset(data.train_images, data.train_labels, config.train_examples, rng)
-    test_x, test_y = _subset(data.test_images, data.test_labels, config.test_examples, rng)
-
-    targets = train_y.numpy()
-    if config.split is Split.iid:
-        train_parts = iid_partition(targets, config.num_clients, rng)
-        test_parts: Partition | None = None
-    else:
-        train_parts = shard_partition(
-            targets, config.num_clients, data.num_classes, rng, config.shards_per_client
-        )
-        shards = [sorted(lab) for lab in train_parts.labels]
-        test_parts = split_by_labels(test_y.numpy(), shards, rng)
+    split = federated_split(
+        data.train_labels.numpy(),
+        data.test_labels.numpy(),
+        config.num_clients,
+        config.split,
+        data.num_classes,
+        config.seed,
+        config.shards_per_client,
+        config.train_examples,
+        config.test_examples,
+    )
+    train_x, train_y = (
+        t[torch.from_numpy(split.train_keep)] for t in (data.train_images, data.train_labels)
+    )
+    test_x, test_y = (
+        t[torch.from_numpy(split.test_keep)] for t in (data.test_images, data.test_labels)
+    )
+    train_parts, test_parts = split.train, split.test
 
     strategy = HeteroFLStrategy(
         arch.spec,

@@ -11,6 +11,7 @@ bp = Blueprint("health", __name__)
 @bp.get("/v1/health")
 def health():  # type: ignore[no-untyped-def]
     coordinator = service()
+    coordinator.tick()
     current = coordinator.current_round()
     return jsonify(
         status="ok",
@@ -19,6 +20,8 @@ def health():  # type: ignore[no-untyped-def]
         round=None if current is None else current.number,
         round_state=None if current is None else current.state,
         completed_rounds=coordinator.completed_rounds(),
+        rounds=coordinator.config.rounds,
+        done=coordinator.completed_rounds() >= coordinator.config.rounds,
         devices=len(coordinator.store.devices()),
     )
 

@@ -11,7 +11,15 @@ import sys
 
 import typer
 
-from heterofl_edge.cli import coordinator_cmd, data_cmd, export_cmd, models_cmd, simulate_cmd
+from heterofl_edge.cli import (
+    coordinator_cmd,
+    data_cmd,
+    demo_cmd,
+    devices_cmd,
+    export_cmd,
+    models_cmd,
+    simulate_cmd,
+)
 from heterofl_edge.errors import HeteroFLError
 
 __all__ = ["app", "main"]
@@ -26,8 +34,10 @@ app = typer.Typer(
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(coordinator_cmd.app, name="coordinator")
+app.add_typer(devices_cmd.app, name="devices")
 app.command("simulate")(simulate_cmd.simulate)
 app.command("export")(export_cmd.export)
+app.command("demo")(demo_cmd.demo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,6 +36,9 @@ def serve(
         float, typer.Option(help="Deadline of the sBN statistics query.")
     ] = 120.0,
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.01,
+    local_epochs: Annotated[int, typer.Option(help="Local epochs E per round.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Local batch size B.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for selection, levels and initial weights.")] = 0,
     eval_data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -49,6 +52,7 @@ def serve(
 
     from coordinator.app import create_app
     from coordinator.config import CoordinatorConfig, LevelPolicy
+    from heterofl_edge.training import LocalTrainingConfig
 
     try:
         chosen = LevelPolicy(policy)
@@ -69,6 +73,8 @@ def serve(
         stats_seconds=stats_seconds,
         lr=lr,
         eval_data_dir=eval_data_dir,
+        local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
+        seed=seed,
     )
     application = create_app(config)
     typer.echo(

@@ -1,0 +1,182 @@
+"""One device: profile itself, register, then do what the coordinator asks until done.
+
+Runs unchanged in a simulated fleet and on a Raspberry Pi: it needs numpy,
+onnxruntime, safetensors and requests, never torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_sim.onnx_backend import OnnxLevel
+from device_sim.protocol import CoordinatorClient
+from heterofl_edge.assignment import parse_mode
+
+__all__ = ["Capabilities", "Device"]
+
+PROFILE_STEPS = 5
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a simulated device can do (a real device uses the defaults)."""
+
+    cpu_slowdown: float = 1.0  # compute takes this many times as long as on this machine
+    bandwidth_mbps: float | None = None  # None: no cap
+    memory_mb: float = 4096.0
+    dropout: float = 0.0  # probability of vanishing in the middle of a round's training
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Capabilities:
+        known = {k: data[k] for k in asdict(cls()) if k in data}
+        return cls(**known)
+
+
+class Device:
+    def __init__(
+        self,
+        client: CoordinatorClient,
+        images: np.ndarray,
+        labels: np.ndarray,
+        capabilities: Capabilities = Capabilities(),
+        seed: int = 0,
+        log: Callable[[str], None] = lambda _m: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.images = images
+        self.labels = labels
+        self.present = sorted(int(v) for v in np.unique(labels))
+        self.capabilities = capabilities
+        self.rng = np.random.default_rng(seed)
+        self.log = log
+        self._sleep = sleep
+        self._levels: dict[str, OnnxLevel] = {}
+        self.rounds_trained: list[int] = []
+
+    def _level(self, artifact: dict[str, Any]) -> OnnxLevel:
+        key = artifact["manifest_url"]
+        if key not in self._levels:
+            self._levels[key] = OnnxLevel(self.client.artifact(key, "onnx"))
+        return self._levels[key]
+
+    def _slow_down(self, seconds: float) -> None:
+        extra = (self.capabilities.cpu_slowdown - 1.0) * seconds
+        if extra > 0:
+            self._sleep(extra)
+
+    def profile(self) -> dict[str, Any]:
+        """Time a few training steps of the smallest level in play (the reference artifact)."""
+        health = self.client.health()
+        reference = min(parse_mode(health["mode"]).rates)
+        from heterofl_edge.levels import rate_label
+
+        manifest_url = f"/v1/artifacts/{health['model']}/{rate_label(reference)}/manifest.json"
+        level = self._level({"manifest_url": manifest_url})
+        weights = {
+            p["name"]: np.zeros(p["shape"], np.float32) for p in level.manifest["parameters"]
+        }
+        batch = min(10, len(self.labels))
+        start = time.perf_counter()
+        level.train(
+            weights,
+            self.images[:batch],
+            self.labels[:batch],
+            self.present,
+            0.0,
+            PROFILE_STEPS,
+            batch,
+            0,
+        )
+        step_ms = (
+            1000 * (time.perf_counter() - start) / PROFILE_STEPS * self.capabilities.cpu_slowdown
+        )
+        return {
+            "step_ms": step_ms,
+            "reference_rate": reference,
+            "memory_mb": self.capabilities.memory_mb,
+            "bandwidth_mbps": self.capabilities.bandwidth_mbps or 1000.0,
+            "runtimes": ["onnx"],
+        }
+
+    def register(self) -> dict[str, Any]:
+        reply = self.client.register(self.profile())
+        self.log(f"registered as {reply['device_id']} (level {reply['level'] or 'per round'})")
+        return reply
+
+    def run(self, idle_limit_s: float = 600.0) -> None:
+        """Work until the coordinator says done (or stays silent past ``idle_limit_s``)."""
+        idle = 0.0
+        while True:
+            task = self.client.task()
+            action = task["action"]
+            if action == "done":
+                self.log("coordinator says done")
+                return
+            if action == "wait":
+                if idle > idle_limit_s:
+                    self.log("no task for too long; stopping")
+                    return
+                self._sleep(task.get("retry_after", 1.0))
+                idle += task.get("retry_after", 1.0)
+                continue
+            idle = 0.0
+            if action == "train":
+                self.train(task)
+            elif action == "statistics":
+                self.statistics(task)
+
+    def train(self, task: dict[str, Any]) -> None:
+        level = self._level(task["artifact"])
+        weights = self.client.tensors(task["weights_url"])
+        if self.capabilities.dropout and self.rng.random() < self.capabilities.dropout:
+            self.log(f"round {task['round']}: dropping out mid-round")
+            os._exit(3)  # vanish like an unplugged device: no goodbye to the coordinator
+        hyper = task["hyperparameters"]
+        start = time.perf_counter()
+        result = level.train(
+            weights,
+            self.images,
+            self.labels,
+            self.present,
+            task["lr"],
+            hyper["epochs"],
+            hyper["batch_size"],
+            task["seed"],
+        )
+        self._slow_down(time.perf_counter() - start)
+        self.client.upload(
+            task["upload_url"],
+            result.weights,
+            {
+                "num_samples": result.num_examples,
+                "labels": self.present,
+                "metrics": {
+                    "loss": result.loss,
+                    "accuracy": result.accuracy,
+                    "steps": result.steps,
+                },
+            },
+        )
+        self.rounds_trained.append(task["round"])
+        self.log(f"round {task['round']}: trained level {task['level']}, loss {result.loss:.4f}")
+
+    def statistics(self, task: dict[str, Any]) -> None:
+        level = self._level(task["artifact"])
+        weights = self.client.tensors(task["weights_url"])
+        stats = level.statistics(weights, self.images)
+        self.client.upload(task["upload_url"], stats, {})
+        self.log(f"round {task['round']}: sent sBN statistics")
+
+
+def cache_dir_for(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,160 @@
+"""A fleet of simulated devices, each its own process, against one coordinator.
+
+Devices start one after another and register in shard order (device i holds
+shard i of the run's split), then work concurrently. The fleet shows rounds
+as the coordinator reports them, and stops every process it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from device_sim.device import Capabilities
+from heterofl_edge.errors import HeteroFLError
+
+__all__ = ["DEFAULT_PROFILES", "Fleet", "FleetConfig", "load_profiles"]
+
+# Fast, medium and slow devices (CPU slowdown, link speed), used round-robin.
+DEFAULT_PROFILES = (
+    Capabilities(cpu_slowdown=1.0, bandwidth_mbps=None, memory_mb=4096),
+    Capabilities(cpu_slowdown=3.0, bandwidth_mbps=50.0, memory_mb=1024),
+    Capabilities(cpu_slowdown=10.0, bandwidth_mbps=10.0, memory_mb=256),
+)
+
+
+def load_profiles(path: Path | None) -> list[Capabilities]:
+    if path is None:
+        return list(DEFAULT_PROFILES)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HeteroFLError(
+            f"cannot read profiles {path}: {exc}", "give a JSON list of objects"
+        ) from None
+    if not isinstance(data, list) or not data or not all(isinstance(d, dict) for d in data):
+        raise HeteroFLError(
+            f"profiles {path} must be a non-empty JSON list of objects",
+            'e.g. [{"cpu_slowdown": 1}, {"cpu_slowdown": 4, "bandwidth_mbps": 20, "dropout": 0.1}]',
+        )
+    return [Capabilities.from_json(d) for d in data]
+
+
+@dataclass
+class FleetConfig:
+    coordinator: str
+    data_dir: Path
+    clients: int
+    split: str = "iid"
+    seed: int = 0
+    train_examples: int | None = None
+    profiles: Sequence[Capabilities] = field(default_factory=lambda: list(DEFAULT_PROFILES))
+    work_dir: Path = Path("runs/fleet")
+
+
+class Fleet:
+    def __init__(self, config: FleetConfig, log: Callable[[str], None] = print) -> None:
+        self.config = config
+        self.log = log
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+
+    def start(self, register_timeout: float = 300.0) -> None:
+        """Start every device, each registered before the next starts."""
+        self.config.work_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for shard in range(self.config.clients):
+            capabilities = self.config.profiles[shard % len(self.config.profiles)]
+            log_path = self.config.work_dir / f"device-{shard}.log"
+            command = [
+                sys.executable,
+                "-m",
+                "device_sim.worker",
+                "--coordinator",
+                self.config.coordinator,
+                "--data-dir",
+                str(self.config.data_dir),
+                "--shard",
+                str(shard),
+                "--clients",
+                str(self.config.clients),
+                "--split",
+                self.config.split,
+                "--seed",
+                str(self.config.seed),
+                "--capabilities",
+                json.dumps(asdict(capabilities)),
+                "--cache",
+                str(self.config.work_dir / "cache" / f"device-{shard}"),
+            ]
+            if self.config.train_examples is not None:
+                command += ["--train-examples", str(self.config.train_examples)]
+            with log_path.open("wb") as sink:
+                process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+            self.processes.append(process)
+            self.logs.append(log_path)
+            self._wait_for(log_path, "registered", process, register_timeout)
+            self.log(f"device {shard} registered ({_describe(capabilities)})")
+
+    def _wait_for(
+        self, path: Path, text: str, process: subprocess.Popen[bytes], timeout: float
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in path.read_text(errors="replace"):
+            if process.poll() is not None:
+                raise HeteroFLError(f"a device exited while starting: {path.read_text()[-500:]}")
+            if time.monotonic() > deadline:
+                raise HeteroFLError(f"a device did not register within {timeout:.0f} s; see {path}")
+            time.sleep(0.1)
+
+    def kill(self, index: int) -> None:
+        self.processes[index].kill()
+
+    def running(self) -> int:
+        return sum(1 for p in self.processes if p.poll() is None)
+
+    def follow(
+        self, on_round: Callable[[dict[str, Any]], None], timeout: float = 3600.0
+    ) -> list[dict[str, Any]]:
+        """Report each finished round until the coordinator has run them all."""
+        reported: set[int] = set()
+        deadline = time.monotonic() + timeout
+        base = self.config.coordinator.rstrip("/")
+        while time.monotonic() < deadline:
+            rounds = requests.get(f"{base}/v1/rounds", timeout=30).json()["rounds"]
+            for record in rounds:
+                if record["state"] in ("finished", "failed") and record["round"] not in reported:
+                    reported.add(record["round"])
+                    on_round(record)
+            health = requests.get(f"{base}/v1/health", timeout=30).json()
+            if health.get("done") or (self.running() == 0 and self.processes):
+                return rounds
+            time.sleep(0.5)
+        raise HeteroFLError(f"the fleet did not finish within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _describe(c: Capabilities) -> str:
+    link = "no link cap" if c.bandwidth_mbps is None else f"{c.bandwidth_mbps:g} Mbit/s"
+    return f"{c.cpu_slowdown:g}x slower CPU, {link}, {c.memory_mb:g} MB" + (
+        f", drops out {c.dropout:.0%}" if c.dropout else ""
+    )

@@ -1,0 +1,154 @@
+"""The device side of the coordinator's HTTP protocol (requests, no torch).
+
+Every call retries with exponential backoff while the coordinator is
+unreachable or restarting (connection errors, 5xx); a refused token raises
+``TokenRefused``; other 4xx replies raise ``ProtocolError`` with the
+coordinator's message. Artifacts are cached on disk and checked by sha256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from safetensors.numpy import load, save
+
+from heterofl_edge.errors import HeteroFLError
+
+__all__ = ["CoordinatorClient", "ProtocolError", "TokenRefused"]
+
+
+class ProtocolError(HeteroFLError):
+    """The coordinator refused a request (a 4xx reply)."""
+
+
+class TokenRefused(ProtocolError):
+    """The coordinator does not know this device's token (401)."""
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        base_url: str,
+        cache_dir: Path,
+        retry_seconds: float = 60.0,
+        sleep: Callable[[float], None] = time.sleep,
+        bandwidth_mbps: float | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.cache_dir = cache_dir
+        self.retry_seconds = retry_seconds
+        self._sleep = sleep
+        self._session = requests.Session()
+        self.token: str | None = None
+        self.bandwidth_mbps = bandwidth_mbps  # a simulated link: sleep as long as the bytes take
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = kwargs.pop("headers", {})
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        reply = self._send(method, path, headers, kwargs)
+        self._account(len(kwargs.get("data") or b""), len(reply.content))
+        if reply.status_code == 401:
+            raise TokenRefused(_message(reply), "register again")
+        if reply.status_code >= 400:
+            raise ProtocolError(f"HTTP {reply.status_code}: {_message(reply)}")
+        return reply
+
+    def _send(
+        self, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
+    ) -> requests.Response:
+        """One request, retried with backoff through connection errors and 5xx replies."""
+        delay, waited = 0.25, 0.0
+        while True:
+            try:
+                reply = self._session.request(
+                    method, self.base_url + path, headers=headers, timeout=120, **kwargs
+                )
+                if reply.status_code < 500:
+                    return reply
+                detail = f"HTTP {reply.status_code}"
+            except requests.ConnectionError as exc:
+                detail = str(exc)
+            if waited >= self.retry_seconds:
+                raise ProtocolError(
+                    f"coordinator at {self.base_url} unreachable for {waited:.0f} s ({detail})",
+                    "check that 'heterofl-edge coordinator serve' runs and the URL is right",
+                )
+            self._sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
+
+    def _account(self, sent: int, received: int) -> None:
+        self.bytes_sent += sent
+        self.bytes_received += received
+        if self.bandwidth_mbps:
+            self._sleep((sent + received) * 8 / (self.bandwidth_mbps * 1e6))
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/health").json()
+
+    def register(self, profile: dict[str, Any]) -> dict[str, Any]:
+        reply = self._request("POST", "/v1/devices", json=profile).json()
+        self.token = reply["token"]
+        return reply
+
+    def task(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/task").json()
+
+    def tensors(self, path: str) -> dict[str, np.ndarray]:
+        reply = self._request("GET", path)
+        return load(reply.content)
+
+    def upload(
+        self, path: str, tensors: dict[str, np.ndarray], metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        body = save(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            metadata={k: json.dumps(v) for k, v in metadata.items()},
+        )
+        return self._request("POST", path, data=body).json()
+
+    def artifact(self, manifest_url: str, fmt: str) -> Path:
+        """The level's artifact folder in the cache, downloaded and sha256-checked as needed."""
+        manifest_bytes = self._request("GET", manifest_url).content
+        manifest = json.loads(manifest_bytes)
+        folder = self.cache_dir / f"{manifest['model']}-{manifest['level']}"
+        base = manifest_url.rsplit("/", 1)[0]
+        for name, meta in manifest["files"].items():
+            if not name.startswith(f"{fmt}/"):
+                continue
+            target = folder / name
+            if target.is_file() and _sha256(target.read_bytes()) == meta["sha256"]:
+                continue
+            payload = self._request("GET", f"{base}/{name}").content
+            if _sha256(payload) != meta["sha256"]:
+                raise ProtocolError(
+                    f"artifact {name} failed its sha256 check", "the download was damaged; retry"
+                )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(target.suffix + ".part")
+            tmp.write_bytes(payload)
+            tmp.replace(target)
+        (folder / "manifest.json").write_bytes(manifest_bytes)
+        return folder
+
+
+def _sha256(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _message(reply: requests.Response) -> str:
+    try:
+        body = reply.json()
+        return str(body.get("error", body))
+    except ValueError:
+        return reply.text[:200]

@@ -1,0 +1,62 @@
+"""``heterofl-edge devices simulate``: a fleet of device processes against a coordinator."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from heterofl_edge.cli.data_cmd import DataDirOption
+from heterofl_edge.errors import ConfigError
+from heterofl_edge.partition import Split
+
+app = typer.Typer(help="Simulated devices.", no_args_is_help=True)
+
+
+@app.command()
+def simulate(
+    coordinator: Annotated[str, typer.Option(help="Coordinator URL, e.g. http://127.0.0.1:8080.")],
+    data_dir: DataDirOption = None,
+    n: Annotated[int, typer.Option("--n", help="Number of devices.")] = 20,
+    data: Annotated[str, typer.Option(help="Data set (mnist).")] = "mnist",
+    split: Annotated[Split, typer.Option(help="Data partition across devices.")] = Split.iid,
+    profiles: Annotated[
+        Path | None, typer.Option(help="JSON list of capabilities, used round-robin.")
+    ] = None,
+    train_examples: Annotated[
+        int | None, typer.Option(help="Use this many training examples.")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the data split (match the coordinator's).")
+    ] = 0,
+    work_dir: Annotated[Path, typer.Option(help="Logs and artifact caches.")] = Path("runs/fleet"),
+) -> None:
+    """Start N device processes with mixed capabilities and follow the rounds."""
+    from device_sim.demo import describe_round
+    from device_sim.fleet import Fleet, FleetConfig, load_profiles
+
+    if data != "mnist":
+        raise ConfigError(f"unknown data set {data!r}", "use mnist")
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
+    if data_dir is None:
+        raise ConfigError("no MNIST directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
+    fleet = Fleet(
+        FleetConfig(
+            coordinator,
+            data_dir,
+            n,
+            split.value,
+            seed,
+            train_examples,
+            load_profiles(profiles),
+            work_dir,
+        ),
+        log=typer.echo,
+    )
+    try:
+        fleet.start()
+        fleet.follow(lambda record: typer.echo(describe_round(record)))
+    finally:
+        fleet.stop()
