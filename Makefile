@@ -18,10 +18,9 @@ $(BIN)/heterofl-edge: pyproject.toml constraints.txt
 
 install: $(BIN)/heterofl-edge
 
-## The main job on embedded defaults: HeteroFL (conv, levels a and e, Dynamic) on MNIST.
+## The main job on embedded defaults: coordinator + 6 devices (levels a, c, e) on MNIST.
 demo: install
-	$(BIN)/heterofl-edge simulate --model conv --mode a-e --split iid --rounds 3 \
-		--stats-clients round --out runs/demo
+	$(BIN)/heterofl-edge demo --out runs/demo
 
 ## All tests, the real-MNIST ones included.
 test: install
@@ -38,6 +37,9 @@ check: install
 
 bench: install
 	$(BIN)/python bench/bench_simulate.py
+	$(BIN)/python bench/bench_export.py
+	$(BIN)/python bench/bench_coordinator.py
+	$(BIN)/python bench/bench_fleet.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -135,6 +135,7 @@ class Device:
 
     def train(self, task: dict[str, Any]) -> None:
         level = self._level(task["artifact"])
+        sent, received = self.client.bytes_sent, self.client.bytes_received
         weights = self.client.tensors(task["weights_url"])
         if self.capabilities.dropout and self.rng.random() < self.capabilities.dropout:
             self.log(f"round {task['round']}: dropping out mid-round")
@@ -166,7 +167,11 @@ class Device:
             },
         )
         self.rounds_trained.append(task["round"])
-        self.log(f"round {task['round']}: trained level {task['level']}, loss {result.loss:.4f}")
+        down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
+        self.log(
+            f"round {task['round']}: trained level {task['level']}, loss {result.loss:.4f}, "
+            f"bytes down {down} up {up}"
+        )
 
     def statistics(self, task: dict[str, Any]) -> None:
         level = self._level(task["artifact"])
