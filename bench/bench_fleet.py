@@ -19,7 +19,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from device_sim.demo import start_coordinator, stop
+from coordinator.process import start_coordinator, stop
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
 from heterofl_edge.complexity import measure_complexity

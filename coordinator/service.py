@@ -24,6 +24,7 @@ import torch
 from coordinator.config import CoordinatorConfig, LevelPolicy
 from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized
 from coordinator.policy import DeviceProfile, LevelCost, choose_rate
+from coordinator.store import Assignment as StoredAssignment
 from coordinator.store import Device, RoundRecord, Store
 from coordinator.wire import WireError, decode, encode, metadata_json
 from heterofl_edge.aggregation import HeteroFLAggregator, validate_update
@@ -326,14 +327,19 @@ class Coordinator:
             raise NotFound(f"unknown round {number}", "ask /v1/task for your current round")
         return record
 
+    def _assignment_for(self, device: Device, number: int) -> tuple[RoundRecord, StoredAssignment]:
+        """Round ``number`` and ``device``'s assignment in it, brought up to date."""
+        self.tick()
+        record = self._round_for(number)
+        mine = self.store.assignment(number, device.id)
+        if mine is None:
+            raise Forbidden(f"device {device.id} has no assignment in round {number}")
+        return record, mine
+
     def weights(self, device: Device, number: int) -> bytes:
         """The weights ``device`` needs for its task in round ``number``, as safetensors."""
         with self._lock:
-            self.tick()
-            record = self._round_for(number)
-            mine = self.store.assignment(number, device.id)
-            if mine is None:
-                raise Forbidden(f"device {device.id} has no assignment in round {number}")
+            record, mine = self._assignment_for(device, number)
             if record.state == "training" and mine.status == "assigned":
                 rate = mine.rate
             elif record.state == "statistics" and mine.stats_status == "asked":
@@ -351,11 +357,7 @@ class Coordinator:
     def upload_update(self, device: Device, number: int, payload: bytes) -> dict[str, Any]:
         """Validate, store and aggregate one trained sub-model; the round may close."""
         with self._lock:
-            self.tick()
-            record = self._round_for(number)
-            mine = self.store.assignment(number, device.id)
-            if mine is None:
-                raise Forbidden(f"device {device.id} has no assignment in round {number}")
+            record, mine = self._assignment_for(device, number)
             if mine.status == "uploaded":
                 raise Conflict(f"round {number}: update already received from this device")
             if record.state != "training" or mine.status == "timed_out":
@@ -393,10 +395,8 @@ class Coordinator:
     def upload_statistics(self, device: Device, number: int, payload: bytes) -> dict[str, Any]:
         """Store one device's sBN statistics for round ``number``."""
         with self._lock:
-            self.tick()
-            record = self._round_for(number)
-            mine = self.store.assignment(number, device.id)
-            if mine is None or mine.stats_status == "none":
+            record, mine = self._assignment_for(device, number)
+            if mine.stats_status == "none":
                 raise Forbidden(
                     f"device {device.id} was not asked for statistics in round {number}"
                 )

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,12 +17,12 @@ from typing import Any
 
 import requests
 
+from coordinator.process import start_coordinator, stop
 from device_sim.fleet import DEFAULT_PROFILES, Fleet, FleetConfig
 from heterofl_edge.assignment import parse_mode
-from heterofl_edge.errors import HeteroFLError
 from heterofl_edge.levels import rate_label
 
-__all__ = ["DemoConfig", "run_demo", "start_coordinator"]
+__all__ = ["DemoConfig", "describe_round", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -42,57 +37,6 @@ class DemoConfig:
     local_epochs: int = 1
     round_seconds: float = 300.0
     seed: int = 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_coordinator(
-    args: list[str], log_path: Path, timeout: float = 120.0
-) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``heterofl-edge coordinator serve`` with ``args``; wait until it answers."""
-    port = free_port()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "heterofl_edge",
-                "coordinator",
-                "serve",
-                "--port",
-                str(port),
-                *args,
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if requests.get(f"{url}/v1/health", timeout=2).ok:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise HeteroFLError(f"the coordinator did not start: {log_path.read_text()[-1000:]}")
-        time.sleep(0.2)
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def describe_round(record: dict[str, Any]) -> str:

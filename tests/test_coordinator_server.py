@@ -1,42 +1,25 @@
 """The real `heterofl-edge coordinator serve` process, over HTTP on 127.0.0.1."""
 
 import json
-import signal
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 import torch
 from safetensors.torch import load, save
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from coordinator.process import start_coordinator, stop
 
 
 @pytest.fixture
 def server(tmp_path):
-    port = free_port()
-    process = subprocess.Popen(
+    process, root = start_coordinator(
         [
-            sys.executable,
-            "-m",
-            "heterofl_edge",
-            "coordinator",
-            "serve",
             "--state-dir",
-            str(tmp_path),
+            str(tmp_path / "state"),
             "--mode",
             "a-e",
             "--policy",
             "dynamic",
-            "--port",
-            str(port),
             "--fraction",
             "1",
             "--rounds",
@@ -44,30 +27,11 @@ def server(tmp_path):
             "--min-uploads",
             "1",
         ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        tmp_path / "coordinator.log",
     )
-    root = f"http://127.0.0.1:{port}"
-    base = f"{root}/v1"
-    deadline = time.monotonic() + 60
-    while True:  # bounded wait for the port to answer
-        try:
-            if requests.get(f"{base}/health", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not start: {process.communicate()[1][-2000:]}")
-        time.sleep(0.2)
     yield root
-    process.send_signal(signal.SIGINT)
-    try:
-        process.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
+    stop(process)
+    assert process.returncode in (0, 130), (tmp_path / "coordinator.log").read_text()[-2000:]
 
 
 def test_a_device_round_over_real_http(server):

@@ -6,7 +6,7 @@ import pytest
 import requests
 from safetensors.torch import load
 
-from device_sim.demo import start_coordinator, stop
+from coordinator.process import start_coordinator, stop
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
 from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulation
