@@ -1,0 +1,59 @@
+"""The device's HTTP client: backoff while the coordinator is away, refused tokens."""
+
+import pytest
+
+from coordinator.process import free_port, start_coordinator, stop
+from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
+from device_sim.worker import main as worker_main
+
+
+def test_unreachable_coordinator_is_retried_with_backoff_then_reported(tmp_path):
+    waits = []
+    client = CoordinatorClient(
+        f"http://127.0.0.1:{free_port()}", tmp_path, retry_seconds=10, sleep=waits.append
+    )
+    with pytest.raises(ProtocolError, match=r"unreachable for 1[0-9] s"):
+        client.health()
+    assert waits[:5] == [0.25, 0.5, 1.0, 2.0, 4.0] and max(waits) == 5.0  # exponential, capped
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    process, url = start_coordinator(
+        ["--state-dir", str(tmp_path / "state"), "--mode", "a-e", "--policy", "dynamic"],
+        tmp_path / "coordinator.log",
+    )
+    yield url
+    stop(process)
+
+
+def test_a_refused_token_raises_and_the_worker_exits_cleanly(
+    coordinator, tmp_path, mnist_dir, capsys, monkeypatch
+):
+    client = CoordinatorClient(coordinator, tmp_path)
+    client.token = "not-a-token"
+    with pytest.raises(TokenRefused, match="unknown token"):
+        client.task()
+
+    def refuse(self, profile):
+        self.token = "forged"
+        return {"device_id": "x", "level": None}
+
+    monkeypatch.setattr(CoordinatorClient, "register", refuse)
+    code = worker_main(
+        [
+            "--coordinator",
+            coordinator,
+            "--data-dir",
+            str(mnist_dir),
+            "--shard",
+            "0",
+            "--clients",
+            "100",
+            "--cache",
+            str(tmp_path / "cache"),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 4
+    assert "token refused (unknown token); exiting" in out and "Traceback" not in out
