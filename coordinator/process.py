@@ -57,11 +57,12 @@ def start_coordinator(
         time.sleep(0.2)
 
 
-def stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes], grace_seconds: float = 60.0) -> None:
+    """Ctrl-C the coordinator (it exits in well under a second when idle); kill it after the grace."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
-            process.wait(timeout=20)
+            process.wait(timeout=grace_seconds)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
