@@ -58,7 +58,7 @@ def start_coordinator(
 
 
 def stop(process: subprocess.Popen[bytes], grace_seconds: float = 60.0) -> None:
-    """Ctrl-C the coordinator (it exits in well under a second when idle); kill it after the grace."""
+    """Ctrl-C the coordinator (idle, it exits in under a second); kill it after the grace."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:
