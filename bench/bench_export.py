@@ -111,19 +111,19 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    report: dict = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "threads": 1,
-        },
-        "support": {},
-        "latency_conv": {},
+    report: dict = {"support": {}, "latency_conv": {}}
+    if args.out.is_file():  # update the models run now, keep the others' results
+        report = json.loads(args.out.read_text())
+    report["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": 1,
     }
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             formats = (Format.onnx,) if model == "transformer" else (Format.all,)
+            report["support"][model] = {}
             for level in Level:
                 start = time.perf_counter()
                 entry: dict = {}

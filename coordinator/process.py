@@ -58,9 +58,9 @@ def start_coordinator(
 
 
 def stop(process: subprocess.Popen[bytes], grace_seconds: float = 60.0) -> None:
-    """Ctrl-C the coordinator (idle, it exits in under a second); kill it after the grace."""
+    """Ask the coordinator to stop (SIGTERM; idle, it stops in under a second), else kill it."""
     if process.poll() is None:
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=grace_seconds)
         except subprocess.TimeoutExpired:

@@ -10,7 +10,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,6 @@ class Device:
         self.log = log
         self._sleep = sleep
         self._levels: dict[str, OnnxLevel] = {}
-        self.rounds_trained: list[int] = []
 
     def _level(self, artifact: dict[str, Any]) -> OnnxLevel:
         key = artifact["manifest_url"]
@@ -166,7 +164,6 @@ class Device:
                 },
             },
         )
-        self.rounds_trained.append(task["round"])
         down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
         self.log(
             f"round {task['round']}: trained level {task['level']}, loss {result.loss:.4f}, "
@@ -179,9 +176,3 @@ class Device:
         stats = level.statistics(weights, self.images)
         self.client.upload(task["upload_url"], stats, {})
         self.log(f"round {task['round']}: sent sBN statistics")
-
-
-def cache_dir_for(root: Path, name: str) -> Path:
-    path = root / name
-    path.mkdir(parents=True, exist_ok=True)
-    return path

@@ -119,8 +119,8 @@ def export_onnx_program(
     assert program is not None
     program.save(str(path))
     _strip_trace_metadata(path)
-    # Some ops (the embedding and attention backward) make tracing pin the batch
-    # size; the saved graph's inputs then say so, and the caller records it.
+    # An op can make tracing pin the batch size (a Linear on 3-d activations did, in
+    # the Transformer); the saved graph's inputs then say so, and the caller records it.
     return _first_dims_are_symbolic(path, batch_inputs)
 
 

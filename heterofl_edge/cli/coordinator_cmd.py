@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -80,4 +82,14 @@ def serve(
     typer.echo(
         f"coordinator for {model.value} ({mode}, policy {chosen.value}) on http://{host}:{port}/v1"
     )
-    waitress.serve(application, host=host, port=port, threads=threads, ident="heterofl-edge")
+
+    def shut_down(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # Both signals stop the server cleanly, even where SIGINT arrives ignored (a background
+    # job of a non-interactive shell). Every accepted upload is already on disk.
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    with contextlib.suppress(KeyboardInterrupt):
+        waitress.serve(application, host=host, port=port, threads=threads, ident="heterofl-edge")
+    typer.echo("coordinator stopped")

@@ -42,17 +42,18 @@ class MultiheadAttention(nn.Module):
         self.linear_o = nn.Linear(attention_width, width)
         self.scaler = scaler
 
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        n, s, _ = x.shape
-        return x.reshape(n, s, self.num_heads, -1).transpose(1, 2)
+    def _split(self, x: torch.Tensor, sequence_length: int) -> torch.Tensor:
+        head_width = x.shape[-1] // self.num_heads
+        return x.reshape(-1, sequence_length, self.num_heads, head_width).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self._split(self.scaler(self.linear_q(x)))
-        k = self._split(self.scaler(self.linear_k(x)))
-        v = self._split(self.scaler(self.linear_v(x)))
+    def forward(self, x: torch.Tensor, sequence_length: int) -> torch.Tensor:
+        """``x`` holds the tokens of all sequences as rows: [N * S, width]."""
+        q = self._split(self.scaler(self.linear_q(x)), sequence_length)
+        k = self._split(self.scaler(self.linear_k(x)), sequence_length)
+        v = self._split(self.scaler(self.linear_v(x)), sequence_length)
         scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
         out = (F.softmax(scores, dim=-1) @ v).transpose(1, 2)
-        return self.scaler(self.linear_o(out.reshape(x.shape[0], x.shape[1], -1)))
+        return self.scaler(self.linear_o(out.reshape(x.shape[0], -1)))
 
 
 class EncoderLayer(nn.Module):
@@ -78,8 +79,8 @@ class EncoderLayer(nn.Module):
         nn.init.normal_(self.linear1.weight, std=0.02)
         nn.init.normal_(self.linear2.weight, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(x + self.dropout(self.mha(x)))
+    def forward(self, x: torch.Tensor, sequence_length: int) -> torch.Tensor:
+        x = self.norm1(x + self.dropout(self.mha(x, sequence_length)))
         hidden = self.dropout1(F.gelu(self.scaler(self.linear1(x))))
         return self.norm2(x + self.dropout2(self.scaler(self.linear2(hidden))))
 
@@ -122,13 +123,16 @@ class MaskedLanguageTransformer(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        # The token stream is kept as rows [N * S, width] (attention reshapes it per
+        # sequence): the same arithmetic, and export can keep the batch size symbolic.
+        sequence_length = tokens.shape[1]
+        positions = torch.arange(sequence_length, device=tokens.device)
         x = self.scaler(self.embedding(tokens)) + self.scaler(self.positional_embedding(positions))
-        x = self.embedding_dropout(self.embedding_norm(x))
+        x = self.embedding_dropout(self.embedding_norm(x.reshape(-1, x.shape[-1])))
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, sequence_length)
         x = self.decoder_norm(F.gelu(self.scaler(self.decoder_linear1(x))))
-        return self.decoder_linear2(x)
+        return self.decoder_linear2(x).reshape(-1, sequence_length, self.num_tokens)
 
 
 def mask_tokens(
