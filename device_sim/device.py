@@ -17,6 +17,7 @@ import numpy as np
 from device_sim.onnx_backend import OnnxLevel
 from device_sim.protocol import CoordinatorClient
 from heterofl_edge.assignment import parse_mode
+from heterofl_edge.errors import HeteroFLError
 
 __all__ = ["Capabilities", "Device"]
 
@@ -31,6 +32,7 @@ class Capabilities:
     bandwidth_mbps: float | None = None  # None: no cap
     memory_mb: float = 4096.0
     dropout: float = 0.0  # probability of vanishing in the middle of a round's training
+    runtime: str = "onnx"  # onnx (numpy + onnxruntime) or executorch (needs torch)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Capabilities:
@@ -57,12 +59,24 @@ class Device:
         self.rng = np.random.default_rng(seed)
         self.log = log
         self._sleep = sleep
-        self._levels: dict[str, OnnxLevel] = {}
+        if capabilities.runtime not in ("onnx", "executorch"):
+            raise HeteroFLError(
+                f"unknown runtime {capabilities.runtime!r}", "use onnx or executorch"
+            )
+        self._levels: dict[str, Any] = {}
 
-    def _level(self, artifact: dict[str, Any]) -> OnnxLevel:
+    def _level(self, artifact: dict[str, Any]) -> Any:
+        """The level's programs in this device's runtime (``OnnxLevel`` or ``ExecuTorchLevel``)."""
         key = artifact["manifest_url"]
         if key not in self._levels:
-            self._levels[key] = OnnxLevel(self.client.artifact(key, "onnx"))
+            runtime = self.capabilities.runtime
+            folder = self.client.artifact(key, runtime)
+            if runtime == "executorch":
+                from device_sim.executorch_backend import ExecuTorchLevel
+
+                self._levels[key] = ExecuTorchLevel(folder)
+            else:
+                self._levels[key] = OnnxLevel(folder)
         return self._levels[key]
 
     def _slow_down(self, seconds: float) -> None:
@@ -81,7 +95,7 @@ class Device:
         weights = {
             p["name"]: np.zeros(p["shape"], np.float32) for p in level.manifest["parameters"]
         }
-        batch = min(10, len(self.labels))
+        batch = getattr(level, "batch", min(10, len(self.labels)))  # ExecuTorch: the program's
         start = time.perf_counter()
         level.train(
             weights,
@@ -101,7 +115,7 @@ class Device:
             "reference_rate": reference,
             "memory_mb": self.capabilities.memory_mb,
             "bandwidth_mbps": self.capabilities.bandwidth_mbps or 1000.0,
-            "runtimes": ["onnx"],
+            "runtimes": [self.capabilities.runtime],
         }
 
     def register(self) -> dict[str, Any]:

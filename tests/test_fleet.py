@@ -150,3 +150,43 @@ def test_networked_rounds_equal_the_in_process_simulation(
         name: float((networked[name] - tensor).abs().max()) for name, tensor in simulated.items()
     }
     assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir):
+    coordinator, url = serve(
+        tmp_path,
+        mnist_dir,
+        "--mode",
+        "e",
+        "--policy",
+        "fix",
+        "--rounds",
+        "1",
+        "--fraction",
+        "1",
+        "--min-devices",
+        "2",
+        "--min-uploads",
+        "2",
+        "--local-epochs",
+        "1",
+        "--formats",
+        "onnx,executorch",
+    )
+    profiles = [Capabilities(runtime="onnx"), Capabilities(runtime="executorch")]
+    fleet = Fleet(FleetConfig(url, mnist_dir, 2, "iid", 0, 400, profiles, tmp_path / "fleet"))
+    try:
+        fleet.start()
+        rounds = fleet.follow(lambda record: None, timeout=600)
+    finally:
+        fleet.stop()
+        stop(coordinator)
+    record = rounds[0]
+    assert record["state"] == "finished" and record["metrics"]["uploads"] == 2
+    assert {a["statistics"] for a in record["assignments"]} == {"uploaded"}
+    assert record["metrics"]["global_accuracy"] > 0.2  # one round of level e on 400 examples
+    executorch_log = fleet.logs[1].read_text()
+    assert "round 1: trained level e" in executorch_log and "sent sBN statistics" in executorch_log
+    assert (
+        tmp_path / "fleet" / "cache" / "device-1" / "conv-e" / "executorch" / "train.pte"
+    ).is_file()

@@ -48,6 +48,9 @@ def serve(
         ),
     ] = None,
     threads: Annotated[int, typer.Option(help="WSGI worker threads.")] = 8,
+    formats: Annotated[
+        str, typer.Option(help="Artifact formats to offer devices: onnx, or onnx,executorch.")
+    ] = "onnx",
 ) -> None:
     """Run the coordinator; an existing state folder resumes where it stopped."""
     import waitress
@@ -76,6 +79,7 @@ def serve(
         lr=lr,
         eval_data_dir=eval_data_dir,
         local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
+        artifact_formats=_formats(formats),
         seed=seed,
     )
     application = create_app(config)
@@ -93,3 +97,11 @@ def serve(
     with contextlib.suppress(KeyboardInterrupt):
         waitress.serve(application, host=host, port=port, threads=threads, ident="heterofl-edge")
     typer.echo("coordinator stopped")
+
+
+def _formats(text: str) -> tuple[str, ...]:
+    chosen = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in ("onnx", "executorch")]
+    if unknown or not chosen:
+        raise ConfigError(f"unknown artifact formats {text!r}", "use onnx or onnx,executorch")
+    return chosen

@@ -1,0 +1,115 @@
+"""Local training on the ExecuTorch artifacts (``.pte``) with ExecuTorch's training API.
+
+The same interface as ``OnnxLevel``. ExecuTorch programs have the fixed batch
+they were exported with (the manifest's ``batch_size.executorch``): a short last
+batch of an epoch is skipped and counted in the result, and the statistics pass
+uses batches of that size (a short tail is skipped). This backend needs torch,
+as ExecuTorch's Python bindings do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_sim.onnx_backend import LocalResult, merge_moments
+from heterofl_edge.batching import epoch_batches
+
+__all__ = ["ExecuTorchLevel"]
+
+
+class ExecuTorchLevel:
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.manifest: dict[str, Any] = json.loads((folder / "manifest.json").read_text())
+        self.param_names = [p["name"] for p in self.manifest["parameters"]]
+        self.num_classes = int(self.manifest["num_classes"])
+        self.batch = int(self.manifest["batch_size"]["executorch"])
+        self._trainer: Any = None
+
+    def _settings(self) -> Any:
+        from exporter.step import OptimizerSettings
+
+        h = self.manifest["hyperparameters"]
+        return OptimizerSettings(h["momentum"], h["weight_decay"], h["clip_grad_norm"])
+
+    def train(
+        self,
+        weights: dict[str, np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        labels: list[int],
+        lr: float,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+    ) -> LocalResult:
+        import torch
+
+        from exporter.executorch_backend import ExecuTorchTrainer
+
+        if batch_size != self.batch:
+            raise ValueError(
+                f"the .pte program trains batches of {self.batch}, the task asks {batch_size}"
+            )
+        if self._trainer is None:
+            self._trainer = ExecuTorchTrainer(
+                self.folder / "executorch" / "train.pte", self.param_names, self._settings()
+            )
+        mask = torch.zeros(self.num_classes)
+        mask[labels] = 1.0
+        images, targets = torch.from_numpy(x), torch.from_numpy(y)
+        if len(targets) < self.batch:
+            raise ValueError(
+                f"{len(targets)} examples are fewer than the program's batch {self.batch}"
+            )
+        self._trainer.load_weights(
+            {n: torch.from_numpy(weights[n]) for n in self.param_names},
+            (images[: self.batch], targets[: self.batch], mask),
+        )
+        steps, loss_sum, correct, seen = 0, 0.0, 0, 0
+        for batch in epoch_batches(len(targets), epochs, batch_size, seed):
+            if len(batch) != self.batch:
+                continue  # the fixed-batch program cannot take the short tail
+            index = torch.from_numpy(batch)
+            loss, right = self._trainer.step((images[index], targets[index], mask), lr)
+            steps, loss_sum, correct, seen = (
+                steps + 1,
+                loss_sum + loss * len(batch),
+                correct + right,
+                seen + len(batch),
+            )
+        trained = {n: t.numpy() for n, t in self._trainer.weights().items()}
+        return LocalResult(
+            trained, len(targets), steps, loss_sum / max(seen, 1), correct / max(seen, 1)
+        )
+
+    def statistics(self, weights: dict[str, np.ndarray], x: np.ndarray) -> dict[str, np.ndarray]:
+        """As ``OnnxLevel.statistics``, over consecutive batches of the program's size."""
+        import torch
+
+        from exporter.executorch_backend import load_program
+
+        program = load_program(self.folder / "executorch" / "statistics.pte")
+        params = [
+            torch.from_numpy(np.ascontiguousarray(weights[n], np.float32)) for n in self.param_names
+        ]
+        layers = self.manifest["bn_layers"]
+        merged: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        for start in range(0, len(x) - self.batch + 1, self.batch):
+            batch = torch.from_numpy(x[start : start + self.batch])
+            out = program.forward((*params, batch))  # type: ignore[attr-defined]
+            for i, layer in enumerate(layers):
+                moments = (self.batch, out[2 * i].double().numpy(), out[2 * i + 1].double().numpy())
+                merged[layer] = (
+                    merge_moments(merged[layer], moments) if layer in merged else moments
+                )
+        result: dict[str, np.ndarray] = {}
+        for layer, (count, mean, var) in merged.items():
+            result[f"{layer}.count"] = np.array(float(count), np.float32)
+            result[f"{layer}.mean"] = mean.astype(np.float32)
+            result[f"{layer}.var"] = var.astype(np.float32)
+        return result
