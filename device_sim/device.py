@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from device_sim.onnx_backend import OnnxLevel
-from device_sim.protocol import CoordinatorClient
+from device_sim.protocol import CoordinatorClient, ProtocolError
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.errors import HeteroFLError
 
@@ -165,19 +165,13 @@ class Device:
             task["seed"],
         )
         self._slow_down(time.perf_counter() - start)
-        self.client.upload(
-            task["upload_url"],
-            result.weights,
-            {
-                "num_samples": result.num_examples,
-                "labels": self.present,
-                "metrics": {
-                    "loss": result.loss,
-                    "accuracy": result.accuracy,
-                    "steps": result.steps,
-                },
-            },
-        )
+        metadata = {
+            "num_samples": result.num_examples,
+            "labels": self.present,
+            "metrics": {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps},
+        }
+        if not self._deliver(task, result.weights, metadata):
+            return
         down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
         self.log(
             f"round {task['round']}: trained level {task['level']}, loss {result.loss:.4f}, "
@@ -188,5 +182,18 @@ class Device:
         level = self._level(task["artifact"])
         weights = self.client.tensors(task["weights_url"])
         stats = level.statistics(weights, self.images)
-        self.client.upload(task["upload_url"], stats, {})
-        self.log(f"round {task['round']}: sent sBN statistics")
+        if self._deliver(task, stats, {}):
+            self.log(f"round {task['round']}: sent sBN statistics")
+
+    def _deliver(
+        self, task: dict[str, Any], tensors: dict[str, np.ndarray], metadata: dict[str, Any]
+    ) -> bool:
+        """Upload a task's result; a round that closed meanwhile (409) is logged, not fatal."""
+        try:
+            self.client.upload(task["upload_url"], tensors, metadata)
+        except ProtocolError as exc:
+            if not exc.message.startswith("HTTP 409"):
+                raise
+            self.log(f"round {task['round']}: too late, the coordinator moved on ({exc.message})")
+            return False
+        return True

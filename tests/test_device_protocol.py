@@ -57,3 +57,34 @@ def test_a_refused_token_raises_and_the_worker_exits_cleanly(
     out = capsys.readouterr().out
     assert code == 4
     assert "token refused (unknown token); exiting" in out and "Traceback" not in out
+
+
+def test_a_late_upload_is_logged_and_the_device_carries_on():
+    import numpy as np
+
+    from device_sim.device import Device
+
+    class LateClient:
+        def upload(self, path, tensors, metadata):
+            raise ProtocolError("HTTP 409: round 2 is closed: the update came after its deadline")
+
+    lines = []
+    device = Device(
+        LateClient(), np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]), log=lines.append
+    )
+    assert device._deliver({"round": 2, "upload_url": "/v1/rounds/2/update"}, {}, {}) is False
+    assert lines == [
+        "round 2: too late, the coordinator moved on (HTTP 409: round 2 is closed: "
+        "the update came after its deadline)"
+    ]
+
+    class BrokenClient:
+        def upload(self, path, tensors, metadata):
+            raise ProtocolError(
+                "HTTP 422: blocks.0.conv.weight has shape (1,), expected (4, 1, 3, 3)"
+            )
+
+    with pytest.raises(ProtocolError, match="422"):
+        Device(BrokenClient(), np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]))._deliver(
+            {"round": 2, "upload_url": "/v1/rounds/2/update"}, {}, {}
+        )

@@ -55,7 +55,7 @@ def test_six_devices_three_levels_survive_a_killed_device(
         "--min-uploads",
         "3",
         "--round-seconds",
-        "20",
+        "45",
         "--local-epochs",
         "1",
     )
