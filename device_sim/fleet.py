@@ -136,10 +136,19 @@ class Fleet:
                     reported.add(record["round"])
                     on_round(record)
             health = requests.get(f"{base}/v1/health", timeout=30).json()
-            if health.get("done") or (self.running() == 0 and self.processes):
+            if health.get("done"):
+                self._let_devices_finish(grace_seconds=30.0)
+                return rounds
+            if self.running() == 0 and self.processes:
                 return rounds
             time.sleep(0.5)
         raise HeteroFLError(f"the fleet did not finish within {timeout:.0f} s")
+
+    def _let_devices_finish(self, grace_seconds: float) -> None:
+        """Give running devices time to poll once more, hear 'done' and exit on their own."""
+        deadline = time.monotonic() + grace_seconds
+        while self.running() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def stop(self) -> None:
         for process in self.processes:
