@@ -16,6 +16,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Write ``payload`` to ``path`` through a temporary file and a rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it the usual mode
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
@@ -41,6 +44,7 @@ def write_learning_curve(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for name, points in curves.items():
@@ -48,6 +52,7 @@ def write_learning_curve(
             rounds, values = zip(*points, strict=True)
             axes.plot(rounds, [100 * v for v in values], marker="o", markersize=3, label=name)
     axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("accuracy (%)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
