@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from device_sim.onnx_backend import LocalResult, merge_moments
+from device_sim.onnx_backend import LocalResult, merge_batch_statistics
 from heterofl_edge.batching import epoch_batches
 
 __all__ = ["ExecuTorchLevel"]
@@ -93,23 +93,15 @@ class ExecuTorchLevel:
 
         from exporter.executorch_backend import load_program
 
-        program = load_program(self.folder / "executorch" / "statistics.pte")
+        program: Any = load_program(self.folder / "executorch" / "statistics.pte")
         params = [
             torch.from_numpy(np.ascontiguousarray(weights[n], np.float32)) for n in self.param_names
         ]
-        layers = self.manifest["bn_layers"]
-        merged: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
-        for start in range(0, len(x) - self.batch + 1, self.batch):
+
+        def run(start: int) -> list[np.ndarray]:
             batch = torch.from_numpy(x[start : start + self.batch])
-            out = program.forward((*params, batch))  # type: ignore[attr-defined]
-            for i, layer in enumerate(layers):
-                moments = (self.batch, out[2 * i].double().numpy(), out[2 * i + 1].double().numpy())
-                merged[layer] = (
-                    merge_moments(merged[layer], moments) if layer in merged else moments
-                )
-        result: dict[str, np.ndarray] = {}
-        for layer, (count, mean, var) in merged.items():
-            result[f"{layer}.count"] = np.array(float(count), np.float32)
-            result[f"{layer}.mean"] = mean.astype(np.float32)
-            result[f"{layer}.var"] = var.astype(np.float32)
-        return result
+            return [t.numpy() for t in program.forward((*params, batch))]
+
+        starts = range(0, len(x) - self.batch + 1, self.batch)  # full batches only
+        reports = ((self.batch, run(start)) for start in starts)
+        return merge_batch_statistics(self.manifest["bn_layers"], reports)

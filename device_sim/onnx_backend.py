@@ -10,6 +10,7 @@ the per-batch moments exactly, ``evaluate`` returns logits.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import onnxruntime as ort
 
 from heterofl_edge.batching import epoch_batches, stats_batches
 
-__all__ = ["LocalResult", "OnnxLevel", "merge_moments"]
+__all__ = ["LocalResult", "OnnxLevel", "merge_batch_statistics", "merge_moments"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,31 @@ def merge_moments(
     mean = ma + delta * (nb / n)
     m2 = va * na + vb.astype(np.float64) * nb + delta**2 * (na * nb / n)
     return n, mean, m2 / n
+
+
+def merge_batch_statistics(
+    layers: list[str], reports: Iterable[tuple[int, Sequence[Any]]]
+) -> dict[str, np.ndarray]:
+    """Merge a statistics program's per-batch outputs into the upload's tensors.
+
+    Each report is (examples in the batch, [mean_1, var_1, ..., mean_L, var_L]);
+    the result holds LAYER.count / .mean / .var for every sBN layer.
+    """
+    merged: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+    for examples, out in reports:
+        for i, layer in enumerate(layers):
+            moments = (
+                examples,
+                np.asarray(out[2 * i], np.float64),
+                np.asarray(out[2 * i + 1], np.float64),
+            )
+            merged[layer] = merge_moments(merged[layer], moments) if layer in merged else moments
+    result: dict[str, np.ndarray] = {}
+    for layer, (count, mean, var) in merged.items():
+        result[f"{layer}.count"] = np.array(float(count), np.float32)
+        result[f"{layer}.mean"] = mean.astype(np.float32)
+        result[f"{layer}.var"] = var.astype(np.float32)
+    return result
 
 
 class OnnxLevel:
@@ -113,26 +139,11 @@ class OnnxLevel:
         session = self._session("statistics")
         names = [i.name for i in session.get_inputs()]
         params = [np.ascontiguousarray(weights[n], np.float32) for n in self.param_names]
-        layers = self.manifest["bn_layers"]
-        merged: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
-        for part in stats_batches(len(x)):
-            out = session.run(None, dict(zip(names, [*params, x[part]], strict=True)))
-            examples = x[part].shape[0]
-            for i, layer in enumerate(layers):
-                moments = (
-                    examples,
-                    out[2 * i].astype(np.float64),
-                    out[2 * i + 1].astype(np.float64),
-                )
-                merged[layer] = (
-                    merge_moments(merged[layer], moments) if layer in merged else moments
-                )
-        result: dict[str, np.ndarray] = {}
-        for layer, (count, mean, var) in merged.items():
-            result[f"{layer}.count"] = np.array(float(count), np.float32)
-            result[f"{layer}.mean"] = mean.astype(np.float32)
-            result[f"{layer}.var"] = var.astype(np.float32)
-        return result
+        reports = (
+            (len(x[part]), session.run(None, dict(zip(names, [*params, x[part]], strict=True))))
+            for part in stats_batches(len(x))
+        )
+        return merge_batch_statistics(self.manifest["bn_layers"], reports)
 
     def evaluate(self, weights: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
         session = self._session("evaluate")
