@@ -1,62 +1,173 @@
-"""Flask app factory: ``create_app(config)`` -> the coordinator's HTTP API."""
+"""Flask app factory: ``create_app(config)`` -> the coordinator's HTTP API.
+
+The app is a ``flask_openapi3.OpenAPI`` (a Flask subclass): pydantic models
+in ``coordinator.schemas`` validate each request's path and JSON body and
+produce the OpenAPI document served at ``/v1/openapi.json``. Errors are JSON
+``{"code", "message", "hint"}`` everywhere: ``ApiError`` is the client's
+mistake (4xx) or a named server condition (503); any other exception is a
+fault on the server, logged with its traceback and answered 500.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from typing import Any
 
-from flask import Flask, jsonify
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from flask import Response, g, jsonify, request
+from flask.json.provider import DefaultJSONProvider
+from flask_openapi3 import Info, OpenAPI
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException
 
 from coordinator.api import artifacts, devices, health, model, rounds
 from coordinator.config import CoordinatorConfig
-from coordinator.errors import ApiError
-from coordinator.service import Clock, Coordinator
-from coordinator.wire import WireError
-from heterofl_edge.errors import ConfigError, HeteroFLError, UpdateError
+from coordinator.errors import STATUS, ApiError, ErrorCode
+from coordinator.runtime import Clock, Coordinator
+from coordinator.schemas import ErrorReply
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("heterofl_edge.coordinator")
 
+_HTTP_CODES = {
+    400: ErrorCode.invalid_request,
+    404: ErrorCode.not_found,
+    405: ErrorCode.method_not_allowed,
+    408: ErrorCode.request_timeout,
+    413: ErrorCode.payload_too_large,
+}
+_UPLOADS = {"rounds.update": "update", "rounds.statistics": "statistics"}
 
-def _status(error: HeteroFLError) -> int:
-    if isinstance(error, ApiError):
-        return error.status
-    if isinstance(error, UpdateError):
-        return 422
-    if isinstance(error, WireError | ConfigError):
-        return 400
-    return 400
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Strict JSON out (non-finite numbers become null); deep nesting in is a 400."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        kwargs.setdefault("allow_nan", False)
+        return super().dumps(_finite(obj), **kwargs)
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            return super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
 
 
-def create_app(config: CoordinatorConfig, clock: Clock = time.time) -> Flask:
-    """The coordinator for ``config``; resumes whatever its state folder holds."""
-    app = Flask("heterofl_edge.coordinator")
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def error_reply(code: ErrorCode, message: str, hint: str = "", status: int | None = None) -> Any:
+    response = jsonify(code=code.value, message=message, hint=hint)
+    response.status_code = status or STATUS[code]
+    return response
+
+
+def _validation_error(error: ValidationError) -> Any:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()[:3]
+    )
+    code = (
+        ErrorCode.bad_profile
+        if request.endpoint == "devices.register"
+        else ErrorCode.invalid_request
+    )
+    return error_reply(code, f"request does not fit the API: {problems}", "see /v1/openapi.json")
+
+
+def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool = True) -> OpenAPI:
+    """The coordinator for ``config``; resumes whatever its state folder holds.
+
+    ``start`` runs its worker thread (exports, rounds); tests may start it later.
+    """
+    coordinator = Coordinator(config, clock)
+    app = OpenAPI(
+        "heterofl_edge.coordinator",
+        info=Info(
+            title="heterofl-edge coordinator",
+            version="1",
+            description="HeteroFL rounds over a fleet of devices: register, poll for tasks, "
+            "download weights, upload safetensors. Every error reply carries a `code`.",
+        ),
+        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        doc_ui=False,
+        validation_error_status=400,
+        validation_error_model=ErrorReply,
+        validation_error_callback=_validation_error,
+    )
+    app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
-    app.extensions["heterofl"] = Coordinator(config, clock)
+    app.extensions["heterofl"] = coordinator
     for module in (health, devices, rounds, model, artifacts):
-        app.register_blueprint(module.bp)
+        app.register_api(module.bp)
 
-    @app.errorhandler(HeteroFLError)
-    def library_error(error: HeteroFLError):  # type: ignore[no-untyped-def]
-        body = {"error": error.message}
-        if error.hint:
-            body["hint"] = error.hint
-        return jsonify(body), _status(error)
+    @app.get("/v1/openapi.json", doc_ui=False)
+    def openapi() -> Any:
+        return jsonify(app.api_doc)
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(error: RequestEntityTooLarge):  # type: ignore[no-untyped-def]
-        limit = config.max_upload_bytes
-        return jsonify(error=f"body too large: the limit is {limit} bytes"), 413
+    @app.before_request
+    def before() -> Any:
+        g.started = time.perf_counter()
+        length = request.content_length or 0
+        if request.endpoint not in _UPLOADS and length > config.max_json_bytes:
+            return error_reply(
+                ErrorCode.payload_too_large,
+                f"body too large: the limit is {config.max_json_bytes} bytes here",
+            )
+        return None
+
+    @app.after_request
+    def after(response: Response) -> Response:
+        metrics = coordinator.metrics
+        endpoint = request.endpoint or "unknown"
+        started = g.get("started")
+        if started is not None:
+            metrics.request_seconds.labels(endpoint, request.method).observe(
+                time.perf_counter() - started
+            )
+        metrics.bytes.labels("in").inc(request.content_length or 0)
+        if not response.is_streamed:
+            metrics.bytes.labels("out").inc(response.content_length or 0)
+        kind = _UPLOADS.get(endpoint)
+        if kind is not None and response.status_code >= 400:
+            code = (response.get_json(silent=True) or {}).get("code", "unknown")
+            metrics.uploads.labels(kind, code).inc()
+        return response
+
+    @app.errorhandler(ApiError)
+    def api_error(error: ApiError) -> Any:
+        if error.status >= 500:
+            log.error("%s: %s", error.code, error.message)
+        return error_reply(error.error_code, error.message, error.hint)
 
     @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):  # type: ignore[no-untyped-def]
-        return jsonify(error=error.description or error.name), error.code or 500
+    def http_error(error: HTTPException) -> Any:
+        status = error.code or 500
+        code = _HTTP_CODES.get(status, ErrorCode.invalid_request)
+        if status == 413:
+            message = f"body too large: the limit is {config.max_upload_bytes} bytes"
+            return error_reply(code, message)
+        if status >= 500:
+            return error_reply(ErrorCode.internal_error, error.description or error.name)
+        return error_reply(code, error.description or error.name, status=status)
 
     @app.errorhandler(Exception)
-    def internal_error(error: Exception):  # type: ignore[no-untyped-def]
-        log.exception("internal error")
-        return jsonify(error="internal error in the coordinator; see its log"), 500
+    def internal_error(error: Exception) -> Any:
+        log.exception("internal error answering %s %s", request.method, request.path)
+        return error_reply(
+            ErrorCode.internal_error,
+            "internal error in the coordinator",
+            "a fault on the server, not your request: retry; the coordinator logged it",
+        )
 
+    if start:
+        coordinator.start()
     return app

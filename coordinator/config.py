@@ -7,13 +7,14 @@ from enum import StrEnum
 from pathlib import Path
 
 from coordinator.policy import LevelTable
+from heterofl_edge.engine import StatisticsClients
 from heterofl_edge.training import LocalTrainingConfig
 
 __all__ = ["CoordinatorConfig", "LevelPolicy"]
 
 
 class LevelPolicy(StrEnum):
-    profile = "profile"  # the largest level whose estimated round time fits the budget
+    profile = "profile"  # each device at the largest level its measured profile fits; re-leveled
     fix = "fix"  # the paper's Fix: proportions from --mode, by registration order
     dynamic = "dynamic"  # the paper's Dynamic: a fresh draw from --mode every round
 
@@ -28,21 +29,28 @@ class CoordinatorConfig:
     level_table: LevelTable = field(default_factory=LevelTable)
     rounds: int = 10
     fraction: float = 0.1
-    # A round is finalised at the deadline if at least min_uploads arrived, or as soon
-    # as every selected device has answered; with fewer, it is recorded as failed.
+    # A round closes as soon as every selected device has answered or gone silent and
+    # min_uploads arrived, or at the deadline; with fewer uploads it fails, the model stays.
     min_uploads: int = 1
-    min_devices: int = 1  # a round opens once this many devices are registered
+    min_devices: int = 1  # round 1 opens once this many devices are live; later: the quorum
     round_seconds: float = 600.0
     stats_seconds: float = 120.0
-    statistics_query: bool = True  # ask devices for sBN statistics after each round
+    statistics: StatisticsClients = StatisticsClients.round  # who reports sBN statistics
     lr: float = 0.01
     milestones: tuple[int, ...] = ()
     lr_factor: float = 0.1
     local: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
     seed: int = 0
     max_upload_bytes: int = 64 * 1024 * 1024
+    max_json_bytes: int = 64 * 1024  # registration and other JSON bodies
     artifact_formats: tuple[str, ...] = ("onnx",)
     artifact_verify: bool = True
+    build_artifacts: bool = True  # export every level at start-up (tests without devices skip it)
+    # Liveness: a device is offline after this long without a request. Waiting devices
+    # poll every poll_seconds; working devices send a heartbeat every heartbeat_seconds.
+    device_timeout: float = 30.0
+    poll_seconds: float = 2.0
+    heartbeat_seconds: float = 5.0
     # Held-out MNIST for evaluating the global model after each round (optional).
     eval_data_dir: Path | None = None
     eval_examples: int | None = None

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,10 @@ from typing import Any
 import requests
 
 from coordinator.process import start_coordinator, stop
+from device_sim.device import Capabilities
 from device_sim.fleet import DEFAULT_PROFILES, Fleet, FleetConfig
 from heterofl_edge.assignment import parse_mode
+from heterofl_edge.errors import HeteroFLError
 from heterofl_edge.levels import rate_label
 
 __all__ = ["DemoConfig", "describe_round", "run_demo"]
@@ -31,16 +34,20 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     clients: int = 6
     rounds: int = 3
-    mode: str = "a1-c1-e1"  # Fix: a third of the devices at each of a, c and e
+    mode: str = "a-b-c-d-e"  # the levels in play; the profile policy places each device
+    policy: str = "profile"
     split: str = "iid"
     train_examples: int | None = 6000
     local_epochs: int = 1
-    round_seconds: float = 300.0
+    # The training deadline; a level fits a device when its estimated time is within half
+    # of it. 40 s puts a fast device at a, a 3x slower one at b, a 10x slower one at c.
+    round_seconds: float = 40.0
     seed: int = 0
 
 
-def describe_round(record: dict[str, Any]) -> str:
-    metrics = record["metrics"]
+def describe_round(record: dict[str, Any], names: Mapping[str, str] | None = None) -> str:
+    """One line per round: accuracy, per-level losses, and each device's level."""
+    result = record["metrics"]
     per_level: dict[str, list[float]] = {}
     for a in record["assignments"]:
         if a["status"] == "uploaded":
@@ -51,12 +58,18 @@ def describe_round(record: dict[str, Any]) -> str:
         f"{level}: {len(losses)} trained, loss {sum(losses) / len(losses):.3f}"
         for level, losses in sorted(per_level.items())
     )
-    accuracy = metrics.get("global_accuracy")
+    accuracy = (result.get("evaluation") or {}).get("global_accuracy")
     shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    timed_out = metrics.get("timed_out", 0)
-    return f"round {record['round']} {record['state']}: global accuracy {shown}  |  {levels}" + (
-        f"  |  {timed_out} timed out" if timed_out else ""
-    )
+    timed_out = result.get("timed_out", 0)
+    line = f"round {record['round']} {record['state']}: global accuracy {shown}  |  {levels}"
+    if timed_out:
+        line += f"  |  {timed_out} missed the deadline"
+    if names:
+        placed = sorted(
+            (names.get(a["device_id"], a["device_id"]), a["level"]) for a in record["assignments"]
+        )
+        line += "\n    levels: " + ", ".join(f"{name} {level}" for name, level in placed)
+    return line
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -70,7 +83,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
             "--mode",
             config.mode,
             "--policy",
-            mix.assignment.value,
+            config.policy,
             "--rounds",
             str(config.rounds),
             "--fraction",
@@ -92,6 +105,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         ],
         config.out / "coordinator.log",
     )
+    fleet_profiles = list(DEFAULT_PROFILES)
     fleet = Fleet(
         FleetConfig(
             url,
@@ -100,24 +114,44 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
             config.split,
             config.seed,
             config.train_examples,
-            list(DEFAULT_PROFILES),
+            fleet_profiles,
             config.out / "fleet",
         ),
         log=log,
     )
     try:
-        for rate in mix.rates:
-            log(f"exporting and verifying level {rate_label(rate)} artifacts (first request)")
-            requests.get(
-                f"{url}/v1/artifacts/conv/{rate_label(rate)}/manifest.json", timeout=600
-            ).raise_for_status()
+        levels = ", ".join(rate_label(r) for r in mix.rates)
+        log(f"the coordinator exports and verifies the artifacts of levels {levels}")
+        wait_until_ready(url)
         fleet.start()
-        rounds = fleet.follow(lambda record: log(describe_round(record)))
+        speeds = [_speed(c) for c in fleet_profiles]
+        names = {
+            device_id: f"{speeds[i % len(speeds)]}-{i}"
+            for i, device_id in enumerate(fleet.device_ids)
+        }
+        rounds = fleet.follow(lambda record: log(describe_round(record, names)))
     finally:
         fleet.stop()
         stop(coordinator)
     return {
         "coordinator": url,
         "config": {k: str(v) for k, v in config.__dict__.items()},
+        "devices": names,
         "rounds": rounds,
     }
+
+
+def wait_until_ready(url: str, timeout: float = 900.0) -> None:
+    """Wait until the coordinator has built every level's artifacts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if requests.get(f"{url}/v1/health", timeout=30).json().get("artifacts_ready"):
+            return
+        time.sleep(1.0)
+    raise HeteroFLError(f"the coordinator did not build its artifacts within {timeout:.0f} s")
+
+
+def _speed(capabilities: Capabilities) -> str:
+    if capabilities.cpu_slowdown <= 1:
+        return "fast"
+    return "medium" if capabilities.cpu_slowdown <= 3 else "slow"

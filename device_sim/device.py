@@ -6,9 +6,11 @@ onnxruntime, safetensors and requests, never torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,6 +24,8 @@ from heterofl_edge.errors import HeteroFLError
 __all__ = ["Capabilities", "Device"]
 
 PROFILE_STEPS = 5
+# Error codes that mean "this task is over": log it and ask for the next one.
+_TASK_GONE = frozenset({"round_closed", "duplicate_upload", "not_assigned", "unknown_round"})
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Device:
                 f"unknown runtime {capabilities.runtime!r}", "use onnx or executorch"
             )
         self._levels: dict[str, Any] = {}
+        self.heartbeat_seconds = 5.0
 
     def _level(self, artifact: dict[str, Any]) -> Any:
         """The level's programs in this device's runtime (``OnnxLevel`` or ``ExecuTorchLevel``)."""
@@ -96,17 +101,10 @@ class Device:
             p["name"]: np.zeros(p["shape"], np.float32) for p in level.manifest["parameters"]
         }
         batch = getattr(level, "batch", min(10, len(self.labels)))  # ExecuTorch: the program's
+        x, y = self.images[:batch], self.labels[:batch]
+        level.train(weights, x, y, self.present, 0.0, 1, batch, 0)  # warm-up: sessions, caches
         start = time.perf_counter()
-        level.train(
-            weights,
-            self.images[:batch],
-            self.labels[:batch],
-            self.present,
-            0.0,
-            PROFILE_STEPS,
-            batch,
-            0,
-        )
+        level.train(weights, x, y, self.present, 0.0, PROFILE_STEPS, batch, 0)
         step_ms = (
             1000 * (time.perf_counter() - start) / PROFILE_STEPS * self.capabilities.cpu_slowdown
         )
@@ -116,12 +114,31 @@ class Device:
             "memory_mb": self.capabilities.memory_mb,
             "bandwidth_mbps": self.capabilities.bandwidth_mbps or 1000.0,
             "runtimes": [self.capabilities.runtime],
+            "num_examples": len(self.labels),
         }
 
     def register(self) -> dict[str, Any]:
         reply = self.client.register(self.profile())
+        self.heartbeat_seconds = float(reply.get("heartbeat_seconds") or 5.0)
         self.log(f"registered as {reply['device_id']} (level {reply['level'] or 'per round'})")
         return reply
+
+    @contextlib.contextmanager
+    def _heartbeats(self) -> Iterator[None]:
+        """While a task runs, tell the coordinator this device is alive (a thread)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_seconds):
+                self.client.heartbeat()
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join(timeout=1)
 
     def run(self, idle_limit_s: float = 600.0) -> None:
         """Work until the coordinator says done (or stays silent past ``idle_limit_s``)."""
@@ -140,15 +157,18 @@ class Device:
                 idle += task.get("retry_after", 1.0)
                 continue
             idle = 0.0
-            if action == "train":
-                self.train(task)
-            elif action == "statistics":
-                self.statistics(task)
+            with self._heartbeats():
+                if action == "train":
+                    self.train(task)
+                elif action == "statistics":
+                    self.statistics(task)
 
     def train(self, task: dict[str, Any]) -> None:
         level = self._level(task["artifact"])
         sent, received = self.client.bytes_sent, self.client.bytes_received
-        weights = self.client.tensors(task["weights_url"])
+        weights = self._skip(task, lambda: self.client.tensors(task["weights_url"]))
+        if weights is None:
+            return
         if self.capabilities.dropout and self.rng.random() < self.capabilities.dropout:
             self.log(f"round {task['round']}: dropping out mid-round")
             os._exit(3)  # vanish like an unplugged device: no goodbye to the coordinator
@@ -180,7 +200,9 @@ class Device:
 
     def statistics(self, task: dict[str, Any]) -> None:
         level = self._level(task["artifact"])
-        weights = self.client.tensors(task["weights_url"])
+        weights = self._skip(task, lambda: self.client.tensors(task["weights_url"]))
+        if weights is None:
+            return
         stats = level.statistics(weights, self.images)
         if self._deliver(task, stats, {}):
             self.log(f"round {task['round']}: sent sBN statistics")
@@ -188,12 +210,18 @@ class Device:
     def _deliver(
         self, task: dict[str, Any], tensors: dict[str, np.ndarray], metadata: dict[str, Any]
     ) -> bool:
-        """Upload a task's result; a round that closed meanwhile (409) is logged, not fatal."""
+        """Upload a task's result; a task that closed meanwhile is logged, not fatal."""
+        return (
+            self._skip(task, lambda: self.client.upload(task["upload_url"], tensors, metadata))
+            is not None
+        )
+
+    def _skip(self, task: dict[str, Any], call: Callable[[], Any]) -> Any:
+        """``call()``, or None (logged) when the task is no longer open; decides on codes."""
         try:
-            self.client.upload(task["upload_url"], tensors, metadata)
+            return call()
         except ProtocolError as exc:
-            if not exc.message.startswith("HTTP 409"):
+            if exc.code not in _TASK_GONE:
                 raise
             self.log(f"round {task['round']}: too late, the coordinator moved on ({exc.message})")
-            return False
-        return True
+            return None

@@ -67,6 +67,7 @@ class Fleet:
         self.log = log
         self.processes: list[subprocess.Popen[bytes]] = []
         self.logs: list[Path] = []
+        self.device_ids: list[str] = []  # as registered, in shard order
 
     def start(self, register_timeout: float = 300.0) -> None:
         """Start every device, each registered before the next starts."""
@@ -102,14 +103,19 @@ class Fleet:
                 process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
             self.processes.append(process)
             self.logs.append(log_path)
-            self._wait_for(log_path, "registered", process, register_timeout)
-            self.log(f"device {shard} registered ({_describe(capabilities)})")
+            line = self._wait_for(log_path, "registered as ", process, register_timeout)
+            self.device_ids.append(line.split("registered as ", 1)[1].split()[0])
+            self.log(f"device {shard} {line.split(': ', 1)[-1]} ({_describe(capabilities)})")
 
     def _wait_for(
         self, path: Path, text: str, process: subprocess.Popen[bytes], timeout: float
-    ) -> None:
+    ) -> str:
+        """The first log line holding ``text``, once the device has written it."""
         deadline = time.monotonic() + timeout
-        while text not in path.read_text(errors="replace"):
+        while True:
+            for line in path.read_text(errors="replace").splitlines():
+                if text in line:
+                    return line
             if process.poll() is not None:
                 raise HeteroFLError(f"a device exited while starting: {path.read_text()[-500:]}")
             if time.monotonic() > deadline:
@@ -130,12 +136,12 @@ class Fleet:
         deadline = time.monotonic() + timeout
         base = self.config.coordinator.rstrip("/")
         while time.monotonic() < deadline:
+            health = requests.get(f"{base}/v1/health", timeout=30).json()
             rounds = requests.get(f"{base}/v1/rounds", timeout=30).json()["rounds"]
             for record in rounds:
                 if record["state"] in ("finished", "failed") and record["round"] not in reported:
                     reported.add(record["round"])
                     on_round(record)
-            health = requests.get(f"{base}/v1/health", timeout=30).json()
             if health.get("done"):
                 self._let_devices_finish(grace_seconds=30.0)
                 return rounds

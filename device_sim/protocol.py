@@ -1,13 +1,15 @@
 """The device side of the coordinator's HTTP protocol (requests, no torch).
 
 Every call retries with exponential backoff while the coordinator is
-unreachable or restarting (connection errors, 5xx); a refused token raises
-``TokenRefused``; other 4xx replies raise ``ProtocolError`` with the
-coordinator's message. Artifacts are cached on disk and checked by sha256.
+unreachable, restarting or at fault (connection errors, timeouts, 5xx, 408);
+a refused token raises ``TokenRefused``; other 4xx replies raise
+``ProtocolError`` carrying the reply's machine-readable ``code``, which is
+what callers decide on. Artifacts are cached on disk and checked by sha256.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -25,11 +27,15 @@ __all__ = ["CoordinatorClient", "ProtocolError", "TokenRefused"]
 
 
 class ProtocolError(HeteroFLError):
-    """The coordinator refused a request (a 4xx reply)."""
+    """The coordinator refused a request (a 4xx reply); ``code`` says why."""
+
+    code = "unreachable"
 
 
 class TokenRefused(ProtocolError):
     """The coordinator does not know this device's token (401)."""
+
+    code = "unknown_token"
 
 
 class CoordinatorClient:
@@ -39,11 +45,13 @@ class CoordinatorClient:
         cache_dir: Path,
         retry_seconds: float = 60.0,
         sleep: Callable[[float], None] = time.sleep,
+        ready_seconds: float = 1800.0,
         bandwidth_mbps: float | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.cache_dir = cache_dir
         self.retry_seconds = retry_seconds
+        self.ready_seconds = ready_seconds  # how long to wait while the coordinator starts up
         self._sleep = sleep
         self._session = requests.Session()
         self.token: str | None = None
@@ -58,27 +66,37 @@ class CoordinatorClient:
         reply = self._send(method, path, headers, kwargs)
         self._account(len(kwargs.get("data") or b""), len(reply.content))
         if reply.status_code == 401:
-            raise TokenRefused(_message(reply), "register again")
+            code, message = _error(reply)
+            raise TokenRefused(message, "register again", code=code)
         if reply.status_code >= 400:
-            raise ProtocolError(f"HTTP {reply.status_code}: {_message(reply)}")
+            code, message = _error(reply)
+            raise ProtocolError(f"HTTP {reply.status_code}: {message}", code=code)
         return reply
 
     def _send(
         self, method: str, path: str, headers: dict[str, str], kwargs: dict[str, Any]
     ) -> requests.Response:
-        """One request, retried with backoff through connection errors and 5xx replies."""
+        """One request, retried with backoff through connection errors and 5xx replies.
+
+        A coordinator that is still building its artifacts (503 ``not_ready``) is
+        waited for up to ``ready_seconds``; anything else up to ``retry_seconds``.
+        """
         delay, waited = 0.25, 0.0
         while True:
+            budget = self.retry_seconds
             try:
                 reply = self._session.request(
                     method, self.base_url + path, headers=headers, timeout=120, **kwargs
                 )
-                if reply.status_code < 500:
+                if reply.status_code < 500 and reply.status_code != 408:
                     return reply
-                detail = f"HTTP {reply.status_code}"
-            except requests.ConnectionError as exc:
+                code = _error(reply)[0]
+                if code == "not_ready":
+                    budget = self.ready_seconds
+                detail = f"HTTP {reply.status_code} {code}"
+            except (requests.ConnectionError, requests.Timeout) as exc:
                 detail = str(exc)
-            if waited >= self.retry_seconds:
+            if waited >= budget:
                 raise ProtocolError(
                     f"coordinator at {self.base_url} unreachable for {waited:.0f} s ({detail})",
                     "check that 'heterofl-edge coordinator serve' runs and the URL is right",
@@ -103,6 +121,17 @@ class CoordinatorClient:
 
     def task(self) -> dict[str, Any]:
         return self._request("GET", "/v1/task").json()
+
+    def heartbeat(self) -> None:
+        """Tell the coordinator this device is alive (safe to call from another thread)."""
+        if not self.token:
+            return
+        with contextlib.suppress(requests.RequestException):
+            requests.post(
+                f"{self.base_url}/v1/heartbeat",
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=10,
+            )
 
     def tensors(self, path: str) -> dict[str, np.ndarray]:
         reply = self._request("GET", path)
@@ -146,9 +175,12 @@ def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _message(reply: requests.Response) -> str:
+def _error(reply: requests.Response) -> tuple[str, str]:
+    """The (code, message) of an error reply; ('http_STATUS', text) if it is not ours."""
     try:
         body = reply.json()
-        return str(body.get("error", body))
     except ValueError:
-        return reply.text[:200]
+        return f"http_{reply.status_code}", reply.text[:200]
+    if not isinstance(body, dict):
+        return f"http_{reply.status_code}", str(body)[:200]
+    return str(body.get("code", f"http_{reply.status_code}")), str(body.get("message", body))

@@ -35,18 +35,26 @@ def validate_update(update: Mapping[str, torch.Tensor], spec: SlicingSpec, rate:
             f"update does not match the level's tensors "
             f"(missing {missing[:3]}, unexpected {extra[:3]})",
             "upload every trainable tensor of your assigned level, named as in the manifest",
+            code="wrong_tensors",
         )
     shapes = shapes_at(spec, rate)
     for name in expected:
         tensor = update[name]
         if tensor.dtype != torch.float32:
-            raise UpdateError(f"{name} has dtype {tensor.dtype}, expected float32")
+            raise UpdateError(
+                f"{name} has dtype {tensor.dtype}, expected float32", code="bad_dtype"
+            )
         if tuple(tensor.shape) != shapes[name]:
             raise UpdateError(
-                f"{name} has shape {tuple(tensor.shape)}, expected {shapes[name]} for rate {rate:g}"
+                f"{name} has shape {tuple(tensor.shape)}, "
+                f"expected {shapes[name]} for rate {rate:g}",
+                "upload the shapes your level's manifest lists",
+                code="bad_shape",
             )
         if not torch.isfinite(tensor).all():
-            raise UpdateError(f"{name} holds NaN or Inf values", "check the client's training")
+            raise UpdateError(
+                f"{name} holds NaN or Inf values", "check the client's training", code="not_finite"
+            )
 
 
 class HeteroFLAggregator:
@@ -101,6 +109,7 @@ class HeteroFLAggregator:
                 raise UpdateError(
                     f"labels must lie in 0..{min(label_sizes) - 1}, got {low}..{high}",
                     "report the labels present in the client's data",
+                    code="bad_labels",
                 )
         for name in self._names:
             rule = self._spec[name]

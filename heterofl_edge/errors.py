@@ -21,12 +21,16 @@ __all__ = [
 
 
 class HeteroFLError(Exception):
-    """A problem the user can fix; ``hint`` says how."""
+    """A problem the user can fix; ``hint`` says how, ``code`` names it for programs."""
 
-    def __init__(self, message: str, hint: str = "") -> None:
+    code = "invalid"
+
+    def __init__(self, message: str, hint: str = "", code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        if code is not None:
+            self.code = code
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message
@@ -35,13 +39,23 @@ class HeteroFLError(Exception):
 class ConfigError(HeteroFLError):
     """An unknown model, level, rate, mode or option value."""
 
+    code = "bad_config"
+
 
 class DataError(HeteroFLError):
     """A data set that is missing, unreadable or corrupt."""
 
+    code = "bad_data"
+
 
 class UpdateError(HeteroFLError):
-    """A client update that does not fit its level (names, shapes, dtypes, values)."""
+    """A client update that does not fit its level (names, shapes, dtypes, values).
+
+    ``code`` is one of ``wrong_tensors``, ``bad_dtype``, ``bad_shape``,
+    ``not_finite``, ``bad_labels``, ``bad_statistics``.
+    """
+
+    code = "bad_update"
 
 
 class InternalError(RuntimeError):

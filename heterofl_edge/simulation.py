@@ -1,35 +1,44 @@
 """In-process HeteroFL: the whole federation in one Python process.
 
-One round (paper Algorithm 1): the strategy selects clients and their levels;
-each client receives the upper-left slice of the global model for its level,
-trains it locally, and its update is added to the streaming aggregator; the
-aggregate becomes the new global model. Then the clients report sBN
-statistics computed with the global model, and the global model is evaluated
-on the test set (and, for non-IID splits, on each client's labels: local
-accuracy).
+The rounds run on the round engine (``heterofl_edge.engine``) with an
+in-process transport: each selected client receives the upper-left slice of
+the global model for its level, trains it locally, and its update goes into
+the engine's streaming aggregator. Then the clients report sBN statistics
+computed with the global model, and the global model is evaluated on the test
+set (and, for non-IID splits, on each client's labels: local accuracy).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-import numpy as np
 import torch
 
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.batching import stats_batches
-from heterofl_edge.bn_stats import apply_statistics, collect_moments, combine_moments
+from heterofl_edge.bn_stats import collect_moments
 from heterofl_edge.data import ClassificationData
+from heterofl_edge.engine import (
+    Client,
+    EngineSettings,
+    Phase,
+    RoundEngine,
+    RoundOpen,
+    RoundResult,
+    StatisticsClients,
+    StatsReply,
+    Task,
+    TrainReply,
+)
 from heterofl_edge.errors import ConfigError
-from heterofl_edge.levels import rate_label
 from heterofl_edge.loss import label_mask
-from heterofl_edge.models import get_architecture
-from heterofl_edge.partition import Split, federated_split
+from heterofl_edge.models import Architecture, get_architecture
+from heterofl_edge.partition import Partition, Split, federated_split
 from heterofl_edge.slicing import extract_submodel_state
 from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
 from heterofl_edge.training import LocalTrainingConfig, predict, score_logits, train_local
@@ -38,6 +47,8 @@ __all__ = ["RoundRecord", "SimulationConfig", "SimulationResult", "Split", "run_
 
 
 class StatsClients(StrEnum):
+    """Who reports sBN statistics after each round: every client (paper), or the round's."""
+
     all = "all"
     round = "round"
 
@@ -139,6 +150,112 @@ class SimulationResult:
         }
 
 
+class _InProcessTransport:
+    """Clients as local objects: each task runs when the engine asks for replies."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        global_rate: float,
+        train_x: torch.Tensor,
+        train_y: torch.Tensor,
+        parts: Partition,
+        masks: list[torch.Tensor],
+        local: LocalTrainingConfig,
+        on_client: Callable[[int, int], None] | None,
+    ) -> None:
+        self.arch = arch
+        self.global_rate = global_rate
+        self.train_x, self.train_y = train_x, train_y
+        self.parts = parts
+        self.masks = masks
+        self.local = local
+        self.on_client = on_client
+        self._tasks: tuple[Task, ...] = ()
+        self._state: dict[str, torch.Tensor] = {}
+
+    def wait_for_clients(self, minimum: int) -> list[Client]:
+        return [Client(str(i), i) for i in range(self.parts.num_clients)]
+
+    def population(self) -> int:
+        return self.parts.num_clients
+
+    def open_phase(
+        self,
+        round_number: int,
+        phase: Phase,
+        tasks: Sequence[Task],
+        state: dict[str, torch.Tensor],
+        deadline: float,
+    ) -> None:
+        self._tasks, self._state = tuple(tasks), state
+
+    def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply]:
+        if phase is Phase.statistics:
+            model = self.arch.build(self.global_rate, self.global_rate)
+            model.load_state_dict(self._state)
+            for task in self._tasks:
+                local = self.train_x[self.parts.indices[task.position]]
+                batches = (local[s] for s in stats_batches(len(local)))
+                yield StatsReply(task.client, collect_moments(model, batches))
+            return
+        for done, task in enumerate(self._tasks, start=1):
+            yield self._train(task)
+            if self.on_client:
+                self.on_client(done, len(self._tasks))
+
+    def _train(self, task: Task) -> TrainReply:
+        start = time.perf_counter()
+        model = self.arch.build(task.rate, self.global_rate)
+        model.load_state_dict(
+            extract_submodel_state(self._state, self.arch.spec, task.rate, self.global_rate)
+        )
+        idx = self.parts.indices[task.position]
+        torch.manual_seed(task.seed)  # any randomness in training (dropout) follows the task
+        result = train_local(
+            model,
+            self.train_x[idx],
+            self.train_y[idx],
+            task.lr,
+            self.local,
+            self.masks[task.position],
+            task.seed,
+        )
+        return TrainReply(
+            task.client,
+            {n: p.detach() for n, p in model.named_parameters()},
+            tuple(self.parts.labels[task.position]),
+            result.num_examples,
+            {"loss": result.mean_loss, "accuracy": result.accuracy},
+            time.perf_counter() - start,
+        )
+
+    def silent(self, clients: Sequence[str]) -> set[str]:
+        return set()
+
+    def close_phase(self, round_number: int, phase: Phase) -> list[TrainReply | StatsReply]:
+        return []
+
+    def stopping(self) -> bool:
+        return False
+
+
+class _MemoryJournal:
+    """A simulation keeps its checkpoints in memory (nothing to resume)."""
+
+    def resume(self) -> None:
+        return None
+
+    def round_opened(self, opened: RoundOpen) -> None:
+        return None
+
+    def training_closed(self, opened: RoundOpen, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+    def round_finished(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+
 def run_simulation(
     config: SimulationConfig,
     data: ClassificationData,
@@ -147,12 +264,13 @@ def run_simulation(
 ) -> SimulationResult:
     """Run ``config`` on ``data`` and return every round's record and the final state.
 
-    ``on_round`` gets each round's record as it ends; ``on_client`` gets
-    (clients done, clients in the round) as a round progresses.
+    The rounds run on ``heterofl_edge.engine.RoundEngine``, the engine the
+    coordinator runs too, with clients in this process. ``on_round`` gets each
+    round's record as it ends; ``on_client`` gets (clients done, clients in the
+    round) as a round progresses.
     """
     arch = get_architecture(config.model)
     mix = parse_mode(config.mode, config.assignment)
-    torch.manual_seed(config.seed)
     split = federated_split(
         data.train_labels.numpy(),
         data.test_labels.numpy(),
@@ -171,7 +289,7 @@ def run_simulation(
         t[torch.from_numpy(split.test_keep)] for t in (data.test_images, data.test_labels)
     )
     train_parts, test_parts = split.train, split.test
-
+    masks = [label_mask(labels, data.num_classes) for labels in train_parts.labels]
     strategy = HeteroFLStrategy(
         arch.spec,
         mix,
@@ -180,24 +298,16 @@ def run_simulation(
         MultiStepSchedule(config.lr, config.lr_milestones, config.lr_factor),
         config.seed,
     )
-    global_model = arch.build(mix.global_rate, mix.global_rate)
-    global_state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
-    masks = [label_mask(labels, data.num_classes) for labels in train_parts.labels]
+    evaluation_model = arch.build(mix.global_rate, mix.global_rate)
 
-    def refresh_statistics(
-        state: dict[str, torch.Tensor], clients: list[int]
-    ) -> dict[str, torch.Tensor]:
-        global_model.load_state_dict(state)
-        reports = []
-        for c in clients:
-            local = train_x[train_parts.indices[c]]
-            batches = (local[s] for s in stats_batches(len(local)))
-            reports.append(collect_moments(global_model, batches))
-        return apply_statistics(state, combine_moments(reports))
+    def initial_state() -> dict[str, torch.Tensor]:
+        torch.manual_seed(config.seed)
+        model = arch.build(mix.global_rate, mix.global_rate)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
-    def test(state: dict[str, torch.Tensor]) -> tuple[float, float, float | None]:
-        global_model.load_state_dict(state)
-        logits = predict(global_model, test_x)
+    def test(state: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        evaluation_model.load_state_dict(state)
+        logits = predict(evaluation_model, test_x)
         overall = score_logits(logits, test_y)
         local = None
         if test_parts is not None:
@@ -207,67 +317,55 @@ def run_simulation(
                 correct += part.accuracy * part.num_examples
                 total += part.num_examples
             local = correct / max(total, 1)
-        return overall.loss, overall.accuracy, local
+        return {
+            "global_loss": overall.loss,
+            "global_accuracy": overall.accuracy,
+            "local_accuracy": local,
+        }
 
-    all_clients = list(range(config.num_clients))
-    global_state = refresh_statistics(global_state, all_clients)
-    initial_accuracy = test(global_state)[1]
+    records: list[RoundRecord] = []
 
-    records = []
-    for round_number in range(1, config.total_rounds + 1):
-        round_start = time.perf_counter()
-        plan = strategy.configure_round(round_number)
-        aggregator = strategy.aggregator(global_state)
-        losses, accuracies, samples = [], [], 0
-        for done, task in enumerate(plan.tasks, start=1):
-            local_model = arch.build(task.rate, mix.global_rate)
-            local_model.load_state_dict(
-                extract_submodel_state(global_state, arch.spec, task.rate, mix.global_rate)
-            )
-            idx = train_parts.indices[task.client_id]
-            result = train_local(
-                local_model,
-                train_x[idx],
-                train_y[idx],
-                plan.lr,
-                config.local,
-                masks[task.client_id],
-                task.seed,
-            )
-            trained = {n: p.detach() for n, p in local_model.named_parameters()}
-            aggregator.add(trained, task.rate, train_parts.labels[task.client_id])
-            losses.append(result.mean_loss)
-            accuracies.append(result.accuracy)
-            samples += result.num_examples * config.local.epochs
-            if on_client:
-                on_client(done, len(plan.tasks))
-        train_seconds = time.perf_counter() - round_start
-        global_state = aggregator.finalize()
-        stats_from = (
-            all_clients
-            if config.stats_clients is StatsClients.all
-            else [t.client_id for t in plan.tasks]
-        )
-        global_state = refresh_statistics(global_state, stats_from)
-        g_loss, g_acc, l_acc = test(global_state)
-        levels: dict[str, int] = {}
-        for task in plan.tasks:
-            levels[rate_label(task.rate)] = levels.get(rate_label(task.rate), 0) + 1
-        record = RoundRecord(
-            round=round_number,
-            lr=plan.lr,
-            levels=dict(sorted(levels.items())),
-            train_loss=float(np.mean(losses)),
-            train_accuracy=float(np.mean(accuracies)),
-            global_loss=g_loss,
-            global_accuracy=g_acc,
-            local_accuracy=l_acc,
+    def record(result: RoundResult) -> None:
+        evaluation = result.evaluation
+        train_seconds = result.seconds["training"]
+        samples = result.train_samples * config.local.epochs
+        entry = RoundRecord(
+            round=result.round,
+            lr=result.lr,
+            levels=result.levels,
+            train_loss=result.train_loss if result.train_loss is not None else math.nan,
+            train_accuracy=result.train_accuracy if result.train_accuracy is not None else 0.0,
+            global_loss=evaluation.get("global_loss") or math.nan,
+            global_accuracy=evaluation.get("global_accuracy") or 0.0,
+            local_accuracy=evaluation.get("local_accuracy"),
             train_seconds=train_seconds,
-            round_seconds=time.perf_counter() - round_start,
+            round_seconds=result.finished_at - result.opened_at,
             train_samples=samples,
             samples_per_second=samples / max(train_seconds, 1e-9),
         )
-        records.append(record)
+        records.append(entry)
         if on_round:
-            on_round(record)
-    return SimulationResult(config, initial_accuracy, records, global_state)
+            on_round(entry)
+
+    transport = _InProcessTransport(
+        arch, mix.global_rate, train_x, train_y, train_parts, masks, config.local, on_client
+    )
+    engine = RoundEngine(
+        strategy,
+        EngineSettings(
+            rounds=config.total_rounds,
+            min_clients=config.num_clients,
+            statistics=StatisticsClients(config.stats_clients.value),
+        ),
+        transport,
+        _MemoryJournal(),
+        initial_state,
+        time.perf_counter,
+        evaluate=test,
+        on_round=record,
+    )
+    initial = engine.initial_statistics(transport.wait_for_clients(0))
+    engine.run()
+    return SimulationResult(
+        config, float(initial.get("global_accuracy") or 0.0), records, engine.global_state
+    )

@@ -78,18 +78,28 @@ class HeteroFLStrategy:
         self.schedule = schedule
         self.seed = seed
 
-    @property
-    def clients_per_round(self) -> int:
-        return max(1, math.ceil(round(self.fraction * self.num_clients, 9)))
+    def clients_per_round(self, population: int | None = None) -> int:
+        """``ceil(fraction * clients)``, of ``population`` clients if given."""
+        total = self.num_clients if population is None else population
+        return max(1, math.ceil(round(self.fraction * total, 9)))
 
     def configure_round(
-        self, round_number: int, eligible: Sequence[int] | None = None
+        self,
+        round_number: int,
+        eligible: Sequence[int] | None = None,
+        population: int | None = None,
     ) -> RoundPlan:
-        """Select ``ceil(fraction * clients)`` clients and their levels for a round."""
+        """Select ``ceil(fraction * clients)`` clients among ``eligible`` and their levels.
+
+        ``eligible`` are the positions of the clients that can be reached now
+        (all of them by default); ``population`` is how many clients exist
+        (registered devices), by default the strategy's ``num_clients``.
+        """
+        total = self.num_clients if population is None else population
         rng = np.random.default_rng([self.seed, round_number])
-        pool = np.arange(self.num_clients) if eligible is None else np.asarray(eligible)
-        chosen = rng.permutation(pool)[: min(self.clients_per_round, len(pool))].tolist()
-        rates = self.mix.rates_for(chosen, self.num_clients, rng)
+        pool = np.arange(total) if eligible is None else np.asarray(eligible, dtype=np.int64)
+        chosen = rng.permutation(pool)[: min(self.clients_per_round(total), len(pool))].tolist()
+        rates = self.mix.rates_for(chosen, total, rng)
         tasks = tuple(
             ClientTask(c, r, client_seed(self.seed, round_number, c))
             for c, r in zip(chosen, rates, strict=True)

@@ -27,3 +27,80 @@ def mnist(mnist_dir):
     from heterofl_edge.data import load_mnist
 
     return load_mnist(mnist_dir)
+
+
+@pytest.fixture
+def clock():
+    from coordinator_helpers import FakeClock
+
+    return FakeClock()
+
+
+@pytest.fixture
+def make_app(tmp_path, clock):
+    """Build coordinator apps on a fake clock (closed at the end of the test)."""
+    from coordinator_helpers import make_config
+
+    from coordinator.app import create_app
+
+    apps = []
+
+    def factory(config=None, start=True, **overrides):
+        app = create_app(config or make_config(tmp_path / "state", **overrides), clock, start)
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        app.extensions["heterofl"].close()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def coordinator(app):
+    return app.extensions["heterofl"]
+
+
+@pytest.fixture(scope="session")
+def artifact_cache(tmp_path_factory):
+    """Export each level once per session; copy it into a coordinator's state folder.
+
+    ``provide(state_dir, levels, global_rate, formats)`` puts the exported
+    programs where ``coordinator serve`` looks first, so that several tests
+    do not export and verify the same level again.
+    """
+    import shutil
+
+    from exporter.config import ExportConfig, Format
+    from exporter.pipeline import export_level, level_folder_name
+    from heterofl_edge.levels import parse_rate
+
+    root = tmp_path_factory.mktemp("artifact-cache")
+
+    def provide(state_dir, levels, global_rate=1.0, formats=("onnx",), model="conv"):
+        for level in levels:
+            rate = parse_rate(level)
+            key = root / f"{model}-{level}-{global_rate:g}-{'+'.join(formats)}"
+            folder = level_folder_name(model, rate)
+            if not (key / folder / "manifest.json").exists():
+                export_level(
+                    ExportConfig(
+                        model=model,
+                        rate=rate,
+                        global_rate=global_rate,
+                        formats=tuple(Format(f) for f in formats),
+                    ),
+                    key,
+                )
+            shutil.copytree(key / folder, state_dir / "artifacts" / folder, dirs_exist_ok=True)
+
+    return provide

@@ -3,6 +3,7 @@
 import pytest
 
 from coordinator.process import free_port, start_coordinator, stop
+from device_sim.device import Device
 from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
 from device_sim.worker import main as worker_main
 
@@ -20,7 +21,15 @@ def test_unreachable_coordinator_is_retried_with_backoff_then_reported(tmp_path)
 @pytest.fixture
 def coordinator(tmp_path):
     process, url = start_coordinator(
-        ["--state-dir", str(tmp_path / "state"), "--mode", "a-e", "--policy", "dynamic"],
+        [
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--mode",
+            "a-e",
+            "--policy",
+            "dynamic",
+            "--no-artifacts",
+        ],
         tmp_path / "coordinator.log",
     )
     yield url
@@ -40,6 +49,7 @@ def test_a_refused_token_raises_and_the_worker_exits_cleanly(
         return {"device_id": "x", "level": None}
 
     monkeypatch.setattr(CoordinatorClient, "register", refuse)
+    monkeypatch.setattr(Device, "profile", lambda self: {"step_ms": 1.0})
     code = worker_main(
         [
             "--coordinator",
@@ -62,11 +72,11 @@ def test_a_refused_token_raises_and_the_worker_exits_cleanly(
 def test_a_late_upload_is_logged_and_the_device_carries_on():
     import numpy as np
 
-    from device_sim.device import Device
-
     class LateClient:
         def upload(self, path, tensors, metadata):
-            raise ProtocolError("HTTP 409: round 2 is closed: the update came after its deadline")
+            raise ProtocolError(
+                "HTTP 409: round 2 closed before your result arrived", code="round_closed"
+            )
 
     lines = []
     device = Device(
@@ -74,8 +84,8 @@ def test_a_late_upload_is_logged_and_the_device_carries_on():
     )
     assert device._deliver({"round": 2, "upload_url": "/v1/rounds/2/update"}, {}, {}) is False
     assert lines == [
-        "round 2: too late, the coordinator moved on (HTTP 409: round 2 is closed: "
-        "the update came after its deadline)"
+        "round 2: too late, the coordinator moved on "
+        "(HTTP 409: round 2 closed before your result arrived)"
     ]
 
     class BrokenClient:

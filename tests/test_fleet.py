@@ -7,6 +7,7 @@ import requests
 from safetensors.torch import load
 
 from coordinator.process import start_coordinator, stop
+from device_sim.demo import wait_until_ready
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
 from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulation
@@ -28,6 +29,7 @@ def torch_blocked(tmp_path, monkeypatch):
 
 
 def serve(tmp_path, mnist_dir, *args):
+    """Start ``coordinator serve``; its artifacts must already be in the state folder."""
     return start_coordinator(
         ["--state-dir", str(tmp_path / "state"), "--eval-data-dir", str(mnist_dir), *args],
         tmp_path / "coordinator.log",
@@ -35,8 +37,9 @@ def serve(tmp_path, mnist_dir, *args):
 
 
 def test_six_devices_three_levels_survive_a_killed_device(
-    tmp_path, mnist_dir, torch_blocked, monkeypatch
+    tmp_path, mnist_dir, torch_blocked, monkeypatch, artifact_cache
 ):
+    artifact_cache(tmp_path / "state", ("a", "c", "e"))
     # The coordinator itself needs torch: start it before devices inherit the blocking path.
     monkeypatch.delenv("PYTHONPATH")
     coordinator, url = serve(
@@ -64,10 +67,7 @@ def test_six_devices_three_levels_survive_a_killed_device(
         FleetConfig(url, mnist_dir, 6, "iid", 0, 3000, [Capabilities()], tmp_path / "fleet")
     )
     try:
-        for level in ("a", "c", "e"):
-            requests.get(
-                f"{url}/v1/artifacts/conv/{level}/manifest.json", timeout=600
-            ).raise_for_status()
+        wait_until_ready(url)
         fleet.start()
         fleet.kill(0)  # device 0 (level a) dies in the middle of round 1
         rounds = fleet.follow(lambda record: None, timeout=600)
@@ -82,7 +82,7 @@ def test_six_devices_three_levels_survive_a_killed_device(
         "c",
         "e",
     }
-    assert rounds[-1]["metrics"]["global_accuracy"] > 0.6  # chance is 0.1
+    assert rounds[-1]["metrics"]["evaluation"]["global_accuracy"] > 0.6  # chance is 0.1
     for log in fleet.logs[1:]:
         text = log.read_text()
         assert "coordinator says done" in text, text[-800:]
@@ -90,8 +90,9 @@ def test_six_devices_three_levels_survive_a_killed_device(
 
 
 def test_networked_rounds_equal_the_in_process_simulation(
-    tmp_path, mnist_dir, mnist, torch_blocked, monkeypatch
+    tmp_path, mnist_dir, mnist, torch_blocked, monkeypatch, artifact_cache
 ):
+    artifact_cache(tmp_path / "state", ("a", "e"))
     # 100 examples per device in batches of 50: 2 local steps per round. Long local runs with
     # batch-10 BatchNorm on real MNIST amplify float32 noise chaotically (eager float32 itself
     # drifts 1e-2 from float64 over 50 steps at lr 0.05; ONNX and eager differ by 2e-7 after one
@@ -130,6 +131,7 @@ def test_networked_rounds_equal_the_in_process_simulation(
         FleetConfig(url, mnist_dir, 4, "iid", 3, 400, [Capabilities()], tmp_path / "fleet")
     )
     try:
+        wait_until_ready(url)
         fleet.start()
         rounds = fleet.follow(lambda record: None, timeout=600)
         networked = load(requests.get(f"{url}/v1/model", timeout=60).content)
@@ -152,7 +154,8 @@ def test_networked_rounds_equal_the_in_process_simulation(
     assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
-def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir):
+def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir, artifact_cache):
+    artifact_cache(tmp_path / "state", ("e",), global_rate=0.0625, formats=("onnx", "executorch"))
     coordinator, url = serve(
         tmp_path,
         mnist_dir,
@@ -176,6 +179,7 @@ def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir
     profiles = [Capabilities(runtime="onnx"), Capabilities(runtime="executorch")]
     fleet = Fleet(FleetConfig(url, mnist_dir, 2, "iid", 0, 400, profiles, tmp_path / "fleet"))
     try:
+        wait_until_ready(url)
         fleet.start()
         rounds = fleet.follow(lambda record: None, timeout=600)
     finally:
@@ -184,7 +188,7 @@ def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir
     record = rounds[0]
     assert record["state"] == "finished" and record["metrics"]["uploads"] == 2
     assert {a["statistics"] for a in record["assignments"]} == {"uploaded"}
-    assert record["metrics"]["global_accuracy"] > 0.2  # one round of level e on 400 examples
+    assert record["metrics"]["evaluation"]["global_accuracy"] > 0.2  # one round of e, 400 examples
     executorch_log = fleet.logs[1].read_text()
     assert "round 1: trained level e" in executorch_log and "sent sBN statistics" in executorch_log
     assert (

@@ -1,1 +1,39 @@
-"""HTTP API blueprints, one per resource, all under /v1."""
+"""HTTP API blueprints, one per resource, all under /v1 (typed with flask-openapi3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app, request
+from flask_openapi3 import Tag
+
+from coordinator.errors import ErrorCode
+from coordinator.registry import Device
+from coordinator.runtime import Coordinator
+from coordinator.schemas import ErrorReply
+
+BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def service() -> Coordinator:
+    coordinator: Coordinator = current_app.extensions["heterofl"]
+    return coordinator
+
+
+def device() -> Device:
+    """The calling device (its request counts as a heartbeat); 401 otherwise."""
+    caller = service().registry.authenticate(request.headers.get("Authorization"))
+    caller.bytes_in += request.content_length or 0
+    return caller
+
+
+def errors(*codes: int) -> dict[str | int, Any]:
+    """Error replies an operation documents (every one is an ``ErrorReply``)."""
+    return {code: ErrorReply for code in (*codes, 500)}
+
+
+def tag(name: str, description: str) -> Tag:
+    return Tag(name=name, description=description)
+
+
+__all__ = ["BEARER", "ErrorCode", "device", "errors", "service", "tag"]

@@ -1,31 +1,24 @@
 from __future__ import annotations
 
-from flask import Blueprint, jsonify
+from typing import Any
 
-from coordinator.api.common import service
-from coordinator.openapi import openapi_document
+from flask import Response, jsonify
+from flask_openapi3 import APIBlueprint
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-bp = Blueprint("health", __name__)
+from coordinator.api import errors, service, tag
+from coordinator.schemas import Health
 
-
-@bp.get("/v1/health")
-def health():  # type: ignore[no-untyped-def]
-    coordinator = service()
-    coordinator.tick()
-    current = coordinator.current_round()
-    return jsonify(
-        status="ok",
-        model=coordinator.arch.name,
-        mode=coordinator.mix.name,
-        round=None if current is None else current.number,
-        round_state=None if current is None else current.state,
-        completed_rounds=coordinator.completed_rounds(),
-        rounds=coordinator.config.rounds,
-        done=coordinator.completed_rounds() >= coordinator.config.rounds,
-        devices=len(coordinator.store.devices()),
-    )
+bp = APIBlueprint("health", __name__, abp_tags=[tag("health", "Status of the coordinator")])
 
 
-@bp.get("/v1/openapi.json")
-def openapi():  # type: ignore[no-untyped-def]
-    return jsonify(openapi_document())
+@bp.get("/v1/health", responses={200: Health, **errors()})
+def health() -> Any:
+    """Round, devices, artifacts, and the last server fault if any."""
+    return jsonify(service().health())
+
+
+@bp.get("/metrics", doc_ui=False)
+def metrics() -> Response:
+    """Prometheus metrics (text exposition format)."""
+    return Response(generate_latest(service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

@@ -1,29 +1,62 @@
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request
+from typing import Any
 
-from coordinator.api.common import device, service, tensor_reply
+from flask import Response, jsonify, request
+from flask_openapi3 import APIBlueprint
 
-bp = Blueprint("rounds", __name__)
+from coordinator.api import BEARER, device, errors, service, tag
+from coordinator.api.model import tensor_reply
+from coordinator.schemas import (
+    Accepted,
+    RoundList,
+    RoundPath,
+    SafetensorsBody,
+    safetensors_response,
+)
+
+bp = APIBlueprint("rounds", __name__, abp_tags=[tag("rounds", "Rounds, weights and uploads")])
 
 
-@bp.get("/v1/rounds")
-def history():  # type: ignore[no-untyped-def]
+@bp.get("/v1/rounds", responses={200: RoundList, **errors()})
+def history() -> Any:
+    """Every round: state, selected devices, uploads, result."""
     return jsonify(rounds=service().history())
 
 
-@bp.get("/v1/rounds/<int:number>/weights")
-def weights(number: int):  # type: ignore[no-untyped-def]
-    return tensor_reply(service().weights(device(), number))
-
-
-@bp.post("/v1/rounds/<int:number>/update")
-def update(number: int):  # type: ignore[no-untyped-def]
+@bp.get(
+    "/v1/rounds/<int:number>/weights",
+    security=BEARER,
+    responses={
+        200: safetensors_response("the sub-model of the device's task"),
+        **errors(400, 401, 403, 404, 409),
+    },
+)
+def weights(path: RoundPath) -> Response:
+    """The weights of the calling device's task in this round."""
     caller = device()
-    return jsonify(service().upload_update(caller, number, request.get_data(cache=False)))
+    return tensor_reply(service().board.weights_for(caller, path.number), caller)
 
 
-@bp.post("/v1/rounds/<int:number>/statistics")
-def statistics(number: int):  # type: ignore[no-untyped-def]
+@bp.post(
+    "/v1/rounds/<int:number>/update",
+    security=BEARER,
+    responses={200: Accepted, **errors(400, 401, 403, 404, 408, 409, 413, 422, 503)},
+)
+def update(path: RoundPath, raw: SafetensorsBody) -> Any:
+    """Upload a trained sub-model (safetensors; metadata num_samples, labels, metrics)."""
     caller = device()
-    return jsonify(service().upload_statistics(caller, number, request.get_data(cache=False)))
+    body = request.get_data(cache=False)
+    return jsonify(service().board.accept_update(caller, path.number, body))
+
+
+@bp.post(
+    "/v1/rounds/<int:number>/statistics",
+    security=BEARER,
+    responses={200: Accepted, **errors(400, 401, 403, 404, 408, 409, 413, 422, 503)},
+)
+def statistics(path: RoundPath, raw: SafetensorsBody) -> Any:
+    """Upload sBN statistics: LAYER.count, LAYER.mean, LAYER.var for every sBN layer."""
+    caller = device()
+    body = request.get_data(cache=False)
+    return jsonify(service().board.accept_statistics(caller, path.number, body))

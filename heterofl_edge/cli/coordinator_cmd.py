@@ -1,42 +1,56 @@
-"""``heterofl-edge coordinator serve``: the coordinator under a production WSGI server."""
+"""``heterofl-edge coordinator serve|repair``: the coordinator under a production WSGI server."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import ModelName
 
+E = TypeVar("E", bound=StrEnum)
+
 app = typer.Typer(help="The coordinator service devices talk to.", no_args_is_help=True)
+
+StateDirOption = Annotated[
+    Path, typer.Option(help="Folder for the database, checkpoints, artifacts.")
+]
 
 
 @app.command()
 def serve(
-    state_dir: Annotated[
-        Path, typer.Option(help="Folder for the database, checkpoints, artifacts.")
-    ],
+    state_dir: StateDirOption,
     model: Annotated[ModelName, typer.Option(help="Model family.")] = ModelName.conv,
     mode: Annotated[
         str, typer.Option(help="Levels in play, e.g. a-b-c-d-e or a2-e8.")
     ] = "a-b-c-d-e",
     policy: Annotated[
-        str, typer.Option(help="profile (from each device's measured profile), fix or dynamic.")
+        str,
+        typer.Option(
+            help="profile (each device at the level its measured profile fits, re-leveled "
+            "after every round), fix or dynamic (the paper's, from --mode)."
+        ),
     ] = "profile",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
     rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 10,
     fraction: Annotated[float, typer.Option(help="Share of devices selected per round.")] = 0.1,
-    min_devices: Annotated[int, typer.Option(help="Devices needed before round 1 opens.")] = 1,
+    min_devices: Annotated[int, typer.Option(help="Live devices needed to open a round.")] = 1,
     min_uploads: Annotated[int, typer.Option(help="Uploads needed to aggregate a round.")] = 1,
     round_seconds: Annotated[float, typer.Option(help="Training deadline per round.")] = 600.0,
     stats_seconds: Annotated[
         float, typer.Option(help="Deadline of the sBN statistics query.")
     ] = 120.0,
+    statistics: Annotated[
+        str,
+        typer.Option(help="Who reports sBN statistics: round (the uploaders) or all live devices."),
+    ] = "round",
     lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.01,
     local_epochs: Annotated[int, typer.Option(help="Local epochs E per round.")] = 5,
     batch_size: Annotated[int, typer.Option(help="Local batch size B.")] = 10,
@@ -47,24 +61,69 @@ def serve(
             envvar="HETEROFL_DATA_DIR", help="MNIST folder for evaluating the global model."
         ),
     ] = None,
-    threads: Annotated[int, typer.Option(help="WSGI worker threads.")] = 8,
     formats: Annotated[
         str, typer.Option(help="Artifact formats to offer devices: onnx, or onnx,executorch.")
     ] = "onnx",
+    verify_artifacts: Annotated[
+        bool, typer.Option(help="Verify each exported program against eager PyTorch.")
+    ] = True,
+    artifacts: Annotated[
+        bool,
+        typer.Option(
+            help="Export the levels' programs at start-up (--no-artifacts: protocol tests, "
+            "load benchmarks; devices then cannot train)."
+        ),
+    ] = True,
+    device_timeout: Annotated[
+        float, typer.Option(help="Seconds without a request after which a device is offline.")
+    ] = 30.0,
+    poll_seconds: Annotated[
+        float, typer.Option(help="How often waiting devices ask for a task.")
+    ] = 2.0,
+    threads: Annotated[int, typer.Option(help="WSGI worker threads.")] = 16,
+    connection_limit: Annotated[
+        int, typer.Option(help="Concurrent connections the server accepts.")
+    ] = 1000,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request may stall before it is answered 408.")
+    ] = 30.0,
+    torch_threads: Annotated[
+        int,
+        typer.Option(help="Threads for aggregation and evaluation (leave cores for requests)."),
+    ] = 1,
 ) -> None:
     """Run the coordinator; an existing state folder resumes where it stopped."""
-    import waitress
+    import torch
 
     from coordinator.app import create_app
     from coordinator.config import CoordinatorConfig, LevelPolicy
+    from coordinator.server import ServerLimits, make_server
+    from heterofl_edge.engine import StatisticsClients
     from heterofl_edge.training import LocalTrainingConfig
 
-    try:
-        chosen = LevelPolicy(policy)
-    except ValueError:
-        raise ConfigError(f"unknown policy {policy!r}", "use profile, fix or dynamic") from None
+    chosen = _choice(LevelPolicy, policy, "policy")
+    stats = _choice(StatisticsClients, statistics, "statistics")
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is outside 1..65535")
+    for name, value in (
+        ("--threads", threads),
+        ("--connection-limit", connection_limit),
+        ("--torch-threads", torch_threads),
+    ):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    for name, seconds in (
+        ("--round-seconds", round_seconds),
+        ("--stats-seconds", stats_seconds),
+        ("--device-timeout", device_timeout),
+        ("--poll-seconds", poll_seconds),
+        ("--body-timeout", body_timeout),
+    ):
+        if not seconds > 0:
+            raise ConfigError(f"{name} must be positive, got {seconds}")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    logging.getLogger("heterofl_edge").setLevel(logging.INFO)
+    torch.set_num_threads(torch_threads)
     config = CoordinatorConfig(
         state_dir=state_dir,
         model=model.value,
@@ -76,13 +135,28 @@ def serve(
         min_uploads=min_uploads,
         round_seconds=round_seconds,
         stats_seconds=stats_seconds,
+        statistics=stats,
         lr=lr,
         eval_data_dir=eval_data_dir,
         local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
         artifact_formats=_formats(formats),
+        artifact_verify=verify_artifacts,
+        build_artifacts=artifacts,
         seed=seed,
+        device_timeout=device_timeout,
+        poll_seconds=poll_seconds,
+        heartbeat_seconds=max(0.5, min(5.0, device_timeout / 4)),
     )
     application = create_app(config)
+    coordinator = application.extensions["heterofl"]
+    server = make_server(
+        application,
+        host,
+        port,
+        ServerLimits(
+            threads, connection_limit, body_timeout, max_body_bytes=config.max_upload_bytes
+        ),
+    )
     typer.echo(
         f"coordinator for {model.value} ({mode}, policy {chosen.value}) on http://{host}:{port}/v1"
     )
@@ -91,12 +165,52 @@ def serve(
         raise KeyboardInterrupt
 
     # Both signals stop the server cleanly, even where SIGINT arrives ignored (a background
-    # job of a non-interactive shell). Every accepted upload is already on disk.
+    # job of a non-interactive shell). Every acknowledged upload is already committed.
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
     with contextlib.suppress(KeyboardInterrupt):
-        waitress.serve(application, host=host, port=port, threads=threads, ident="heterofl-edge")
+        server.run()
+    server.close()
+    coordinator.close()
     typer.echo("coordinator stopped")
+
+
+@app.command()
+def repair(
+    state_dir: StateDirOption,
+    discard_open_round: Annotated[
+        bool,
+        typer.Option(
+            "--discard-open-round/--keep-open-round",
+            help="Mark the open round failed and drop its stored results.",
+        ),
+    ] = True,
+) -> None:
+    """Make a damaged state folder usable again (the model keeps its last checkpoint)."""
+    from coordinator.store import Store
+
+    if not (state_dir / "coordinator.sqlite3").is_file():
+        raise ConfigError(f"{state_dir} holds no coordinator state", "give the --state-dir to fix")
+    store = Store(state_dir)
+    try:
+        if not discard_open_round:
+            typer.echo("nothing to do")
+            return
+        number = store.discard_open_round("discarded by 'coordinator repair'")
+    finally:
+        store.close()
+    if number is None:
+        typer.echo("no open round: nothing to discard")
+    else:
+        typer.echo(f"round {number} discarded; the coordinator resumes at round {number + 1}")
+
+
+def _choice(enum: type[E], text: str, name: str) -> E:
+    try:
+        return enum(text)
+    except ValueError:
+        values = ", ".join(e.value for e in enum)
+        raise ConfigError(f"unknown {name} {text!r}", f"use one of: {values}") from None
 
 
 def _formats(text: str) -> tuple[str, ...]:

@@ -18,7 +18,11 @@ def demo(
     ),
     clients: Annotated[int, typer.Option(help="Devices in the fleet.")] = 6,
     rounds: Annotated[int, typer.Option(help="Rounds.")] = 3,
-    mode: Annotated[str, typer.Option(help="Levels (Fix a1-c1-e1: a third at each).")] = "a1-c1-e1",
+    mode: Annotated[str, typer.Option(help="Levels in play.")] = "a-b-c-d-e",
+    policy: Annotated[
+        str, typer.Option(help="profile (levels from each device's speed), fix or dynamic.")
+    ] = "profile",
+    round_seconds: Annotated[float, typer.Option(help="Training deadline per round.")] = 40.0,
 ) -> None:
     """Export artifacts, start a coordinator and a fleet on MNIST, run rounds, report."""
     from device_sim.demo import DemoConfig, run_demo
@@ -29,13 +33,21 @@ def demo(
     if clients < 1 or rounds < 1:
         raise ConfigError("--clients and --rounds must be at least 1")
     result = run_demo(
-        DemoConfig(data_dir=data_dir, out=out, clients=clients, rounds=rounds, mode=mode),
+        DemoConfig(
+            data_dir=data_dir,
+            out=out,
+            clients=clients,
+            rounds=rounds,
+            mode=mode,
+            policy=policy,
+            round_seconds=round_seconds,
+        ),
         log=typer.echo,
     )
     points = [
-        (r["round"], r["metrics"]["global_accuracy"])
+        (r["round"], r["metrics"]["evaluation"]["global_accuracy"])
         for r in result["rounds"]
-        if r["metrics"].get("global_accuracy") is not None
+        if (r["metrics"].get("evaluation") or {}).get("global_accuracy") is not None
     ]
     write_json(out / "results.json", result)
     write_learning_curve(

@@ -1,0 +1,486 @@
+"""The task board: the round engine's transport over HTTP.
+
+The engine publishes a phase's tasks here (``open_phase``); request threads
+answer devices from the published view (``task_for``, ``weights_for``) and
+accept their results (``accept_update``, ``accept_statistics``); the engine
+reads accepted results back (``replies``) and closes the phase
+(``close_phase``).
+
+A request does bounded work and never waits for the engine: it reads an
+immutable view, validates what it was sent (``coordinator.intake``), writes
+it durably (``Store.accept``, which refuses a result whose task is closed in
+the same transaction), updates the device's status and wakes the engine.
+The engine folds each result into the aggregate from its stored record, so
+what is in the model is exactly what was acknowledged, also after a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+from safetensors.torch import save
+
+from coordinator.errors import ApiError, ErrorCode
+from coordinator.intake import decode_payload, parse_statistics, parse_update
+from coordinator.registry import Device, DeviceRegistry
+from coordinator.store import Store, TaskClosed
+from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
+from heterofl_edge.levels import rate_label
+from heterofl_edge.models import Architecture
+from heterofl_edge.slicing import extract_submodel_state
+
+__all__ = ["DeviceState", "TaskBoard", "TaskStatus", "Waker", "encode_state"]
+
+log = logging.getLogger("heterofl_edge.coordinator")
+
+
+class TaskStatus(StrEnum):
+    assigned = "assigned"  # published, not yet started
+    training = "training"  # the device fetched its weights
+    uploaded = "uploaded"
+    missed = "missed"  # the phase closed without its result
+
+
+class DeviceState(StrEnum):
+    online = "online"
+    selected = "selected"
+    training = "training"
+    late = "late"  # its last task closed before its result arrived
+    offline = "offline"
+
+
+def encode_state(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    return save({k: v.contiguous() for k, v in state.items()}, metadata=dict(metadata))
+
+
+class Waker:
+    """Wakes the engine when something happened; lets a caller wait until it is idle.
+
+    The engine calls ``sleep`` when it has nothing to do; ``poke`` cuts that
+    sleep short. ``settle`` pokes and returns once the engine has looked at
+    everything that happened before it and is asleep again: tests use it with
+    a fake clock instead of sleeping.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._asked = 0
+        self._seen = 0
+        self._idle = False
+        self._closed = False
+
+    def poke(self) -> None:
+        with self._cond:
+            self._asked += 1
+            self._cond.notify_all()
+
+    def sleep(self, timeout: float) -> None:
+        with self._cond:
+            if self._asked > self._seen or self._closed:
+                self._seen = self._asked
+                return
+            self._idle = True
+            self._cond.notify_all()
+            self._cond.wait(timeout)
+            self._idle = False
+            self._seen = self._asked
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        with self._cond:
+            self._asked += 1
+            target = self._asked
+            self._cond.notify_all()
+            return self._cond.wait_for(
+                lambda: self._closed or (self._seen >= target and self._idle), timeout
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class PhaseView:
+    """One published phase: read by request threads without locks."""
+
+    round: int
+    phase: Phase
+    lr: float
+    opened_at: float
+    deadline: float
+    tasks: Mapping[str, Task]
+    weights: Mapping[float, bytes]  # rate -> safetensors of the sub-model
+    expected_counts: Mapping[str, int] = field(default_factory=dict)  # statistics phase
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """What every training task carries besides its level, lr and seed."""
+
+    epochs: int
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    clip_grad_norm: float | None
+    formats: tuple[str, ...]
+    poll_seconds: float
+
+
+class TaskBoard:
+    def __init__(
+        self,
+        store: Store,
+        registry: DeviceRegistry,
+        arch: Architecture,
+        global_rate: float,
+        settings: TaskSettings,
+        clock: Callable[[], float],
+        waker: Waker,
+        tick_seconds: float = 0.5,
+        on_result: Callable[[str, int], None] = lambda kind, size: None,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.arch = arch
+        self.global_rate = global_rate
+        self.settings = settings
+        self.clock = clock
+        self.waker = waker
+        self.tick_seconds = tick_seconds
+        self.on_result = on_result
+        self._view: PhaseView | None = None
+        self._status: dict[str, TaskStatus] = {}
+        self._started: dict[str, float] = {}
+        self._closed = False
+        self._late: set[str] = set()
+        self._folded: set[str] = set()
+        self._done = False
+        self._done_rounds = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # status changes from request threads
+
+    # -- the engine's side (Transport) -----------------------------------------------
+    def wait_for_clients(self, minimum: int) -> list[Client] | None:
+        while not self._stop.is_set():
+            live = self.registry.live()
+            if len(live) >= minimum:
+                return [Client(d.id, d.position) for d in live]
+            self.waker.sleep(self.tick_seconds)
+        return None
+
+    def population(self) -> int:
+        return len(self.registry)
+
+    def open_phase(
+        self,
+        round_number: int,
+        phase: Phase,
+        tasks: Sequence[Task],
+        state: Mapping[str, torch.Tensor],
+        deadline: float,
+    ) -> None:
+        weights = {
+            rate: encode_state(
+                extract_submodel_state(state, self.arch.spec, rate, self.global_rate),
+                {"round": str(round_number), "rate": repr(rate)},
+            )
+            for rate in sorted({t.rate for t in tasks})
+        }
+        rows = {r.device_id: r for r in self.store.tasks(round_number)}
+        status = {
+            t.client: TaskStatus(rows[t.client].status)
+            if t.client in rows and rows[t.client].phase is phase
+            else TaskStatus.assigned
+            for t in tasks
+        }
+        expected: dict[str, int] = {}
+        if phase is Phase.statistics:
+            trained = {r.device_id: r for r in self.store.tasks(round_number, Phase.training)}
+            expected = {
+                t.client: int(trained[t.client].num_samples or 0)
+                for t in tasks
+                if t.client in trained
+            }
+        closed = (self.store.round_state(round_number) or "").endswith("-closed")
+        with self._lock:
+            self._status = status
+            self._started = {}
+            self._folded = set()
+            self._closed = closed
+            self._late -= set(status)
+            self._view = PhaseView(
+                round_number,
+                phase,
+                tasks[0].lr if tasks else 0.0,
+                self.clock(),
+                deadline,
+                {t.client: t for t in tasks},
+                weights,
+                expected,
+            )
+
+    def replies(self, round_number: int, phase: Phase) -> Iterator[Reply | None]:
+        while True:
+            found = self._pending(round_number, phase)
+            yield from found
+            yield None
+            if not found:
+                self.waker.sleep(self.tick_seconds)
+
+    def silent(self, clients: Sequence[str]) -> set[str]:
+        now = self.clock()
+        gone = set()
+        for client in clients:
+            device = self.registry.get(client)
+            if (
+                device is None
+                or self.registry.is_silent(device, now)
+                or self._status.get(client) is TaskStatus.missed
+            ):
+                gone.add(client)
+        return gone
+
+    def close_phase(self, round_number: int, phase: Phase) -> list[Reply]:
+        self.store.close_phase(round_number, phase)
+        with self._lock:
+            self._closed = True
+            for client, status in list(self._status.items()):
+                if status in (TaskStatus.assigned, TaskStatus.training):
+                    self._status[client] = TaskStatus.missed
+                    self._late.add(client)
+        return self._pending(round_number, phase)
+
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.waker.poke()
+
+    def finish(self, rounds: int) -> None:
+        """Every round has run: devices are told they are done."""
+        self._done_rounds = rounds
+        self._done = True
+
+    def _pending(self, round_number: int, phase: Phase) -> list[Reply]:
+        found: list[Reply] = []
+        for row in self.store.uploaded(round_number, phase, skip=self._folded):
+            self._folded.add(row.device_id)
+            payload = self.store.payload(round_number, phase, row.device_id)
+            if payload is None:
+                continue
+            if phase is Phase.training:
+                tensors, _ = decode_payload(payload)
+                found.append(
+                    TrainReply(
+                        row.device_id,
+                        tensors,
+                        row.labels,
+                        int(row.num_samples or 0),
+                        row.metrics or {},
+                        row.seconds,
+                    )
+                )
+            else:
+                view = self._view
+                expected = view.expected_counts.get(row.device_id, 0) if view else 0
+                moments = parse_statistics(payload, self.bn_widths(), expected)
+                found.append(StatsReply(row.device_id, moments))
+        return found
+
+    def bn_widths(self) -> dict[str, int]:
+        """Channels of every sBN layer in the global model."""
+        return {
+            name.removesuffix(".running_mean"): rule.dims[0].size(self.global_rate)
+            for name, rule in self.arch.spec.items()
+            if name.endswith(".running_mean")
+        }
+
+    # -- the devices' side (request threads) -------------------------------------------
+    def task_for(self, device: Device) -> dict[str, Any]:
+        view = self._view
+        if view is not None and not self._closed and device.id in view.tasks:
+            status = self._status.get(device.id)
+            if status in (TaskStatus.assigned, TaskStatus.training):
+                return self._task_json(view, view.tasks[device.id])
+        if self._done:
+            return {"action": "done", "rounds": self._done_rounds}
+        return {"action": "wait", "retry_after": self.settings.poll_seconds}
+
+    def _task_json(self, view: PhaseView, task: Task) -> dict[str, Any]:
+        number = view.round
+        artifact = {
+            "model": self.arch.name,
+            "level": rate_label(task.rate),
+            "manifest_url": f"/v1/artifacts/{self.arch.name}/{rate_label(task.rate)}/manifest.json",
+            "formats": list(self.settings.formats),
+        }
+        common = {
+            "round": number,
+            "level": rate_label(task.rate),
+            "rate": task.rate,
+            "artifact": artifact,
+            "weights_url": f"/v1/rounds/{number}/weights",
+            "deadline": view.deadline,
+        }
+        if view.phase is Phase.statistics:
+            return {
+                "action": "statistics",
+                **common,
+                "upload_url": f"/v1/rounds/{number}/statistics",
+                "expected_count": view.expected_counts.get(task.client),
+            }
+        s = self.settings
+        return {
+            "action": "train",
+            **common,
+            "seed": task.seed,
+            "lr": task.lr,
+            "hyperparameters": {
+                "epochs": s.epochs,
+                "batch_size": s.batch_size,
+                "momentum": s.momentum,
+                "weight_decay": s.weight_decay,
+                "clip_grad_norm": s.clip_grad_norm,
+            },
+            "upload_url": f"/v1/rounds/{number}/update",
+        }
+
+    def _open_task(
+        self, device: Device, number: int, phase: Phase | None
+    ) -> tuple[PhaseView, Task]:
+        """The device's open task in round ``number`` (and ``phase``), or the error to send."""
+        view = self._view
+        if view is None or number > view.round:
+            raise ApiError(
+                ErrorCode.unknown_round, f"round {number} has not started", "ask /v1/task"
+            )
+        if number < view.round or (phase is not None and phase is not view.phase):
+            raise ApiError(
+                ErrorCode.round_closed,
+                f"round {number} no longer takes this",
+                "ask /v1/task for your next task",
+            )
+        task = view.tasks.get(device.id)
+        if task is None:
+            raise ApiError(
+                ErrorCode.not_assigned,
+                f"device {device.id} has no task in round {number}",
+                "ask /v1/task what to do",
+            )
+        status = self._status.get(device.id)
+        if status is TaskStatus.uploaded:
+            raise ApiError(
+                ErrorCode.duplicate_upload,
+                f"round {number}: your result was already received",
+                "ask /v1/task for your next task",
+            )
+        if status is TaskStatus.missed or self._closed:
+            raise ApiError(
+                ErrorCode.round_closed,
+                f"round {number} closed before your result arrived",
+                "ask /v1/task for your next task",
+            )
+        return view, task
+
+    def weights_for(self, device: Device, number: int) -> bytes:
+        view, task = self._open_task(device, number, None)
+        with self._lock:
+            self._started.setdefault(device.id, self.clock())
+            if self._status.get(device.id) is TaskStatus.assigned:
+                self._status[device.id] = TaskStatus.training
+        return view.weights[task.rate]
+
+    def accept_update(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
+        view, task = self._open_task(device, number, Phase.training)
+        parsed = parse_update(body, self.arch.spec, task.rate, self.arch.num_classes)
+        now = self.clock()
+        started = self._started.get(device.id, view.opened_at)
+        self._store_result(
+            device,
+            view,
+            body,
+            now,
+            now - started,
+            parsed.num_samples,
+            parsed.labels,
+            parsed.metrics,
+        )
+        self.on_result("update", len(body))
+        return {"accepted": True, "round": number}
+
+    def accept_statistics(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
+        view, _ = self._open_task(device, number, Phase.statistics)
+        parse_statistics(body, self.bn_widths(), view.expected_counts.get(device.id, 0))
+        self._store_result(device, view, body, self.clock(), None, None, None, None)
+        self.on_result("statistics", len(body))
+        return {"accepted": True, "round": number}
+
+    def _store_result(
+        self,
+        device: Device,
+        view: PhaseView,
+        body: bytes,
+        now: float,
+        seconds: float | None,
+        num_samples: int | None,
+        labels: Sequence[int] | None,
+        metrics: dict[str, float] | None,
+    ) -> None:
+        try:
+            self.store.accept(
+                view.round, view.phase, device.id, body, now, seconds, num_samples, labels, metrics
+            )
+        except sqlite3.Error as exc:  # the disk or the database failed: a server fault
+            log.exception("storing a result of device %s failed", device.id)
+            raise ApiError(
+                ErrorCode.storage_error,
+                f"the coordinator could not store your result ({type(exc).__name__})",
+                "retry later; nothing of it was kept",
+            ) from None
+        except TaskClosed as closed:
+            if closed.status == TaskStatus.uploaded:
+                raise ApiError(
+                    ErrorCode.duplicate_upload, f"round {view.round}: already received"
+                ) from None
+            raise ApiError(
+                ErrorCode.round_closed,
+                f"round {view.round} closed before your result arrived",
+                "ask /v1/task for your next task",
+            ) from None
+        with self._lock:
+            self._status[device.id] = TaskStatus.uploaded
+            self._late.discard(device.id)
+        self.waker.poke()
+
+    # -- reading ---------------------------------------------------------------------------
+    def view(self) -> PhaseView | None:
+        return self._view
+
+    def phase_closed(self) -> bool:
+        return self._closed
+
+    def status_of(self, device_id: str) -> TaskStatus | None:
+        return self._status.get(device_id)
+
+    def device_state(self, device: Device, now: float) -> DeviceState:
+        if self.registry.is_silent(device, now):
+            return DeviceState.offline
+        view = self._view
+        if view is not None and not self._closed and device.id in view.tasks:
+            status = self._status.get(device.id)
+            if status is TaskStatus.assigned:
+                return DeviceState.selected
+            if status is TaskStatus.training:
+                return DeviceState.training
+        if device.id in self._late:
+            return DeviceState.late
+        return DeviceState.online

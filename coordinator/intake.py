@@ -1,0 +1,257 @@
+"""Everything a device sends, parsed into bounded, typed, finite values, or refused.
+
+This is the one place where device input enters the coordinator's state. A
+payload that passes here can be stored, folded into the aggregate and served
+back as strict JSON without any later step failing on it:
+
+* tensors: safetensors only (never pickle), the exact names, shapes and dtype
+  (float32) of the device's level, every value finite;
+* metadata: JSON strings with bounded length, integers within bounds,
+  metrics as a small map of finite numbers;
+* sBN statistics: one integer ``count`` per layer equal to the examples the
+  device was asked to summarise, finite means, non-negative finite variances.
+
+Every refusal is an ``ApiError`` with a 4xx status and a code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load
+
+from coordinator.errors import ApiError, ErrorCode
+from heterofl_edge.aggregation import validate_update
+from heterofl_edge.bn_stats import ChannelMoments
+from heterofl_edge.errors import UpdateError
+from heterofl_edge.slicing import SlicingSpec
+
+__all__ = [
+    "LIMITS",
+    "Limits",
+    "ParsedUpdate",
+    "decode_payload",
+    "parse_statistics",
+    "parse_update",
+]
+
+_PAYLOAD_HINT = "send the tensors as safetensors bytes (safetensors.numpy.save), never pickle"
+_METADATA_HINT = (
+    'metadata values are JSON strings: {"num_samples": "600", "labels": "[0, 1]", '
+    '"metrics": "{\\"loss\\": 0.5}"}'
+)
+_METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    header_bytes: int = 1 << 20  # the safetensors JSON header
+    tensors: int = 4096
+    metadata_value_chars: int = 16_384
+    metadata_keys: int = 16
+    metrics: int = 32
+    metric_magnitude: float = 1e12
+    samples: int = 10**9
+    statistic_magnitude: float = 1e15  # merged in float64, cast to float32 stays finite
+
+
+LIMITS = Limits()
+
+
+@dataclass(frozen=True)
+class ParsedUpdate:
+    tensors: dict[str, torch.Tensor]
+    num_samples: int
+    labels: tuple[int, ...] | None
+    metrics: dict[str, float]
+
+
+def decode_payload(
+    body: bytes, limits: Limits = LIMITS
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors body; ``bad_payload`` otherwise."""
+    if len(body) < 8:
+        raise ApiError(ErrorCode.bad_payload, "body is not a safetensors payload", _PAYLOAD_HINT)
+    header_length = int.from_bytes(body[:8], "little")
+    if header_length > min(len(body) - 8, limits.header_bytes):
+        raise ApiError(
+            ErrorCode.bad_payload,
+            "body is truncated or its safetensors header is too large",
+            _PAYLOAD_HINT,
+        )
+    try:
+        header = json.loads(body[8 : 8 + header_length], parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(
+            ErrorCode.bad_payload, "the safetensors header is not JSON", _PAYLOAD_HINT
+        ) from None
+    if not isinstance(header, dict) or len(header) > limits.tensors + 1:
+        raise ApiError(ErrorCode.bad_payload, "the safetensors header is malformed", _PAYLOAD_HINT)
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ApiError(ErrorCode.bad_metadata, "metadata must map strings to strings")
+    if len(metadata) > limits.metadata_keys:
+        raise ApiError(
+            ErrorCode.bad_metadata, f"metadata has more than {limits.metadata_keys} keys"
+        )
+    try:
+        tensors = load(body)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise ApiError(
+            ErrorCode.bad_payload, f"body is not a valid safetensors payload: {exc}", _PAYLOAD_HINT
+        ) from None
+    return tensors, metadata
+
+
+def parse_update(
+    body: bytes, spec: SlicingSpec, rate: float, num_classes: int, limits: Limits = LIMITS
+) -> ParsedUpdate:
+    """A trained sub-model of width ``rate`` with its metadata, every part checked."""
+    tensors, metadata = decode_payload(body, limits)
+    try:
+        validate_update(tensors, spec, rate)
+    except UpdateError as exc:
+        raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
+    num_samples = _bounded_int(
+        _metadata_json(metadata, "num_samples", None, limits), "num_samples", 1, limits.samples
+    )
+    labels = _labels(_metadata_json(metadata, "labels", None, limits), num_classes)
+    metrics = _metrics(_metadata_json(metadata, "metrics", {}, limits), limits)
+    return ParsedUpdate(tensors, num_samples, labels, metrics)
+
+
+def parse_statistics(
+    body: bytes, widths: Mapping[str, int], expected_count: int, limits: Limits = LIMITS
+) -> dict[str, ChannelMoments]:
+    """Per-layer sBN moments: LAYER.count / .mean / .var for every layer in ``widths``.
+
+    ``count`` must equal ``expected_count``, the examples the device trained on
+    in this round (every layer sees the same examples).
+    """
+    tensors, _ = decode_payload(body, limits)
+    expected = {f"{layer}.{part}" for layer in widths for part in ("count", "mean", "var")}
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors))[:3]
+        extra = sorted(set(tensors) - expected)[:3]
+        raise ApiError(
+            ErrorCode.wrong_tensors,
+            f"statistics must hold count, mean and var for every sBN layer "
+            f"(missing {missing}, unexpected {extra})",
+            "run the statistics program of the task's level over all of your examples",
+        )
+    moments = {}
+    for layer, width in widths.items():
+        count_tensor = tensors[f"{layer}.count"]
+        if count_tensor.numel() != 1 or not count_tensor.is_floating_point():
+            raise ApiError(ErrorCode.bad_statistics, f"{layer}.count must be one float number")
+        count = float(count_tensor.double().reshape(()))
+        if count != expected_count:
+            raise ApiError(
+                ErrorCode.bad_statistics,
+                f"{layer}.count is {count:g}, expected {expected_count}",
+                "count the examples you trained on this round (the task's expected_count)",
+            )
+        parts = {}
+        for part in ("mean", "var"):
+            tensor = tensors[f"{layer}.{part}"]
+            if tensor.dtype != torch.float32 or tuple(tensor.shape) != (width,):
+                raise ApiError(
+                    ErrorCode.bad_shape, f"{layer}.{part} must be float32 of shape ({width},)"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ApiError(ErrorCode.not_finite, f"{layer}.{part} holds NaN or Inf values")
+            if tensor.abs().max() > limits.statistic_magnitude:
+                raise ApiError(
+                    ErrorCode.bad_statistics,
+                    f"{layer}.{part} has values above {limits.statistic_magnitude:g}",
+                )
+            parts[part] = tensor
+        if (parts["var"] < 0).any():
+            raise ApiError(ErrorCode.bad_statistics, f"{layer}.var has negative entries")
+        moments[layer] = ChannelMoments(int(count), parts["mean"], parts["var"])
+    return moments
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number in strict JSON")
+
+
+def _metadata_json(metadata: Mapping[str, str], key: str, default: Any, limits: Limits) -> Any:
+    if key not in metadata:
+        return default
+    text = metadata[key]
+    if len(text) > limits.metadata_value_chars:
+        raise ApiError(
+            ErrorCode.bad_metadata,
+            f"metadata {key!r} is longer than {limits.metadata_value_chars} characters",
+        )
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise ApiError(
+            ErrorCode.bad_metadata, f"metadata {key!r} is not strict JSON", _METADATA_HINT
+        ) from None
+
+
+def _bounded_int(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(
+            ErrorCode.bad_metadata,
+            f"metadata {name!r} must be an integer in {low}..{high}",
+            _METADATA_HINT,
+        )
+    return value
+
+
+def _labels(value: Any, num_classes: int) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, list)
+        or not value
+        or len(value) > num_classes
+        or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x < num_classes for x in value
+        )
+        or len(set(value)) != len(value)
+    ):
+        raise ApiError(
+            ErrorCode.bad_labels,
+            f"metadata 'labels' must list distinct integers in 0..{num_classes - 1}",
+            "list the labels present in your training data",
+        )
+    return tuple(sorted(value))
+
+
+def _metrics(value: Any, limits: Limits) -> dict[str, float]:
+    if not isinstance(value, dict) or len(value) > limits.metrics:
+        raise ApiError(
+            ErrorCode.bad_metadata,
+            f"metadata 'metrics' must be a JSON object of at most {limits.metrics} numbers",
+        )
+    metrics = {}
+    for name, number in value.items():
+        if not _METRIC_NAME.match(name):
+            raise ApiError(ErrorCode.bad_metadata, f"metric name {name[:64]!r} is not allowed")
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ApiError(ErrorCode.bad_metadata, f"metric {name!r} must be a number")
+        try:
+            as_float = float(number)
+        except OverflowError:
+            as_float = math.inf
+        if not (math.isfinite(as_float) and abs(as_float) <= limits.metric_magnitude):
+            raise ApiError(
+                ErrorCode.bad_metadata,
+                f"metric {name!r} must be a finite number within ±{limits.metric_magnitude:g}",
+            )
+        metrics[name] = as_float
+    return metrics

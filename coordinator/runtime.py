@@ -1,0 +1,436 @@
+"""The coordinator, assembled: store, devices, task board, round engine on a worker thread.
+
+``Coordinator`` wires the parts and owns the worker thread that runs the
+round engine (``heterofl_edge.engine.RoundEngine``, the same engine
+``simulate`` runs) with the task board as its transport. Request threads
+only ever touch the board, the registry and read-only views; everything
+slow (exporting artifacts, closing rounds, checkpoints, sBN statistics,
+evaluation) happens on the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from coordinator.artifacts import Artifacts
+from coordinator.board import DeviceState, TaskBoard, TaskSettings, TaskStatus, Waker, encode_state
+from coordinator.config import CoordinatorConfig, LevelPolicy
+from coordinator.errors import ApiError, ErrorCode
+from coordinator.evaluation import HeldOutEvaluation
+from coordinator.intake import parse_statistics, parse_update
+from coordinator.journal import StoreJournal
+from coordinator.metrics import CoordinatorMetrics
+from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_rate
+from coordinator.registry import DeviceRegistry
+from coordinator.store import StateError, Store
+from heterofl_edge.assignment import Assignment, parse_mode
+from heterofl_edge.complexity import measure_complexity
+from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult
+from heterofl_edge.errors import ConfigError
+from heterofl_edge.levels import rate_label
+from heterofl_edge.models import get_architecture
+from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
+
+__all__ = ["Clock", "Coordinator"]
+
+log = logging.getLogger("heterofl_edge.coordinator")
+
+Clock = Callable[[], float]
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, clock: Clock = time.time) -> None:
+        if not 0 < config.fraction <= 1:
+            raise ConfigError(f"fraction {config.fraction} is outside (0, 1]")
+        if config.rounds < 1 or config.min_uploads < 1 or config.min_devices < 1:
+            raise ConfigError("--rounds, --min-uploads and --min-devices must be at least 1")
+        self.config = config
+        self.clock = clock
+        self.arch = get_architecture(config.model)
+        assignment = None if config.policy is LevelPolicy.profile else Assignment(config.policy)
+        self.mix = parse_mode(config.mode, assignment)
+        self.store = Store(config.state_dir)
+        self._check_identity()
+        self.metrics = CoordinatorMetrics()
+        self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
+        self.waker = Waker()
+        local = config.local
+        self.board = TaskBoard(
+            self.store,
+            self.registry,
+            self.arch,
+            self.mix.global_rate,
+            TaskSettings(
+                local.epochs,
+                local.batch_size,
+                local.momentum,
+                local.weight_decay,
+                local.clip_grad_norm,
+                config.artifact_formats,
+                config.poll_seconds,
+            ),
+            clock,
+            self.waker,
+            on_result=lambda kind, size: self.metrics.uploads.labels(kind, "accepted").inc(),
+        )
+        self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
+        self.policy: ProfileLevels | None = None
+        if config.policy is LevelPolicy.profile:
+            self.policy = ProfileLevels(
+                self.level_costs,
+                config.level_table,
+                lambda device_id: self._device_rate(device_id),
+                self.registry.set_rates,
+            )
+        self.evaluation = (
+            None
+            if config.eval_data_dir is None
+            else HeldOutEvaluation(
+                self.arch, self.mix.global_rate, config.eval_data_dir, config.eval_examples
+            )
+        )
+        self.problem: str | None = None
+        self._model_bytes = b""
+        self._completed = 0
+        if self.store.checkpoint() is None:
+            torch.manual_seed(config.seed)
+            model = self.arch.build(self.mix.global_rate, self.mix.global_rate)
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.store.point_at(self.store.write_checkpoint(0, "final", state))
+        self.journal = StoreJournal(self.store, self.policy, self._round_finished)
+        self.engine = self._make_engine()
+        self._check_open_round()
+        self._publish_model(self.engine.global_state, self.engine.completed)
+        self.metrics.watch_devices(self._device_counts)
+        self._worker: threading.Thread | None = None
+
+    # -- set-up ---------------------------------------------------------------------
+    def _check_identity(self) -> None:
+        identity = f"{self.arch.name}|{self.mix.name}|{self.config.policy.value}"
+        stored = self.store.get_meta("identity")
+        if stored is None:
+            self.store.set_meta("identity", identity)
+        elif stored != identity:
+            raise ConfigError(
+                f"state dir {self.config.state_dir} holds a run of {stored.replace('|', ', ')}",
+                "use the same --model, --mode and --policy to resume, or a new --state-dir",
+            )
+
+    def _make_engine(self) -> RoundEngine:
+        config = self.config
+        strategy = HeteroFLStrategy(
+            self.arch.spec,
+            self.mix,
+            1,
+            config.fraction,
+            MultiStepSchedule(config.lr, config.milestones, config.lr_factor),
+            config.seed,
+        )
+        return RoundEngine(
+            strategy,
+            EngineSettings(
+                rounds=config.rounds,
+                min_clients=config.min_devices,
+                min_uploads=config.min_uploads,
+                round_seconds=config.round_seconds,
+                stats_seconds=config.stats_seconds,
+                statistics=config.statistics,
+            ),
+            self.board,
+            self.journal,
+            lambda: {},  # the store always holds a checkpoint (written above)
+            self.clock,
+            policy=self.policy,
+            evaluate=self._evaluate if self.evaluation is not None else None,
+            has_statistics=bool(self.board.bn_widths()),
+        )
+
+    def _check_open_round(self) -> None:
+        """Refuse to start on stored results that no longer pass the checks (a damaged folder)."""
+        row = self.store.open_round_row()
+        if row is None:
+            return
+        number = int(row["number"])
+        training = {t.device_id: t for t in self.store.tasks(number, Phase.training)}
+        for phase in (Phase.training, Phase.statistics):
+            for task in self.store.uploaded(number, phase):
+                payload = self.store.payload(number, phase, task.device_id)
+                try:
+                    if payload is None:
+                        raise ApiError(ErrorCode.bad_payload, "its bytes are missing")
+                    if phase is Phase.training:
+                        parse_update(payload, self.arch.spec, task.rate, self.arch.num_classes)
+                    else:
+                        expected = int(training[task.device_id].num_samples or 0)
+                        parse_statistics(payload, self.board.bn_widths(), expected)
+                except ApiError as exc:
+                    raise StateError(
+                        f"round {number} holds a stored {phase.value} result of device "
+                        f"{task.device_id} that does not pass the checks ({exc.message})",
+                        f"run 'heterofl-edge coordinator repair --state-dir "
+                        f"{self.config.state_dir}' to discard the open round, then start again",
+                    ) from None
+
+    @cached_property
+    def level_costs(self) -> list[LevelCost]:
+        costs = []
+        for rate in self.mix.rates:
+            c = measure_complexity(self.arch, rate)
+            costs.append(LevelCost(rate, c.flops, 4 * c.parameters))
+        return costs
+
+    def _device_rate(self, device_id: str) -> float:
+        device = self.registry.get(device_id)
+        return device.rate if device is not None else min(self.mix.rates)
+
+    # -- the worker -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker: build artifacts, then run rounds until done or stopped."""
+        self._worker = threading.Thread(target=self._work, name="round-engine", daemon=True)
+        self._worker.start()
+
+    def _work(self) -> None:
+        try:
+            backoff = 1.0
+            while not self.board.stopping():
+                try:
+                    if self.config.build_artifacts:
+                        self.artifacts.build_all()
+                    self.engine.run()
+                    if self.engine.done:
+                        self.board.finish(self.config.rounds)
+                        return
+                    if self.board.stopping():
+                        return
+                except Exception as exc:  # a fault on the server: log, report, retry
+                    log.exception("the round engine failed; retrying from the last checkpoint")
+                    self.problem = f"{type(exc).__name__}: {exc}"
+                    self.waker.sleep(backoff)
+                    backoff = min(backoff * 2, 60.0)
+                    try:
+                        self.engine = self._make_engine()
+                    except Exception:
+                        log.exception("resuming from the last checkpoint failed")
+        finally:
+            self.waker.close()
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Wait until the worker has handled everything that happened so far (tests)."""
+        return self.waker.settle(timeout)
+
+    def close(self, grace_seconds: float = 10.0) -> None:
+        """Stop the worker at its next safe point and close the store.
+
+        Every step of the worker is resumable (exports are staged, rounds are
+        journaled), so a worker still busy after ``grace_seconds`` is left to
+        die with the process.
+        """
+        self.board.stop()
+        if self._worker is not None:
+            self._worker.join(timeout=grace_seconds)
+        self.store.close()
+
+    def _evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float | None]:
+        assert self.evaluation is not None
+        start = time.perf_counter()
+        try:
+            return self.evaluation(state)
+        finally:
+            self.metrics.evaluation_seconds.observe(time.perf_counter() - start)
+
+    def _round_finished(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
+        self.metrics.rounds.labels(result.state).inc()
+        if "aggregation" in result.seconds:
+            self.metrics.aggregation_seconds.observe(result.seconds["aggregation"])
+        self._publish_model(state, result.round)
+        log.info(
+            "round %d %s: %d/%d uploads, evaluation %s",
+            result.round,
+            result.state,
+            result.uploads,
+            result.selected,
+            result.evaluation,
+        )
+
+    def _publish_model(self, state: dict[str, torch.Tensor], completed: int) -> None:
+        self._model_bytes = encode_state(state, {"completed_rounds": str(completed)})
+        self._completed = completed
+
+    # -- what the API asks ------------------------------------------------------------------
+    def register(self, profile: dict[str, Any]) -> dict[str, Any]:
+        rate = self.mix.global_rate
+        if self.policy is not None:
+            local = self.config.local
+            rate = choose_rate(
+                DeviceProfile.from_json(profile),
+                self.level_costs,
+                self.config.level_table,
+                self.config.round_seconds,
+                local.epochs,
+                local.batch_size,
+            )
+        device, token = self.registry.register(profile, rate)
+        self.waker.poke()
+        profiled = self.config.policy is LevelPolicy.profile
+        return {
+            "device_id": device.id,
+            "token": token,
+            "level": rate_label(rate) if profiled else None,
+            "rate": rate if profiled else None,
+            "policy": self.config.policy.value,
+            "poll_seconds": self.config.poll_seconds,
+            "heartbeat_seconds": self.config.heartbeat_seconds,
+        }
+
+    def model_bytes(self) -> bytes:
+        return self._model_bytes
+
+    @property
+    def completed_rounds(self) -> int:
+        return self._completed
+
+    def health(self) -> dict[str, Any]:
+        view = self.board.view()
+        state = None
+        if view is not None:
+            state = self.store.round_state(view.round)
+        done = self._completed >= self.config.rounds
+        status = (
+            "ok" if self.artifacts.all_ready() or not self.config.build_artifacts else "starting"
+        )
+        if self.problem is not None and not done:
+            status = "degraded"
+        return {
+            "status": status,
+            "model": self.arch.name,
+            "mode": self.mix.name,
+            "policy": self.config.policy.value,
+            "round": None if view is None else view.round,
+            "round_state": state,
+            "completed_rounds": self._completed,
+            "rounds": self.config.rounds,
+            "done": done,
+            "devices": len(self.registry),
+            "live_devices": len(self.registry.live()),
+            "artifacts_ready": self.artifacts.all_ready(),
+            "problem": self.problem,
+        }
+
+    def device_views(self) -> dict[str, Any]:
+        now = self.clock()
+        view = self.board.view()
+        devices = []
+        for device in self.registry.all():
+            task = view.tasks.get(device.id) if view is not None else None
+            level = rate_label(task.rate) if task is not None and view is not None else None
+            if level is None and self.config.policy is LevelPolicy.profile:
+                level = rate_label(device.rate)
+            devices.append(
+                {
+                    "device_id": device.id,
+                    "position": device.position,
+                    "state": self.board.device_state(device, now).value,
+                    "level": level,
+                    "profile": device.profile,
+                    "registered_at": device.registered_at,
+                    "last_seen": device.last_seen,
+                    "bytes_in": device.bytes_in,
+                    "bytes_out": device.bytes_out,
+                }
+            )
+        return {
+            "policy": self.config.policy.value,
+            "levels": self._level_shares(),
+            "devices": devices,
+        }
+
+    def _level_shares(self) -> dict[str, float]:
+        if self.config.policy is LevelPolicy.profile:
+            counts = Counter(rate_label(d.rate) for d in self.registry.all())
+            total = sum(counts.values())
+            return {k: v / total for k, v in sorted(counts.items())} if total else {}
+        total_weight = sum(self.mix.weights)
+        return {
+            rate_label(r): w / total_weight
+            for r, w in zip(self.mix.rates, self.mix.weights, strict=True)
+        }
+
+    def _device_counts(self) -> dict[tuple[str, str], int]:
+        now = self.clock()
+        view = self.board.view()
+        counts: Counter[tuple[str, str]] = Counter()
+        for device in self.registry.all():
+            task = view.tasks.get(device.id) if view is not None else None
+            rate = task.rate if task is not None else device.rate
+            counts[(self.board.device_state(device, now).value, rate_label(rate))] += 1
+        return dict(counts)
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every round, the open one included, as the API shows it."""
+        view = self.board.view()
+        out = []
+        for row in self.store.rounds():
+            number = int(row["number"])
+            tasks = self.store.tasks(number)
+            training = [t for t in tasks if t.phase is Phase.training]
+            stats = {t.device_id: t.status for t in tasks if t.phase is Phase.statistics}
+            result = None if row["result"] is None else _json_loads(row["result"])
+            live_status = {}
+            if view is not None and view.round == number and view.phase is Phase.training:
+                live_status = {t.device_id: self.board.status_of(t.device_id) for t in training}
+            assignments = []
+            for t in training:
+                status = t.status
+                if live_status.get(t.device_id) is TaskStatus.training and status == "assigned":
+                    status = "training"
+                assignments.append(
+                    {
+                        "device_id": t.device_id,
+                        "level": rate_label(t.rate),
+                        "status": status,
+                        "statistics": stats.get(t.device_id, "none"),
+                        "num_samples": t.num_samples,
+                        "seconds": t.seconds,
+                        "metrics": t.metrics,
+                    }
+                )
+            state = str(row["state"])
+            summary = result or (_json_loads(row["summary"]) if row["summary"] else {})
+            out.append(
+                {
+                    "round": number,
+                    "state": state.removesuffix("-closed"),
+                    "lr": row["lr"],
+                    "opened_at": row["opened_at"],
+                    "deadline": row["deadline"],
+                    "closed_at": summary.get("closed_at"),
+                    "finished_at": (result or {}).get("finished_at"),
+                    "selected": len(training),
+                    "uploads": sum(1 for t in training if t.status == "uploaded"),
+                    "quorum": self.config.min_uploads,
+                    "metrics": summary,
+                    "assignments": assignments,
+                }
+            )
+        return out
+
+    def device_state(self, device_id: str) -> DeviceState:
+        device = self.registry.get(device_id)
+        if device is None:
+            return DeviceState.offline
+        return self.board.device_state(device, self.clock())
+
+
+def _json_loads(text: str) -> dict[str, Any]:
+    import json
+
+    value = json.loads(text)
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,557 @@
+"""The round engine: one HeteroFL round life cycle, whatever carries the messages.
+
+``RoundEngine.run`` repeats, for every round still to run (paper Algorithm 1):
+
+1. wait until enough clients are live, and choose this round's among them
+   (``HeteroFLStrategy``); the ``LevelPolicy`` gives each its width;
+2. hand out training tasks and fold every reply into a streaming
+   ``HeteroFLAggregator`` as it arrives; the phase closes when every selected
+   client has answered or gone silent and the quorum is met, or at the deadline;
+3. finalise the aggregate (a round without quorum fails and keeps the model);
+4. ask clients for sBN statistics of the new global model and combine them;
+5. evaluate the global model;
+
+with a checkpoint in the ``Journal`` after every step, so that a restarted
+engine resumes the open round where it stopped.
+
+The engine does no I/O of its own and never sleeps: a ``Transport`` carries
+tasks and replies (in process for ``simulate``, over HTTP for the
+coordinator), a ``Journal`` keeps checkpoints, and time comes from an injected
+clock. The same engine therefore runs the simulation and the coordinator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any, Protocol
+
+import torch
+
+from heterofl_edge.aggregation import HeteroFLAggregator
+from heterofl_edge.bn_stats import ChannelMoments, apply_statistics, combine_moments
+from heterofl_edge.errors import InternalError
+from heterofl_edge.levels import rate_label
+from heterofl_edge.strategy import HeteroFLStrategy, RoundPlan
+
+__all__ = [
+    "Client",
+    "EngineSettings",
+    "Journal",
+    "LevelPolicy",
+    "Outcome",
+    "Phase",
+    "PlanLevels",
+    "ResumePoint",
+    "RoundEngine",
+    "RoundOpen",
+    "RoundResult",
+    "StatisticsClients",
+    "StatsReply",
+    "Task",
+    "TrainReply",
+    "Transport",
+]
+
+log = logging.getLogger("heterofl_edge.engine")
+
+State = dict[str, torch.Tensor]
+
+
+class Phase(StrEnum):
+    training = "training"
+    statistics = "statistics"
+
+
+class StatisticsClients(StrEnum):
+    """Who reports sBN statistics after a round: every live client (paper), or its uploaders."""
+
+    all = "all"
+    round = "round"
+    none = "none"
+
+
+@dataclass(frozen=True)
+class Client:
+    """A client the transport can reach: a stable id and its registration position.
+
+    The strategy selects by position (the data shard a simulated client holds,
+    the registration order of a device), so selection is the same in process
+    and over the network.
+    """
+
+    id: str
+    position: int
+
+
+@dataclass(frozen=True)
+class Task:
+    """One client's work in a phase: its width, and for training its lr and batch seed."""
+
+    client: str
+    position: int
+    rate: float
+    lr: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A validated, accepted training result (transports validate before replying)."""
+
+    client: str
+    update: Mapping[str, torch.Tensor]
+    labels: tuple[int, ...] | None
+    num_samples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    seconds: float | None = None  # how long the client took, from task to reply
+
+
+@dataclass(frozen=True)
+class StatsReply:
+    client: str
+    moments: Mapping[str, ChannelMoments]
+
+
+Reply = TrainReply | StatsReply
+
+
+class Transport(Protocol):
+    """How the engine reaches clients. Every method may block; none may sleep past ``poll``."""
+
+    def wait_for_clients(self, minimum: int) -> list[Client] | None:
+        """At least ``minimum`` live clients, in position order; None when the run stops."""
+
+    def population(self) -> int:
+        """How many clients exist, live or not (positions run from 0 to this)."""
+
+    def open_phase(
+        self, round_number: int, phase: Phase, tasks: Sequence[Task], state: State, deadline: float
+    ) -> None:
+        """Publish ``tasks``; clients take sub-models of ``state`` at their task's rate."""
+
+    def replies(self, round_number: int, phase: Phase) -> Iterator[Reply | None]:
+        """Replies as they are accepted; ``None`` whenever the engine should look at the clock."""
+
+    def silent(self, clients: Sequence[str]) -> set[str]:
+        """Which of ``clients`` are gone silent (the engine stops waiting for them)."""
+
+    def close_phase(self, round_number: int, phase: Phase) -> list[Reply]:
+        """Refuse further replies; return those accepted since ``replies`` last yielded."""
+
+    def stopping(self) -> bool:
+        """True once the run should stop at the next safe point."""
+
+
+@dataclass(frozen=True)
+class RoundOpen:
+    """A round in progress, as the journal keeps it."""
+
+    round: int
+    phase: Phase
+    lr: float
+    tasks: tuple[Task, ...]
+    opened_at: float
+    deadline: float
+    stats_tasks: tuple[Task, ...] = ()
+    stats_deadline: float | None = None
+    summary: Mapping[str, Any] = field(default_factory=dict)  # the training phase's, once closed
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    completed_rounds: int
+    global_state: State
+    open_round: RoundOpen | None = None
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a finished (or failed) round reports; strict-JSON friendly (no NaN)."""
+
+    round: int
+    state: str  # finished | failed
+    lr: float
+    selected: int
+    uploads: int
+    timed_out: int
+    levels: dict[str, int]
+    train_loss: float | None
+    train_accuracy: float | None
+    train_samples: int
+    statistics_reports: int
+    opened_at: float
+    closed_at: float  # when the training phase closed (a close starts here)
+    finished_at: float  # when everything, evaluation included, was done
+    seconds: dict[str, float]  # training, aggregation, statistics, evaluation
+    evaluation: dict[str, float | None] = field(default_factory=dict)
+    reason: str | None = None  # why a round failed, or what went wrong on the server
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "state": self.state,
+            "lr": self.lr,
+            "selected": self.selected,
+            "uploads": self.uploads,
+            "timed_out": self.timed_out,
+            "levels": dict(self.levels),
+            "train_loss": self.train_loss,
+            "train_accuracy": self.train_accuracy,
+            "train_samples": self.train_samples,
+            "statistics_reports": self.statistics_reports,
+            "opened_at": self.opened_at,
+            "closed_at": self.closed_at,
+            "finished_at": self.finished_at,
+            "seconds": dict(self.seconds),
+            "evaluation": dict(self.evaluation),
+            "reason": self.reason,
+        }
+
+
+class Journal(Protocol):
+    """Where the engine keeps its checkpoints (memory, files, a database)."""
+
+    def resume(self) -> ResumePoint | None:
+        """The last checkpoint, or None for a fresh run."""
+
+    def round_opened(self, opened: RoundOpen) -> None: ...
+
+    def training_closed(self, opened: RoundOpen, state: State) -> None:
+        """The aggregate is final; ``opened`` carries the statistics tasks (if any)."""
+
+    def round_finished(self, result: RoundResult, state: State) -> None: ...
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How one selected client fared in a round (for policies that re-level)."""
+
+    client: str
+    rate: float
+    seconds: float | None  # None: it did not answer in time
+    deadline_seconds: float
+
+
+class LevelPolicy(Protocol):
+    """Each selected client's width for a round."""
+
+    def rates(self, plan: RoundPlan, chosen: Sequence[Client]) -> list[float]: ...
+
+    def observe(self, round_number: int, outcomes: Sequence[Outcome]) -> None: ...
+
+
+class PlanLevels:
+    """The paper's policies: the strategy's Fix or Dynamic draw decides."""
+
+    def rates(self, plan: RoundPlan, chosen: Sequence[Client]) -> list[float]:
+        return [task.rate for task in plan.tasks]
+
+    def observe(self, round_number: int, outcomes: Sequence[Outcome]) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    rounds: int
+    # The first round opens once this many clients are live (the fleet assembles); later
+    # rounds open as soon as enough are live to reach the quorum.
+    min_clients: int = 1
+    min_uploads: int = 1  # a round without this many uploads fails and keeps the model
+    round_seconds: float = math.inf  # training deadline
+    stats_seconds: float = math.inf  # statistics deadline
+    statistics: StatisticsClients = StatisticsClients.round
+
+
+Evaluator = Callable[[State], Mapping[str, float | None]]
+Clock = Callable[[], float]
+
+
+class RoundEngine:
+    """Runs rounds over a ``Transport``; see the module docstring for one round."""
+
+    def __init__(
+        self,
+        strategy: HeteroFLStrategy,
+        settings: EngineSettings,
+        transport: Transport,
+        journal: Journal,
+        initial_state: Callable[[], State],
+        clock: Clock,
+        policy: LevelPolicy | None = None,
+        evaluate: Evaluator | None = None,
+        has_statistics: bool = True,
+        on_round: Callable[[RoundResult], None] | None = None,
+    ) -> None:
+        self.strategy = strategy
+        self.settings = settings
+        self.transport = transport
+        self.journal = journal
+        self.clock = clock
+        self.policy: LevelPolicy = policy or PlanLevels()
+        self.evaluate = evaluate
+        self.has_statistics = has_statistics
+        self.on_round = on_round
+        resume = journal.resume()
+        if resume is None:
+            self.completed = 0
+            self.global_state = initial_state()
+            self._resume_open: RoundOpen | None = None
+        else:
+            self.completed = resume.completed_rounds
+            self.global_state = resume.global_state
+            self._resume_open = resume.open_round
+
+    @property
+    def done(self) -> bool:
+        return self.completed >= self.settings.rounds
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> None:
+        """Run every round still to run, or until the transport says stop."""
+        while not self.done and not self.transport.stopping():
+            opened = self._resume_open or self._open_round(self.completed + 1)
+            self._resume_open = None
+            if opened is None:
+                return
+            self._run_round(opened)
+
+    def initial_statistics(self, clients: Sequence[Client]) -> Mapping[str, float | None]:
+        """SBN statistics from ``clients`` and an evaluation, before any training (round 0)."""
+        opened = RoundOpen(0, Phase.statistics, 0.0, (), self.clock(), self.clock())
+        tasks = tuple(Task(c.id, c.position, self.strategy.mix.global_rate) for c in clients)
+        gathered = self._statistics_phase(opened, tasks, math.inf)
+        if gathered is not None:
+            self.global_state = gathered[0]
+        return self._evaluate()[0]
+
+    def _open_round(self, number: int) -> RoundOpen | None:
+        settings = self.settings
+        needed = settings.min_clients if number == 1 else max(1, settings.min_uploads)
+        clients = self.transport.wait_for_clients(needed)
+        if clients is None:
+            return None
+        by_position = {c.position: c for c in clients}
+        plan = self.strategy.configure_round(
+            number, sorted(by_position), self.transport.population()
+        )
+        chosen = [by_position[task.client_id] for task in plan.tasks]
+        rates = self.policy.rates(plan, chosen)
+        tasks = tuple(
+            Task(c.id, c.position, rate, plan.lr, task.seed)
+            for c, rate, task in zip(chosen, rates, plan.tasks, strict=True)
+        )
+        now = self.clock()
+        opened = RoundOpen(
+            number, Phase.training, plan.lr, tasks, now, now + self.settings.round_seconds
+        )
+        self.journal.round_opened(opened)
+        return opened
+
+    def _run_round(self, opened: RoundOpen) -> None:
+        if opened.phase is Phase.training:
+            closed = self._training_phase(opened)
+            if closed is None:
+                return  # failed without quorum, or stopped
+            opened = closed
+        self._finish_round(opened)
+
+    # -- training ---------------------------------------------------------------
+    def _training_phase(self, opened: RoundOpen) -> RoundOpen | None:
+        number = opened.round
+        aggregator = HeteroFLAggregator(
+            self.global_state, self.strategy.spec, self.strategy.mix.global_rate
+        )
+        rates = {t.client: t.rate for t in opened.tasks}
+        self.transport.open_phase(
+            number, Phase.training, opened.tasks, self.global_state, opened.deadline
+        )
+        replies: dict[str, TrainReply] = {}
+
+        def fold(reply: Reply) -> None:
+            if not isinstance(reply, TrainReply) or reply.client not in rates:
+                raise InternalError(f"round {number}: unexpected reply {reply!r}")
+            if reply.client in replies:
+                return
+            aggregator.add(reply.update, rates[reply.client], reply.labels)
+            replies[reply.client] = reply
+
+        for reply in self.transport.replies(number, Phase.training):
+            if reply is not None:
+                fold(reply)
+            if self.transport.stopping():
+                return None
+            if self._training_can_close(opened, replies):
+                break
+        for reply in self.transport.close_phase(number, Phase.training):
+            fold(reply)
+        closed_at = self.clock()
+        uploads = [replies[t.client] for t in opened.tasks if t.client in replies]
+        outcomes = [
+            Outcome(
+                t.client,
+                t.rate,
+                replies[t.client].seconds if t.client in replies else None,
+                opened.deadline - opened.opened_at,
+            )
+            for t in opened.tasks
+        ]
+        self.policy.observe(number, outcomes)
+        summary = _training_summary(opened, uploads, closed_at)
+        if len(uploads) < max(1, self.settings.min_uploads):
+            result = RoundResult(
+                **summary,
+                state="failed",
+                statistics_reports=0,
+                finished_at=closed_at,
+                reason=f"{len(uploads)} uploads, fewer than the quorum {self.settings.min_uploads}",
+            )
+            self._record(result)
+            return None
+        start = self.clock()
+        self.global_state = aggregator.finalize()
+        summary["seconds"]["aggregation"] = self.clock() - start
+        stats_tasks: tuple[Task, ...] = ()
+        if self.has_statistics and self.settings.statistics is not StatisticsClients.none:
+            stats_tasks = self._statistics_tasks(opened, uploads)
+        now = self.clock()
+        closed = replace(
+            opened,
+            phase=Phase.statistics,
+            stats_tasks=stats_tasks,
+            stats_deadline=now + self.settings.stats_seconds,
+            summary=summary,
+        )
+        self.journal.training_closed(closed, self.global_state)
+        return closed
+
+    def _training_can_close(self, opened: RoundOpen, replies: Mapping[str, TrainReply]) -> bool:
+        outstanding = [t.client for t in opened.tasks if t.client not in replies]
+        if not outstanding:
+            return True
+        if self.clock() >= opened.deadline:
+            return True
+        quorum = len(replies) >= max(1, self.settings.min_uploads)
+        return quorum and not (set(outstanding) - self.transport.silent(outstanding))
+
+    def _statistics_tasks(
+        self, opened: RoundOpen, uploads: Sequence[TrainReply]
+    ) -> tuple[Task, ...]:
+        global_rate = self.strategy.mix.global_rate
+        if self.settings.statistics is StatisticsClients.all:
+            clients = self.transport.wait_for_clients(0) or []
+            return tuple(Task(c.id, c.position, global_rate) for c in clients)
+        positions = {t.client: t.position for t in opened.tasks}
+        return tuple(Task(u.client, positions[u.client], global_rate) for u in uploads)
+
+    # -- statistics, evaluation ---------------------------------------------------
+    def _finish_round(self, opened: RoundOpen) -> None:
+        summary: dict[str, Any] = {
+            k: (dict(v) if isinstance(v, dict) else v) for k, v in opened.summary.items()
+        }
+        reports = 0
+        start = self.clock()
+        if opened.stats_tasks:
+            deadline = opened.stats_deadline if opened.stats_deadline is not None else math.inf
+            gathered = self._statistics_phase(opened, opened.stats_tasks, deadline)
+            if gathered is None:
+                return  # stopped: the journal still holds the open statistics phase
+            self.global_state, reports = gathered
+        summary["seconds"]["statistics"] = self.clock() - start
+        evaluation, seconds, problem = self._evaluate()
+        summary["seconds"]["evaluation"] = seconds
+        result = RoundResult(
+            **summary,
+            state="finished",
+            statistics_reports=reports,
+            finished_at=self.clock(),
+            evaluation=dict(evaluation),
+            reason=problem,
+        )
+        self._record(result)
+
+    def _statistics_phase(
+        self, opened: RoundOpen, tasks: Sequence[Task], deadline: float
+    ) -> tuple[State, int] | None:
+        """The global state with the clients' statistics applied, and how many reported."""
+        number = opened.round
+        self.transport.open_phase(number, Phase.statistics, tasks, self.global_state, deadline)
+        wanted = {t.client for t in tasks}
+        reports: dict[str, Mapping[str, ChannelMoments]] = {}
+
+        def keep(reply: Reply) -> None:
+            if isinstance(reply, StatsReply) and reply.client in wanted:
+                reports.setdefault(reply.client, reply.moments)
+
+        for reply in self.transport.replies(number, Phase.statistics):
+            if reply is not None:
+                keep(reply)
+            if self.transport.stopping():
+                return None
+            outstanding = [c for c in wanted if c not in reports]
+            if not outstanding or self.clock() >= deadline:
+                break
+            if not (set(outstanding) - self.transport.silent(outstanding)):
+                break
+        for reply in self.transport.close_phase(number, Phase.statistics):
+            keep(reply)
+        ordered = [reports[t.client] for t in tasks if t.client in reports]
+        if not ordered:
+            return self.global_state, 0
+        return apply_statistics(self.global_state, combine_moments(ordered)), len(ordered)
+
+    def _evaluate(self) -> tuple[Mapping[str, float | None], float, str | None]:
+        if self.evaluate is None:
+            return {}, 0.0, None
+        start = self.clock()
+        try:
+            metrics = self.evaluate(self.global_state)
+        except Exception as exc:  # a server fault: logged, reported, the run goes on
+            log.exception("evaluation of the global model failed")
+            return {}, self.clock() - start, f"evaluation failed: {exc}"
+        return {k: _finite(v) for k, v in metrics.items()}, self.clock() - start, None
+
+    def _record(self, result: RoundResult) -> None:
+        self.journal.round_finished(result, self.global_state)
+        self.completed = result.round
+        if self.on_round is not None:
+            self.on_round(result)
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+def _training_summary(
+    opened: RoundOpen, uploads: Sequence[TrainReply], closed_at: float
+) -> dict[str, Any]:
+    rates = {t.client: t.rate for t in opened.tasks}
+    levels: dict[str, int] = {}
+    for reply in uploads:
+        label = rate_label(rates[reply.client])
+        levels[label] = levels.get(label, 0) + 1
+    return {
+        "round": opened.round,
+        "lr": opened.lr,
+        "selected": len(opened.tasks),
+        "uploads": len(uploads),
+        "timed_out": len(opened.tasks) - len(uploads),
+        "levels": dict(sorted(levels.items())),
+        "train_loss": _mean([float(u.metrics.get("loss", math.nan)) for u in uploads]),
+        "train_accuracy": _mean([float(u.metrics.get("accuracy", math.nan)) for u in uploads]),
+        "train_samples": sum(u.num_samples for u in uploads),
+        "opened_at": opened.opened_at,
+        "closed_at": closed_at,
+        "seconds": {"training": closed_at - opened.opened_at},
+    }

@@ -1,0 +1,36 @@
+"""schemathesis against the live app, from the document it serves (bounded examples).
+
+Every operation is called with generated valid and invalid requests (as a
+registered device, so that authenticated operations are reached too); every
+reply must be a documented status with a body that fits its schema, and none
+may be a server error.
+"""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from coordinator_helpers import auth, register
+from hypothesis import HealthCheck, given, settings
+from schemathesis.generation.modes import GenerationMode
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+def test_every_operation_answers_as_documented(app, coordinator, mode):
+    tokens = register(app.test_client())
+    coordinator.settle()
+    schema = schemathesis.openapi.from_wsgi("/v1/openapi.json", app)
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 11
+
+    @given(case=schema.as_strategy(mode))
+    @settings(
+        max_examples=200,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    def conforms(case):
+        case.call_and_validate(headers=auth(tokens[0]))
+
+    conforms()
