@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
+import uuid
 from typing import Any
 
 from flask import Response, g, jsonify, request
@@ -21,9 +23,10 @@ from flask_openapi3 import Info, OpenAPI
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException
 
-from coordinator.api import artifacts, devices, health, model, rounds
+from coordinator.api import artifacts, devices, health, model, pages, rounds
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import STATUS, ApiError, ErrorCode
+from coordinator.logs import ACCESS
 from coordinator.runtime import Clock, Coordinator
 from coordinator.schemas import ErrorReply
 
@@ -39,6 +42,7 @@ _HTTP_CODES = {
     413: ErrorCode.payload_too_large,
 }
 _UPLOADS = {"rounds.update": "update", "rounds.statistics": "statistics"}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class StrictJSONProvider(DefaultJSONProvider):
@@ -106,7 +110,7 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
     app.json = StrictJSONProvider(app)
     app.config["MAX_CONTENT_LENGTH"] = config.max_upload_bytes
     app.extensions["heterofl"] = coordinator
-    for module in (health, devices, rounds, model, artifacts):
+    for module in (health, devices, rounds, model, artifacts, pages):
         app.register_api(module.bp)
 
     @app.get("/v1/openapi.json", doc_ui=False)
@@ -116,6 +120,10 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
     @app.before_request
     def before() -> Any:
         g.started = time.perf_counter()
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given[:64] if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        number = (request.view_args or {}).get("number")
+        g.round = number if isinstance(number, int) and number < 2**31 else None
         length = request.content_length or 0
         if request.endpoint not in _UPLOADS and length > config.max_json_bytes:
             return error_reply(
@@ -140,6 +148,20 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
         if kind is not None and response.status_code >= 400:
             code = (response.get_json(silent=True) or {}).get("code", "unknown")
             metrics.uploads.labels(kind, code).inc()
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        if ACCESS.isEnabledFor(logging.INFO):
+            ACCESS.info(
+                "%s %s %d",
+                request.method,
+                request.path,
+                response.status_code,
+                extra={
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                    "seconds": round(time.perf_counter() - (started or 0.0), 6),
+                },
+            )
         return response
 
     @app.errorhandler(ApiError)

@@ -16,6 +16,7 @@ what is in the model is exactly what was acknowledged, also after a restart.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -34,7 +35,7 @@ from coordinator.store import Store, TaskClosed
 from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
-from heterofl_edge.slicing import extract_submodel_state
+from heterofl_edge.slicing import extract_submodel_state, shapes_at
 
 __all__ = ["DeviceState", "TaskBoard", "TaskStatus", "Waker", "encode_state"]
 
@@ -166,6 +167,7 @@ class TaskBoard:
         self._done_rounds = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()  # status changes from request threads
+        self._shapes_by_rate: dict[float, dict[str, tuple[int, ...]]] = {}
 
     # -- the engine's side (Transport) -----------------------------------------------
     def wait_for_clients(self, minimum: int) -> list[Client] | None:
@@ -296,13 +298,23 @@ class TaskBoard:
                 found.append(StatsReply(row.device_id, moments))
         return found
 
-    def bn_widths(self) -> dict[str, int]:
-        """Channels of every sBN layer in the global model."""
+    def _shapes(self, rate: float) -> dict[str, tuple[int, ...]]:
+        shapes = self._shapes_by_rate.get(rate)
+        if shapes is None:
+            shapes = self._shapes_by_rate[rate] = shapes_at(self.arch.spec, rate)
+        return shapes
+
+    @functools.cached_property
+    def _bn_widths(self) -> dict[str, int]:
         return {
             name.removesuffix(".running_mean"): rule.dims[0].size(self.global_rate)
             for name, rule in self.arch.spec.items()
             if name.endswith(".running_mean")
         }
+
+    def bn_widths(self) -> dict[str, int]:
+        """Channels of every sBN layer in the global model."""
+        return dict(self._bn_widths)
 
     # -- the devices' side (request threads) -------------------------------------------
     def task_for(self, device: Device) -> dict[str, Any]:
@@ -401,7 +413,9 @@ class TaskBoard:
 
     def accept_update(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
         view, task = self._open_task(device, number, Phase.training)
-        parsed = parse_update(body, self.arch.spec, task.rate, self.arch.num_classes)
+        parsed = parse_update(
+            body, self.arch.spec, task.rate, self.arch.num_classes, shapes=self._shapes(task.rate)
+        )
         now = self.clock()
         started = self._started.get(device.id, view.opened_at)
         self._store_result(

@@ -113,12 +113,17 @@ def decode_payload(
 
 
 def parse_update(
-    body: bytes, spec: SlicingSpec, rate: float, num_classes: int, limits: Limits = LIMITS
+    body: bytes,
+    spec: SlicingSpec,
+    rate: float,
+    num_classes: int,
+    limits: Limits = LIMITS,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> ParsedUpdate:
     """A trained sub-model of width ``rate`` with its metadata, every part checked."""
     tensors, metadata = decode_payload(body, limits)
     try:
-        validate_update(tensors, spec, rate)
+        validate_update(tensors, spec, rate, shapes)
     except UpdateError as exc:
         raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
     num_samples = _bounded_int(

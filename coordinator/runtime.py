@@ -258,6 +258,7 @@ class Coordinator:
             result.uploads,
             result.selected,
             result.evaluation,
+            extra={"round": result.round},
         )
 
     def _publish_model(self, state: dict[str, torch.Tensor], completed: int) -> None:

@@ -21,11 +21,17 @@ from heterofl_edge.slicing import DimKind, SlicingSpec, global_positions, shapes
 __all__ = ["HeteroFLAggregator", "validate_update"]
 
 
-def validate_update(update: Mapping[str, torch.Tensor], spec: SlicingSpec, rate: float) -> None:
+def validate_update(
+    update: Mapping[str, torch.Tensor],
+    spec: SlicingSpec,
+    rate: float,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
     """Raise ``UpdateError`` unless ``update`` fits the width-``rate`` sub-model.
 
     It must hold exactly the trainable tensors of that sub-model, as finite
-    float32 tensors of the right shapes.
+    float32 tensors of the right shapes. ``shapes`` may pass ``shapes_at(spec,
+    rate)`` computed once for many updates.
     """
     expected = trainable_names(spec)
     missing = [n for n in expected if n not in update]
@@ -37,7 +43,7 @@ def validate_update(update: Mapping[str, torch.Tensor], spec: SlicingSpec, rate:
             "upload every trainable tensor of your assigned level, named as in the manifest",
             code="wrong_tensors",
         )
-    shapes = shapes_at(spec, rate)
+    shapes = shapes if shapes is not None else shapes_at(spec, rate)
     for name in expected:
         tensor = update[name]
         if tensor.dtype != torch.float32:
@@ -51,10 +57,13 @@ def validate_update(update: Mapping[str, torch.Tensor], spec: SlicingSpec, rate:
                 "upload the shapes your level's manifest lists",
                 code="bad_shape",
             )
-        if not torch.isfinite(tensor).all():
-            raise UpdateError(
-                f"{name} holds NaN or Inf values", "check the client's training", code="not_finite"
-            )
+    # One pass over all values (per-tensor calls dominate for small levels); name the culprit
+    # only when there is one.
+    if not torch.isfinite(torch.cat([update[n].reshape(-1) for n in expected])).all():
+        culprit = next(n for n in expected if not torch.isfinite(update[n]).all())
+        raise UpdateError(
+            f"{culprit} holds NaN or Inf values", "check the client's training", code="not_finite"
+        )
 
 
 class HeteroFLAggregator:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app, request
+from flask import current_app, g, request
 from flask_openapi3 import Tag
 
 from coordinator.errors import ErrorCode
@@ -24,6 +24,7 @@ def device() -> Device:
     """The calling device (its request counts as a heartbeat); 401 otherwise."""
     caller = service().registry.authenticate(request.headers.get("Authorization"))
     caller.bytes_in += request.content_length or 0
+    g.device_id = caller.id
     return caller
 
 

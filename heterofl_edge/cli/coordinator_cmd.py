@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import signal
 from enum import StrEnum
 from pathlib import Path
@@ -87,6 +86,9 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request may stall before it is answered 408.")
     ] = 30.0,
+    log_format: Annotated[
+        str, typer.Option(help="plain, or json: one JSON object per line (with request ids).")
+    ] = "plain",
     torch_threads: Annotated[
         int,
         typer.Option(help="Threads for aggregation and evaluation (leave cores for requests)."),
@@ -97,6 +99,7 @@ def serve(
 
     from coordinator.app import create_app
     from coordinator.config import CoordinatorConfig, LevelPolicy
+    from coordinator.logs import configure as configure_logs
     from coordinator.server import ServerLimits, make_server
     from heterofl_edge.engine import StatisticsClients
     from heterofl_edge.training import LocalTrainingConfig
@@ -121,8 +124,9 @@ def serve(
     ):
         if not seconds > 0:
             raise ConfigError(f"{name} must be positive, got {seconds}")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    logging.getLogger("heterofl_edge").setLevel(logging.INFO)
+    if log_format not in ("plain", "json"):
+        raise ConfigError(f"unknown log format {log_format!r}", "use plain or json")
+    configure_logs(json_lines=log_format == "json")
     torch.set_num_threads(torch_threads)
     config = CoordinatorConfig(
         state_dir=state_dir,
