@@ -98,6 +98,7 @@ class Coordinator:
             )
         )
         self.problem: str | None = None
+        self._ended_views: dict[int, dict[str, Any]] = {}
         self._model_bytes = b""
         self._completed = 0
         if self.store.checkpoint() is None:
@@ -380,9 +381,16 @@ class Coordinator:
         out = []
         for row in self.store.rounds():
             number = int(row["number"])
+            if number in self._ended_views:  # a round that ended never changes again
+                out.append(self._ended_views[number])
+                continue
             tasks = self.store.tasks(number)
             training = [t for t in tasks if t.phase is Phase.training]
-            stats = {t.device_id: t.status for t in tasks if t.phase is Phase.statistics}
+            stats = {
+                t.device_id: "asked" if t.status == "assigned" else t.status
+                for t in tasks
+                if t.phase is Phase.statistics
+            }
             result = None if row["result"] is None else _json_loads(row["result"])
             live_status = {}
             if view is not None and view.round == number and view.phase is Phase.training:
@@ -405,22 +413,23 @@ class Coordinator:
                 )
             state = str(row["state"])
             summary = result or (_json_loads(row["summary"]) if row["summary"] else {})
-            out.append(
-                {
-                    "round": number,
-                    "state": state.removesuffix("-closed"),
-                    "lr": row["lr"],
-                    "opened_at": row["opened_at"],
-                    "deadline": row["deadline"],
-                    "closed_at": summary.get("closed_at"),
-                    "finished_at": (result or {}).get("finished_at"),
-                    "selected": len(training),
-                    "uploads": sum(1 for t in training if t.status == "uploaded"),
-                    "quorum": self.config.min_uploads,
-                    "metrics": summary,
-                    "assignments": assignments,
-                }
-            )
+            entry = {
+                "round": number,
+                "state": state.removesuffix("-closed"),
+                "lr": row["lr"],
+                "opened_at": row["opened_at"],
+                "deadline": row["deadline"],
+                "closed_at": summary.get("closed_at"),
+                "finished_at": (result or {}).get("finished_at"),
+                "selected": len(training),
+                "uploads": sum(1 for t in training if t.status == "uploaded"),
+                "quorum": self.config.min_uploads,
+                "metrics": summary,
+                "assignments": assignments,
+            }
+            if state in ("finished", "failed"):
+                self._ended_views[number] = entry
+            out.append(entry)
         return out
 
     def device_state(self, device_id: str) -> DeviceState:
