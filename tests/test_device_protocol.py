@@ -98,3 +98,36 @@ def test_a_late_upload_is_logged_and_the_device_carries_on():
         Device(BrokenClient(), np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]))._deliver(
             {"round": 2, "upload_url": "/v1/rounds/2/update"}, {}, {}
         )
+
+
+def test_a_server_fault_is_retried_with_backoff_and_the_device_goes_on(tmp_path):
+    """A 5xx is the coordinator's fault: the device waits and sends the same request again."""
+    import json
+
+    import requests
+
+    waits = []
+    client = CoordinatorClient("http://127.0.0.1:9", tmp_path, sleep=waits.append)
+    replies = []
+    for status, body in (
+        (503, {"code": "storage_error", "message": "disk full", "hint": ""}),
+        (500, {"code": "internal_error", "message": "bug", "hint": ""}),
+        (200, {"accepted": True, "round": 1}),
+    ):
+        reply = requests.Response()
+        reply.status_code = status
+        reply._content = json.dumps(body).encode()
+        replies.append(reply)
+    sent = []
+
+    def request(method, url, **kwargs):
+        sent.append((method, url, kwargs["data"]))
+        return replies.pop(0)
+
+    client._session.request = request
+    assert client.upload("/v1/rounds/1/update", {}, {"num_samples": 1}) == {
+        "accepted": True,
+        "round": 1,
+    }
+    assert len(sent) == 3 and len({s[2] for s in sent}) == 1  # the same body each time
+    assert waits == [0.25, 0.5]

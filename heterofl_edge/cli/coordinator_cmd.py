@@ -60,6 +60,9 @@ def serve(
             envvar="HETEROFL_DATA_DIR", help="MNIST folder for evaluating the global model."
         ),
     ] = None,
+    eval_examples: Annotated[
+        int | None, typer.Option(help="Evaluate on the first N test images (default: all).")
+    ] = None,
     formats: Annotated[
         str, typer.Option(help="Artifact formats to offer devices: onnx, or onnx,executorch.")
     ] = "onnx",
@@ -108,6 +111,8 @@ def serve(
     stats = _choice(StatisticsClients, statistics, "statistics")
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is outside 1..65535")
+    if eval_examples is not None and eval_examples < 1:
+        raise ConfigError(f"--eval-examples must be at least 1, got {eval_examples}")
     for name, value in (
         ("--threads", threads),
         ("--connection-limit", connection_limit),
@@ -142,6 +147,7 @@ def serve(
         statistics=stats,
         lr=lr,
         eval_data_dir=eval_data_dir,
+        eval_examples=eval_examples,
         local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
         artifact_formats=_formats(formats),
         artifact_verify=verify_artifacts,

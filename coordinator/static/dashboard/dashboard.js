@@ -53,6 +53,7 @@ function drawCurve(svg, points) {
     return el;
   };
   add("line", { x1: left, y1: h - bottom, x2: w - right, y2: h - bottom, class: "axis" });
+  add("text", { x: w - right - 40, y: h - bottom - 6 }, "round");
   add("line", { x1: left, y1: top, x2: left, y2: h - bottom, class: "axis" });
   for (const y of [0, 0.5, 1]) {
     const py = h - bottom - y * (h - bottom - top);
@@ -79,7 +80,7 @@ function render(health, devices, rounds) {
     `round ${text(health.round)} (${text(health.round_state)}) · ` +
     `${health.completed_rounds}/${health.rounds} rounds done · ` +
     `${health.live_devices}/${health.devices} devices live` +
-    (health.artifacts_ready ? "" : " · building artifacts");
+    (health.status === "starting" ? " · building artifacts" : "");
   const problem = document.getElementById("problem");
   problem.hidden = !health.problem;
   problem.textContent = health.problem ? `server fault: ${health.problem}` : "";
