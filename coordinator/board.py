@@ -205,12 +205,7 @@ class TaskBoard:
         }
         expected: dict[str, int] = {}
         if phase is Phase.statistics:
-            trained = {r.device_id: r for r in self.store.tasks(round_number, Phase.training)}
-            expected = {
-                t.client: int(trained[t.client].num_samples or 0)
-                for t in tasks
-                if t.client in trained
-            }
+            expected = self._expected_counts(round_number, tasks)
         closed = (self.store.round_state(round_number) or "").endswith("-closed")
         with self._lock:
             self._status = status
@@ -228,6 +223,25 @@ class TaskBoard:
                 weights,
                 expected,
             )
+
+    def _expected_counts(self, round_number: int, tasks: Sequence[Task]) -> dict[str, int]:
+        """The examples each device summarises in a statistics phase.
+
+        What it trained on this round, else what its profile says it holds
+        (``--statistics all``); a device with neither cannot answer.
+        """
+        trained = {r.device_id: r for r in self.store.tasks(round_number, Phase.training)}
+        counts = {}
+        for task in tasks:
+            row = trained.get(task.client)
+            if row is not None and row.num_samples:
+                counts[task.client] = int(row.num_samples)
+                continue
+            device = self.registry.get(task.client)
+            held = device.profile.get("num_examples") if device is not None else None
+            if isinstance(held, int) and held > 0:
+                counts[task.client] = held
+        return counts
 
     def replies(self, round_number: int, phase: Phase) -> Iterator[Reply | None]:
         while True:
@@ -433,7 +447,14 @@ class TaskBoard:
 
     def accept_statistics(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
         view, _ = self._open_task(device, number, Phase.statistics)
-        parse_statistics(body, self.bn_widths(), view.expected_counts.get(device.id, 0))
+        expected = view.expected_counts.get(device.id)
+        if expected is None:
+            raise ApiError(
+                ErrorCode.bad_statistics,
+                "the coordinator does not know how many examples this device holds",
+                "register with num_examples in the profile to answer statistics queries",
+            )
+        parse_statistics(body, self.bn_widths(), expected)
         self._store_result(device, view, body, self.clock(), None, None, None, None)
         self.on_result("statistics", len(body))
         return {"accepted": True, "round": number}
