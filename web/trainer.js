@@ -12,6 +12,7 @@
 import { epochBatches, statsBatches } from './shuffle.js';
 
 export const PROFILE_STEPS = 5;
+export const PROFILE_WARMUP = 3;
 export const STATS_BATCH = 500;
 
 export class TrainingError extends Error {
@@ -262,7 +263,10 @@ export class OnnxLevel {
 
 /**
  * Milliseconds per training step of `level`: PROFILE_STEPS steps from zero weights at
- * learning rate 0 on the first min(10, n) examples, as device_sim/device.py profiles.
+ * learning rate 0 on the first min(10, n) examples, as device_sim/device.py profiles,
+ * after PROFILE_WARMUP untimed steps. The warm-up matters in browsers: V8 first runs
+ * WebAssembly from its baseline compiler and tiers up to optimised code while it runs, so
+ * the first steps take several times as long as the steady ones (2-7x measured in node).
  * @param {OnnxLevel} level the reference (smallest) level in play
  * @param {Data} data
  */
@@ -276,15 +280,10 @@ export async function profileStepMs(level, data) {
     shape: [batch, ...data.shape.slice(1)],
   };
   const weights = new Map(level.manifest.parameters.map((p) => [p.name, new Float32Array(product(p.shape))]));
+  const run = (epochs) =>
+    level.train({ weights, data: head, labels: data.labels, lr: 0, epochs, batchSize: batch, seed: 0 });
+  await run(PROFILE_WARMUP);
   const start = performance.now();
-  await level.train({
-    weights,
-    data: head,
-    labels: data.labels,
-    lr: 0,
-    epochs: PROFILE_STEPS,
-    batchSize: batch,
-    seed: 0,
-  });
+  await run(PROFILE_STEPS);
   return (performance.now() - start) / PROFILE_STEPS;
 }
