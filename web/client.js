@@ -40,6 +40,14 @@ export function initialState() {
   };
 }
 
+export const KEPT_MESSAGES = 200;
+
+/** Append a log line to state.messages, keeping the last KEPT_MESSAGES. */
+export function addMessage(state, text, level = 'info') {
+  state.messages.push({ time: new Date().toISOString(), level, text });
+  if (state.messages.length > KEPT_MESSAGES) state.messages.splice(0, state.messages.length - KEPT_MESSAGES);
+}
+
 function finite(map) {
   for (const value of map.values()) {
     const data = value.data ?? value;
@@ -71,8 +79,7 @@ export class DeviceClient {
   }
 
   log(text, level = 'info') {
-    this.state.messages.push({ time: new Date().toISOString(), level, text });
-    if (this.state.messages.length > 200) this.state.messages.splice(0, this.state.messages.length - 200);
+    addMessage(this.state, text, level);
     this.changed();
   }
 

@@ -11,7 +11,7 @@
 
 import * as ort from './ort/ort.wasm.min.mjs';
 
-import { DeviceClient, initialState } from './client.js';
+import { DeviceClient, KEPT_MESSAGES, addMessage, initialState } from './client.js';
 import { DataError, loadMnist } from './mnist.js';
 import { Coordinator, sha256Hex } from './protocol.js';
 import { OnnxLevel } from './trainer.js';
@@ -36,7 +36,7 @@ state.hashCheck = globalThis.crypto?.subtle ? 'sha256' : 'unavailable';
 // ---------------------------------------------------------------- rendering
 
 let renderQueued = false;
-let shownMessages = 0;
+const shown = new WeakSet(); // log lines already on the page
 
 function changed() {
   if (renderQueued) return;
@@ -95,15 +95,15 @@ function render() {
   $('start').disabled = !state.data || running !== null;
   $('stop').disabled = running === null;
   const log = $('log');
-  for (; shownMessages < state.messages.length; shownMessages++) {
-    const m = state.messages[shownMessages];
+  for (const m of state.messages) {
+    if (shown.has(m)) continue;
+    shown.add(m);
     const li = document.createElement('li');
     li.className = m.level;
     li.textContent = `${m.time.slice(11, 19)} ${m.text}`;
     log.prepend(li);
   }
-  while (log.children.length > 200) log.lastChild.remove();
-  shownMessages = Math.min(shownMessages, state.messages.length);
+  while (log.children.length > KEPT_MESSAGES) log.lastChild.remove();
 }
 
 function formatBytes(n) {
@@ -113,7 +113,7 @@ function formatBytes(n) {
 }
 
 function log(textValue, level = 'info') {
-  state.messages.push({ time: new Date().toISOString(), level, text: textValue });
+  addMessage(state, textValue, level);
   changed();
 }
 
