@@ -76,6 +76,8 @@ export class DeviceClient {
     this.breathe = options.breathe ?? (async () => {});
     this.device = options.device ?? {};
     this.profile = null;
+    /** The exact bytes of the last upload of each kind ('train', 'statistics'), for tests. */
+    this.uploadBodies = {};
   }
 
   log(text, level = 'info') {
@@ -263,6 +265,7 @@ export class DeviceClient {
     this.set({ phase: 'uploading', loss: result.loss, accuracy: result.accuracy });
     const sentBefore = this.coordinator.bytesSent;
     await this.coordinator.upload(task.upload_url, tensors, metadata);
+    this.uploadBodies.train = this.coordinator.lastUpload?.body;
     this.set({
       uploads: this.state.uploads + 1,
       lastUpload: {
@@ -290,6 +293,7 @@ export class DeviceClient {
     if (!finite(stats)) throw new Error(`round ${task.round}: statistics are not finite; nothing uploaded`);
     this.set({ phase: 'uploading' });
     await this.coordinator.upload(task.upload_url, stats, {});
+    this.uploadBodies.statistics = this.coordinator.lastUpload?.body;
     this.set({
       statisticsUploads: this.state.statisticsUploads + 1,
       lastUpload: { kind: 'statistics', round: task.round, level: task.level ?? null },

@@ -24,6 +24,7 @@ const state = initialState();
 const current = { data: null }; // the training data itself (state.data describes it)
 let controller = null;
 let coordinator = null;
+let client = null; // the DeviceClient of the current (or last) run
 let running = null;
 const levels = new Map(); // manifest URL -> Promise<OnnxLevel>
 
@@ -150,9 +151,9 @@ async function useDemo() {
   const path = `/v1/demo-data${query.toString() ? `?${query}` : ''}`;
   state.phase = 'loading';
   changed();
-  const client = new Coordinator({ storage: null, onRetry: retried });
+  const api = new Coordinator({ storage: null, onRetry: retried });
   try {
-    const { tensors, metadata } = await client.tensors(path);
+    const { tensors, metadata } = await api.tensors(path);
     const x = tensors.get('x');
     const y = tensors.get('y');
     if (!x || !y || x.dtype !== 'F32' || y.dtype !== 'I64' || x.shape[0] !== y.shape[0]) {
@@ -164,7 +165,7 @@ async function useDemo() {
     const asked = [...query].map(([k, v]) => `${k}=${v}`);
     const description = `demo data${told.length ? ` (${told.join(', ')})` : asked.length ? ` (${asked.join(', ')})` : ''}`;
     state.phase = 'idle';
-    state.bytesReceived += client.bytesReceived;
+    state.bytesReceived += api.bytesReceived;
     useData(
       { x: x.data, y: y.data, n: x.shape[0], shape: x.shape, labels: [...held].sort((a, b) => a - b) },
       'demo',
@@ -211,7 +212,7 @@ const sleep = (ms, signal) =>
     }, { once: true });
   });
 
-async function start() {
+function start() {
   if (running || !current.data) return;
   controller = new AbortController();
   if (params.get('fresh') === '1' && !start.freshDone) {
@@ -222,7 +223,7 @@ async function start() {
   coordinator.bytesReceived = state.bytesReceived; // totals go on from the page's earlier calls
   coordinator.bytesSent = state.bytesSent;
   levels.clear();
-  const client = new DeviceClient({
+  client = new DeviceClient({
     coordinator,
     loadLevel,
     data: current.data,
@@ -236,12 +237,13 @@ async function start() {
       bandwidthMbps: navigator.connection?.downlink || undefined,
     },
   });
-  let wakeLock = null;
-  try {
-    wakeLock = await navigator.wakeLock?.request('screen');
-  } catch {
-    wakeLock = null; // not offered (no secure context) or refused: the screen may sleep
-  }
+  let wakeLock = null; // keeps a phone's screen on while it trains (secure contexts only)
+  navigator.wakeLock
+    ?.request('screen')
+    .then((lock) => {
+      wakeLock = lock;
+    })
+    .catch(() => {}); // refused: the screen may sleep and the browser may pause the page
   running = client
     .run()
     .catch((err) => {
@@ -274,8 +276,10 @@ window.heterofl = {
   start,
   stop,
   useDemo,
-  /** The exact bytes of the last upload (safetensors), for tests. */
-  lastUploadBody: () => coordinator?.lastUpload?.body ?? null,
+  /** The exact bytes (safetensors) of the last upload of a kind: 'train' or 'statistics'. */
+  lastUploadBody: (kind = 'train') => client?.uploadBodies[kind] ?? null,
+  /** The training data in use: {x: Float32Array, y: BigInt64Array, n, shape, labels}. */
+  data: () => current.data,
   running: () => running,
   sha256Hex,
 };
@@ -298,9 +302,9 @@ async function init() {
   );
   changed();
   try {
-    const client = new Coordinator({ storage: null, onRetry: retried });
-    const health = await client.health();
-    state.bytesReceived += client.bytesReceived;
+    const api = new Coordinator({ storage: null, onRetry: retried });
+    const health = await api.health();
+    state.bytesReceived += api.bytesReceived;
     state.alert = null;
     if (health.demo_data) $('use-demo').hidden = false;
     log(`coordinator: model ${health.model}, mode ${health.mode}${health.demo_data ? ', demo data offered' : ''}`);
