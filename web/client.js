@@ -29,7 +29,8 @@ export function initialState() {
     accuracy: null,
     uploads: 0,
     statisticsUploads: 0,
-    lastUpload: null,
+    lastUpload: null, // the last training upload: {round, level, seed, loss, accuracy, steps, bytes}
+    lastStatistics: null, // the last statistics upload: {round, level}
     bytesSent: 0,
     bytesReceived: 0,
     hashCheck: null, // 'sha256' | 'unavailable' (no crypto.subtle: plain HTTP off localhost)
@@ -269,7 +270,6 @@ export class DeviceClient {
     this.set({
       uploads: this.state.uploads + 1,
       lastUpload: {
-        kind: 'train',
         round: task.round,
         level: task.level,
         seed: task.seed,
@@ -296,7 +296,7 @@ export class DeviceClient {
     this.uploadBodies.statistics = this.coordinator.lastUpload?.body;
     this.set({
       statisticsUploads: this.state.statisticsUploads + 1,
-      lastUpload: { kind: 'statistics', round: task.round, level: task.level ?? null },
+      lastStatistics: { round: task.round, level: task.artifact?.level ?? null },
     });
     this.log(`round ${task.round}: sent sBN statistics`);
   }
