@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 HETEROFL_DATA_DIR ?= $(abspath ../shared/datasets/mnist)
 export HETEROFL_DATA_DIR
 
-.PHONY: install demo test test-fast check bench clean
+.PHONY: install web demo test test-web test-fast check bench clean
 
 $(BIN)/heterofl-edge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +22,22 @@ install: $(BIN)/heterofl-edge
 demo: install
 	$(BIN)/heterofl-edge demo --out runs/demo
 
-## All tests, the real-MNIST ones included.
-test: install
+## The browser device client: npm packages pinned by web/package-lock.json (no install
+## scripts run), then the page and onnxruntime-web's wasm runtime copied to
+## coordinator/static/device/ (git-ignored), where the coordinator serves them.
+web: web/node_modules/.package-lock.json
+	cd web && npm run build --silent
+
+web/node_modules/.package-lock.json: web/package.json web/package-lock.json
+	cd web && npm ci --ignore-scripts --no-audit --no-fund
+
+## The browser client's unit tests (node's test runner).
+test-web: web
+	cd web && npm test
+
+## All tests, the real-MNIST ones and the browser client's included.
+test: install web
+	cd web && npm test
 	$(BIN)/python -m pytest
 
 ## Tests without the slow (training) ones.
@@ -42,4 +56,4 @@ bench: install
 	$(BIN)/python bench/bench_fleet.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache web/node_modules coordinator/static/device

@@ -1,0 +1,196 @@
+"""Check, or with --write regenerate, the vectors that Python and JS tests share.
+
+* ``shuffle.json``: the batch-order generator of ``heterofl_edge/batching.py``
+  (SplitMix64, Lemire's bounded draw, Fisher-Yates); 64-bit values are decimal
+  strings (JSON numbers lose them past 2**53 in JS).
+* ``normalise.json``: the float32 bits of ``heterofl_edge.data.idx.normalise`` for
+  the 256 pixel values.
+* ``safetensors/``: files written by Python's ``safetensors`` library and the
+  values they hold (``expected.json``). The JS test writes the same tensors again,
+  which must give the same bytes (up to the order of metadata keys, which Python
+  leaves to a Rust HashMap).
+
+``tests/test_vectors.py`` and ``web/test/*.test.js`` check them. Run from the
+repository root::
+
+    python tests/vectors/make_vectors.py          # exit 1 if a file is out of date
+    python tests/vectors/make_vectors.py --write  # rewrite them (a deliberate change)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load, save
+
+from heterofl_edge.batching import SplitMix64, epoch_batches
+from heterofl_edge.data.idx import normalise
+
+FOLDER = Path(__file__).parent
+SAFETENSORS = FOLDER / "safetensors"
+
+STREAMS = [0, 1, 1234567, 2**32 - 1]
+# Bounds near 2**31 reject about half of the draws, so the rejection loop is exercised.
+BOUNDS = [1, 2, 3, 7, 10, 1000, 2**31 + 1, 2**31 + 1, 2**31 + 1, 3 * 2**30, 2**32 - 1, 2**32]
+SESSIONS = [  # seed, examples, epochs, batch size
+    (0, 0, 2, 4),
+    (0, 1, 2, 1),
+    (1, 10, 2, 3),
+    (7, 16, 1, 16),
+    (2**32 - 1, 17, 3, 5),
+    (2718281828, 100, 2, 32),
+    (42, 600, 1, 10),
+]
+
+
+def shuffle_vectors() -> dict[str, Any]:
+    streams = []
+    for seed in STREAMS:
+        rng = SplitMix64(seed)
+        streams.append({"seed": seed, "next64": [str(rng.next64()) for _ in range(4)]})
+    below = []
+    for seed in (0, 99):
+        rng = SplitMix64(seed)
+        values = [rng.below(b) for b in BOUNDS]
+        below.append(
+            {"seed": seed, "bounds": BOUNDS, "values": values, "state_after": str(rng.state)}
+        )
+    sessions = [
+        {
+            "seed": seed,
+            "num_examples": n,
+            "epochs": epochs,
+            "batch_size": batch,
+            "batches": [b.tolist() for b in epoch_batches(n, epochs, batch, seed)],
+        }
+        for seed, n, epochs, batch in SESSIONS
+    ]
+    return {
+        "about": "Batch-order generator of heterofl_edge/batching.py (SplitMix64, Lemire's "
+        "bounded draw, Fisher-Yates). Regenerate only with "
+        "tests/vectors/make_vectors.py --write.",
+        "splitmix64": streams,
+        "below": below,
+        "epoch_batches": sessions,
+    }
+
+
+def normalise_vectors() -> dict[str, Any]:
+    bits = normalise(np.arange(256, dtype=np.uint8)).view(np.uint32)
+    return {
+        "about": "float32 bits (as uint32) of heterofl_edge.data.idx.normalise(p), p = 0..255",
+        "bits": [int(b) for b in bits],
+    }
+
+
+def render(vectors: dict[str, Any]) -> str:
+    return json.dumps(vectors, separators=(",", ":")) + "\n"
+
+
+def safetensors_cases() -> dict[str, tuple[dict[str, np.ndarray], dict[str, str] | None]]:
+    mixed = {
+        "weight": np.arange(6, dtype=np.float32).reshape(2, 3) / np.float32(7),
+        "scalar": np.array(-1.5, np.float32),
+        "empty": np.zeros((0, 3), np.float32),
+        "double": np.array([np.pi, -0.0], np.float64),
+        "labels": np.array([0, -3, 2**62 + 1], np.int64),
+        "ints": np.array([-(2**31), 2**31 - 1], np.int32),
+        "pixels": np.array([0, 7, 255], np.uint8),
+        "signed": np.array([-128, 127], np.int8),
+        "short": np.array([1, 65535], np.uint16),
+        "half": np.array([1.0, -2.5], np.float16),
+        "flags": np.array([True, False, True]),
+        "0": np.array([1.0], np.float32),  # a name JSON.stringify would put first
+        "Zeta": np.array([2.0], np.float32),  # uppercase sorts before lowercase
+        "é.bias": np.array([3.0], np.float32),  # non-ASCII sorts by UTF-8 bytes
+    }
+    metadata = {"note": 'quote " backslash \\ newline \n tab \t bell \x07 é ∑ 😀'}
+    upload = {
+        "blocks.0.conv.weight": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 1, 2, 2),
+        "linear.bias": np.array([0.25, -0.5], np.float32),
+    }
+    upload_meta = {
+        "num_samples": json.dumps(600),
+        "labels": json.dumps([0, 3, 9]),
+        "metrics": json.dumps({"loss": 1.25, "accuracy": 0.5, "steps": 60}),
+    }
+    return {
+        "mixed": (mixed, None),
+        "metadata": ({"x": np.array([1.0, 2.0], np.float32)}, metadata),
+        "empty_metadata": ({"x": np.array([1.0], np.float32)}, {}),
+        "nothing": ({}, None),
+        "upload": (upload, upload_meta),
+    }
+
+
+def describe(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None) -> dict[str, Any]:
+    def values(a: np.ndarray) -> list[Any]:
+        flat = a.reshape(-1)
+        if a.dtype == np.float16:
+            return [int(v) for v in flat.view(np.uint16)]  # raw bits, as JS reads them
+        if a.dtype in (np.int64, np.uint64):
+            return [str(int(v)) for v in flat]  # past 2**53
+        if a.dtype == np.bool_:
+            return [int(v) for v in flat]
+        return [float(v) if a.dtype.kind == "f" else int(v) for v in flat]
+
+    return {
+        "metadata": metadata,
+        "tensors": {n: {"shape": list(t.shape), "values": values(t)} for n, t in tensors.items()},
+    }
+
+
+def json_files() -> dict[Path, str]:
+    """The JSON files and their exact text."""
+    described = {
+        name: describe(tensors, metadata)
+        for name, (tensors, metadata) in safetensors_cases().items()
+    }
+    return {
+        FOLDER / "shuffle.json": render(shuffle_vectors()),
+        FOLDER / "normalise.json": render(normalise_vectors()),
+        SAFETENSORS / "expected.json": json.dumps(described, indent=1, ensure_ascii=False) + "\n",
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the files")
+    args = parser.parse_args()
+    stale = []
+    for path, text in json_files().items():
+        if args.write:
+            path.write_text(text)
+        elif not path.is_file() or path.read_text() != text:
+            stale.append(path)
+    for name, (tensors, metadata) in safetensors_cases().items():
+        path = SAFETENSORS / f"{name}.safetensors"
+        if args.write:
+            path.write_bytes(save(tensors, metadata=metadata))
+        elif not path.is_file() or not _same(load(path.read_bytes()), tensors):
+            stale.append(path)
+    if args.write:
+        print(f"wrote the vectors under {FOLDER}")
+        return 0
+    if stale:
+        print("out of date: " + ", ".join(str(p) for p in stale))
+        print("rerun with --write if the change is meant")
+        return 1
+    print(f"the vectors under {FOLDER} are up to date")
+    return 0
+
+
+def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and a[k].tobytes() == b[k].tobytes()
+        for k in a
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

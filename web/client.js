@@ -1,0 +1,303 @@
+// One browser device's life, without the DOM: profile, register, then do what the
+// coordinator asks until it says done or the user stops (device_sim/device.py's loop).
+//
+// Nothing stops silently: every failure is logged with its message and the loop goes on
+// after a backoff (FIRST_DELAY_MS doubling to MAX_DELAY_MS). Decisions read an ApiError's
+// `code` only: unknown_token -> register again; round_closed -> take the next task.
+// Nothing corrupt is uploaded: artifacts are sha256-checked where the browser can hash,
+// weights are checked against the manifest, and non-finite results are not sent.
+
+import { ApiError, Codes, FIRST_DELAY_MS, IntegrityError, MAX_DELAY_MS, referenceLevel } from './protocol.js';
+import { profileStepMs } from './trainer.js';
+
+export const DEFAULT_MEMORY_MB = 2048;
+export const MIN_BANDWIDTH_MBPS = 1;
+
+/** Everything the page shows and tests read (window.heterofl.state). */
+export function initialState() {
+  return {
+    phase: 'idle', // idle | loading | profiling | registering | polling | waiting | training | statistics | uploading | backoff | stopped | done
+    deviceId: null,
+    level: null,
+    rate: null,
+    round: null,
+    epoch: null,
+    epochs: null,
+    step: null,
+    stepsPerEpoch: null,
+    loss: null,
+    accuracy: null,
+    uploads: 0,
+    statisticsUploads: 0,
+    lastUpload: null, // the last training upload: {round, level, seed, loss, accuracy, steps, bytes}
+    lastStatistics: null, // the last statistics upload: {round, level}
+    bytesSent: 0,
+    bytesReceived: 0,
+    hashCheck: null, // 'sha256' | 'unavailable' (no crypto.subtle: plain HTTP off localhost)
+    stepMs: null,
+    alert: null,
+    data: null, // {source: 'files' | 'demo', n, labels, description}
+    messages: [],
+  };
+}
+
+export const KEPT_MESSAGES = 200;
+
+/** Append a log line to state.messages, keeping the last KEPT_MESSAGES. */
+export function addMessage(state, text, level = 'info') {
+  state.messages.push({ time: new Date().toISOString(), level, text });
+  if (state.messages.length > KEPT_MESSAGES) state.messages.splice(0, state.messages.length - KEPT_MESSAGES);
+}
+
+function finite(map) {
+  for (const value of map.values()) {
+    const data = value.data ?? value;
+    for (let i = 0; i < data.length; i++) if (!Number.isFinite(data[i])) return false;
+  }
+  return true;
+}
+
+export class DeviceClient {
+  /**
+   * @param {object} options
+   * @param {import('./protocol.js').Coordinator} options.coordinator
+   * @param {(manifestUrl: string) => Promise<import('./trainer.js').OnnxLevel>} options.loadLevel
+   *   a level's programs, downloaded (and checked) through the coordinator; cached by the caller
+   * @param {import('./trainer.js').Data} options.data
+   * @param {object} options.state initialState(), updated in place
+   * @param {() => void} [options.changed] called after every state change
+   * @param {(ms: number, signal?: AbortSignal) => Promise<void>} options.sleep
+   * @param {AbortSignal} options.signal
+   * @param {() => Promise<void>} [options.breathe] awaited now and then while training
+   * @param {{memoryMb?: number, bandwidthMbps?: number}} [options.device]
+   */
+  constructor(options) {
+    Object.assign(this, options);
+    this.changed = options.changed ?? (() => {});
+    this.breathe = options.breathe ?? (async () => {});
+    this.device = options.device ?? {};
+    this.profile = null;
+    /** The exact bytes of the last upload of each kind ('train', 'statistics'), for tests. */
+    this.uploadBodies = {};
+  }
+
+  log(text, level = 'info') {
+    addMessage(this.state, text, level);
+    this.changed();
+  }
+
+  set(fields) {
+    Object.assign(this.state, fields, {
+      bytesSent: this.coordinator.bytesSent,
+      bytesReceived: this.coordinator.bytesReceived,
+    });
+    this.changed();
+  }
+
+  /** Time a few steps of the smallest level in play (the reference artifact). */
+  async measure() {
+    const health = await this.coordinator.health();
+    const reference = health.reference_level
+      ? { label: String(health.reference_level), rate: Number(health.reference_rate) }
+      : referenceLevel(health.mode);
+    this.set({ phase: 'profiling' });
+    const received = this.coordinator.bytesReceived;
+    const started = performance.now();
+    const level = await this.loadLevel(`/v1/artifacts/${health.model}/${reference.label}/manifest.json`);
+    const seconds = Math.max((performance.now() - started) / 1000, 1e-3);
+    const measured = ((this.coordinator.bytesReceived - received) * 8) / seconds / 1e6;
+    const stepMs = await profileStepMs(level, this.data);
+    this.profile = {
+      step_ms: stepMs,
+      reference_rate: reference.rate,
+      memory_mb: this.device.memoryMb ?? DEFAULT_MEMORY_MB,
+      bandwidth_mbps: this.device.bandwidthMbps ?? Math.max(MIN_BANDWIDTH_MBPS, measured),
+    };
+    this.set({ stepMs });
+    this.log(`profile: ${stepMs.toFixed(1)} ms per step of level ${reference.label}`);
+    return this.profile;
+  }
+
+  async register() {
+    const profile = this.profile ?? (await this.measure());
+    this.set({ phase: 'registering' });
+    const reply = await this.coordinator.register(profile);
+    this.set({ deviceId: reply.device_id, level: reply.level ?? null, rate: reply.rate ?? null });
+    this.log(`registered as ${reply.device_id} (level ${reply.level ?? 'per round'})`);
+  }
+
+  /** Run until the coordinator says done (resolves) or the signal aborts (rejects). */
+  async run() {
+    const identity = this.coordinator.identity;
+    if (identity) {
+      this.set({ deviceId: identity.device_id, level: identity.level, rate: identity.rate });
+      this.log(`resuming as ${identity.device_id} with the stored token`);
+    } else {
+      await this.guard(() => this.register());
+    }
+    let idle = 0;
+    for (;;) {
+      this.signal.throwIfAborted();
+      let finished = false;
+      const ok = await this.guard(async () => {
+        if (!this.coordinator.token) await this.register();
+        this.set({ phase: 'polling' });
+        const task = await this.coordinator.task();
+        if (task.action === 'done') {
+          finished = true;
+        } else if (task.action === 'wait') {
+          const seconds = Number(task.retry_after ?? 1);
+          this.set({ phase: 'waiting', alert: null });
+          if (idle++ === 0) this.log(`waiting for a round (asked to come back in ${seconds} s)`);
+          await this.sleep(Math.max(0, seconds) * 1000, this.signal);
+        } else if (task.action === 'train') {
+          idle = 0;
+          await this.train(task);
+        } else if (task.action === 'statistics') {
+          idle = 0;
+          await this.statistics(task);
+        } else {
+          throw new Error(`the coordinator asked for an unknown action ${JSON.stringify(task.action)}`);
+        }
+      });
+      if (finished) {
+        this.set({ phase: 'done', alert: null });
+        this.log('the coordinator says done');
+        return;
+      }
+      if (ok) this.failures = 0;
+    }
+  }
+
+  /**
+   * Run one piece of work; on failure log it, show it, back off, and return false.
+   * unknown_token forgets the token (the next turn registers); round_closed only logs.
+   */
+  async guard(work) {
+    try {
+      await work();
+      this.set({ alert: null });
+      return true;
+    } catch (err) {
+      if (this.signal.aborted) throw this.signal.reason;
+      if (err instanceof ApiError && err.code === Codes.roundClosed) {
+        this.log(`round ${this.state.round ?? '?'}: too late, the coordinator moved on (${err.message})`, 'warn');
+        return false;
+      }
+      this.failures = (this.failures ?? 0) + 1;
+      const delay = Math.min(FIRST_DELAY_MS * 2 ** (this.failures - 1), MAX_DELAY_MS);
+      if (err instanceof ApiError && err.code === Codes.unknownToken) {
+        this.coordinator.forget();
+        this.set({ phase: 'backoff', alert: null });
+        this.log(`the coordinator refused this device's token (${err.message}); registering again`, 'warn');
+        await this.sleep(delay, this.signal);
+        return false;
+      }
+      const kind = err instanceof IntegrityError ? 'damaged download' : (err.code ?? err.name);
+      const text = `${kind}: ${err.message}; retrying in ${(delay / 1000).toFixed(1)} s`;
+      this.set({ phase: 'backoff', alert: text });
+      this.log(text, 'error');
+      await this.sleep(delay, this.signal);
+      return false;
+    }
+  }
+
+  async weights(url, level) {
+    const { tensors } = await this.coordinator.tensors(url);
+    const out = new Map();
+    for (const p of level.manifest.parameters) {
+      const t = tensors.get(p.name);
+      if (!t || t.dtype !== 'F32' || t.shape.join(',') !== p.shape.join(',')) {
+        throw new Error(`the weights for ${p.name} do not fit the manifest (${JSON.stringify(p.shape)} float32)`);
+      }
+      out.set(p.name, t.data);
+    }
+    return out;
+  }
+
+  async train(task) {
+    const hyper = task.hyperparameters;
+    this.set({
+      phase: 'training',
+      round: task.round,
+      level: task.level,
+      rate: task.rate,
+      epoch: 0,
+      epochs: hyper.epochs,
+      step: 0,
+      loss: null,
+    });
+    const level = await this.loadLevel(task.artifact.manifest_url);
+    const differ = level.mismatchedHyperparameters(hyper);
+    if (differ.length) {
+      this.log(`the task's ${differ.join(', ')} differ from the artifact's; the artifact's apply`, 'warn');
+    }
+    const weights = await this.weights(task.weights_url, level);
+    this.log(`round ${task.round}: training level ${task.level}, ${hyper.epochs} epoch(s) of ${this.data.n} examples`);
+    let last = performance.now();
+    const result = await level.train({
+      weights,
+      data: this.data,
+      labels: this.data.labels,
+      lr: task.lr,
+      epochs: hyper.epochs,
+      batchSize: hyper.batch_size,
+      seed: task.seed,
+      signal: this.signal,
+      onStep: async ({ epoch, step, stepsPerEpoch, loss }) => {
+        this.set({ epoch, step, stepsPerEpoch, loss });
+        if (performance.now() - last > 100) {
+          await this.breathe();
+          last = performance.now();
+        }
+      },
+    });
+    if (!finite(result.weights)) {
+      throw new Error(`round ${task.round}: training gave non-finite weights; nothing uploaded`);
+    }
+    const tensors = new Map(
+      level.manifest.parameters.map((p) => [p.name, { dtype: 'F32', shape: p.shape, data: result.weights.get(p.name) }]),
+    );
+    const metadata = {
+      num_samples: result.numExamples,
+      labels: this.data.labels,
+      metrics: { loss: result.loss, accuracy: result.accuracy, steps: result.steps },
+    };
+    this.set({ phase: 'uploading', loss: result.loss, accuracy: result.accuracy });
+    const sentBefore = this.coordinator.bytesSent;
+    await this.coordinator.upload(task.upload_url, tensors, metadata);
+    this.uploadBodies.train = this.coordinator.lastUpload?.body;
+    this.set({
+      uploads: this.state.uploads + 1,
+      lastUpload: {
+        round: task.round,
+        level: task.level,
+        seed: task.seed,
+        loss: result.loss,
+        accuracy: result.accuracy,
+        steps: result.steps,
+        bytes: this.coordinator.bytesSent - sentBefore,
+      },
+    });
+    this.log(
+      `round ${task.round}: uploaded level ${task.level}, loss ${result.loss.toFixed(4)}, ` +
+        `accuracy ${result.accuracy.toFixed(3)}, ${result.steps} steps`,
+    );
+  }
+
+  async statistics(task) {
+    this.set({ phase: 'statistics', round: task.round });
+    const level = await this.loadLevel(task.artifact.manifest_url);
+    const weights = await this.weights(task.weights_url, level);
+    const stats = await level.statistics(weights, this.data, this.signal);
+    if (!finite(stats)) throw new Error(`round ${task.round}: statistics are not finite; nothing uploaded`);
+    this.set({ phase: 'uploading' });
+    await this.coordinator.upload(task.upload_url, stats, {});
+    this.uploadBodies.statistics = this.coordinator.lastUpload?.body;
+    this.set({
+      statisticsUploads: this.state.statisticsUploads + 1,
+      lastStatistics: { round: task.round, level: task.artifact?.level ?? null },
+    });
+    this.log(`round ${task.round}: sent sBN statistics`);
+  }
+}

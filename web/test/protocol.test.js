@@ -1,0 +1,172 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+
+import { ApiError, Codes, Coordinator, IntegrityError, referenceLevel } from '../protocol.js';
+import { parseSafetensors } from '../safetensors.js';
+
+/** A scripted fetch: each entry answers one request ([status, body, headers] or an Error). */
+function scripted(replies) {
+  const seen = [];
+  const fetch = async (url, init) => {
+    seen.push({ url, ...init });
+    const next = replies.shift();
+    if (!next) throw new Error(`unexpected request ${url}`);
+    if (next instanceof Error) throw next;
+    const [status, body, headers] = next;
+    const payload = typeof body === 'string' || body instanceof Uint8Array ? body : JSON.stringify(body);
+    return new Response(status === 204 ? null : payload, { status, headers });
+  };
+  return { fetch, seen };
+}
+
+class MemoryStorage {
+  constructor() {
+    this.items = new Map();
+  }
+  getItem(k) {
+    return this.items.has(k) ? this.items.get(k) : null;
+  }
+  setItem(k, v) {
+    this.items.set(k, String(v));
+  }
+  removeItem(k) {
+    this.items.delete(k);
+  }
+}
+
+function client(replies, extra = {}) {
+  const { fetch, seen } = scripted(replies);
+  const sleeps = [];
+  const retries = [];
+  const coordinator = new Coordinator({
+    fetch,
+    storage: new MemoryStorage(),
+    sleep: async (ms) => sleeps.push(ms),
+    onRetry: (r) => retries.push(r),
+    ...extra,
+  });
+  return { coordinator, seen, sleeps, retries };
+}
+
+test('register sends the profile with runtimes and keeps the token for later calls', async () => {
+  const storage = new MemoryStorage();
+  const { coordinator, seen } = client(
+    [
+      [201, { device_id: 'd1', token: 'secret', level: 'c', rate: 0.25, policy: 'profile' }],
+      [200, { action: 'wait', retry_after: 2 }],
+    ],
+    { storage },
+  );
+  await coordinator.register({ step_ms: 3, reference_rate: 0.0625, memory_mb: 2048, bandwidth_mbps: 10 });
+  assert.equal(seen[0].method, 'POST');
+  assert.equal(seen[0].url, '/v1/devices');
+  assert.equal(seen[0].headers.Authorization, undefined);
+  assert.deepEqual(JSON.parse(new TextDecoder().decode(seen[0].body)), {
+    step_ms: 3,
+    reference_rate: 0.0625,
+    memory_mb: 2048,
+    bandwidth_mbps: 10,
+    runtimes: ['onnx-web'],
+  });
+  assert.deepEqual(await coordinator.task(), { action: 'wait', retry_after: 2 });
+  assert.equal(seen[1].headers.Authorization, 'Bearer secret');
+  // a page reload finds the token again
+  assert.equal(new Coordinator({ fetch: () => {}, storage }).token, 'secret');
+  assert.ok(coordinator.bytesSent > 0 && coordinator.bytesReceived > 0);
+});
+
+test('network failures, 5xx and 429 are retried with capped exponential backoff', async () => {
+  const { coordinator, sleeps, retries } = client([
+    new TypeError('Failed to fetch'),
+    [503, { code: 'unavailable', message: 'restarting' }],
+    new TypeError('Failed to fetch'),
+    new TypeError('Failed to fetch'),
+    new TypeError('Failed to fetch'),
+    new TypeError('Failed to fetch'),
+    [429, { code: 'busy', message: 'slow down' }, { 'Retry-After': '1' }],
+    [200, { status: 'ok', mode: 'a-e' }],
+  ]);
+  assert.deepEqual(await coordinator.health(), { status: 'ok', mode: 'a-e' });
+  assert.deepEqual(sleeps, [250, 500, 1000, 2000, 4000, 4000, 1000]);
+  assert.equal(retries.length, 7);
+  assert.match(retries[1].reason, /HTTP 503/);
+});
+
+test('4xx replies become ApiErrors decided by code; old coordinators map by status', async () => {
+  const { coordinator } = client([
+    [409, { code: 'round_closed', message: 'round 3 closed', hint: 'take the next task' }],
+    [401, { error: 'unknown token' }],
+    [403, { code: 'not_your_assignment', message: 'no' }],
+    [400, 'not json at all'],
+  ]);
+  await assert.rejects(coordinator.task(), (err) => {
+    assert.ok(err instanceof ApiError);
+    assert.equal(err.code, Codes.roundClosed);
+    assert.equal(err.hint, 'take the next task');
+    return true;
+  });
+  await assert.rejects(coordinator.task(), { code: Codes.unknownToken, status: 401 });
+  await assert.rejects(coordinator.task(), { code: 'not_your_assignment' });
+  await assert.rejects(coordinator.task(), { code: 'http_400' });
+});
+
+test('artifacts are checked against the manifest sha256; a mismatch is refused', async () => {
+  const program = new TextEncoder().encode('onnx bytes');
+  const digest = Buffer.from(await crypto.subtle.digest('SHA-256', program)).toString('hex');
+  const manifest = (sha) => ({
+    programs: { onnx: { train_step: { file: 'onnx/train_step.onnx' } } },
+    files: { 'onnx/train_step.onnx': { sha256: sha } },
+  });
+  const good = client([
+    [200, manifest(digest)],
+    [200, program],
+  ]);
+  const got = await good.coordinator.artifact('/v1/artifacts/conv/e/manifest.json');
+  assert.deepEqual(got.files['onnx/train_step.onnx'], program);
+  assert.equal(got.checked, true);
+  assert.equal(good.seen[1].url, '/v1/artifacts/conv/e/onnx/train_step.onnx');
+  const bad = client([
+    [200, manifest('0'.repeat(64))],
+    [200, program],
+  ]);
+  await assert.rejects(bad.coordinator.artifact('/v1/artifacts/conv/e/manifest.json'), IntegrityError);
+});
+
+test('uploads are safetensors with JSON-string metadata', async () => {
+  const { coordinator, seen } = client([[200, { accepted: true }]]);
+  const tensors = new Map([['w', { data: new Float32Array([1, 2]), shape: [2] }]]);
+  const reply = await coordinator.upload('/v1/rounds/1/uploads', tensors, {
+    num_samples: 2,
+    labels: [0, 7],
+    metrics: { loss: 0.5, accuracy: 1, steps: 1 },
+  });
+  assert.deepEqual(reply, { accepted: true });
+  assert.equal(seen[0].headers['Content-Type'], 'application/octet-stream');
+  const { metadata, tensors: back } = parseSafetensors(seen[0].body);
+  assert.deepEqual(metadata, {
+    num_samples: '2',
+    labels: '[0,7]',
+    metrics: '{"loss":0.5,"accuracy":1,"steps":1}',
+  });
+  assert.deepEqual(Array.from(back.get('w').data), [1, 2]);
+  assert.equal(coordinator.bytesSent, seen[0].body.length);
+});
+
+test('an aborted request stops retrying', async () => {
+  const stop = new AbortController();
+  const { coordinator } = client([new TypeError('Failed to fetch')], {
+    signal: stop.signal,
+    sleep: async () => {
+      stop.abort();
+      throw stop.signal.reason;
+    },
+  });
+  await assert.rejects(coordinator.health(), { name: 'AbortError' });
+});
+
+test('the reference level is the smallest of the mode', () => {
+  assert.deepEqual(referenceLevel('a-b-c-d-e'), { label: 'e', rate: 0.0625 });
+  assert.deepEqual(referenceLevel('a2-b8'), { label: 'b', rate: 0.5 });
+  assert.deepEqual(referenceLevel('0.3x2-a1'), { label: '0.3', rate: 0.3 });
+  assert.throws(() => referenceLevel('a-z'));
+});
