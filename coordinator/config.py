@@ -51,6 +51,8 @@ class CoordinatorConfig:
     device_timeout: float = 30.0
     poll_seconds: float = 2.0
     heartbeat_seconds: float = 5.0
+    # MNIST training data served to browser devices as deterministic shards (demo only).
+    demo_data_dir: Path | None = None
     # Held-out MNIST for evaluating the global model after each round (optional).
     eval_data_dir: Path | None = None
     eval_examples: int | None = None

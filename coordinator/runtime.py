@@ -23,6 +23,7 @@ import torch
 from coordinator.artifacts import Artifacts
 from coordinator.board import DeviceState, TaskBoard, TaskSettings, TaskStatus, Waker, encode_state
 from coordinator.config import CoordinatorConfig, LevelPolicy
+from coordinator.demo_data import DemoData
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.evaluation import HeldOutEvaluation
 from coordinator.intake import parse_statistics, parse_update
@@ -97,6 +98,7 @@ class Coordinator:
                 self.arch, self.mix.global_rate, config.eval_data_dir, config.eval_examples
             )
         )
+        self.demo_data = None if config.demo_data_dir is None else DemoData(config.demo_data_dir)
         self.problem: str | None = None
         self._ended_views: dict[int, dict[str, Any]] = {}
         self._model_bytes = b""
@@ -323,6 +325,9 @@ class Coordinator:
             "devices": len(self.registry),
             "live_devices": len(self.registry.live()),
             "artifacts_ready": self.artifacts.all_ready(),
+            "reference_level": rate_label(min(self.mix.rates)),
+            "reference_rate": min(self.mix.rates),
+            "demo_data": self.demo_data is not None,
             "problem": self.problem,
         }
 

@@ -20,6 +20,7 @@ __all__ = [
     "Accepted",
     "ArtifactFilePath",
     "ArtifactPath",
+    "DemoDataQuery",
     "DeviceList",
     "DeviceProfileIn",
     "DeviceView",
@@ -163,6 +164,9 @@ class Health(BaseModel):
     devices: int
     live_devices: int
     artifacts_ready: bool
+    reference_level: str = Field(description="the level devices time to profile themselves")
+    reference_rate: float
+    demo_data: bool = Field(description="whether GET /v1/demo-data serves demo shards")
     problem: str | None = Field(None, description="the last server fault, if any")
 
 
@@ -222,6 +226,14 @@ class DeviceList(BaseModel):
     policy: str
     levels: dict[str, float] = Field(description="share of the devices at each level")
     devices: list[DeviceView]
+
+
+class DemoDataQuery(BaseModel):
+    shard: int = Field(0, ge=0, le=100_000)
+    clients: int = Field(1, ge=1, le=100_000)
+    split: Literal["iid", "non-iid"] = "iid"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    train_examples: int | None = Field(None, ge=1, le=60_000)
 
 
 class RoundPath(BaseModel):

@@ -21,12 +21,15 @@ import resource
 import time
 import types
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import waitress
 from waitress.server import BaseWSGIServer
 
-__all__ = ["ServerLimits", "make_server"]
+from heterofl_edge.errors import ConfigError
+
+__all__ = ["ServerLimits", "TlsServer", "make_server", "make_tls_server"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +105,54 @@ def make_server(app: Any, host: str, port: int, limits: ServerLimits) -> BaseWSG
     )
     server.next_channel_cleanup = time.time()
     return server
+
+
+class TlsServer:
+    """The app over HTTPS (cheroot with Python's ssl): a phone needs a secure context.
+
+    Waitress speaks no TLS. cheroot (CherryPy's WSGI server) does, with a thread
+    pool and its own limits: ``threads`` workers, a ``body_timeout`` socket
+    timeout, and ``max_body_bytes``. ``run`` serves until ``close``.
+    """
+
+    def __init__(
+        self, app: Any, host: str, port: int, cert: Path, key: Path, limits: ServerLimits
+    ) -> None:
+        from cheroot.ssl.builtin import BuiltinSSLAdapter
+        from cheroot.wsgi import Server
+
+        self._server = Server(
+            (host, port),
+            app,
+            numthreads=limits.threads,
+            timeout=int(limits.body_timeout),
+            request_queue_size=min(limits.connection_limit, 1024),
+            accepted_queue_size=limits.connection_limit,
+        )
+        self._server.max_request_body_size = limits.max_body_bytes
+        self._server.ssl_adapter = BuiltinSSLAdapter(str(cert), str(key))
+
+    def run(self) -> None:
+        self._server.start()
+
+    def close(self) -> None:
+        self._server.stop()
+
+
+def make_tls_server(
+    app: Any, host: str, port: int, cert: Path, key: Path, limits: ServerLimits
+) -> TlsServer:
+    for name, path in (("certificate", cert), ("key", key)):
+        if not path.is_file():
+            raise ConfigError(
+                f"TLS {name} {path} does not exist",
+                "make one: openssl req -x509 -newkey rsa:2048 -nodes -days 30 "
+                "-keyout key.pem -out cert.pem -subj /CN=laptop.local",
+            )
+    try:
+        return TlsServer(app, host, port, cert, key, limits)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"cannot use the TLS certificate and key: {exc}",
+            "give a PEM certificate (--tls-cert) and its unencrypted PEM key (--tls-key)",
+        ) from None

@@ -59,6 +59,7 @@ class FleetConfig:
     train_examples: int | None = None
     profiles: Sequence[Capabilities] = field(default_factory=lambda: list(DEFAULT_PROFILES))
     work_dir: Path = Path("runs/fleet")
+    shards: Sequence[int] | None = None  # which of the `clients` shards to run (default: all)
 
 
 class Fleet:
@@ -73,7 +74,8 @@ class Fleet:
         """Start every device, each registered before the next starts."""
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        for shard in range(self.config.clients):
+        shards = self.config.shards
+        for shard in range(self.config.clients) if shards is None else shards:
             capabilities = self.config.profiles[shard % len(self.config.profiles)]
             log_path = self.config.work_dir / f"device-{shard}.log"
             command = [

@@ -2,11 +2,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import jsonify
+from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint
 
 from coordinator.api import BEARER, device, errors, service, tag
-from coordinator.schemas import DeviceList, DeviceProfileIn, Heartbeat, Registered, TaskReply
+from coordinator.errors import ApiError, ErrorCode
+from coordinator.schemas import (
+    SAFETENSORS,
+    DemoDataQuery,
+    DeviceList,
+    DeviceProfileIn,
+    Heartbeat,
+    Registered,
+    TaskReply,
+    safetensors_response,
+)
 
 bp = APIBlueprint("devices", __name__, abp_tags=[tag("devices", "Registration and tasks")])
 
@@ -34,3 +44,20 @@ def heartbeat() -> Any:
 def devices() -> Any:
     """Every registered device: state, level, profile, last seen, bytes (no tokens)."""
     return jsonify(service().device_views())
+
+
+@bp.get(
+    "/v1/demo-data",
+    responses={200: safetensors_response("x [N,1,28,28] float32, y [N] int64"), **errors(400, 404)},
+)
+def demo_data(query: DemoDataQuery) -> Response:
+    """A demo shard of MNIST for a browser device (only with ``serve --demo-data``)."""
+    demo = service().demo_data
+    if demo is None:
+        raise ApiError(
+            ErrorCode.not_found,
+            "this coordinator serves no demo data",
+            "use your own data, or start the coordinator with --demo-data DIR",
+        )
+    payload = demo.shard(query.shard, query.clients, query.split, query.seed, query.train_examples)
+    return Response(payload, mimetype=SAFETENSORS)

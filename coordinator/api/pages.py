@@ -1,14 +1,21 @@
-"""Pages for people: the live coordinator page at ``/`` and its static files.
+"""Pages for people: the live coordinator page at ``/`` and the device page at ``/device/``.
 
-The page is read-only and reads the same ``/v1`` JSON a script would. Files
-come from the package (``coordinator/static``), never from a CDN.
+The live page is read-only and reads the same ``/v1`` JSON a script would.
+The device page turns a browser (a phone) into a device: its ES modules and
+onnxruntime-web's wasm runtime are copied into ``coordinator/static/device``
+by ``make web`` and listed with their types and sha256 in ``assets.json``.
+Files come from the package, never from a CDN; the device page and its
+assets are sent cross-origin isolated (COOP/COEP), which wasm threads need.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
+from typing import Any
 
-from flask import Response, send_from_directory
+from flask import Response, redirect, request, send_from_directory
 from flask_openapi3 import APIBlueprint
 from pydantic import BaseModel
 
@@ -43,3 +50,70 @@ def _send(folder: str, name: str, max_age: int) -> Response:
     if not (root / name).resolve().is_relative_to(root.resolve()) or not (root / name).is_file():
         raise ApiError(ErrorCode.not_found, f"no file {name!r}")
     return send_from_directory(root, name, max_age=max_age)
+
+
+_ISOLATED = {
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Embedder-Policy": "require-corp",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
+
+
+@functools.cache
+def _device_assets() -> dict[str, Any]:
+    path = STATIC / "device" / "assets.json"
+    if not path.is_file():
+        return {}
+    files: dict[str, Any] = json.loads(path.read_text())["files"]
+    return files
+
+
+@bp.get("/device", doc_ui=False)
+def device_redirect() -> Response:
+    query = request.query_string.decode("latin-1")
+    return redirect("/device/" + (f"?{query}" if query else ""), code=308)  # type: ignore[return-value]
+
+
+@bp.get("/device/", doc_ui=False)
+def device_page() -> Response:
+    """The browser device client."""
+    return _device_file("device.html")
+
+
+class DevicePath(BaseModel):
+    name: str
+
+
+@bp.get("/device/<path:name>", doc_ui=False)
+def device_asset(path: DevicePath) -> Response:
+    return _device_file(path.name)
+
+
+def _device_file(name: str) -> Response:
+    assets = _device_assets()
+    if not assets:
+        raise ApiError(
+            ErrorCode.not_found,
+            "the device page is not installed",
+            "run 'make web' (npm packages, then the page copied into the package)",
+        )
+    entry = assets.get(name)
+    if entry is None:
+        raise ApiError(ErrorCode.not_found, f"no device page file {name!r}")
+    folder = STATIC / "device"
+    gzipped = folder / f"{name}.gz"
+    use_gzip = gzipped.is_file() and "gzip" in request.headers.get("Accept-Encoding", "")
+    response = send_from_directory(
+        folder,
+        f"{name}.gz" if use_gzip else name,
+        mimetype=entry["content_type"],
+        max_age=0 if name.endswith(".html") else 3600,
+        etag=entry["sha256"],
+        conditional=True,
+    )
+    if use_gzip:
+        response.headers["Content-Encoding"] = "gzip"
+    if gzipped.is_file():
+        response.vary.add("Accept-Encoding")
+    response.headers.update(_ISOLATED)
+    return response

@@ -6,7 +6,7 @@ import contextlib
 import signal
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -89,6 +89,16 @@ def serve(
     body_timeout: Annotated[
         float, typer.Option(help="Seconds a request may stall before it is answered 408.")
     ] = 30.0,
+    demo_data: Annotated[
+        Path | None,
+        typer.Option(
+            help="Serve browser devices deterministic MNIST shards from this folder (demo only)."
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="PEM certificate: serve HTTPS (a phone's secure context).")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert.")] = None,
     log_format: Annotated[
         str, typer.Option(help="plain, or json: one JSON object per line (with request ids).")
     ] = "plain",
@@ -103,7 +113,7 @@ def serve(
     from coordinator.app import create_app
     from coordinator.config import CoordinatorConfig, LevelPolicy
     from coordinator.logs import configure as configure_logs
-    from coordinator.server import ServerLimits, make_server
+    from coordinator.server import ServerLimits, make_server, make_tls_server
     from heterofl_edge.engine import StatisticsClients
     from heterofl_edge.training import LocalTrainingConfig
 
@@ -148,6 +158,7 @@ def serve(
         lr=lr,
         eval_data_dir=eval_data_dir,
         eval_examples=eval_examples,
+        demo_data_dir=demo_data,
         local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
         artifact_formats=_formats(formats),
         artifact_verify=verify_artifacts,
@@ -157,18 +168,27 @@ def serve(
         poll_seconds=poll_seconds,
         heartbeat_seconds=max(0.5, min(5.0, device_timeout / 4)),
     )
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither")
+    limits = ServerLimits(
+        threads, connection_limit, body_timeout, max_body_bytes=config.max_upload_bytes
+    )
     application = create_app(config)
     coordinator = application.extensions["heterofl"]
-    server = make_server(
-        application,
-        host,
-        port,
-        ServerLimits(
-            threads, connection_limit, body_timeout, max_body_bytes=config.max_upload_bytes
-        ),
-    )
+    scheme = "http"
+    try:
+        if tls_cert is not None and tls_key is not None:
+            server: Any = make_tls_server(application, host, port, tls_cert, tls_key, limits)
+            scheme = "https"
+        else:
+            server = make_server(application, host, port, limits)
+    except BaseException:
+        coordinator.close()
+        raise
+    root = f"{scheme}://{host}:{port}"
     typer.echo(
-        f"coordinator for {model.value} ({mode}, policy {chosen.value}) on http://{host}:{port}/v1"
+        f"coordinator for {model.value} ({mode}, policy {chosen.value}) on {root}/v1 "
+        f"(live page {root}/, device page {root}/device/)"
     )
 
     def shut_down(signum: int, frame: object) -> None:

@@ -1,0 +1,64 @@
+"""Demo data for browser devices: each gets a deterministic shard of MNIST (``--demo-data``).
+
+Off by default. A real phone keeps its own data; this lets a demo (or a test)
+open the device page without picking files. Shards are the ones the Python
+devices compute themselves (``heterofl_edge.partition.train_shards`` from the
+same seed), so a browser device and a Python device with the same shard train
+on the same examples.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save
+
+from coordinator.errors import ApiError, ErrorCode
+from heterofl_edge.data.idx import read_split
+from heterofl_edge.errors import HeteroFLError
+from heterofl_edge.partition import Split, train_shards
+
+__all__ = ["DemoData"]
+
+
+class DemoData:
+    def __init__(self, data_dir: Path) -> None:
+        self.images, self.labels = read_split(data_dir, "train")  # loaded once, at start-up
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 - one instance per coordinator
+    def _partition(
+        self, clients: int, split: Split, seed: int, train_examples: int | None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        keep, shards = train_shards(
+            self.labels, clients, split, 10, seed, train_examples=train_examples
+        )
+        return keep, shards.indices
+
+    def shard(
+        self, shard: int, clients: int, split: str, seed: int, train_examples: int | None
+    ) -> bytes:
+        """Safetensors ``x`` float32 [N, 1, 28, 28] (normalised) and ``y`` int64 [N]."""
+        if not 0 <= shard < clients:
+            raise ApiError(ErrorCode.invalid_request, f"shard {shard} is outside 0..{clients - 1}")
+        if train_examples is not None and train_examples < clients:
+            raise ApiError(
+                ErrorCode.invalid_request,
+                f"{train_examples} examples cannot be shared by {clients} devices",
+            )
+        try:
+            keep, indices = self._partition(clients, Split(split), seed, train_examples)
+        except HeteroFLError as exc:
+            raise ApiError(ErrorCode.invalid_request, exc.message, exc.hint) from None
+        chosen = keep[indices[shard]]
+        return save(
+            {
+                "x": np.ascontiguousarray(self.images[chosen]),
+                "y": np.ascontiguousarray(self.labels[chosen]),
+            },
+            metadata={
+                "source": "MNIST training set (demo data served by the coordinator)",
+                "shard": f"{shard} of {clients} ({split}, seed {seed})",
+            },
+        )
