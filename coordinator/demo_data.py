@@ -58,7 +58,7 @@ class DemoData:
                 "y": np.ascontiguousarray(self.labels[chosen]),
             },
             metadata={
-                "source": "MNIST training set (demo data served by the coordinator)",
+                "source": "the MNIST training set",
                 "shard": f"{shard} of {clients} ({split}, seed {seed})",
             },
         )

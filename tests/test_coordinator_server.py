@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -11,7 +14,7 @@ import requests
 import torch
 from safetensors.torch import load, save
 
-from coordinator.process import start_coordinator, stop
+from coordinator.process import free_port, start_coordinator, stop
 
 
 def next_task(api, headers, timeout=60.0):
@@ -170,5 +173,48 @@ def test_an_acknowledged_upload_survives_kill_9(tmp_path):
         assert history[0]["uploads"] == 1
         again = requests.post(f"{url}{task['upload_url']}", data=body, headers=headers, timeout=30)
         assert again.status_code == 409 and again.json()["code"] == "duplicate_upload"
+    finally:
+        stop(process)
+
+
+def test_https_with_a_self_signed_certificate(tmp_path):
+    """--tls-cert/--tls-key: a phone on the LAN gets a secure context (wasm threads, hashes)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    log = tmp_path / "coordinator.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "heterofl_edge", "coordinator", "serve",
+                "--state-dir", str(tmp_path / "state"), "--mode", "e", "--no-artifacts",
+                "--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key),
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reply = requests.get(f"https://127.0.0.1:{port}/v1/health", verify=cert, timeout=5)
+                break
+            except requests.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert reply.ok and reply.json()["model"] == "conv"
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(f"https://127.0.0.1:{port}/v1/health", timeout=5)  # not trusted
+        assert "https://127.0.0.1" in log.read_text()
     finally:
         stop(process)
