@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 HETEROFL_DATA_DIR ?= $(abspath ../shared/datasets/mnist)
 export HETEROFL_DATA_DIR
 
-.PHONY: install web demo test test-web test-fast check bench clean
+.PHONY: install web browser demo test test-web test-fast check bench clean
 
 $(BIN)/heterofl-edge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,12 +31,20 @@ web: web/node_modules/.package-lock.json
 web/node_modules/.package-lock.json: web/package.json web/package-lock.json
 	cd web && npm ci --ignore-scripts --no-audit --no-fund
 
+## Debian's chromium for the browser tests (Playwright drives it; nothing is downloaded
+## by Playwright itself). Installed with apt-get when missing and run as root.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium is missing: sudo apt-get install chromium (browser tests will skip)"; fi; }
+
 ## The browser client's unit tests (node's test runner).
 test-web: web
 	cd web && npm test
 
 ## All tests, the real-MNIST ones and the browser client's included.
-test: install web
+test: install web browser
 	cd web && npm test
 	$(BIN)/python -m pytest
 
@@ -54,6 +62,8 @@ bench: install
 	$(BIN)/python bench/bench_export.py
 	$(BIN)/python bench/bench_coordinator.py
 	$(BIN)/python bench/bench_fleet.py
+	$(BIN)/python bench/bench_load.py
+	$(BIN)/python bench/bench_browser.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache web/node_modules coordinator/static/device
