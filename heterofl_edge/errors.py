@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "HeteroFLError",
     "InternalError",
+    "ModelError",
     "UpdateError",
 ]
 
@@ -38,6 +39,10 @@ class ConfigError(HeteroFLError):
 
 class DataError(HeteroFLError):
     """A data set that is missing, unreadable or corrupt."""
+
+
+class ModelError(HeteroFLError):
+    """A model the toolkit cannot use: it does not build, or a tensor it cannot slice."""
 
 
 class UpdateError(HeteroFLError):
