@@ -59,8 +59,13 @@ def test_the_language_model_is_split_iid_only(wikitext2):
         task.split(wikitext2, 100, Split.non_iid, seed=0)
     split = task.split(wikitext2, 100, Split.iid, seed=0, train_examples=2000)
     assert [len(i) for i in split.train.indices] == [20] * 100
-    rows = wikitext2.train_x[torch.from_numpy(split.train_keep[split.train.indices[7]])]
+    held = np.sort(np.concatenate(split.train.indices))
+    assert held.tolist() == list(range(2000))  # every row once
+    stretch = split.train.indices[7]
+    assert np.array_equal(stretch, np.arange(stretch[0], stretch[0] + 20))  # consecutive text
+    rows = wikitext2.train_x[torch.from_numpy(split.train_keep[stretch])]
     assert split.train.labels[7] == sorted(np.unique(rows.numpy()).tolist())
+    assert len(split.test_keep) == len(wikitext2.test_x) and split.test is None
 
 
 def test_short_transformer_training_on_wikitext2_lowers_the_loss(wikitext2):

@@ -36,7 +36,7 @@ from heterofl_edge.models.architecture import Architecture
 from heterofl_edge.models.autospec import SpecInference, infer_spec
 from heterofl_edge.models.interface import ModelInterface, TaskKind
 from heterofl_edge.models.layers import StaticBatchNorm2d
-from heterofl_edge.slicing import DimKind, extract_submodel_state, shapes_at, trainable_names
+from heterofl_edge.slicing import Dim, DimKind, extract_submodel_state, shapes_at, trainable_names
 
 __all__ = ["CheckResult", "check_model", "describe_dims", "run_check", "spec_inference"]
 
@@ -61,12 +61,13 @@ def spec_inference(arch: Architecture) -> SpecInference:
     return infer_spec(lambda rate: arch.build(rate), interface, arch.name)
 
 
-def describe_dims(dims: Sequence[object]) -> str:
+def describe_dims(dims: Sequence[Dim]) -> str:
     """``width(64) x fixed(3)``: one tensor's dimensions as a table cell."""
     parts = []
-    for dim in dims:
-        kind, base, heads = dim.kind, dim.base, dim.heads  # type: ignore[attr-defined]
-        parts.append(f"heads({base}/{heads})" if kind is DimKind.heads else f"{kind.value}({base})")
+    for d in dims:
+        parts.append(
+            f"heads({d.base}/{d.heads})" if d.kind is DimKind.heads else f"{d.kind.value}({d.base})"
+        )
     return " x ".join(parts) if parts else "scalar"
 
 
