@@ -4,7 +4,10 @@ The core is pure HeteroFL math on tensors and plain data, with no I/O:
 
 * ``levels``: the levels a..e and width rates;
 * ``models``: width-scalable models (conv, resnet18, transformer) with the
-  Scaler and static BatchNorm, and a slicing spec for each;
+  Scaler and static BatchNorm, a slicing spec for each, and the registry
+  that also names users' models (slicing specs inferred from shapes);
+* ``data``: data sets by name (MNIST, WikiText-2, image folders, users' loaders);
+* ``tasks``: training and scoring for classification and the masked language model;
 * ``slicing``: sub-model extraction from the global state;
 * ``aggregation``: streaming HeteroFL aggregation;
 * ``bn_stats``: static-BN statistics gathered from clients;
@@ -29,16 +32,24 @@ _EXPORTS = {
     "InternalError": "errors",
     "Level": "levels",
     "LevelMix": "assignment",
+    "ModelError": "errors",
+    "ModelInterface": "models",
     "MultiStepSchedule": "strategy",
+    "TaskKind": "task_kind",
     "TensorRule": "slicing",
     "UpdateError": "errors",
     "build_model": "models",
+    "check_compatible": "tasks",
     "extract_submodel_state": "slicing",
     "get_architecture": "models",
+    "get_dataset": "data",
+    "list_datasets": "data",
+    "list_models": "models",
     "parse_mode": "assignment",
     "parse_rate": "levels",
     "scaled_width": "levels",
     "shapes_at": "slicing",
+    "task_for": "tasks",
     "validate_update": "aggregation",
 }
 __all__ = sorted(_EXPORTS)

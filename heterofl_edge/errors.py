@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "HeteroFLError",
     "InternalError",
+    "ModelError",
     "UpdateError",
 ]
 
@@ -46,6 +47,10 @@ class DataError(HeteroFLError):
     """A data set that is missing, unreadable or corrupt."""
 
     code = "bad_data"
+
+
+class ModelError(HeteroFLError):
+    """A model the toolkit cannot use: it does not build, or a tensor it cannot slice."""
 
 
 class UpdateError(HeteroFLError):

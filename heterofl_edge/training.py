@@ -8,6 +8,7 @@ local session.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,12 +38,26 @@ class LocalTrainingResult:
     mean_loss: float
     accuracy: float
 
+    @property
+    def perplexity(self) -> float:
+        """``exp(mean_loss)``: the language model's metric."""
+        return _perplexity(self.mean_loss)
+
 
 @dataclass(frozen=True)
 class EvalResult:
     num_examples: int
     loss: float
     accuracy: float
+
+    @property
+    def perplexity(self) -> float:
+        """``exp(loss)``: the language model's metric."""
+        return _perplexity(self.loss)
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
 
 
 def train_local(

@@ -104,3 +104,23 @@ def artifact_cache(tmp_path_factory):
             shutil.copytree(key / folder, state_dir / "artifacts" / folder, dirs_exist_ok=True)
 
     return provide
+
+
+@pytest.fixture(scope="session")
+def wikitext2_dir() -> Path:
+    """WikiText-2: $HETEROFL_WIKITEXT2_DIR, else ../shared/datasets/wikitext2 beside the repo."""
+    configured = os.environ.get("HETEROFL_WIKITEXT2_DIR")
+    path = Path(configured) if configured else REPO.parent / "shared" / "datasets" / "wikitext2"
+    if not (path / "train.txt").exists():
+        message = f"WikiText-2 not found at {path}: set HETEROFL_WIKITEXT2_DIR"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def wikitext2(wikitext2_dir):
+    from heterofl_edge.data import load_wikitext2
+
+    return load_wikitext2(wikitext2_dir)

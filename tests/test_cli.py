@@ -35,7 +35,9 @@ def test_models_summary_json_includes_extra_rates():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["models", "summary", "--model", "vgg"], "'vgg' is not one of"),
+        (["models", "summary", "--model", "vgg"], "unknown model 'vgg'"),
+        (["export", "--model", "nope:nope"], "cannot import 'nope'"),
+        (["data", "check", "--data", "cifar"], "unknown data set 'cifar'"),
         (["models", "summary", "--rate", "0"], "rate '0' is outside (0, 1]"),
         (["models", "summary", "--rate", "1.5"], "rate '1.5' is outside (0, 1]"),
         (["simulate", "--mode", "a-x"], "bad level 'x' in mode 'a-x'"),

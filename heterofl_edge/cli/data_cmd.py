@@ -1,4 +1,4 @@
-"""``heterofl-edge data check``: verify MNIST files against their original md5s."""
+"""``heterofl-edge data check``: verify a data set's files (md5s where known) and that it loads."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from heterofl_edge.data.mnist import check_mnist_files, load_mnist
+from heterofl_edge.cli.options import DataOption
+from heterofl_edge.data.base import LanguageModelData
+from heterofl_edge.data.registry import get_dataset, resolve_dataset
 from heterofl_edge.errors import DataError
 
 app = typer.Typer(help="Data sets.", no_args_is_help=True)
@@ -20,20 +22,43 @@ DataDirOption = Annotated[
         help="Folder with the MNIST idx files (or set HETEROFL_DATA_DIR).",
     ),
 ]
+AnyDataDirOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        envvar="HETEROFL_DATA_DIR",
+        help="Folder with the data set's files (HETEROFL_DATA_DIR: MNIST's).",
+    ),
+]
 
 
 @app.command()
-def check(data_dir: DataDirOption = None) -> None:
-    """Check the four MNIST .gz files' md5s and that they parse."""
-    data = load_mnist(data_dir)
-    assert data_dir is not None  # load_mnist refused None already
-    report = check_mnist_files(data_dir)
-    for name, verdict in report.items():
-        typer.echo(f"{name}: {verdict}")
-    bad = [n for n, v in report.items() if v not in ("ok", "missing")]
-    if bad:
-        raise DataError(f"md5 mismatch for {', '.join(bad)}", "download those files again")
-    typer.echo(
-        f"MNIST readable: {len(data.train_labels)} training and "
-        f"{len(data.test_labels)} test examples"
-    )
+def check(data_dir: AnyDataDirOption = None, data: DataOption = "mnist") -> None:
+    """Check a data set's files against their original md5s (where known) and load it."""
+    entry = resolve_dataset(data)
+    dataset = get_dataset(data, data_dir)
+    if entry.check_files is not None:
+        assert data_dir is not None  # the loader refused None already
+        report = entry.check_files(Path(data_dir))
+        for name, verdict in report.items():
+            typer.echo(f"{name}: {verdict}")
+        bad = [n for n, v in report.items() if v not in ("ok", "missing")]
+        if bad:
+            raise DataError(f"md5 mismatch for {', '.join(bad)}", "download those files again")
+    if isinstance(dataset, LanguageModelData):
+        typer.echo(
+            f"{entry.name} readable: vocabulary of {dataset.num_classes} tokens; rows of "
+            f"{dataset.sequence_length} tokens: {len(dataset.train_tokens)} training, "
+            f"{len(dataset.valid_tokens)} validation, {len(dataset.test_tokens)} test"
+        )
+    elif entry.name == "mnist":
+        typer.echo(
+            f"MNIST readable: {len(dataset.train_labels)} training and "
+            f"{len(dataset.test_labels)} test examples"
+        )
+    else:
+        typer.echo(
+            f"{entry.name} readable: {len(dataset.train_labels)} training and "
+            f"{len(dataset.test_labels)} test examples of shape "
+            f"{tuple(dataset.train_images.shape[1:])} in {dataset.num_classes} classes"
+        )

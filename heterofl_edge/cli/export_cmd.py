@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
+from heterofl_edge.cli.options import ModelOption
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import Level, parse_rate
-from heterofl_edge.models import ModelName, get_architecture
+from heterofl_edge.models import get_architecture
 
 
 def export(
-    model: Annotated[ModelName, typer.Option(help="Model family.")] = ModelName.conv,
+    model: ModelOption = "conv",
     level: Annotated[str, typer.Option(help="Level a..e, 'all' for a..e, or use --rate.")] = "all",
     rate: Annotated[
         float | None, typer.Option(help="Any width rate in (0, 1]; overrides --level.")

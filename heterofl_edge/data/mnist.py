@@ -8,12 +8,11 @@ which covers a folder filled by torchvision's downloader.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from heterofl_edge.data.base import ClassificationData, md5_of
 from heterofl_edge.data.idx import DOWNLOAD_HINT, read_idx, read_split
 from heterofl_edge.errors import DataError
 
@@ -33,25 +32,6 @@ MNIST_FILES = {
     "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
 }
-
-
-@dataclass(frozen=True)
-class ClassificationData:
-    """Normalised images [N, C, H, W] float32 and labels [N] int64, train and test."""
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-
-
-def md5_of(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def load_mnist(data_dir: str | Path | None) -> ClassificationData:

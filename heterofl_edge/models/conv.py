@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from heterofl_edge.levels import scaled_width
+from heterofl_edge.models.architecture import Architecture
 from heterofl_edge.models.layers import Scaler, StaticBatchNorm2d
+from heterofl_edge.models.registry import register_architecture
 from heterofl_edge.slicing import Dim, SlicingSpec, TensorRule
 
 __all__ = ["CONV_HIDDEN", "ConvNet", "conv_spec"]
@@ -80,3 +82,16 @@ def conv_spec(
     spec["classifier.weight"] = TensorRule((Dim.labels(num_classes), previous))
     spec["classifier.bias"] = TensorRule((Dim.labels(num_classes),))
     return spec
+
+
+register_architecture(
+    Architecture(
+        "conv",
+        "CNN for MNIST (paper Table 7)",
+        lambda w, s: ConvNet(w, s),
+        conv_spec(),
+        (1, 28, 28),
+        torch.float32,
+        10,
+    )
+)

@@ -16,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from heterofl_edge.levels import scaled_width
+from heterofl_edge.models.architecture import Architecture
 from heterofl_edge.models.layers import Scaler, StaticBatchNorm2d
+from heterofl_edge.models.registry import register_architecture
 from heterofl_edge.slicing import Dim, SlicingSpec, TensorRule
 
 __all__ = [
@@ -133,3 +135,16 @@ def resnet18_spec(
     spec["linear.weight"] = TensorRule((Dim.labels(num_classes), widths[-1]))
     spec["linear.bias"] = TensorRule((Dim.labels(num_classes),))
     return spec
+
+
+register_architecture(
+    Architecture(
+        "resnet18",
+        "pre-activation ResNet18 for CIFAR10 (paper Table 8)",
+        lambda w, s: ResNet18(w, s),
+        resnet18_spec(),
+        (3, 32, 32),
+        torch.float32,
+        10,
+    )
+)

@@ -14,7 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from heterofl_edge.levels import scaled_width
+from heterofl_edge.models.architecture import Architecture
+from heterofl_edge.models.interface import TaskKind
 from heterofl_edge.models.layers import Scaler
+from heterofl_edge.models.registry import register_architecture
 from heterofl_edge.slicing import Dim, SlicingSpec, TensorRule
 
 __all__ = ["TRANSFORMER_DEFAULTS", "MaskedLanguageTransformer", "mask_tokens", "transformer_spec"]
@@ -183,3 +186,17 @@ def transformer_spec(
     spec["decoder_linear2.weight"] = TensorRule((Dim.labels(num_tokens), emb))
     spec["decoder_linear2.bias"] = TensorRule((Dim.labels(num_tokens),))
     return spec
+
+
+register_architecture(
+    Architecture(
+        "transformer",
+        "masked-LM Transformer for WikiText2 (paper Table 9)",
+        lambda w, s: MaskedLanguageTransformer(w, s),
+        transformer_spec(int(TRANSFORMER_DEFAULTS["num_tokens"])),
+        (int(TRANSFORMER_DEFAULTS["sequence_length"]),),
+        torch.long,
+        int(TRANSFORMER_DEFAULTS["num_tokens"]),
+        TaskKind.language_model,
+    )
+)

@@ -1,0 +1,44 @@
+"""Reusable command-line options: ``--model`` and ``--data``, checked through the registries.
+
+A command declares ``model: ModelOption = "conv"`` (or ``ModelArgument`` for a
+positional ``MODEL``) and receives the name as a ``str`` that
+``get_architecture`` accepts: a built-in, an installed entry point or
+``package.module:factory``. An unknown name stops the command before it
+starts, with the registry's ``ConfigError`` (a one-line error listing the
+choices, exit code 2). ``DataOption`` does the same for data sets.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from heterofl_edge.data.registry import resolve_dataset
+from heterofl_edge.models.registry import resolve_model
+
+__all__ = ["DataOption", "ModelArgument", "ModelOption", "check_data_name", "check_model_name"]
+
+MODEL_HELP = "Model: conv, resnet18, transformer, an installed one, or package.module:factory."
+DATA_HELP = "Data set: mnist, wikitext2, imagefolder, an installed one, or package.module:loader."
+
+
+def check_model_name(value: str) -> str:
+    """Typer callback: the model's canonical name, or the registry's ``ConfigError``."""
+    return resolve_model(value)
+
+
+def check_data_name(value: str) -> str:
+    """Typer callback: the data set's name, or the registry's ``ConfigError``."""
+    return resolve_dataset(value).name
+
+
+ModelOption = Annotated[
+    str, typer.Option("--model", help=MODEL_HELP, callback=check_model_name, show_default=True)
+]
+ModelArgument = Annotated[
+    str, typer.Argument(metavar="MODEL", help=MODEL_HELP, callback=check_model_name)
+]
+DataOption = Annotated[
+    str, typer.Option("--data", help=DATA_HELP, callback=check_data_name, show_default=True)
+]
