@@ -58,7 +58,9 @@ def test_six_devices_three_levels_survive_a_killed_device(
         "--min-uploads",
         "3",
         "--round-seconds",
-        "45",
+        "300",
+        "--device-timeout",
+        "15",  # the killed device is given up after 15 s of silence, not at the deadline
         "--local-epochs",
         "1",
     )
