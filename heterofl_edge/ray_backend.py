@@ -16,6 +16,7 @@ on the others) and leaves it running.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -32,19 +33,35 @@ from heterofl_edge.sessions import (
     run_training,
 )
 
-try:
-    import ray
-except ImportError:  # the optional extra is not installed
-    ray = None
+ray: Any = None  # imported on first use, after the environment of a private Ray is set
 
-__all__ = ["LOCAL_RAY_ENVIRONMENT", "RayBackend"]
+__all__ = ["LOCAL_RAY_ENVIRONMENT", "RayBackend", "import_ray"]
 
-# A private Ray on one machine: nothing leaves it, nothing phones home.
+# A private Ray on one machine: nothing leaves it, nothing phones home. Ray reads these when
+# it is imported, so they must be set before (``import_ray(local=True)`` does).
 LOCAL_RAY_ENVIRONMENT = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_AUTH_MODE": "disabled",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
 }
+
+
+def import_ray(local: bool) -> Any:
+    """The ``ray`` module; for a private Ray (``local``), first the environment above."""
+    global ray
+    if ray is None:
+        if local:
+            for key, value in LOCAL_RAY_ENVIRONMENT.items():
+                os.environ.setdefault(key, value)
+        try:
+            ray = importlib.import_module("ray")
+        except ImportError:  # the optional extra is not installed
+            raise ConfigError(
+                "--backend ray needs Ray, which is not installed",
+                "pip install 'heterofl-edge[ray]' (or use --backend local)",
+            ) from None
+    return ray
+
 
 # Per worker process: the training examples of the run, read once from the object store.
 _DATA: dict[str, ClientArrays] = {}
@@ -55,7 +72,7 @@ def _data(holder: list[Any]) -> ClientArrays:
     key = ref.hex()
     if key not in _DATA:
         _DATA.clear()
-        _DATA[key] = ray.get(ref)
+        _DATA[key] = import_ray(local=False).get(ref)  # in a worker, Ray is imported already
     return _DATA[key]
 
 
@@ -77,17 +94,11 @@ class RayBackend:
         address: str | None = None,
         workers: int | None = None,
     ) -> None:
-        if ray is None:
-            raise ConfigError(
-                "--backend ray needs Ray, which is not installed",
-                "pip install 'heterofl-edge[ray]' (or use --backend local)",
-            )
+        import_ray(local=address is None)
         self.device = device
         self._started = False
         if not ray.is_initialized():
             if address is None:
-                for key, value in LOCAL_RAY_ENVIRONMENT.items():
-                    os.environ.setdefault(key, value)
                 ray.init(
                     num_cpus=workers or available_cores(),
                     include_dashboard=False,

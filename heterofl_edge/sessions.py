@@ -196,7 +196,7 @@ def run_training(job: TrainJob, data: ClientArrays, device: str = "cpu") -> Trai
     model = arch.build(job.rate, job.global_rate)
     model.load_state_dict(to_tensors(job.state))
     model.to(device)
-    index = torch.from_numpy(job.indices).to(device)
+    index = as_tensor(job.indices).to(device)
     x = images.index_select(0, index)
     y = labels.index_select(0, index)
     mask = label_mask(list(job.labels_held), job.num_classes).to(device)
@@ -224,7 +224,7 @@ def run_statistics(job: StatsJob, data: ClientArrays, device: str = "cpu") -> St
     place(model, device)
     outcome: StatsOutcome = []
     for client, indices in zip(job.clients, job.indices, strict=True):
-        local = images.index_select(0, torch.from_numpy(indices).to(device))
+        local = images.index_select(0, as_tensor(indices).to(device))
         batches = (local[s].contiguous(memory_format=fmt) for s in stats_batches(len(local)))
         moments = collect_moments(model, batches)
         outcome.append(
