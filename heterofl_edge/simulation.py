@@ -340,9 +340,7 @@ def make_backend(execution: Execution, data: ClientArrays, device: str) -> Sessi
         from heterofl_edge.ray_backend import RayBackend
 
         return RayBackend(data, device, execution.address, execution.workers)
-    workers = execution.workers or (
-        max(1, torch.cuda.device_count()) if device == "cuda" else available_cores()
-    )
+    workers = execution.workers or (1 if device == "cuda" else available_cores())
     if workers == 1:
         return InlineBackend(data, device)
     return PoolBackend(data, workers, device)
