@@ -66,7 +66,7 @@ def test_one_and_two_workers_give_the_same_model_bits(mnist):
     pooled = run_simulation(TINY, mnist, execution=Execution(workers=2))
     assert_same_state(inline.global_state, pooled.global_state)
     assert [r.global_accuracy for r in inline.rounds] == [r.global_accuracy for r in pooled.rounds]
-    assert inline.rounds[-1].global_accuracy > 0.5
+    assert inline.rounds[-1].global_accuracy > 0.2  # it trained (chance: 0.1)
 
 
 @pytest.mark.slow
@@ -161,13 +161,13 @@ def test_resume_after_a_kill_gives_the_model_of_an_uninterrupted_run(mnist, mnis
         str(out),
     ]
     env = {**os.environ, "PYTHONPATH": REPO}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    assert process.stdout is not None
-    for line in process.stdout:
-        if line.startswith("round   1/3"):
-            break
-    process.send_signal(signal.SIGKILL)  # mid-way through round 2, in training or statistics
-    process.wait(timeout=60)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("round   1/3"):
+                break
+        process.send_signal(signal.SIGKILL)  # mid-way through round 2, in training or statistics
+        process.wait(timeout=60)
     journal = json.loads((out / "journal" / "journal.json").read_text())
     assert journal["completed"] in (1, 2)
     assert not (out / "results.json").exists()
