@@ -1,10 +1,17 @@
-"""Benchmark: `simulate` on MNIST for modes e and a-e, the paper's settings, 10 rounds.
+"""Benchmark: a HeteroFL round on the Flower-baseline protocol, --workers 1 against 2, eager limit.
 
-Writes bench/results/simulate.json with, per mode, the accuracy per round, wall
-time, training samples per second and the ratio of a-e's throughput to e's
-(the baseline measured in the same run).
+Protocol (Flower's HeteroFL baseline, as the peer was measured on this machine):
+MNIST conv, Dynamic a-e, IID, 100 clients, 10 per round, E = 5, B = 10, SGD lr
+0.01, sBN statistics from all 60,000 training images after every round,
+evaluation on the 10,000 test images. The same rounds run with ``--workers 2``
+and ``--workers 1`` (bit-identical models, so the same work), alternating.
 
-    make bench        (or: .venv/bin/python bench/bench_simulate.py --rounds 10)
+Also measured in this process: eager training throughput (``train_local``,
+one thread, levels a and e), the physical limit a round's training phase is
+compared with, and the cost per image of the sBN statistics pass (the
+previous implementation with hooks, the current one, batches of 10 and 500).
+
+    .venv/bin/python bench/bench_simulate.py --rounds 2
 """
 
 from __future__ import annotations
@@ -16,70 +23,175 @@ import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from heterofl_edge.bn_stats import ChannelMoments, collect_moments, combine_moments
 from heterofl_edge.data import load_mnist
+from heterofl_edge.levels import parse_rate
+from heterofl_edge.loss import label_mask
+from heterofl_edge.models import Scaler, StaticBatchNorm2d, build_model
 from heterofl_edge.report import write_json
-from heterofl_edge.simulation import SimulationConfig, run_simulation
+from heterofl_edge.sessions import session_threads
+from heterofl_edge.simulation import Execution, SimulationConfig, run_simulation
+from heterofl_edge.training import LocalTrainingConfig, train_local
+
+PEER_ROUND_SECONDS = 67.0  # Flower 1.9 HeteroFL baseline on Ray, this machine, mean of 8 rounds
+OLD_ROUND_SECONDS = 110.0  # ours before this change, same protocol and machine
+
+
+def eager_samples_per_second(images: torch.Tensor, labels: torch.Tensor, level: str) -> float:
+    """One thread, one local session of 600 examples, one epoch, as a client trains."""
+    torch.manual_seed(0)
+    model = build_model("conv", parse_rate(level))
+    config = LocalTrainingConfig(epochs=1)
+    with session_threads(1):
+        train_local(model, images[:100], labels[:100], 0.01, config, label_mask(range(10), 10))
+        start = time.perf_counter()
+        result = train_local(model, images, labels, 0.01, config, label_mask(range(10), 10))
+        return result.num_examples / (time.perf_counter() - start)
+
+
+@torch.no_grad()
+def hooks_pass(model: torch.nn.Module, batches: list[torch.Tensor]) -> None:
+    """The previous statistics pass: forward hooks that transposed and copied to float64."""
+    found: list[ChannelMoments] = []
+
+    def hook(module, inputs, output):  # type: ignore[no-untyped-def]
+        x = inputs[0].transpose(0, 1).reshape(inputs[0].shape[1], -1).double()
+        found.append(
+            ChannelMoments(x.shape[1], x.mean(1).float(), x.var(1, unbiased=False).float())
+        )
+
+    handles = [
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, StaticBatchNorm2d)
+    ]
+    model.train()
+    for m in model.modules():
+        if isinstance(m, Scaler):
+            m.eval()
+    for batch in batches:
+        model(batch)
+    for handle in handles:
+        handle.remove()
+    combine_moments({"x": f} for f in found)
+
+
+def statistics_costs(images: torch.Tensor) -> dict[str, float]:
+    """Milliseconds per image of the level-a statistics pass, one thread, best of 2."""
+    cl = torch.channels_last
+    costs: dict[str, float] = {}
+    with session_threads(1):
+        for name, fmt, size, run in (
+            ("hooks, batches of 500 (previous)", torch.contiguous_format, 500, "hooks"),
+            ("kernel moments, batches of 500", torch.contiguous_format, 500, "new"),
+            ("kernel moments, channels-last, batches of 500 (now)", cl, 500, "new"),
+            ("kernel moments, channels-last, batches of 10", cl, 10, "new"),
+        ):
+            model = build_model("conv", 1.0)
+            model.to(memory_format=fmt)
+            batches = [
+                images[i : i + size].contiguous(memory_format=fmt)
+                for i in range(0, len(images), size)
+            ]
+            best = float("inf")
+            for _ in range(2):
+                start = time.perf_counter()
+                if run == "hooks":
+                    hooks_pass(model, batches)
+                else:
+                    collect_moments(model, batches)
+                best = min(best, time.perf_counter() - start)
+            costs[name] = 1e3 * best / len(images)
+            print(f"statistics pass, {name}: {costs[name]:.3f} ms per image", flush=True)
+    return costs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--modes", default="e,a-e")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--workers", default="2,1", help="worker counts, run alternately")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "simulate.json"
     )
     args = parser.parse_args()
     data = load_mnist(os.environ.get("HETEROFL_DATA_DIR"))
-    results = {
-        "machine": {
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
-        "settings": "paper MNIST: 100 clients, fraction 0.1, E=5, B=10, lr 0.01, iid, "
-        "sBN statistics from all clients every round",
-        "runs": {},
+    sample = data.train_images[:600]
+    eager = {
+        lvl: eager_samples_per_second(sample, data.train_labels[:600], lvl) for lvl in ("a", "e")
     }
-    for mode in args.modes.split(","):
-        config = SimulationConfig(mode=mode, rounds=args.rounds, seed=0)
-        start = time.perf_counter()
+    print(
+        f"eager training, one thread: {eager['a']:.0f} samples/s at a, {eager['e']:.0f} at e",
+        flush=True,
+    )
+    stats = statistics_costs(data.train_images[:2000])
+    config = SimulationConfig(mode="a-e", rounds=args.rounds, seed=0)
+    runs: dict[str, dict[str, object]] = {}
+    for workers in (int(w) for w in args.workers.split(",")):
 
-        def report(record, mode=mode):  # type: ignore[no-untyped-def]
+        def report(record, workers=workers):  # type: ignore[no-untyped-def]
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in record.seconds.items())
             print(
-                f"{mode} round {record.round}: acc {record.global_accuracy:.4f} "
-                f"({record.round_seconds:.1f} s)",
+                f"workers {workers} round {record.round}: {record.round_seconds:.1f} s ({parts})",
                 flush=True,
             )
 
-        result = run_simulation(config, data, on_round=report)
+        start = time.perf_counter()
+        result = run_simulation(config, data, on_round=report, execution=Execution(workers=workers))
         wall = time.perf_counter() - start
-        train_seconds = sum(r.train_seconds for r in result.rounds)
-        samples = sum(r.train_samples for r in result.rounds)
-        results["runs"][mode] = {
-            "initial_accuracy": result.initial_accuracy,
-            "accuracy_per_round": [r.global_accuracy for r in result.rounds],
-            "final_accuracy": result.rounds[-1].global_accuracy,
-            "wall_seconds": wall,
-            "train_seconds": train_seconds,
-            "train_samples": samples,
-            "train_samples_per_second": samples / train_seconds,
-            "levels_per_round": [r.levels for r in result.rounds],
+        rounds = result.rounds
+        ideal = [
+            sum(
+                count * 600 * config.local.epochs / eager[level]
+                for level, count in r.levels.items()
+            )
+            / workers
+            for r in rounds
+        ]
+        runs[str(workers)] = {
+            "round_seconds": [r.round_seconds for r in rounds],
+            "seconds": [r.seconds for r in rounds],
+            "levels": [r.levels for r in rounds],
+            "accuracy": [r.global_accuracy for r in rounds],
+            "train_samples_per_second": [r.samples_per_second for r in rounds],
+            "eager_limit_train_seconds": ideal,
+            "fraction_of_eager_limit": [
+                i / r.seconds["training"] for i, r in zip(ideal, rounds, strict=True)
+            ],
+            "wall_seconds_with_start_up": wall,
+            "state_sums": [float(v.double().sum()) for v in result.global_state.values()][:3],
         }
-        print(
-            json.dumps({mode: results["runs"][mode]["final_accuracy"], "wall_s": wall}), flush=True
-        )
-    runs = results["runs"]
-    if "e" in runs and "a-e" in runs:
-        results["ratios"] = {
-            "a-e_over_e_samples_per_second": runs["a-e"]["train_samples_per_second"]
-            / runs["e"]["train_samples_per_second"],
-            "a-e_over_e_wall": runs["a-e"]["wall_seconds"] / runs["e"]["wall_seconds"],
+    summary: dict[str, object] = {}
+    for workers, run in runs.items():
+        mean_round = float(np.mean(run["round_seconds"]))  # type: ignore[arg-type]
+        summary[f"workers_{workers}"] = {
+            "mean_round_seconds": mean_round,
+            "over_peer": mean_round / PEER_ROUND_SECONDS,
+            "over_previous": mean_round / OLD_ROUND_SECONDS,
+            "fraction_of_eager_limit_mean": float(np.mean(run["fraction_of_eager_limit"])),  # type: ignore[arg-type]
         }
+    if "1" in runs and "2" in runs:
+        one, two = (np.array(runs[w]["round_seconds"]) for w in ("1", "2"))
+        summary["speed_up_2_over_1"] = float(one.mean() / two.mean())
+        summary["same_model"] = runs["1"]["state_sums"] == runs["2"]["state_sums"]
+    results = {
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": os.getloadavg(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "protocol": "MNIST conv, Dynamic a-e, IID, 100 clients, 10 per round, E 5, B 10, lr 0.01, "
+        "sBN statistics from all 60,000 training images every round, evaluation on 10,000",
+        "peer_round_seconds": PEER_ROUND_SECONDS,
+        "previous_round_seconds": OLD_ROUND_SECONDS,
+        "eager_samples_per_second_one_thread": eager,
+        "statistics_ms_per_image_level_a_one_thread": stats,
+        "runs": runs,
+        "summary": summary,
+    }
     write_json(args.out, results)
-    print(json.dumps(results.get("ratios", {}), indent=2))
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

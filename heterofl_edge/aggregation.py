@@ -16,7 +16,14 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from heterofl_edge.errors import UpdateError
-from heterofl_edge.slicing import DimKind, SlicingSpec, global_positions, shapes_at, trainable_names
+from heterofl_edge.slicing import (
+    DimKind,
+    Positions,
+    SlicingSpec,
+    global_positions,
+    shapes_at,
+    trainable_names,
+)
 
 __all__ = ["HeteroFLAggregator", "validate_update"]
 
@@ -96,10 +103,13 @@ class HeteroFLAggregator:
         update: Mapping[str, torch.Tensor],
         rate: float,
         labels: Iterable[int] | None = None,
+        offset: int = 0,
     ) -> None:
         """Add one client's trained sub-model of width ``rate``.
 
         ``labels`` are the labels present in the client's data; ``None`` means all.
+        ``offset`` is where its rolling window started (0: HeteroFL's static slice):
+        each element is counted over the indices the client held.
         """
         if rate > self._global_rate:
             raise UpdateError(
@@ -122,7 +132,7 @@ class HeteroFLAggregator:
                 )
         for name in self._names:
             rule = self._spec[name]
-            positions = list(global_positions(rule, rate, self._global_rate))
+            positions = list(global_positions(rule, rate, self._global_rate, offset))
             values = update[name].to(torch.float64)
             for dim, d in enumerate(rule.dims):
                 if d.kind is DimKind.labels and label_index is not None:
@@ -143,15 +153,13 @@ class HeteroFLAggregator:
         return new_state
 
 
-def _accumulate(
-    target: torch.Tensor, positions: list[slice | torch.Tensor], values: torch.Tensor
-) -> None:
+def _accumulate(target: torch.Tensor, positions: list[Positions], values: torch.Tensor) -> None:
     """``target[positions] += values``: views for slices, ``index_add_`` for one index."""
     view = target
     indexed = []
     for dim, where in enumerate(positions):
         if isinstance(where, slice):
-            view = view.narrow(dim, 0, where.stop)
+            view = view.narrow(dim, where.start, where.stop - where.start)
         else:
             indexed.append(dim)
     if not indexed:

@@ -10,7 +10,7 @@ all the clients' data, and ``apply_statistics`` writes them into a state.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -71,41 +71,49 @@ def collect_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
 
     The sBN layers normalise with batch statistics (training mode) while every
     Scaler is the identity, as in evaluation: the moments are then those of the
-    inputs the layers receive at inference, whatever the model's width.
+    inputs the layers receive at inference, whatever the model's width. Each
+    layer reports the mean and inverse standard deviation its batch-norm kernel
+    computed to normalise the batch (accumulated in double on the CPU), so the
+    pass costs one forward and no copy; per-batch moments are merged exactly.
+    Works in any memory format (channels-last is the faster one on CPUs).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, StaticBatchNorm2d)}
-    found: dict[str, list[ChannelMoments]] = {name: [] for name in layers}
-
-    def make_hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            x = inputs[0].transpose(0, 1).reshape(inputs[0].shape[1], -1).double()
-            found[name].append(
-                ChannelMoments(
-                    x.shape[1], x.mean(dim=1).float(), x.var(dim=1, unbiased=False).float()
-                )
-            )
-
-        return hook
-
-    handles = [m.register_forward_hook(make_hook(n)) for n, m in layers.items()]
     was_training = model.training
     model.train()
     for module in model.modules():
         if isinstance(module, Scaler):
             module.eval()
+    for layer in layers.values():
+        layer.gathered = []
     try:
         for batch in batches:
             model(batch)
+        result = {}
+        for name, layer in layers.items():
+            parts = [
+                _from_invstd(n, mean, invstd, layer.eps) for n, mean, invstd in layer.gathered or []
+            ]
+            merged = combine_moments({name: p} for p in parts)
+            if name in merged:
+                result[name] = merged[name]
+        return result
     finally:
-        for handle in handles:
-            handle.remove()
+        for layer in layers.values():
+            layer.gathered = None
         model.train(was_training)
-    result = {}
-    for name, parts in found.items():
-        merged = combine_moments({name: p} for p in parts)
-        if name in merged:
-            result[name] = merged[name]
-    return result
+
+
+def _from_invstd(
+    count: int, mean: torch.Tensor, invstd: torch.Tensor, eps: float
+) -> ChannelMoments:
+    """Moments from a batch-norm kernel's ``mean`` and ``1 / sqrt(var + eps)``.
+
+    ``var + eps`` comes back to float32 precision, which is what evaluation
+    uses; a constant channel (var 0) can come back a rounding error below 0,
+    clamped.
+    """
+    var = (invstd.double().reciprocal().square() - eps).clamp(min=0.0)
+    return ChannelMoments(count, mean.detach().float().cpu(), var.float().cpu())
 
 
 def apply_statistics(

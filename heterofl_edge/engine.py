@@ -89,13 +89,19 @@ class Client:
 
 @dataclass(frozen=True)
 class Task:
-    """One client's work in a phase: its width, and for training its lr and batch seed."""
+    """One client's work in a phase: its width, and for training its lr and batch seed.
+
+    ``offset`` is where its sub-model's window starts in every width dimension
+    (``slicing.Submodel``; 0 is HeteroFL's upper-left slice): the server's
+    business, a device trains whatever sub-model of its width it is sent.
+    """
 
     client: str
     position: int
     rate: float
     lr: float = 0.0
     seed: int = 0
+    offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -341,7 +347,7 @@ class RoundEngine:
         chosen = [by_position[task.client_id] for task in plan.tasks]
         rates = self.policy.rates(plan, chosen)
         tasks = tuple(
-            Task(c.id, c.position, rate, plan.lr, task.seed)
+            Task(c.id, c.position, rate, plan.lr, task.seed, plan.offset)
             for c, rate, task in zip(chosen, rates, plan.tasks, strict=True)
         )
         now = self.clock()
@@ -366,6 +372,7 @@ class RoundEngine:
             self.global_state, self.strategy.spec, self.strategy.mix.global_rate
         )
         rates = {t.client: t.rate for t in opened.tasks}
+        offsets = {t.client: t.offset for t in opened.tasks}
         self.transport.open_phase(
             number, Phase.training, opened.tasks, self.global_state, opened.deadline
         )
@@ -376,7 +383,7 @@ class RoundEngine:
                 raise InternalError(f"round {number}: unexpected reply {reply!r}")
             if reply.client in replies:
                 return
-            aggregator.add(reply.update, rates[reply.client], reply.labels)
+            aggregator.add(reply.update, rates[reply.client], reply.labels, offsets[reply.client])
             replies[reply.client] = reply
 
         for reply in self.transport.replies(number, Phase.training):

@@ -1,27 +1,37 @@
-"""In-process HeteroFL: the whole federation in one Python process.
+"""Simulated HeteroFL: the whole federation on one machine, or on a Ray cluster.
 
-The rounds run on the round engine (``heterofl_edge.engine``) with an
-in-process transport: each selected client receives the upper-left slice of
-the global model for its level, trains it locally, and its update goes into
-the engine's streaming aggregator. Then the clients report sBN statistics
-computed with the global model, and the global model is evaluated on the test
-set (and, for non-IID splits, on each client's labels: local accuracy).
+The rounds run on the round engine (``heterofl_edge.engine``) with a
+transport that hands client sessions to a backend (``heterofl_edge.backends``:
+this process, a pool of worker processes, or Ray tasks): each selected client
+receives its level's slice of the global model, trains it locally, and its
+update goes into the engine's streaming aggregator, in task order whatever the
+order the sessions finish in. Then every client reports sBN statistics
+computed with the new global model (the same workers, fresh every round), and
+the global model is evaluated on the test set (and, for non-IID splits, on
+each client's labels: local accuracy). With a ``FileJournal`` a killed run
+resumes from its last checkpoint and ends with the same model, bit for bit.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from heterofl_edge.assignment import parse_mode
-from heterofl_edge.batching import stats_batches
-from heterofl_edge.bn_stats import collect_moments
+from heterofl_edge.backends import (
+    InlineBackend,
+    PoolBackend,
+    SessionBackend,
+    available_cores,
+    split_clients,
+)
 from heterofl_edge.data import ClassificationData
 from heterofl_edge.engine import (
     Client,
@@ -36,14 +46,37 @@ from heterofl_edge.engine import (
     TrainReply,
 )
 from heterofl_edge.errors import ConfigError
+from heterofl_edge.journal import FileJournal
 from heterofl_edge.loss import label_mask
 from heterofl_edge.models import Architecture, get_architecture
 from heterofl_edge.partition import Partition, Split, federated_split
-from heterofl_edge.slicing import extract_submodel_state
+from heterofl_edge.sessions import (
+    Accelerator,
+    ClientArrays,
+    StatsJob,
+    TrainJob,
+    memory_format,
+    moments_from,
+    place,
+    resolve_device,
+    session_threads,
+    to_arrays,
+    to_tensors,
+)
+from heterofl_edge.slicing import Submodel, extract_submodel_state
 from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
-from heterofl_edge.training import LocalTrainingConfig, predict, score_logits, train_local
+from heterofl_edge.training import LocalTrainingConfig, predict, score_logits
 
-__all__ = ["RoundRecord", "SimulationConfig", "SimulationResult", "Split", "run_simulation"]
+__all__ = [
+    "Backend",
+    "Execution",
+    "RoundRecord",
+    "SimulationConfig",
+    "SimulationResult",
+    "Split",
+    "Submodel",
+    "run_simulation",
+]
 
 
 class StatsClients(StrEnum):
@@ -78,6 +111,7 @@ class SimulationConfig:
     seed: int = 0
     train_examples: int | None = None
     test_examples: int | None = None
+    submodel: Submodel = Submodel.static
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
@@ -115,8 +149,36 @@ class SimulationConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(split=self.split.value, stats_clients=self.stats_clients.value)
+        data.update(submodel=self.submodel.value)
         data.update(rounds=self.total_rounds, milestones=list(self.lr_milestones))
         return data
+
+
+class Backend(StrEnum):
+    """What runs the client sessions: this machine's cores, or a Ray cluster."""
+
+    local = "local"
+    ray = "ray"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a run is carried out; the results do not depend on it, except on the device.
+
+    ``workers``: sessions at once (None: every core; 1: in this process).
+    ``accelerator``: where sessions run. ``backend`` and ``address``: local
+    processes, or Ray tasks on the cluster at ``address`` (None: a local Ray).
+    """
+
+    workers: int | None = None
+    accelerator: Accelerator = Accelerator.cpu
+    backend: Backend = Backend.local
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuse a worker count below 1."""
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
 
 
 @dataclass(frozen=True)
@@ -133,6 +195,7 @@ class RoundRecord:
     round_seconds: float
     train_samples: int
     samples_per_second: float
+    seconds: dict[str, float] = field(default_factory=dict)  # training, statistics, ...
 
 
 @dataclass
@@ -150,25 +213,24 @@ class SimulationResult:
         }
 
 
-class _InProcessTransport:
-    """Clients as local objects: each task runs when the engine asks for replies."""
+class _SessionTransport:
+    """Clients as sessions on a backend; replies come back in task order."""
 
     def __init__(
         self,
         arch: Architecture,
         global_rate: float,
-        train_x: torch.Tensor,
-        train_y: torch.Tensor,
+        backend: SessionBackend,
         parts: Partition,
-        masks: list[torch.Tensor],
+        num_classes: int,
         local: LocalTrainingConfig,
         on_client: Callable[[int, int], None] | None,
     ) -> None:
         self.arch = arch
         self.global_rate = global_rate
-        self.train_x, self.train_y = train_x, train_y
+        self.backend = backend
         self.parts = parts
-        self.masks = masks
+        self.num_classes = num_classes
         self.local = local
         self.on_client = on_client
         self._tasks: tuple[Task, ...] = ()
@@ -192,43 +254,59 @@ class _InProcessTransport:
 
     def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply]:
         if phase is Phase.statistics:
-            model = self.arch.build(self.global_rate, self.global_rate)
-            model.load_state_dict(self._state)
-            for task in self._tasks:
-                local = self.train_x[self.parts.indices[task.position]]
-                batches = (local[s] for s in stats_batches(len(local)))
-                yield StatsReply(task.client, collect_moments(model, batches))
+            yield from self._statistics()
             return
-        for done, task in enumerate(self._tasks, start=1):
-            yield self._train(task)
+        jobs = [self._train_job(task) for task in self._tasks]
+        for done, outcome in enumerate(self.backend.train(jobs), start=1):
+            task = self._tasks[done - 1]
+            yield TrainReply(
+                outcome.client,
+                to_tensors(outcome.update),
+                tuple(self.parts.labels[task.position]),
+                outcome.num_samples,
+                {"loss": outcome.loss, "accuracy": outcome.accuracy},
+                outcome.seconds,
+            )
             if self.on_client:
-                self.on_client(done, len(self._tasks))
+                self.on_client(done, len(jobs))
 
-    def _train(self, task: Task) -> TrainReply:
-        start = time.perf_counter()
-        model = self.arch.build(task.rate, self.global_rate)
-        model.load_state_dict(
-            extract_submodel_state(self._state, self.arch.spec, task.rate, self.global_rate)
+    def _train_job(self, task: Task) -> TrainJob:
+        state = extract_submodel_state(
+            self._state, self.arch.spec, task.rate, self.global_rate, task.offset
         )
-        idx = self.parts.indices[task.position]
-        torch.manual_seed(task.seed)  # any randomness in training (dropout) follows the task
-        result = train_local(
-            model,
-            self.train_x[idx],
-            self.train_y[idx],
-            task.lr,
-            self.local,
-            self.masks[task.position],
-            task.seed,
-        )
-        return TrainReply(
+        return TrainJob(
             task.client,
-            {n: p.detach() for n, p in model.named_parameters()},
+            self.arch.name,
+            task.rate,
+            self.global_rate,
+            task.lr,
+            task.seed,
+            self.parts.indices[task.position],
             tuple(self.parts.labels[task.position]),
-            result.num_examples,
-            {"loss": result.mean_loss, "accuracy": result.accuracy},
-            time.perf_counter() - start,
+            self.num_classes,
+            self.local,
+            to_arrays(state),
         )
+
+    def _statistics(self) -> Iterator[StatsReply]:
+        """Every client's moments; clients go to the workers in runs of equal size."""
+        tasks = self._tasks
+        sizes = [len(self.parts.indices[t.position]) for t in tasks]
+        state = to_arrays(self._state)
+        groups = split_clients(sizes, 2 * self.backend.workers if self.backend.workers > 1 else 1)
+        jobs = [
+            StatsJob(
+                self.arch.name,
+                self.global_rate,
+                state,
+                tuple(tasks[i].client for i in group),
+                tuple(self.parts.indices[tasks[i].position] for i in group),
+            )
+            for group in groups
+        ]
+        for outcome in self.backend.statistics(jobs):
+            for client, report in outcome:
+                yield StatsReply(client, moments_from(report))
 
     def silent(self, clients: Sequence[str]) -> set[str]:
         return set()
@@ -241,7 +319,7 @@ class _InProcessTransport:
 
 
 class _MemoryJournal:
-    """A simulation keeps its checkpoints in memory (nothing to resume)."""
+    """Checkpoints kept nowhere: a run without ``--out`` journal cannot resume."""
 
     def resume(self) -> None:
         return None
@@ -256,19 +334,51 @@ class _MemoryJournal:
         return None
 
 
+def make_backend(execution: Execution, data: ClientArrays, device: str) -> SessionBackend:
+    """The session backend ``execution`` asks for (Ray is imported only when asked for)."""
+    if execution.backend is Backend.ray:
+        from heterofl_edge.ray_backend import RayBackend
+
+        return RayBackend(data, device, execution.address, execution.workers)
+    workers = execution.workers or (1 if device == "cuda" else available_cores())
+    if workers == 1:
+        return InlineBackend(data, device)
+    return PoolBackend(data, workers, device)
+
+
+def fingerprint(config: SimulationConfig, device: str) -> dict[str, Any]:
+    """What a run's results depend on: its settings (not the round count) and device kind."""
+    data = config.to_json()
+    data.pop("rounds")
+    data["device"] = device
+    return data
+
+
 def run_simulation(
     config: SimulationConfig,
     data: ClassificationData,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_client: Callable[[int, int], None] | None = None,
+    execution: Execution | None = None,
+    journal_dir: Path | None = None,
+    resume: bool = False,
 ) -> SimulationResult:
     """Run ``config`` on ``data`` and return every round's record and the final state.
 
     The rounds run on ``heterofl_edge.engine.RoundEngine``, the engine the
-    coordinator runs too, with clients in this process. ``on_round`` gets each
-    round's record as it ends; ``on_client`` gets (clients done, clients in the
-    round) as a round progresses.
+    coordinator runs too, with client sessions on the backend ``execution``
+    names. ``on_round`` gets each round's record as it ends (also, on resume,
+    the records of the rounds already done); ``on_client`` gets (clients done,
+    clients in the round) as a round progresses. With ``journal_dir``, every
+    round is checkpointed there; ``resume`` continues the run found there.
     """
+    execution = execution or Execution()
+    device = resolve_device(execution.accelerator)
+    journal = (
+        FileJournal(journal_dir, fingerprint(config, device), resume)
+        if journal_dir is not None
+        else None
+    )
     arch = get_architecture(config.model)
     mix = parse_mode(config.mode, config.assignment)
     split = federated_split(
@@ -297,8 +407,10 @@ def run_simulation(
         config.fraction,
         MultiStepSchedule(config.lr, config.lr_milestones, config.lr_factor),
         config.seed,
+        config.submodel,
     )
-    evaluation_model = arch.build(mix.global_rate, mix.global_rate)
+    evaluation_model = place(arch.build(mix.global_rate, mix.global_rate), device)
+    test_x_placed = test_x.to(device).contiguous(memory_format=memory_format(device))
 
     def initial_state() -> dict[str, torch.Tensor]:
         torch.manual_seed(config.seed)
@@ -307,7 +419,7 @@ def run_simulation(
 
     def test(state: dict[str, torch.Tensor]) -> dict[str, float | None]:
         evaluation_model.load_state_dict(state)
-        logits = predict(evaluation_model, test_x)
+        logits = predict(evaluation_model, test_x_placed).cpu()
         overall = score_logits(logits, test_y)
         local = None
         if test_parts is not None:
@@ -342,13 +454,21 @@ def run_simulation(
             round_seconds=result.finished_at - result.opened_at,
             train_samples=samples,
             samples_per_second=samples / max(train_seconds, 1e-9),
+            seconds=dict(result.seconds),
         )
         records.append(entry)
         if on_round:
             on_round(entry)
 
-    transport = _InProcessTransport(
-        arch, mix.global_rate, train_x, train_y, train_parts, masks, config.local, on_client
+    initial: Mapping[str, float | None] = {}
+    if journal is not None and journal.started:
+        initial = journal.initial
+        for done in journal.results:
+            record(done)
+    arrays = ClientArrays(train_x.numpy(), train_y.numpy())
+    backend = make_backend(execution, arrays, device)
+    transport = _SessionTransport(
+        arch, mix.global_rate, backend, train_parts, data.num_classes, config.local, on_client
     )
     engine = RoundEngine(
         strategy,
@@ -358,14 +478,22 @@ def run_simulation(
             statistics=StatisticsClients(config.stats_clients.value),
         ),
         transport,
-        _MemoryJournal(),
+        journal if journal is not None else _MemoryJournal(),
         initial_state,
-        time.perf_counter,
+        time.time,
         evaluate=test,
         on_round=record,
     )
-    initial = engine.initial_statistics(transport.wait_for_clients(0))
-    engine.run()
+    # This process evaluates with as many threads as sessions run at once (one for --workers 1).
+    try:
+        with session_threads(max(1, min(backend.workers, available_cores()))):
+            if journal is None or not journal.started:
+                initial = engine.initial_statistics(transport.wait_for_clients(0))
+                if journal is not None:
+                    journal.start(engine.global_state, initial)
+            engine.run()
+    finally:
+        backend.close()
     return SimulationResult(
         config, float(initial.get("global_accuracy") or 0.0), records, engine.global_state
     )

@@ -18,7 +18,7 @@ import torch
 from heterofl_edge.aggregation import HeteroFLAggregator
 from heterofl_edge.assignment import LevelMix
 from heterofl_edge.errors import ConfigError
-from heterofl_edge.slicing import SlicingSpec
+from heterofl_edge.slicing import SlicingSpec, Submodel
 
 __all__ = ["ClientTask", "HeteroFLStrategy", "MultiStepSchedule", "RoundPlan", "client_seed"]
 
@@ -48,6 +48,7 @@ class RoundPlan:
     round: int
     lr: float
     tasks: tuple[ClientTask, ...]
+    offset: int = 0  # where this round's sub-model windows start (``Submodel.offset``)
 
 
 def client_seed(seed: int, round_number: int, client_id: int) -> int:
@@ -64,6 +65,7 @@ class HeteroFLStrategy:
         fraction: float,
         schedule: MultiStepSchedule,
         seed: int = 0,
+        submodel: Submodel = Submodel.static,
     ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(
@@ -77,6 +79,7 @@ class HeteroFLStrategy:
         self.fraction = fraction
         self.schedule = schedule
         self.seed = seed
+        self.submodel = submodel
 
     def clients_per_round(self, population: int | None = None) -> int:
         """``ceil(fraction * clients)``, of ``population`` clients if given."""
@@ -104,7 +107,12 @@ class HeteroFLStrategy:
             ClientTask(c, r, client_seed(self.seed, round_number, c))
             for c, r in zip(chosen, rates, strict=True)
         )
-        return RoundPlan(round_number, self.schedule.lr_at(round_number), tasks)
+        return RoundPlan(
+            round_number,
+            self.schedule.lr_at(round_number),
+            tasks,
+            self.submodel.offset(round_number),
+        )
 
     def aggregator(self, global_state: Mapping[str, torch.Tensor]) -> HeteroFLAggregator:
         return HeteroFLAggregator(global_state, self.spec, self.mix.global_rate)

@@ -1,4 +1,4 @@
-"""``heterofl-edge simulate``: HeteroFL on MNIST in one process."""
+"""``heterofl-edge simulate``: HeteroFL on MNIST, on this machine's cores or a Ray cluster."""
 
 from __future__ import annotations
 
@@ -7,18 +7,23 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from safetensors.torch import save as save_state
 
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.cli.data_cmd import DataDirOption
 from heterofl_edge.data import load_mnist
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import ModelName
-from heterofl_edge.report import write_json, write_learning_curve
+from heterofl_edge.report import atomic_write_bytes, write_json, write_learning_curve
+from heterofl_edge.sessions import Accelerator
 from heterofl_edge.simulation import (
+    Backend,
+    Execution,
     RoundRecord,
     SimulationConfig,
     Split,
     StatsClients,
+    Submodel,
     run_simulation,
 )
 from heterofl_edge.training import LocalTrainingConfig
@@ -60,11 +65,51 @@ def simulate(
         int | None, typer.Option(help="Use a random subset of this many test examples.")
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for partition, selection, levels and init.")] = 0,
+    submodel: Annotated[
+        Submodel,
+        typer.Option(
+            help="Sub-model extraction: static (HeteroFL's upper-left slices) or rolling "
+            "(FedRolex: a window rolling by one each round)."
+        ),
+    ] = Submodel.static,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Client sessions at once, each in its own process with one torch thread "
+            "[all cores; 1 runs them in this process]. The model is the same for any value.",
+            min=1,
+        ),
+    ] = None,
+    accelerator: Annotated[
+        Accelerator, typer.Option(help="Where sessions run: cpu, cuda, or auto (cuda if present).")
+    ] = Accelerator.auto,
+    backend: Annotated[
+        Backend,
+        typer.Option(help="local (this machine's processes) or ray (Ray tasks; extra 'ray')."),
+    ] = Backend.local,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --backend ray: the cluster to join, 'auto' or HOST:PORT "
+            "[a private Ray on this machine]."
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the run in --out from its last checkpoint (after a kill); "
+            "the result is the same as an uninterrupted run.",
+        ),
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(help="Output folder [runs/simulate-MODEL-MODE-SPLIT-sSEED].")
     ] = None,
 ) -> None:
-    """Run HeteroFL in process; write per-round results as JSON and a learning curve."""
+    """Run HeteroFL on MNIST; write per-round results as JSON, a learning curve and the model.
+
+    Every round is checkpointed in OUT/journal, so that --resume can continue a killed run.
+    """
     mix = parse_mode(mode, assignment)
     config = SimulationConfig(
         model=model.value,
@@ -80,7 +125,11 @@ def simulate(
         seed=seed,
         train_examples=train_examples,
         test_examples=test_examples,
+        submodel=submodel,
     )  # the config refuses impossible settings here, before any data is loaded
+    if address is not None and backend is not Backend.ray:
+        raise ConfigError("--address needs --backend ray", "add --backend ray, or drop --address")
+    execution = Execution(workers, accelerator, backend, address)
     out = out or Path("runs") / f"simulate-{model.value}-{mix.name}-{split.value}-s{seed}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", "give a folder for the results")
@@ -88,7 +137,7 @@ def simulate(
     typer.echo(
         f"HeteroFL {model.value} on MNIST ({split.value}), mode {mix.name} "
         f"({mix.assignment.value}), {config.total_rounds} rounds, {clients} clients, "
-        f"fraction {fraction:g}"
+        f"fraction {fraction:g}, {submodel.value} sub-models"
     )
 
     def on_round(record: RoundRecord) -> None:
@@ -105,8 +154,17 @@ def simulate(
         if done == total:
             typer.echo(" " * 40 + "\r", nl=False, err=True)
 
-    result = run_simulation(config, dataset, on_round=on_round, on_client=on_client)
+    result = run_simulation(
+        config,
+        dataset,
+        on_round=on_round,
+        on_client=on_client,
+        execution=execution,
+        journal_dir=out / "journal",
+        resume=resume,
+    )
     write_json(out / "results.json", result.to_json())
+    atomic_write_bytes(out / "model.safetensors", save_state(result.global_state))
     curves = {
         "global": [(0, result.initial_accuracy)]
         + [(r.round, r.global_accuracy) for r in result.rounds]
@@ -120,5 +178,5 @@ def simulate(
     typer.echo(
         f"initial global accuracy {result.initial_accuracy:.4f} -> "
         f"final {final.global_accuracy:.4f}; "
-        f"wrote {out / 'results.json'} and {out / 'learning_curve.png'}"
+        f"wrote results.json, learning_curve.png and model.safetensors in {out}"
     )

@@ -35,6 +35,10 @@ class StaticBatchNorm2d(nn.Module):
     nothing. In evaluation it uses ``running_mean`` / ``running_var``, which are
     set after training from statistics gathered over the clients' data (see
     ``heterofl_edge.bn_stats``), never from a running average.
+
+    ``gathered`` is None except during ``bn_stats.collect_moments``: then every
+    training-mode forward appends ``(count, mean, invstd)`` of its batch, the
+    statistics it normalised with (computed once, by the same kernel).
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
@@ -47,9 +51,16 @@ class StaticBatchNorm2d(nn.Module):
         self.running_var: torch.Tensor
         self.register_buffer("running_mean", torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))
+        self.gathered: list[tuple[int, torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
+            if self.gathered is not None:
+                out, mean, invstd = torch.native_batch_norm(
+                    x, self.weight, self.bias, None, None, True, 0.0, self.eps
+                )
+                self.gathered.append((x.numel() // x.shape[1], mean, invstd))
+                return out
             return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
         return F.batch_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
