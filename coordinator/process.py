@@ -23,38 +23,48 @@ def free_port() -> int:
 
 
 def start_coordinator(
-    args: list[str], log_path: Path, timeout: float = 120.0
+    args: list[str], log_path: Path, timeout: float = 120.0, attempts: int = 3
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """Start ``heterofl-edge coordinator serve`` with ``args``; wait until it answers."""
-    port = free_port()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "heterofl_edge",
-                "coordinator",
-                "serve",
-                "--port",
-                str(port),
-                *args,
-            ],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if requests.get(f"{url}/v1/health", timeout=2).ok:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise HeteroFLError(f"the coordinator did not start: {log_path.read_text()[-1000:]}")
-        time.sleep(0.2)
+    """Start ``heterofl-edge coordinator serve`` with ``args``; wait until it answers.
+
+    The port is a free one on 127.0.0.1; if another process takes it between the
+    check and the bind (parallel test workers), a new port is tried.
+    """
+    for attempt in range(attempts):
+        port = free_port()
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("wb") as sink:
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "heterofl_edge",
+                    "coordinator",
+                    "serve",
+                    "--port",
+                    str(port),
+                    *args,
+                ],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+            )
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"{url}/v1/health", timeout=2).ok:
+                    return process, url
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                log = log_path.read_text(errors="replace")
+                if "Address already in use" in log and attempt + 1 < attempts:
+                    break
+                raise HeteroFLError(f"the coordinator did not start: {log[-1000:]}")
+            time.sleep(0.2)
+    raise HeteroFLError("the coordinator did not start: no free port")
 
 
 def stop(process: subprocess.Popen[bytes], grace_seconds: float = 60.0) -> None:

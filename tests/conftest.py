@@ -71,36 +71,42 @@ def coordinator(app):
 
 
 @pytest.fixture(scope="session")
-def artifact_cache(tmp_path_factory):
-    """Export each level once per session; copy it into a coordinator's state folder.
+def artifact_cache(tmp_path_factory, worker_id):
+    """Export each level once per test run; copy it into a coordinator's state folder.
 
     ``provide(state_dir, levels, global_rate, formats)`` puts the exported
     programs where ``coordinator serve`` looks first, so that several tests
-    do not export and verify the same level again.
+    do not export and verify the same level again. Parallel workers (xdist)
+    share one cache folder, each export under a file lock.
     """
     import shutil
+
+    from filelock import FileLock
 
     from exporter.config import ExportConfig, Format
     from exporter.pipeline import export_level, level_folder_name
     from heterofl_edge.levels import parse_rate
 
-    root = tmp_path_factory.mktemp("artifact-cache")
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if worker_id != "master" else base) / "artifact-cache"
+    root.mkdir(exist_ok=True)
 
     def provide(state_dir, levels, global_rate=1.0, formats=("onnx",), model="conv"):
         for level in levels:
             rate = parse_rate(level)
             key = root / f"{model}-{level}-{global_rate:g}-{'+'.join(formats)}"
             folder = level_folder_name(model, rate)
-            if not (key / folder / "manifest.json").exists():
-                export_level(
-                    ExportConfig(
-                        model=model,
-                        rate=rate,
-                        global_rate=global_rate,
-                        formats=tuple(Format(f) for f in formats),
-                    ),
-                    key,
-                )
+            with FileLock(str(key) + ".lock"):
+                if not (key / folder / "manifest.json").exists():
+                    export_level(
+                        ExportConfig(
+                            model=model,
+                            rate=rate,
+                            global_rate=global_rate,
+                            formats=tuple(Format(f) for f in formats),
+                        ),
+                        key,
+                    )
             shutil.copytree(key / folder, state_dir / "artifacts" / folder, dirs_exist_ok=True)
 
     return provide
