@@ -75,7 +75,9 @@ def collect_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
     layer reports the mean and inverse standard deviation its batch-norm kernel
     computed to normalise the batch (accumulated in double on the CPU), so the
     pass costs one forward and no copy; per-batch moments are merged exactly.
-    Works in any memory format (channels-last is the faster one on CPUs).
+    Use the default memory format on a CPU: in channels-last, PyTorch's CPU
+    kernel accumulates the batch moments in float32 (off by 3e-4 in the
+    variance of a 500 x 28 x 28 batch), in the default format in double.
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, StaticBatchNorm2d)}
     was_training = model.training

@@ -61,3 +61,44 @@ def test_mask_of_ones_is_plain_cross_entropy_and_mask_removes_absent_labels():
         torch.count_nonzero(grad[:, [0, 2, 4, 5, 6, 7, 8, 9]]) == 0
     )  # absent labels get no gradient
     assert torch.count_nonzero(grad[:, [1, 3]]) == 12
+
+
+def test_the_simulations_statistics_pass_is_exact_to_float32(mnist):
+    """The statistics sessions equal a float64 reference over whole batches of 500.
+
+    Guards against a fast path that accumulates batch moments in float32 (PyTorch's
+    channels-last CPU batch norm does: 3e-4 off in the first layer's variance).
+    """
+    import numpy as np
+
+    from heterofl_edge.models import get_architecture
+    from heterofl_edge.models.layers import Scaler, StaticBatchNorm2d
+    from heterofl_edge.sessions import ClientArrays, StatsJob, run_statistics
+
+    arch = get_architecture("conv")
+    torch.manual_seed(0)
+    model = arch.build(1.0, 1.0)
+    state = {k: v.numpy() for k, v in model.state_dict().items()}
+    images = mnist.train_images[:1000].numpy()
+    job = StatsJob("conv", 1.0, state, ("0",), (np.arange(1000),))
+    [(_, report)] = run_statistics(job, ClientArrays(images, mnist.train_labels[:1000].numpy()))
+
+    inputs: dict[str, list[torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, StaticBatchNorm2d):
+            module.register_forward_hook(
+                lambda m, i, o, name=name: inputs.setdefault(name, []).append(i[0].double())
+            )
+    model.train()
+    for module in model.modules():
+        if isinstance(module, Scaler):
+            module.eval()
+    with torch.no_grad():
+        for start in (0, 500):
+            model(torch.from_numpy(images[start : start + 500]))
+    for name, parts in inputs.items():
+        values = torch.cat(parts).transpose(0, 1).reshape(parts[0].shape[1], -1)
+        count, mean, var = report[name]
+        assert count % 1000 == 0  # examples, or positions (examples x height x width)
+        assert np.abs(mean - values.mean(1).numpy()).max() < 1e-6
+        assert np.abs(var - values.var(1, unbiased=False).numpy()).max() < 1e-6
