@@ -92,20 +92,15 @@ def test_statistics_are_fresh_every_round_never_accumulated(mnist, tmp_path):
         test_examples=config.test_examples,
     )
     # One pass over every client's examples, in batches of 500, with the same arithmetic
-    # (one thread, channels-last) as the simulation's sessions.
-    cl = torch.channels_last
-    images = mnist.train_images[torch.from_numpy(split.train_keep)].contiguous(memory_format=cl)
+    # (one thread, the default memory format) as the simulation's statistics pass.
+    images = mnist.train_images[torch.from_numpy(split.train_keep)].contiguous()
     model = arch.build(1.0, 1.0)
     model.load_state_dict(second.global_state)
-    model.to(memory_format=cl)
     with session_threads(1):
         fresh = combine_moments(
             collect_moments(
                 model,
-                [
-                    images[idx][s : s + 500].contiguous(memory_format=cl)
-                    for s in range(0, len(idx), 500)
-                ],
+                [images[idx][s : s + 500].contiguous() for s in range(0, len(idx), 500)],
             )
             for idx in (torch.from_numpy(i) for i in split.train.indices)
         )
