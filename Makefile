@@ -5,6 +5,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+TEST_WORKERS ?= 2
 HETEROFL_DATA_DIR ?= $(abspath ../shared/datasets/mnist)
 export HETEROFL_DATA_DIR
 
@@ -46,7 +47,7 @@ test-web: web
 ## All tests, the real-MNIST ones and the browser client's included.
 test: install web browser
 	cd web && npm test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 ## Tests without the slow (training) ones.
 test-fast: install

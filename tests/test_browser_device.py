@@ -55,7 +55,7 @@ def test_a_browser_device_trains_beside_python_devices(tmp_path, mnist_dir, arti
             "--rounds", "1", "--fraction", "1", "--min-devices", "3", "--min-uploads", "3",
             "--local-epochs", "1", "--batch-size", "50", "--round-seconds", "300",
             "--demo-data", str(mnist_dir), "--eval-data-dir", str(mnist_dir),
-            "--eval-examples", "1000",
+            "--eval-examples", "1000", "--poll-seconds", "0.5",
         ],
         tmp_path / "coordinator.log",
     )  # fmt: skip

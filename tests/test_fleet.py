@@ -29,9 +29,23 @@ def torch_blocked(tmp_path, monkeypatch):
 
 
 def serve(tmp_path, mnist_dir, *args):
-    """Start ``coordinator serve``; its artifacts must already be in the state folder."""
+    """Start ``coordinator serve``; its artifacts must already be in the state folder.
+
+    Devices poll every 0.5 s (not 2 s) and the global model is evaluated on 2,000 test images
+    (not 10,000): each round's phases then follow one another without idle seconds.
+    """
     return start_coordinator(
-        ["--state-dir", str(tmp_path / "state"), "--eval-data-dir", str(mnist_dir), *args],
+        [
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--eval-data-dir",
+            str(mnist_dir),
+            "--eval-examples",
+            "2000",
+            "--poll-seconds",
+            "0.5",
+            *args,
+        ],
         tmp_path / "coordinator.log",
     )
 
@@ -101,7 +115,14 @@ def test_networked_rounds_equal_the_in_process_simulation(
     # step and 1e-4 after 20), which would hide what this test checks: that artifacts, wire
     # format, seeds and aggregation agree. A wrong batch order, lr, mask or level shows as >1e-3.
     settings = dict(
-        mode="a1-e1", rounds=2, num_clients=4, fraction=0.5, lr=0.01, seed=3, train_examples=400
+        mode="a1-e1",
+        rounds=2,
+        num_clients=4,
+        fraction=0.5,
+        lr=0.01,
+        seed=3,
+        train_examples=400,
+        test_examples=2000,
     )
     monkeypatch.delenv("PYTHONPATH")
     coordinator, url = serve(
