@@ -68,4 +68,4 @@ bench: install
 	$(BIN)/python bench/bench_browser.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache web/node_modules coordinator/static/device
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache web/node_modules coordinator/static/device
