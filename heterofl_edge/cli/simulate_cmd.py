@@ -7,26 +7,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from safetensors.torch import save as save_state
 
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.cli.data_cmd import DataDirOption
-from heterofl_edge.data import load_mnist
+from heterofl_edge.cli.options import ModelOption, parse_choice
 from heterofl_edge.errors import ConfigError
-from heterofl_edge.models import ModelName
-from heterofl_edge.report import atomic_write_bytes, write_json, write_learning_curve
-from heterofl_edge.sessions import Accelerator
-from heterofl_edge.simulation import (
-    Backend,
-    Execution,
-    RoundRecord,
-    SimulationConfig,
-    Split,
-    StatsClients,
-    Submodel,
-    run_simulation,
-)
-from heterofl_edge.training import LocalTrainingConfig
+from heterofl_edge.partition import Split
 
 
 class DataName(StrEnum):
@@ -35,7 +21,7 @@ class DataName(StrEnum):
 
 def simulate(
     data_dir: DataDirOption = None,
-    model: Annotated[ModelName, typer.Option(help="Model family.")] = ModelName.conv,
+    model: ModelOption = "conv",
     data: Annotated[DataName, typer.Option(help="Data set.")] = DataName.mnist,
     mode: Annotated[
         str, typer.Option(help="Levels: 'a2-b8' = Fix 20% a, 80% b; 'a-b-c-d-e' = Dynamic.")
@@ -55,9 +41,9 @@ def simulate(
         float, typer.Option(help="Learning rate (decays x0.1 at the paper's milestones).")
     ] = 0.01,
     stats_clients: Annotated[
-        StatsClients,
-        typer.Option(help="Clients queried for sBN statistics: all (paper) or this round's."),
-    ] = StatsClients.all,
+        str,
+        typer.Option(help="Clients queried for sBN statistics: all (paper) or round (this one's)."),
+    ] = "all",
     train_examples: Annotated[
         int | None, typer.Option(help="Use a random subset of this many training examples.")
     ] = None,
@@ -66,12 +52,12 @@ def simulate(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for partition, selection, levels and init.")] = 0,
     submodel: Annotated[
-        Submodel,
+        str,
         typer.Option(
             help="Sub-model extraction: static (HeteroFL's upper-left slices) or rolling "
             "(FedRolex: a window rolling by one each round)."
         ),
-    ] = Submodel.static,
+    ] = "static",
     workers: Annotated[
         int | None,
         typer.Option(
@@ -81,12 +67,12 @@ def simulate(
         ),
     ] = None,
     accelerator: Annotated[
-        Accelerator, typer.Option(help="Where sessions run: cpu, cuda, or auto (cuda if present).")
-    ] = Accelerator.auto,
+        str, typer.Option(help="Where sessions run: cpu, cuda, or auto (cuda if present).")
+    ] = "auto",
     backend: Annotated[
-        Backend,
+        str,
         typer.Option(help="local (this machine's processes) or ray (Ray tasks; extra 'ray')."),
-    ] = Backend.local,
+    ] = "local",
     address: Annotated[
         str | None,
         typer.Option(
@@ -110,9 +96,26 @@ def simulate(
 
     Every round is checkpointed in OUT/journal, so that --resume can continue a killed run.
     """
+    from safetensors.torch import save as save_state
+
+    from heterofl_edge.data import load_mnist
+    from heterofl_edge.report import atomic_write_bytes, write_json, write_learning_curve
+    from heterofl_edge.sessions import Accelerator
+    from heterofl_edge.simulation import (
+        Backend,
+        Execution,
+        RoundRecord,
+        SimulationConfig,
+        StatsClients,
+        Submodel,
+        run_simulation,
+    )
+    from heterofl_edge.training import LocalTrainingConfig
+
+    chosen_backend = parse_choice(Backend, backend, "backend")
     mix = parse_mode(mode, assignment)
     config = SimulationConfig(
-        model=model.value,
+        model=model,
         mode=mode,
         assignment=assignment.value if assignment else None,
         split=split,
@@ -121,23 +124,25 @@ def simulate(
         fraction=fraction,
         lr=lr,
         local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
-        stats_clients=stats_clients,
+        stats_clients=parse_choice(StatsClients, stats_clients, "statistics clients"),
         seed=seed,
         train_examples=train_examples,
         test_examples=test_examples,
-        submodel=submodel,
+        submodel=parse_choice(Submodel, submodel, "sub-model extraction"),
     )  # the config refuses impossible settings here, before any data is loaded
-    if address is not None and backend is not Backend.ray:
+    if address is not None and chosen_backend is not Backend.ray:
         raise ConfigError("--address needs --backend ray", "add --backend ray, or drop --address")
-    execution = Execution(workers, accelerator, backend, address)
-    out = out or Path("runs") / f"simulate-{model.value}-{mix.name}-{split.value}-s{seed}"
+    execution = Execution(
+        workers, parse_choice(Accelerator, accelerator, "accelerator"), chosen_backend, address
+    )
+    out = out or Path("runs") / f"simulate-{model}-{mix.name}-{split.value}-s{seed}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", "give a folder for the results")
     dataset = load_mnist(data_dir)
     typer.echo(
-        f"HeteroFL {model.value} on MNIST ({split.value}), mode {mix.name} "
+        f"HeteroFL {model} on MNIST ({split.value}), mode {mix.name} "
         f"({mix.assignment.value}), {config.total_rounds} rounds, {clients} clients, "
-        f"fraction {fraction:g}, {submodel.value} sub-models"
+        f"fraction {fraction:g}, {config.submodel.value} sub-models"
     )
 
     def on_round(record: RoundRecord) -> None:
@@ -172,7 +177,7 @@ def simulate(
     if split is Split.non_iid:
         curves["local"] = [(r.round, r.local_accuracy or 0.0) for r in result.rounds]
     write_learning_curve(
-        out / "learning_curve.png", f"HeteroFL {model.value} {mix.name} {split.value}", curves
+        out / "learning_curve.png", f"HeteroFL {model} {mix.name} {split.value}", curves
     )
     final = result.rounds[-1]
     typer.echo(
