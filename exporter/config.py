@@ -7,7 +7,7 @@ from enum import StrEnum
 
 from exporter.step import OptimizerSettings
 
-__all__ = ["VERIFY_TOLERANCE", "ExportConfig", "Format"]
+__all__ = ["VERIFY_TOLERANCE", "ExportConfig", "Format", "Kernels"]
 
 # Largest weight difference allowed after the verification steps. float32 has a
 # relative precision of 1.2e-7; the artifacts sum in other orders than eager
@@ -27,6 +27,19 @@ class Format(StrEnum):
         return [Format.onnx, Format.executorch] if self is Format.all else [self]
 
 
+class Kernels(StrEnum):
+    """How the ExecuTorch training program runs its operators.
+
+    ``xnnpack``: convolutions written as im2col plus ``linear``, and every
+    matmul and elementwise op XNNPACK takes delegated to it, with the weights
+    as program state (never baked into the delegate); the rest on portable
+    kernels. ``portable``: ExecuTorch's portable kernels only, kept for comparison.
+    """
+
+    xnnpack = "xnnpack"
+    portable = "portable"
+
+
 @dataclass(frozen=True)
 class ExportConfig:
     model: str = "conv"
@@ -37,6 +50,8 @@ class ExportConfig:
     # ONNX programs take any batch up to max_batch; ExecuTorch ones exactly batch_size.
     batch_size: int = 10
     max_batch: int = 4096
+    # Kernels of the ExecuTorch training program (evaluation and statistics stay portable).
+    executorch_kernels: Kernels = Kernels.xnnpack
     optimizer: OptimizerSettings = field(default_factory=OptimizerSettings)
     # Verification: this many SGD steps (momentum, weight decay, a label mask) on
     # each artifact and in eager PyTorch from the same start, compared weight by weight.

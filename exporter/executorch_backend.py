@@ -6,6 +6,16 @@ model's masked loss (``torch.export`` -> ``_export_forward_backward`` ->
 ``forward_backward`` and its SGD with momentum and weight decay. The
 evaluation and statistics programs take the weights as inputs.
 
+With ``Kernels.xnnpack`` (the default) the training program is lowered with
+``to_edge_transform_and_lower`` and the XNNPACK partitioner, told to treat
+float32 ``linear`` weights as inputs (``force_non_static_weights_for_f32_linear``);
+every plain ``nn.Conv2d`` is exported as im2col plus ``linear``
+(``exporter.im2col``), because XNNPACK bakes a convolution's weight into the
+delegate as a constant: the program would then train its named parameter
+while the delegate kept computing with the weights it was exported with.
+``check_no_frozen_state`` refuses any program where a delegate holds a
+parameter or buffer.
+
 Workarounds for ExecuTorch 1.4.1, all here:
 
 * ``max_pool2d_with_indices_backward`` accumulates into a buffer it never
@@ -15,8 +25,9 @@ Workarounds for ExecuTorch 1.4.1, all here:
   the gradients by ``clip_grad_norm_``'s factor before the optimizer step.
 * A program loaded from a temporary buffer can crash: programs are loaded from
   their file.
-* The XNNPACK delegate breaks training and ``avg_pool2d`` has no backward
-  kernel; neither is used (the models pool with ``mean``).
+* ``avg_pool2d`` has no backward kernel; the models pool with ``mean``.
+* The pip wheel's XNNPACK threadpool starts with one thread per core;
+  ``set_threads`` resets it (the benchmark measures one thread).
 """
 
 from __future__ import annotations
@@ -31,14 +42,21 @@ import torch
 from torch import nn
 from torch._decomp import get_decompositions
 
+from exporter.config import Kernels
+from exporter.errors import FrozenWeightsError
+from exporter.im2col import matmul_convolutions
 from exporter.step import OptimizerSettings, clip_coefficient
 from heterofl_edge.loss import masked_cross_entropy
 
 __all__ = [
     "ExecuTorchTrainer",
+    "check_no_frozen_state",
     "export_function_program",
     "export_training_program",
+    "joint_program",
     "load_program",
+    "lower_training_program",
+    "set_threads",
 ]
 
 aten = torch.ops.aten
@@ -94,13 +112,10 @@ def _lower(programs: torch.export.ExportedProgram, path: Path) -> None:
     path.write_bytes(executorch_program.buffer)
 
 
-def export_training_program(model: nn.Module, example: Sequence[torch.Tensor], path: Path) -> None:
-    """Write the joint forward/backward program of ``model``'s masked loss to ``path``.
-
-    The parameters live inside the program; ``ExecuTorchTrainer.load_weights``
-    overwrites them in place with a round's weights. The batch size is fixed
-    to ``example``'s.
-    """
+def joint_program(
+    model: nn.Module, example: Sequence[torch.Tensor]
+) -> torch.export.ExportedProgram:
+    """The joint forward/backward graph of ``model``'s masked loss, as the model is written."""
     from torch.export.experimental import _export_forward_backward
 
     _quiet_imports()
@@ -109,10 +124,78 @@ def export_training_program(model: nn.Module, example: Sequence[torch.Tensor], p
         warnings.simplefilter("ignore")
         program = torch.export.export(_MaskedLoss(model), tuple(example), strict=False)
         program = _export_forward_backward(program)
-        program = program.run_decompositions(
+        return program.run_decompositions(
             get_decompositions([aten.max_pool2d_with_indices_backward])
         )
-    _lower(program, path)
+
+
+def check_no_frozen_state(edge: Any) -> None:
+    """Raise ``FrozenWeightsError`` if a delegate of ``edge`` holds a parameter or buffer.
+
+    ``edge`` is an ``EdgeProgramManager`` after partitioning. A lowered module
+    keeps the graph it replaced (``original_module``); the state that graph
+    lifted is what the delegate serialised as its own constants.
+    """
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    frozen: dict[str, str] = {}
+    for method in edge.methods:
+        for module in edge.exported_program(method).graph_module.modules():
+            if isinstance(module, LoweredBackendModule):
+                signature = module.original_module.graph_signature
+                for name in [*signature.parameters, *signature.buffers]:
+                    frozen[name] = module.backend_id
+    if frozen:
+        names = ", ".join(f"{name} ({backend})" for name, backend in sorted(frozen.items()))
+        raise FrozenWeightsError(
+            f"a delegate holds {names} as a constant: training would update the "
+            "program's parameter while the delegate kept computing with the exported value",
+            "write the layer so that the backend takes its weight as an input (plain "
+            "convolutions become im2col plus linear by themselves), or export with "
+            "--executorch-kernels portable",
+        )
+
+
+def lower_training_program(
+    program: torch.export.ExportedProgram, path: Path, kernels: Kernels
+) -> None:
+    """Write ``program`` (a joint graph) to ``path``, on ``kernels``; refuse frozen weights."""
+    _quiet_imports()
+    if kernels is Kernels.portable:
+        _lower(program, path)
+        return
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edge = to_edge_transform_and_lower(
+            program,
+            partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
+        )
+        check_no_frozen_state(edge)
+        path.write_bytes(edge.to_executorch().buffer)
+
+
+def export_training_program(
+    model: nn.Module,
+    example: Sequence[torch.Tensor],
+    path: Path,
+    kernels: Kernels = Kernels.xnnpack,
+) -> None:
+    """Write the joint forward/backward program of ``model``'s masked loss to ``path``.
+
+    The parameters live inside the program; ``ExecuTorchTrainer.load_weights``
+    overwrites them in place with a round's weights. The batch size is fixed
+    to ``example``'s. With ``Kernels.xnnpack`` the plain convolutions are
+    exported as im2col plus ``linear`` (same parameters, same names).
+    """
+    if kernels is Kernels.xnnpack:
+        with matmul_convolutions(model):
+            program = joint_program(model, example)
+    else:
+        program = joint_program(model, example)
+    lower_training_program(program, path, kernels)
 
 
 def export_function_program(
@@ -123,6 +206,14 @@ def export_function_program(
         warnings.simplefilter("ignore")
         program = torch.export.export(_Function(function), tuple(example), strict=False)
     _lower(program, path)
+
+
+def set_threads(count: int) -> None:
+    """Size the threadpool XNNPACK runs on (the pip wheel starts with one per core)."""
+    _quiet_imports()
+    from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+    _unsafe_reset_threadpool(count)
 
 
 def load_program(path: Path) -> object:

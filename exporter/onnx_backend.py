@@ -7,8 +7,10 @@ touches one file:
   pointer of Tensor that doesn't have storage"); tracing the step with
   ``make_fx`` first and exporting the traced graph works.
 * The ONNX exporter has no translation for ``aten.convolution_backward``; it is
-  decomposed here into a transposed convolution (input gradient) and a
-  convolution (weight gradient).
+  decomposed here into a transposed convolution (input gradient) and k*k
+  matrix products over shifted slices of the padded input (weight gradient;
+  onnxruntime ran the earlier single convolution with the batch as channels
+  slower).
 * The ONNX exporter turns ``nll_loss_forward``'s ``total_weight`` into 1.0
   instead of N; PyTorch's core decompositions of nll_loss avoid that op.
 """
@@ -59,14 +61,44 @@ def _convolution_backward(  # type: ignore[no-untyped-def]
             grad_out, weight, stride=stride, padding=padding, output_padding=extra
         )
     if output_mask[1]:
-        # Correlate the input with the output gradient: batch becomes the channel axis.
-        full = F.conv2d(
-            x.transpose(0, 1), grad_out.transpose(0, 1), padding=padding, dilation=stride
-        ).transpose(0, 1)
-        grad_weight = full[:, :, : weight.shape[2], : weight.shape[3]]
+        grad_weight = _weight_gradient(grad_out, x, weight.shape, stride, padding)
     if output_mask[2]:
         grad_bias = grad_out.sum(dim=(0, 2, 3))
     return grad_input, grad_weight, grad_bias
+
+
+def _weight_gradient(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    shape: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+) -> torch.Tensor:
+    """A convolution's weight gradient as one matrix product per kernel position.
+
+    For kernel position ``(i, j)`` the gradient is ``x_ij^T @ g`` where ``x_ij``
+    is the padded input shifted by ``(i, j)`` (strided like the output) with
+    the batch and positions as rows, and ``g`` the output gradient with the
+    same rows. onnxruntime runs these k*k MatMuls faster than the equivalent
+    single convolution with the batch as channels.
+    """
+    out_channels, in_channels, kh, kw = shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = grad_out.shape[2], grad_out.shape[3]
+    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    columns = padded.transpose(0, 1)  # (c, n, h, w): rows of each slice in (n, y, x) order
+    rows = grad_out.permute(0, 2, 3, 1).reshape(-1, out_channels)  # (n * oh * ow, o)
+    per_position = [
+        torch.mm(
+            columns[:, :, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw].reshape(
+                in_channels, -1
+            ),
+            rows,
+        )
+        for i in range(kh)
+        for j in range(kw)
+    ]  # each (c, o)
+    return torch.stack(per_position, dim=2).permute(1, 0, 2).reshape(shape)
 
 
 def _decompositions() -> dict[Any, Callable[..., Any]]:

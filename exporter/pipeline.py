@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exporter.config import ExportConfig, Format
+from exporter.config import ExportConfig, Format, Kernels
 from exporter.errors import ExportError
 from exporter.step import Batch, StepFunctions, make_step_functions
 from heterofl_edge.complexity import measure_complexity
@@ -161,10 +161,11 @@ def _export_executorch(
     params: list[torch.Tensor],
     stats: list[torch.Tensor],
     batch: Batch,
+    config: ExportConfig,
 ) -> None:
     from exporter.executorch_backend import export_function_program, export_training_program
 
-    export_training_program(model, batch, folder / "train.pte")
+    export_training_program(model, batch, folder / "train.pte", config.executorch_kernels)
     export_function_program(fns.evaluate, [*params, *stats, batch[0]], folder / "evaluate.pte")
     if fns.bn_layers:
         export_function_program(fns.statistics, [*params, batch[0]], folder / "statistics.pte")
@@ -229,7 +230,7 @@ def _export_format(
         if fmt is Format.onnx:
             _export_onnx(folder, fns, params, stats, batch, config, signatures)
         else:
-            _export_executorch(folder, model, fns, params, stats, batch)
+            _export_executorch(folder, model, fns, params, stats, batch, config)
     except HeteroFLError:
         raise
     except Exception as exc:  # a backend that cannot take this model
@@ -239,10 +240,25 @@ def _export_format(
             f"{fmt.value} cannot export {where}: {type(exc).__name__}: {reason}",
             "see the README's support matrix; the other format may work (--format)",
         ) from exc
+    if fmt is Format.executorch:
+        signatures["train"].update(_executorch_kernels(config.executorch_kernels))
     extension = "onnx" if fmt is Format.onnx else "pte"
     for program, signature in signatures.items():
         signature["file"] = f"{fmt.value}/{program}.{extension}"
     return signatures
+
+
+def _executorch_kernels(kernels: Kernels) -> dict[str, Any]:
+    """What the training program needs from the runtime, for the manifest."""
+    if kernels is Kernels.portable:
+        return {"kernels": kernels.value, "backends": []}
+    return {
+        "kernels": kernels.value,
+        # The runtime must register these delegates (ExecuTorch's Android AAR does).
+        "backends": ["XnnpackBackend"],
+        "note": "plain convolutions run as im2col plus linear; matmuls and elementwise ops "
+        "on XNNPACK, with the weights as program state; the rest on portable kernels",
+    }
 
 
 def _file_table(staging: Path) -> dict[str, dict[str, Any]]:

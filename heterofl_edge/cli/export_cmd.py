@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from exporter.config import Kernels
 from heterofl_edge.cli.options import ModelOption
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import Level, parse_rate
@@ -28,6 +29,13 @@ def export(
     verify: Annotated[
         bool, typer.Option("--verify/--no-verify", help="Check every artifact against PyTorch.")
     ] = True,
+    executorch_kernels: Annotated[
+        Kernels,
+        typer.Option(
+            help="ExecuTorch training program: xnnpack (delegated matmuls, fast) or "
+            "portable (portable kernels only, for comparison)."
+        ),
+    ] = Kernels.xnnpack,
     tolerance: Annotated[
         float | None, typer.Option(help="Largest weight difference verification accepts [1e-4].")
     ] = None,
@@ -57,6 +65,7 @@ def export(
             formats=formats,
             batch_size=batch_size,
             verify=verify,
+            executorch_kernels=executorch_kernels,
             tolerance=tolerance if tolerance is not None else VERIFY_TOLERANCE,
         )
         folder = export_level(config, out, progress=typer.echo)
