@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -159,3 +160,29 @@ def test_a_users_model_and_data_run_from_the_command_line_on_two_workers(tmp_pat
     assert [r["global_accuracy"] for r in report["rounds"]] == [
         r.global_accuracy for r in inline.rounds
     ]
+
+
+def test_a_users_model_resumes_from_its_journal_to_the_same_bits(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from tiny_mlp.data import write_blobs
+
+    write_blobs(tmp_path / "blobs", train=200, test=100)
+    config = SimulationConfig(
+        model="tiny_mlp.model:build",
+        data="tiny_mlp.data:load",
+        mode="a-e",
+        rounds=3,
+        num_clients=4,
+        fraction=0.5,
+        lr=0.05,
+        local=LocalTrainingConfig(epochs=1, batch_size=20),
+    )
+    data = load_data(config, tmp_path / "blobs")
+    one = Execution(workers=1)
+    journal = tmp_path / "run" / "journal"
+    run_simulation(replace(config, rounds=1), data, execution=one, journal_dir=journal)
+    resumed = run_simulation(config, data, execution=one, journal_dir=journal, resume=True)
+    uninterrupted = run_simulation(config, data, execution=one)
+    assert [r.round for r in resumed.rounds] == [1, 2, 3]
+    for name, tensor in uninterrupted.global_state.items():
+        assert torch.equal(resumed.global_state[name], tensor), name

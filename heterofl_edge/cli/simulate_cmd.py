@@ -14,7 +14,7 @@ import typer
 from safetensors.torch import save as save_state
 
 from heterofl_edge.assignment import Assignment, parse_mode
-from heterofl_edge.cli.data_cmd import DataDirOption
+from heterofl_edge.cli.data_cmd import AnyDataDirOption
 from heterofl_edge.cli.options import DATA_HELP, ModelOption
 from heterofl_edge.data.registry import resolve_dataset
 from heterofl_edge.errors import ConfigError
@@ -43,13 +43,13 @@ def _perplexity(value: float | None) -> str:
 
 
 def simulate(
-    data_dir: DataDirOption = None,
+    data_dir: AnyDataDirOption = None,
     model: ModelOption = "conv",
     data: Annotated[
         str | None,
         typer.Option(
-            help=DATA_HELP + " [the model's: conv mnist, resnet18 imagefolder, "
-            "transformer wikitext2]",
+            help=DATA_HELP + " (default: the model's own: conv mnist, resnet18 imagefolder, "
+            "transformer wikitext2)",
             callback=_check_data,
         ),
     ] = None,
@@ -63,23 +63,23 @@ def simulate(
     rounds: Annotated[
         int | None,
         typer.Option(
-            help="Communication rounds [paper: conv 200 IID, 400 non-IID; resnet18 400, 800; "
-            "transformer 100 (IID only)]."
+            help="Communication rounds (paper: conv 200 IID, 400 non-IID; resnet18 400, 800; "
+            "transformer 100, IID only)."
         ),
     ] = None,
     clients: Annotated[int, typer.Option(help="Number of clients.")] = 100,
     fraction: Annotated[float, typer.Option(help="Share of clients active per round.")] = 0.1,
     local_epochs: Annotated[
-        int | None, typer.Option(help="Local epochs E [paper: 5; transformer 1].")
+        int | None, typer.Option(help="Local epochs E (paper: 5; transformer 1).")
     ] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help="Local batch size B [paper: 10; transformer 100].")
+        int | None, typer.Option(help="Local batch size B (paper: 10; transformer 100).")
     ] = None,
     lr: Annotated[
         float | None,
         typer.Option(
-            help="Learning rate, x0.1 at the paper's milestones [paper: conv 0.01; "
-            "resnet18 and transformer 0.1]."
+            help="Learning rate, x0.1 at the paper's milestones (paper: conv 0.01; "
+            "resnet18 and transformer 0.1)."
         ),
     ] = None,
     stats_clients: Annotated[
