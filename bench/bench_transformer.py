@@ -18,6 +18,9 @@ HeteroFL code reports (the paper's Table 3: 3.37 at a to 7.41 at e after 100
 rounds on all the data).
 
     .venv/bin/python bench/bench_transformer.py --data-dir ../shared/datasets/wikitext2
+    .venv/bin/python bench/bench_transformer.py --modes a-e   # adds a mode to the results
+
+A run of the same protocol already in ``--out`` is extended: its modes are kept.
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ def main() -> None:
         "seed": 0,
     }
     runs: dict[str, Any] = {}
+    if args.out.exists():  # extend an earlier run of the same protocol with other modes
+        earlier = json.loads(args.out.read_text())
+        if earlier.get("protocol") == results(args, {})["protocol"]:
+            runs = earlier["runs"]
     for mode in args.modes.split(","):
         config = SimulationConfig(model="transformer", mode=mode, **settings)
 

@@ -109,6 +109,8 @@ def test_resnet18_trains_on_an_image_folder(mnist_dir, tmp_path):
     )
     data = load_data(config, tmp_path / "digits")  # the image folder, sized for resnet18
     assert tuple(data.train_x.shape) == (600, 3, 32, 32) and data.num_classes == 10
+    grey = load_data(replace(config, model="conv", data="imagefolder"), tmp_path / "digits")
+    assert tuple(grey.train_x.shape) == (600, 1, 28, 28)  # read at conv's input size
     result = run_simulation(config, data, execution=Execution(workers=1))
     first, last = result.rounds[0], result.rounds[-1]
     assert result.initial_accuracy < 0.2
