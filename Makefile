@@ -14,7 +14,7 @@ export HETEROFL_DATA_DIR
 $(BIN)/heterofl-edge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[server,executorch,dev]'
 	touch $@
 
 install: $(BIN)/heterofl-edge
@@ -57,6 +57,7 @@ check: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python bench/bench_simulate.py
@@ -68,4 +69,4 @@ bench: install
 	$(BIN)/python bench/bench_transformer.py --modes a,b,c,d,e,a-e
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache web/node_modules coordinator/static/device
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache web/node_modules coordinator/static/device

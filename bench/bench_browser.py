@@ -26,8 +26,7 @@ from safetensors.numpy import load
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from coordinator.process import start_coordinator, stop  # noqa: E402
-from device_sim.demo import wait_until_ready  # noqa: E402
+from coordinator.process import start_coordinator, stop, wait_until_ready  # noqa: E402
 from device_sim.onnx_backend import OnnxLevel  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "browser.json"

@@ -23,6 +23,7 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -42,6 +43,15 @@ from coordinator.process import start_coordinator, stop  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "load.json"
 DATA = Path(os.environ.get("HETEROFL_DATA_DIR", ROOT.parent / "shared" / "datasets" / "mnist"))
 PROFILE = {"step_ms": 1.0, "reference_rate": 1.0, "memory_mb": 4096, "bandwidth_mbps": 1000}
+
+
+_STARTED: list[Any] = []  # coordinator processes, stopped when the bench ends however it ends
+
+
+def launch(args: list[str], log: Path) -> tuple[Any, str]:
+    process, url = start_coordinator(args, log)
+    _STARTED.append(process)
+    return process, url
 
 
 class Recorder:
@@ -103,6 +113,9 @@ class Connection:
                 self._close()
                 return 0, b""
         return 0, b""
+
+    def close(self) -> None:
+        self._close()
 
     def _close(self) -> None:
         if self._conn is not None:
@@ -205,7 +218,8 @@ def peak_rss_mb(pid: int) -> float:
 
 def fleet_run(devices: int, fraction: float, rounds: int, work: Path) -> dict[str, Any]:
     state = work / f"fleet-{devices}"
-    process, url = start_coordinator(
+    shutil.rmtree(state, ignore_errors=True)  # a fresh coordinator, never a resumed one
+    process, url = launch(
         [
             "--state-dir", str(state), "--mode", "a", "--policy", "fix",
             "--rounds", str(rounds), "--fraction", str(fraction),
@@ -268,20 +282,24 @@ def fleet_run(devices: int, fraction: float, rounds: int, work: Path) -> dict[st
 
 def upload_run(devices: int, threads: int, work: Path) -> dict[str, Any]:
     state = work / "uploads"
+    shutil.rmtree(state, ignore_errors=True)
     args = [
         "--state-dir", str(state), "--mode", "e", "--policy", "fix", "--rounds", "1",
         "--fraction", "1", "--min-devices", str(devices), "--round-seconds", "3600",
         "--no-artifacts", "--threads", "16",
     ]  # fmt: skip
-    process, url = start_coordinator(args, work / "coordinator-uploads.log")
+    process, url = launch(args, work / "coordinator-uploads.log")
     port = int(url.rsplit(":", 1)[1])
     recorder = Recorder()
     conns = [Connection(port, recorder) for _ in range(devices)]
     for conn in conns:
-        _, data = conn.request(
+        status, data = conn.request(
             "POST", "/v1/devices", "POST /v1/devices", json.dumps(PROFILE).encode()
         )
+        if status != 201:
+            raise SystemExit(f"registration answered {status}: {data[:200]!r}")
         conn.token = json.loads(data)["token"]
+        conn.close()  # K idle keep-alive connections would count against the server's limit
     bodies: list[tuple[Connection, str, bytes]] = []
     rng = np.random.default_rng(0)
     for conn in conns:
@@ -291,6 +309,7 @@ def upload_run(devices: int, threads: int, work: Path) -> dict[str, Any]:
                 break
             time.sleep(0.2)
         weights = load(conn.request("GET", task["weights_url"], "weights")[1])
+        conn.close()
         bodies.append((conn, task["upload_url"], random_update(weights, rng)))
     acknowledged: list[int] = []
     lock = threading.Lock()
@@ -319,7 +338,7 @@ def upload_run(devices: int, threads: int, work: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     os.kill(process.pid, signal.SIGKILL)  # acknowledged means durable: kill -9, restart, count
     process.wait()
-    process, url = start_coordinator(args, work / "coordinator-uploads-restart.log")
+    process, url = launch(args, work / "coordinator-uploads-restart.log")
     conn = Connection(int(url.rsplit(":", 1)[1]), Recorder())
     history = json.loads(conn.request("GET", "/v1/rounds", "x")[1])["rounds"]
     stop(process)
@@ -346,6 +365,9 @@ def main() -> None:
     parser.add_argument("--fleets", default="50,200")
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--upload-devices", type=int, default=1000)
+    parser.add_argument(
+        "--only", choices=("fleets", "uploads"), help="run one part, keep the other's results"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-load")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -357,17 +379,28 @@ def main() -> None:
         "torch 1 thread; evaluation on the 10,000 MNIST test images after each round",
         "fleet": [],
     }
-    for n in fleets:
-        run = fleet_run(n, args.fraction, 3, args.work)
-        results["fleet"].append(run)
-        print(json.dumps(run, indent=1))
-    upload = upload_run(100 if args.quick else args.upload_devices, 32, args.work)
-    results["uploads"] = upload
-    print(json.dumps(upload, indent=1))
+    if args.only and RESULTS.exists() and not args.quick:
+        # Re-measure one part; the other keeps its committed figures.
+        results = {**json.loads(RESULTS.read_text()), **{k: results[k] for k in ("machine",)}}
+    if args.only in (None, "fleets"):
+        results["fleet"] = []
+        for n in fleets:
+            run = fleet_run(n, args.fraction, 3, args.work)
+            results["fleet"].append(run)
+            print(json.dumps(run, indent=1))
+    if args.only in (None, "uploads"):
+        upload = upload_run(100 if args.quick else args.upload_devices, 32, args.work)
+        results["uploads"] = upload
+        print(json.dumps(upload, indent=1))
     if not args.quick:
         RESULTS.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        for started in _STARTED:
+            if started.poll() is None:
+                stop(started)

@@ -13,7 +13,7 @@ import requests
 
 from heterofl_edge.errors import HeteroFLError
 
-__all__ = ["free_port", "start_coordinator", "stop"]
+__all__ = ["free_port", "start_coordinator", "stop", "wait_until_ready"]
 
 
 def free_port() -> int:
@@ -76,3 +76,13 @@ def stop(process: subprocess.Popen[bytes], grace_seconds: float = 60.0) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def wait_until_ready(url: str, timeout: float = 900.0) -> None:
+    """Wait until the coordinator has built every level's artifacts."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if requests.get(f"{url}/v1/health", timeout=30).json().get("artifacts_ready"):
+            return
+        time.sleep(1.0)
+    raise HeteroFLError(f"the coordinator did not build its artifacts within {timeout:.0f} s")

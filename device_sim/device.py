@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from device_sim.onnx_backend import OnnxLevel
 from device_sim.protocol import CoordinatorClient, ProtocolError
+from device_sim.runtimes import get_runtime
 from heterofl_edge.assignment import parse_mode
-from heterofl_edge.errors import HeteroFLError
+from heterofl_edge.device_runtime import LevelRuntime
+from heterofl_edge.levels import rate_label
 
 __all__ = ["Capabilities", "Device"]
 
@@ -36,7 +37,7 @@ class Capabilities:
     bandwidth_mbps: float | None = None  # None: no cap
     memory_mb: float = 4096.0
     dropout: float = 0.0  # probability of vanishing in the middle of a round's training
-    runtime: str = "onnx"  # onnx (numpy + onnxruntime) or executorch (needs torch)
+    runtime: str = "onnx"  # a name in device_sim.runtimes: onnx, or executorch (extra)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Capabilities:
@@ -63,25 +64,16 @@ class Device:
         self.rng = np.random.default_rng(seed)
         self.log = log
         self._sleep = sleep
-        if capabilities.runtime not in ("onnx", "executorch"):
-            raise HeteroFLError(
-                f"unknown runtime {capabilities.runtime!r}", "use onnx or executorch"
-            )
-        self._levels: dict[str, Any] = {}
+        self._runtime = get_runtime(capabilities.runtime)  # a ConfigError if unknown
+        self._levels: dict[str, LevelRuntime] = {}
         self.heartbeat_seconds = 5.0
 
-    def _level(self, artifact: dict[str, Any]) -> Any:
-        """The level's programs in this device's runtime (``OnnxLevel`` or ``ExecuTorchLevel``)."""
+    def _level(self, artifact: dict[str, Any]) -> LevelRuntime:
+        """The level's programs in this device's runtime."""
         key = artifact["manifest_url"]
         if key not in self._levels:
-            runtime = self.capabilities.runtime
-            folder = self.client.artifact(key, runtime)
-            if runtime == "executorch":
-                from device_sim.executorch_backend import ExecuTorchLevel
-
-                self._levels[key] = ExecuTorchLevel(folder)
-            else:
-                self._levels[key] = OnnxLevel(folder)
+            folder = self.client.artifact(key, self.capabilities.runtime)
+            self._levels[key] = self._runtime(folder)
         return self._levels[key]
 
     def _slow_down(self, seconds: float) -> None:
@@ -93,8 +85,6 @@ class Device:
         """Time a few training steps of the smallest level in play (the reference artifact)."""
         health = self.client.health()
         reference = min(parse_mode(health["mode"]).rates)
-        from heterofl_edge.levels import rate_label
-
         manifest_url = f"/v1/artifacts/{health['model']}/{rate_label(reference)}/manifest.json"
         level = self._level({"manifest_url": manifest_url})
         weights = {

@@ -8,11 +8,12 @@ as the coordinator reports them, and stops every process it started.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import requests
 from device_sim.device import Capabilities
 from heterofl_edge.errors import HeteroFLError
 
-__all__ = ["DEFAULT_PROFILES", "Fleet", "FleetConfig", "load_profiles"]
+__all__ = ["DEFAULT_PROFILES", "Fleet", "FleetConfig", "describe_round", "load_profiles"]
 
 # Fast, medium and slow devices (CPU slowdown, link speed), used round-robin.
 DEFAULT_PROFILES = (
@@ -81,7 +82,8 @@ class Fleet:
             command = [
                 sys.executable,
                 "-m",
-                "device_sim.worker",
+                "heterofl_edge",
+                "device",
                 "--coordinator",
                 self.config.coordinator,
                 "--data-dir",
@@ -168,6 +170,33 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def describe_round(record: dict[str, Any], names: Mapping[str, str] | None = None) -> str:
+    """One line per round: accuracy, per-level losses, and each device's level."""
+    result = record["metrics"]
+    per_level: dict[str, list[float]] = {}
+    for a in record["assignments"]:
+        if a["status"] == "uploaded":
+            per_level.setdefault(a["level"], []).append(
+                (a.get("metrics") or {}).get("loss", math.nan)
+            )
+    levels = "  ".join(
+        f"{level}: {len(losses)} trained, loss {sum(losses) / len(losses):.3f}"
+        for level, losses in sorted(per_level.items())
+    )
+    accuracy = (result.get("evaluation") or {}).get("global_accuracy")
+    shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
+    timed_out = result.get("timed_out", 0)
+    line = f"round {record['round']} {record['state']}: global accuracy {shown}  |  {levels}"
+    if timed_out:
+        line += f"  |  {timed_out} missed the deadline"
+    if names:
+        placed = sorted(
+            (names.get(a["device_id"], a["device_id"]), a["level"]) for a in record["assignments"]
+        )
+        line += "\n    levels: " + ", ".join(f"{name} {level}" for name, level in placed)
+    return line
 
 
 def _describe(c: Capabilities) -> str:

@@ -10,8 +10,6 @@ the per-batch moments exactly, ``evaluate`` returns logits.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,55 +17,9 @@ import numpy as np
 import onnxruntime as ort
 
 from heterofl_edge.batching import epoch_batches, stats_batches
+from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics
 
-__all__ = ["LocalResult", "OnnxLevel", "merge_batch_statistics", "merge_moments"]
-
-
-@dataclass(frozen=True)
-class LocalResult:
-    weights: dict[str, np.ndarray]
-    num_examples: int
-    steps: int
-    loss: float
-    accuracy: float
-
-
-def merge_moments(
-    a: tuple[int, np.ndarray, np.ndarray], b: tuple[int, np.ndarray, np.ndarray]
-) -> tuple[int, np.ndarray, np.ndarray]:
-    """(count, mean, biased var) of the union of two disjoint sets (Chan et al.)."""
-    na, ma, va = a
-    nb, mb, vb = b
-    n = na + nb
-    delta = mb.astype(np.float64) - ma
-    mean = ma + delta * (nb / n)
-    m2 = va * na + vb.astype(np.float64) * nb + delta**2 * (na * nb / n)
-    return n, mean, m2 / n
-
-
-def merge_batch_statistics(
-    layers: list[str], reports: Iterable[tuple[int, Sequence[Any]]]
-) -> dict[str, np.ndarray]:
-    """Merge a statistics program's per-batch outputs into the upload's tensors.
-
-    Each report is (examples in the batch, [mean_1, var_1, ..., mean_L, var_L]);
-    the result holds LAYER.count / .mean / .var for every sBN layer.
-    """
-    merged: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
-    for examples, out in reports:
-        for i, layer in enumerate(layers):
-            moments = (
-                examples,
-                np.asarray(out[2 * i], np.float64),
-                np.asarray(out[2 * i + 1], np.float64),
-            )
-            merged[layer] = merge_moments(merged[layer], moments) if layer in merged else moments
-    result: dict[str, np.ndarray] = {}
-    for layer, (count, mean, var) in merged.items():
-        result[f"{layer}.count"] = np.array(float(count), np.float32)
-        result[f"{layer}.mean"] = mean.astype(np.float32)
-        result[f"{layer}.var"] = var.astype(np.float32)
-    return result
+__all__ = ["OnnxLevel"]
 
 
 class OnnxLevel:

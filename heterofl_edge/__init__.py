@@ -12,6 +12,7 @@ The core is pure HeteroFL math on tensors and plain data, with no I/O:
 * ``aggregation``: streaming HeteroFL aggregation;
 * ``bn_stats``: static-BN statistics gathered from clients;
 * ``loss``, ``partition``, ``assignment``, ``strategy``, ``training``;
+* ``device_runtime``: what a device runtime promises (numpy in and out, no torch);
 * ``simulation``: the whole federation on one machine (``sessions``,
   ``backends``: client sessions in process or in worker processes;
   ``ray_backend``: as Ray tasks) with ``journal`` checkpoints to resume from.

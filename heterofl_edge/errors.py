@@ -16,6 +16,7 @@ __all__ = [
     "DataError",
     "HeteroFLError",
     "InternalError",
+    "MissingExtra",
     "ModelError",
     "UpdateError",
 ]
@@ -47,6 +48,22 @@ class DataError(HeteroFLError):
     """A data set that is missing, unreadable or corrupt."""
 
     code = "bad_data"
+
+
+class MissingExtra(HeteroFLError):
+    """A part of heterofl-edge whose pip extra is not installed (``needed_by`` names the part).
+
+    The command line names the command instead: ``'heterofl-edge export' needs the
+    'server' extra: pip install 'heterofl-edge[server]'``.
+    """
+
+    code = "missing_extra"
+
+    def __init__(self, extra: str, needed_by: str = "this command") -> None:
+        self.extra = extra
+        super().__init__(
+            f"{needed_by} needs the {extra!r} extra: pip install 'heterofl-edge[{extra}]'"
+        )
 
 
 class ModelError(HeteroFLError):

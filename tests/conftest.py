@@ -77,7 +77,9 @@ def artifact_cache(tmp_path_factory, worker_id):
     ``provide(state_dir, levels, global_rate, formats)`` puts the exported
     programs where ``coordinator serve`` looks first, so that several tests
     do not export and verify the same level again. Parallel workers (xdist)
-    share one cache folder, each export under a file lock.
+    share one cache folder, each export under a file lock. ``HETEROFL_ARTIFACT_CACHE``
+    keeps the cache in a folder of your choice across runs (delete it after changing the
+    exporter).
     """
     import shutil
 
@@ -88,8 +90,10 @@ def artifact_cache(tmp_path_factory, worker_id):
     from heterofl_edge.levels import parse_rate
 
     base = tmp_path_factory.getbasetemp()
-    root = (base.parent if worker_id != "master" else base) / "artifact-cache"
-    root.mkdir(exist_ok=True)
+    configured = os.environ.get("HETEROFL_ARTIFACT_CACHE")  # kept across runs, e.g. repeat runs
+    root = Path(configured) if configured else (base.parent if worker_id != "master" else base)
+    root = root / "artifact-cache"
+    root.mkdir(parents=True, exist_ok=True)
 
     def provide(state_dir, levels, global_rate=1.0, formats=("onnx",), model="conv"):
         for level in levels:

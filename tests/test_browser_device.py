@@ -18,8 +18,7 @@ import requests
 from safetensors.numpy import load
 from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, chromium_or_skip
 
-from coordinator.process import start_coordinator, stop
-from device_sim.demo import wait_until_ready
+from coordinator.process import start_coordinator, stop, wait_until_ready
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.onnx_backend import OnnxLevel

@@ -1,10 +1,14 @@
 """The command line as a user runs it: exit codes and one-line errors."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run(*args, env=None):
@@ -74,3 +78,39 @@ def test_data_check_verifies_md5s(mnist_dir):
     out = run("data", "check", "--data-dir", str(mnist_dir))
     assert out.returncode == 0, out.stderr
     assert out.stdout.count(": ok") == 4
+
+
+@pytest.fixture
+def without_extras(tmp_path):
+    """An environment in which torch, flask and onnx are missing, as in a device install."""
+    shim = tmp_path / "no-extras"
+    for name in ("torch", "flask", "onnx"):
+        (shim / name).mkdir(parents=True)
+        (shim / name / "__init__.py").write_text(
+            f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n'
+        )
+    path = [str(shim), str(REPO), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
+
+
+@pytest.mark.parametrize(
+    ("args", "command"),
+    [
+        (["export", "--level", "e"], "heterofl-edge export"),
+        (["models", "summary"], "heterofl-edge models summary"),
+        (["coordinator", "serve", "--state-dir", "x"], "heterofl-edge coordinator serve"),
+        (["simulate"], "heterofl-edge simulate"),
+    ],
+)
+def test_a_command_needing_a_missing_extra_says_which_in_one_line(args, command, without_extras):
+    out = run(*args, env=without_extras)
+    assert out.returncode == 2
+    assert out.stderr.splitlines() == [
+        f"error: '{command}' needs the 'server' extra: pip install 'heterofl-edge[server]'"
+    ]
+
+
+def test_the_device_command_works_without_extras(without_extras):
+    out = run("device", "--help", env=without_extras)
+    assert out.returncode == 0, out.stderr
+    assert "--coordinator" in out.stdout

@@ -5,7 +5,7 @@ import pytest
 from coordinator.process import free_port, start_coordinator, stop
 from device_sim.device import Device
 from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
-from device_sim.worker import main as worker_main
+from device_sim.worker import WorkerConfig, run_worker
 
 
 def test_unreachable_coordinator_is_retried_with_backoff_then_reported(tmp_path):
@@ -50,19 +50,8 @@ def test_a_refused_token_raises_and_the_worker_exits_cleanly(
 
     monkeypatch.setattr(CoordinatorClient, "register", refuse)
     monkeypatch.setattr(Device, "profile", lambda self: {"step_ms": 1.0})
-    code = worker_main(
-        [
-            "--coordinator",
-            coordinator,
-            "--data-dir",
-            str(mnist_dir),
-            "--shard",
-            "0",
-            "--clients",
-            "100",
-            "--cache",
-            str(tmp_path / "cache"),
-        ]
+    code = run_worker(
+        WorkerConfig(coordinator, mnist_dir, tmp_path / "cache", shard=0, clients=100)
     )
     out = capsys.readouterr().out
     assert code == 4

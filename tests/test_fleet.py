@@ -6,8 +6,7 @@ import pytest
 import requests
 from safetensors.torch import load
 
-from coordinator.process import start_coordinator, stop
-from device_sim.demo import wait_until_ready
+from coordinator.process import start_coordinator, stop, wait_until_ready
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
 from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulation

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
+from heterofl_edge.cli.options import ModelOption, parse_choice
 from heterofl_edge.errors import ConfigError
-from heterofl_edge.models import ModelName
-
-E = TypeVar("E", bound=StrEnum)
 
 app = typer.Typer(help="The coordinator service devices talk to.", no_args_is_help=True)
 
@@ -25,7 +22,7 @@ StateDirOption = Annotated[
 @app.command()
 def serve(
     state_dir: StateDirOption,
-    model: Annotated[ModelName, typer.Option(help="Model family.")] = ModelName.conv,
+    model: ModelOption = "conv",
     mode: Annotated[
         str, typer.Option(help="Levels in play, e.g. a-b-c-d-e or a2-e8.")
     ] = "a-b-c-d-e",
@@ -117,8 +114,8 @@ def serve(
     from heterofl_edge.engine import StatisticsClients
     from heterofl_edge.training import LocalTrainingConfig
 
-    chosen = _choice(LevelPolicy, policy, "policy")
-    stats = _choice(StatisticsClients, statistics, "statistics")
+    chosen = parse_choice(LevelPolicy, policy, "policy")
+    stats = parse_choice(StatisticsClients, statistics, "statistics")
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is outside 1..65535")
     if eval_examples is not None and eval_examples < 1:
@@ -145,7 +142,7 @@ def serve(
     torch.set_num_threads(torch_threads)
     config = CoordinatorConfig(
         state_dir=state_dir,
-        model=model.value,
+        model=model,
         mode=mode,
         policy=chosen,
         rounds=rounds,
@@ -187,7 +184,7 @@ def serve(
         raise
     root = f"{scheme}://{host}:{port}"
     typer.echo(
-        f"coordinator for {model.value} ({mode}, policy {chosen.value}) on {root}/v1 "
+        f"coordinator for {model} ({mode}, policy {chosen.value}) on {root}/v1 "
         f"(live page {root}/, device page {root}/device/)"
     )
 
@@ -233,14 +230,6 @@ def repair(
         typer.echo("no open round: nothing to discard")
     else:
         typer.echo(f"round {number} discarded; the coordinator resumes at round {number + 1}")
-
-
-def _choice(enum: type[E], text: str, name: str) -> E:
-    try:
-        return enum(text)
-    except ValueError:
-        values = ", ".join(e.value for e in enum)
-        raise ConfigError(f"unknown {name} {text!r}", f"use one of: {values}") from None
 
 
 def _formats(text: str) -> tuple[str, ...]:

@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 
 from heterofl_edge.cli.options import DataOption
-from heterofl_edge.data.base import LanguageModelData
-from heterofl_edge.data.registry import get_dataset, resolve_dataset
 from heterofl_edge.errors import DataError
 
 app = typer.Typer(help="Data sets.", no_args_is_help=True)
@@ -35,6 +33,9 @@ AnyDataDirOption = Annotated[
 @app.command()
 def check(data_dir: AnyDataDirOption = None, data: DataOption = "mnist") -> None:
     """Check a data set's files against their original md5s (where known) and load it."""
+    from heterofl_edge.data.base import LanguageModelData
+    from heterofl_edge.data.registry import get_dataset, resolve_dataset
+
     entry = resolve_dataset(data)
     dataset = get_dataset(data, data_dir)
     if entry.check_files is not None:

@@ -25,7 +25,7 @@ def demo(
     round_seconds: Annotated[float, typer.Option(help="Training deadline per round.")] = 40.0,
 ) -> None:
     """Export artifacts, start a coordinator and a fleet on MNIST, run rounds, report."""
-    from device_sim.demo import DemoConfig, run_demo
+    from heterofl_edge.cli._demo import DemoConfig, run_demo
     from heterofl_edge.report import write_json, write_learning_curve
 
     if data_dir is None:

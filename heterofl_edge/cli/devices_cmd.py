@@ -33,8 +33,7 @@ def simulate(
     work_dir: Annotated[Path, typer.Option(help="Logs and artifact caches.")] = Path("runs/fleet"),
 ) -> None:
     """Start N device processes with mixed capabilities and follow the rounds."""
-    from device_sim.demo import describe_round
-    from device_sim.fleet import Fleet, FleetConfig, load_profiles
+    from device_sim.fleet import Fleet, FleetConfig, describe_round, load_profiles
 
     if data != "mnist":
         raise ConfigError(f"unknown data set {data!r}", "use mnist")

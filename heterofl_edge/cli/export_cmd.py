@@ -10,7 +10,6 @@ import typer
 from heterofl_edge.cli.options import ModelOption
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import Level, parse_rate
-from heterofl_edge.models import get_architecture
 
 
 def export(
@@ -36,6 +35,7 @@ def export(
     """Export a level's sub-model as ONNX and ExecuTorch training programs with a manifest."""
     from exporter.config import VERIFY_TOLERANCE, ExportConfig, Format
     from exporter.pipeline import export_level
+    from heterofl_edge.models import get_architecture
 
     arch = get_architecture(model)
     if rate is not None:

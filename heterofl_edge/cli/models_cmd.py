@@ -5,23 +5,17 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from heterofl_edge.cli.options import ModelArgument, ModelOption
-from heterofl_edge.complexity import format_count, measure_complexity
 from heterofl_edge.errors import ModelError
 from heterofl_edge.levels import Level, parse_rate, rate_label
-from heterofl_edge.models import Architecture, get_architecture
-from heterofl_edge.models.check import (
-    CheckResult,
-    check_model,
-    describe_dims,
-    run_check,
-    spec_inference,
-)
-from heterofl_edge.models.registry import model_listing
+
+if TYPE_CHECKING:  # the models need torch (extra 'server'): imported by each command
+    from heterofl_edge.models import Architecture
+    from heterofl_edge.models.check import CheckResult
 
 app = typer.Typer(help="Inspect the width-scalable models.", no_args_is_help=True)
 
@@ -29,6 +23,8 @@ app = typer.Typer(help="Inspect the width-scalable models.", no_args_is_help=Tru
 @app.command("list")
 def list_command() -> None:
     """List the models every command accepts (built-ins, then installed entry points)."""
+    from heterofl_edge.models.registry import model_listing
+
     rows = model_listing()
     width = max(len(name) for name, _, _ in rows) + 2
     source_width = max(len(source) for _, source, _ in rows) + 2
@@ -46,6 +42,9 @@ def summary(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Print level, rate, parameters, FLOPs and space (MB), counted as in the paper."""
+    from heterofl_edge.complexity import format_count, measure_complexity
+    from heterofl_edge.models import get_architecture
+
     arch = get_architecture(model)
     rates = [level.rate for level in Level] + [parse_rate(r) for r in rate or []]
     rows = [measure_complexity(arch, r) for r in rates]
@@ -80,6 +79,8 @@ def _shape(shape: tuple[int, ...]) -> str:
 
 
 def _print_table(arch: Architecture) -> None:
+    from heterofl_edge.models.check import describe_dims, spec_inference
+
     inference = spec_inference(arch)
     probes = inference.rates[1:]
     header = ["tensor", "kind", "shape at 1", "dimensions", *[f"at {r:g}" for r in probes]]
@@ -103,6 +104,7 @@ def _print_table(arch: Architecture) -> None:
 def _onnx_check(arch: Architecture, rate: float) -> CheckResult:
     from exporter.config import ExportConfig, Format
     from exporter.pipeline import export_level
+    from heterofl_edge.models.check import CheckResult
 
     with tempfile.TemporaryDirectory(prefix="heterofl-check-") as tmp:
         folder = export_level(
@@ -133,6 +135,9 @@ def check(
     level: Annotated[str, typer.Option(help="Level (or rate) of the ONNX parity check.")] = "e",
 ) -> None:
     """Check that MODEL works with HeteroFL; print the slicing spec found and each check."""
+    from heterofl_edge.models import get_architecture
+    from heterofl_edge.models.check import check_model, run_check
+
     export_rate = parse_rate(level)
     arch = get_architecture(model)
     typer.echo(f"{arch.name}: {arch.description} ({arch.source})")

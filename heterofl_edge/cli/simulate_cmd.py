@@ -11,31 +11,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from safetensors.torch import save as save_state
 
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
-from heterofl_edge.cli.options import DATA_HELP, ModelOption
-from heterofl_edge.data.registry import resolve_dataset
+from heterofl_edge.cli.options import DATA_HELP, ModelOption, check_data_name, parse_choice
 from heterofl_edge.errors import ConfigError
-from heterofl_edge.report import atomic_write_bytes, write_json, write_learning_curve
-from heterofl_edge.sessions import Accelerator
-from heterofl_edge.simulation import (
-    Backend,
-    Execution,
-    RoundRecord,
-    SimulationConfig,
-    Split,
-    StatsClients,
-    Submodel,
-    load_data,
-    local_training,
-    run_simulation,
-)
+from heterofl_edge.partition import Split
 
 
 def _check_data(value: str | None) -> str | None:
-    return None if value is None else resolve_dataset(value).name
+    return None if value is None else check_data_name(value)
 
 
 def _perplexity(value: float | None) -> str:
@@ -83,9 +68,9 @@ def simulate(
         ),
     ] = None,
     stats_clients: Annotated[
-        StatsClients,
-        typer.Option(help="Clients queried for sBN statistics: all (paper) or this round's."),
-    ] = StatsClients.all,
+        str,
+        typer.Option(help="Clients queried for sBN statistics: all (paper) or round (this one's)."),
+    ] = "all",
     train_examples: Annotated[
         int | None,
         typer.Option(
@@ -98,12 +83,12 @@ def simulate(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for partition, selection, levels and init.")] = 0,
     submodel: Annotated[
-        Submodel,
+        str,
         typer.Option(
             help="Sub-model extraction: static (HeteroFL's upper-left slices) or rolling "
             "(FedRolex: a window rolling by one each round)."
         ),
-    ] = Submodel.static,
+    ] = "static",
     workers: Annotated[
         int | None,
         typer.Option(
@@ -113,12 +98,12 @@ def simulate(
         ),
     ] = None,
     accelerator: Annotated[
-        Accelerator, typer.Option(help="Where sessions run: cpu, cuda, or auto (cuda if present).")
-    ] = Accelerator.auto,
+        str, typer.Option(help="Where sessions run: cpu, cuda, or auto (cuda if present).")
+    ] = "auto",
     backend: Annotated[
-        Backend,
+        str,
         typer.Option(help="local (this machine's processes) or ray (Ray tasks; extra 'ray')."),
-    ] = Backend.local,
+    ] = "local",
     address: Annotated[
         str | None,
         typer.Option(
@@ -142,6 +127,23 @@ def simulate(
 
     Every round is checkpointed in OUT/journal, so that --resume can continue a killed run.
     """
+    from safetensors.torch import save as save_state
+
+    from heterofl_edge.report import atomic_write_bytes, write_json, write_learning_curve
+    from heterofl_edge.sessions import Accelerator
+    from heterofl_edge.simulation import (
+        Backend,
+        Execution,
+        RoundRecord,
+        SimulationConfig,
+        StatsClients,
+        Submodel,
+        load_data,
+        local_training,
+        run_simulation,
+    )
+
+    chosen_backend = parse_choice(Backend, backend, "backend")
     mix = parse_mode(mode, assignment)
     config = SimulationConfig(
         model=model,
@@ -154,15 +156,17 @@ def simulate(
         fraction=fraction,
         lr=lr,
         local=local_training(model, local_epochs, batch_size),
-        stats_clients=stats_clients,
+        stats_clients=parse_choice(StatsClients, stats_clients, "statistics clients"),
         seed=seed,
         train_examples=train_examples,
         test_examples=test_examples,
-        submodel=submodel,
+        submodel=parse_choice(Submodel, submodel, "sub-model extraction"),
     )  # the config refuses impossible settings here, before any data is loaded
-    if address is not None and backend is not Backend.ray:
+    if address is not None and chosen_backend is not Backend.ray:
         raise ConfigError("--address needs --backend ray", "add --backend ray, or drop --address")
-    execution = Execution(workers, accelerator, backend, address)
+    execution = Execution(
+        workers, parse_choice(Accelerator, accelerator, "accelerator"), chosen_backend, address
+    )
     name = model.replace(":", "-").replace("/", "-")
     out = out or Path("runs") / f"simulate-{name}-{mix.name}-{split.value}-s{seed}"
     if out.exists() and not out.is_dir():
@@ -171,7 +175,7 @@ def simulate(
     typer.echo(
         f"HeteroFL {model} on {config.data_name} ({split.value}), mode {mix.name} "
         f"({mix.assignment.value}), {config.total_rounds} rounds, {clients} clients, "
-        f"fraction {fraction:g}, {submodel.value} sub-models"
+        f"fraction {fraction:g}, {config.submodel.value} sub-models"
     )
 
     perplexity = config.metric == "perplexity"

@@ -1,10 +1,14 @@
-"""Local training on the ExecuTorch artifacts (``.pte``) with ExecuTorch's training API.
+"""The ExecuTorch device runtime: local training on the ``.pte`` artifacts.
 
-The same interface as ``OnnxLevel``. ExecuTorch programs have the fixed batch
-they were exported with (the manifest's ``batch_size.executorch``): a short last
-batch of an epoch is skipped and counted in the result, and the statistics pass
-uses batches of that size (a short tail is skipped). This backend needs torch,
-as ExecuTorch's Python bindings do.
+A device runtime (``heterofl_edge.device_runtime.LevelRuntime``, as
+``device_sim``'s ``OnnxLevel``) registered as the entry point ``executorch`` of
+the group ``heterofl_edge.runtimes``; a device loads it only when its runtime
+is ``executorch``. It trains with ExecuTorch's training API. ExecuTorch
+programs have the fixed batch they were exported with (the manifest's
+``batch_size.executorch``): a short last batch of an epoch is skipped and
+counted in the result, and the statistics pass uses batches of that size (a
+short tail is skipped). It needs the extra
+``executorch`` (ExecuTorch's Python bindings need torch).
 """
 
 from __future__ import annotations
@@ -14,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from device_sim.onnx_backend import LocalResult, merge_batch_statistics
+from exporter.executorch_backend import ExecuTorchTrainer, load_program
+from exporter.step import OptimizerSettings
 from heterofl_edge.batching import epoch_batches
+from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics
 
 __all__ = ["ExecuTorchLevel"]
 
@@ -30,9 +37,7 @@ class ExecuTorchLevel:
         self.batch = int(self.manifest["batch_size"]["executorch"])
         self._trainer: Any = None
 
-    def _settings(self) -> Any:
-        from exporter.step import OptimizerSettings
-
+    def _settings(self) -> OptimizerSettings:
         h = self.manifest["hyperparameters"]
         return OptimizerSettings(h["momentum"], h["weight_decay"], h["clip_grad_norm"])
 
@@ -47,10 +52,6 @@ class ExecuTorchLevel:
         batch_size: int,
         seed: int,
     ) -> LocalResult:
-        import torch
-
-        from exporter.executorch_backend import ExecuTorchTrainer
-
         if batch_size != self.batch:
             raise ValueError(
                 f"the .pte program trains batches of {self.batch}, the task asks {batch_size}"
@@ -89,10 +90,6 @@ class ExecuTorchLevel:
 
     def statistics(self, weights: dict[str, np.ndarray], x: np.ndarray) -> dict[str, np.ndarray]:
         """As ``OnnxLevel.statistics``, over consecutive batches of the program's size."""
-        import torch
-
-        from exporter.executorch_backend import load_program
-
         program: Any = load_program(self.folder / "executorch" / "statistics.pte")
         params = [
             torch.from_numpy(np.ascontiguousarray(weights[n], np.float32)) for n in self.param_names

@@ -1,6 +1,7 @@
-"""The whole system in one call: coordinator process, artifacts, fleet, report.
+"""``heterofl-edge demo``'s orchestration: coordinator process, artifacts, fleet, report.
 
-``run_demo`` starts ``heterofl-edge coordinator serve`` on a fresh state
+It composes the coordinator and the device fleet, which only the command line
+does. ``run_demo`` starts ``heterofl-edge coordinator serve`` on a fresh state
 folder, has it export each level's artifacts, starts a fleet of device
 processes on MNIST, follows the rounds, writes ``results.json`` and
 ``learning_curve.png``, and stops every process it started.
@@ -8,24 +9,19 @@ processes on MNIST, follows the rounds, writes ``results.json`` and
 
 from __future__ import annotations
 
-import math
 import shutil
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-
-from coordinator.process import start_coordinator, stop
+from coordinator.process import start_coordinator, stop, wait_until_ready
 from device_sim.device import Capabilities
-from device_sim.fleet import DEFAULT_PROFILES, Fleet, FleetConfig
+from device_sim.fleet import DEFAULT_PROFILES, Fleet, FleetConfig, describe_round
 from heterofl_edge.assignment import parse_mode
-from heterofl_edge.errors import HeteroFLError
 from heterofl_edge.levels import rate_label
 
-__all__ = ["DemoConfig", "describe_round", "run_demo"]
+__all__ = ["DemoConfig", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -43,33 +39,6 @@ class DemoConfig:
     # of it. 40 s puts a fast device at a, a 3x slower one at b, a 10x slower one at c.
     round_seconds: float = 40.0
     seed: int = 0
-
-
-def describe_round(record: dict[str, Any], names: Mapping[str, str] | None = None) -> str:
-    """One line per round: accuracy, per-level losses, and each device's level."""
-    result = record["metrics"]
-    per_level: dict[str, list[float]] = {}
-    for a in record["assignments"]:
-        if a["status"] == "uploaded":
-            per_level.setdefault(a["level"], []).append(
-                (a.get("metrics") or {}).get("loss", math.nan)
-            )
-    levels = "  ".join(
-        f"{level}: {len(losses)} trained, loss {sum(losses) / len(losses):.3f}"
-        for level, losses in sorted(per_level.items())
-    )
-    accuracy = (result.get("evaluation") or {}).get("global_accuracy")
-    shown = "n/a" if accuracy is None else f"{accuracy:.4f}"
-    timed_out = result.get("timed_out", 0)
-    line = f"round {record['round']} {record['state']}: global accuracy {shown}  |  {levels}"
-    if timed_out:
-        line += f"  |  {timed_out} missed the deadline"
-    if names:
-        placed = sorted(
-            (names.get(a["device_id"], a["device_id"]), a["level"]) for a in record["assignments"]
-        )
-        line += "\n    levels: " + ", ".join(f"{name} {level}" for name, level in placed)
-    return line
 
 
 def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -139,16 +108,6 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
         "devices": names,
         "rounds": rounds,
     }
-
-
-def wait_until_ready(url: str, timeout: float = 900.0) -> None:
-    """Wait until the coordinator has built every level's artifacts."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if requests.get(f"{url}/v1/health", timeout=30).json().get("artifacts_ready"):
-            return
-        time.sleep(1.0)
-    raise HeteroFLError(f"the coordinator did not build its artifacts within {timeout:.0f} s")
 
 
 def _speed(capabilities: Capabilities) -> str:

@@ -1,0 +1,86 @@
+"""``heterofl-edge device``: one device against a coordinator (a Raspberry Pi, a laptop).
+
+What a device install (``pip install heterofl-edge``, no extras) runs: numpy,
+onnxruntime, safetensors and requests, never torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from heterofl_edge.cli.data_cmd import DataDirOption
+from heterofl_edge.errors import ConfigError
+from heterofl_edge.partition import Split
+
+DEFAULT_CACHE = Path.home() / ".cache" / "heterofl-edge"
+CAPABILITIES_HELP = (
+    "Simulated limits as JSON: cpu_slowdown, bandwidth_mbps, memory_mb, dropout "
+    "(e.g. '{\"cpu_slowdown\": 3}'; a real device leaves them out)."
+)
+
+
+def device(
+    coordinator: Annotated[
+        str, typer.Option(help="Coordinator URL, e.g. http://laptop.local:8080.")
+    ],
+    data_dir: DataDirOption = None,
+    shard: Annotated[int, typer.Option(help="This device's shard of the split, from 0.")] = 0,
+    clients: Annotated[
+        int, typer.Option(help="Shards in the split (1: all of the training data).")
+    ] = 1,
+    split: Annotated[Split, typer.Option(help="How the training data is split.")] = Split.iid,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the data split (match the coordinator's).")
+    ] = 0,
+    train_examples: Annotated[
+        int | None, typer.Option(help="Split this many training examples (default: all).")
+    ] = None,
+    runtime: Annotated[
+        str | None,
+        typer.Option(help="Training runtime: onnx (default), or executorch (extra 'executorch')."),
+    ] = None,
+    cache: Annotated[
+        Path, typer.Option(help="Folder for the level's downloaded artifacts.")
+    ] = DEFAULT_CACHE,
+    capabilities: Annotated[str, typer.Option(help=CAPABILITIES_HELP)] = "{}",
+) -> None:
+    """Run one device: profile, register, train the rounds it is given, until done.
+
+    --shard, --clients, --split and --seed pick this device's share of MNIST the
+    same way the simulation does.
+    """
+    from device_sim.device import Capabilities
+    from device_sim.runtimes import get_runtime
+    from device_sim.worker import WorkerConfig, run_worker
+
+    if data_dir is None:
+        raise ConfigError("no MNIST directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
+    try:
+        limits = json.loads(capabilities)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--capabilities is not JSON: {exc}", CAPABILITIES_HELP) from None
+    if not isinstance(limits, dict):
+        raise ConfigError("--capabilities must be a JSON object", CAPABILITIES_HELP)
+    if runtime is not None:
+        limits["runtime"] = runtime
+    chosen = Capabilities.from_json(limits)
+    get_runtime(chosen.runtime)  # an unknown runtime or a missing extra stops here
+    code = run_worker(
+        WorkerConfig(
+            coordinator=coordinator,
+            data_dir=data_dir,
+            cache=cache,
+            shard=shard,
+            clients=clients,
+            split=split,
+            seed=seed,
+            train_examples=train_examples,
+            capabilities=chosen,
+        )
+    )
+    if code:
+        raise typer.Exit(code)
