@@ -66,6 +66,7 @@ bench: install
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_browser.py
+	$(BIN)/python bench/bench_transformer.py --modes a,b,c,d,e,a-e
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache web/node_modules coordinator/static/device

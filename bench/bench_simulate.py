@@ -142,7 +142,7 @@ def main() -> None:
         rounds = result.rounds
         ideal = [
             sum(
-                count * 600 * config.local.epochs / eager[level]
+                count * 600 * config.local_training.epochs / eager[level]
                 for level, count in r.levels.items()
             )
             / workers

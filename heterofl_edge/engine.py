@@ -326,12 +326,16 @@ class RoundEngine:
             self._run_round(opened)
 
     def initial_statistics(self, clients: Sequence[Client]) -> Mapping[str, float | None]:
-        """SBN statistics from ``clients`` and an evaluation, before any training (round 0)."""
-        opened = RoundOpen(0, Phase.statistics, 0.0, (), self.clock(), self.clock())
-        tasks = tuple(Task(c.id, c.position, self.strategy.mix.global_rate) for c in clients)
-        gathered = self._statistics_phase(opened, tasks, math.inf)
-        if gathered is not None:
-            self.global_state = gathered[0]
+        """SBN statistics from ``clients`` and an evaluation, before any training (round 0).
+
+        A model without sBN layers (``has_statistics`` False) is only evaluated.
+        """
+        if self.has_statistics:
+            opened = RoundOpen(0, Phase.statistics, 0.0, (), self.clock(), self.clock())
+            tasks = tuple(Task(c.id, c.position, self.strategy.mix.global_rate) for c in clients)
+            gathered = self._statistics_phase(opened, tasks, math.inf)
+            if gathered is not None:
+                self.global_state = gathered[0]
         return self._evaluate()[0]
 
     def _open_round(self, number: int) -> RoundOpen | None:

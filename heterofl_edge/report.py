@@ -35,9 +35,12 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def write_learning_curve(
-    path: Path, title: str, curves: Mapping[str, Sequence[tuple[int, float]]]
+    path: Path,
+    title: str,
+    curves: Mapping[str, Sequence[tuple[int, float]]],
+    metric: str = "accuracy",
 ) -> None:
-    """A PNG of accuracy per round, one line per named curve."""
+    """A PNG of ``metric`` per round (accuracy in percent), one line per named curve."""
     import io
 
     import matplotlib
@@ -50,10 +53,11 @@ def write_learning_curve(
     for name, points in curves.items():
         if points:
             rounds, values = zip(*points, strict=True)
-            axes.plot(rounds, [100 * v for v in values], marker="o", markersize=3, label=name)
+            scale = 100 if metric == "accuracy" else 1
+            axes.plot(rounds, [scale * v for v in values], marker="o", markersize=3, label=name)
     axes.set_xlabel("round")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_ylabel("accuracy (%)")
+    axes.set_ylabel("accuracy (%)" if metric == "accuracy" else metric)
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()

@@ -1,5 +1,8 @@
 """Client sessions of the simulation as plain work: local training and the sBN statistics pass.
 
+Local training is the model's task (``heterofl_edge.tasks``): classification
+or the masked language model, chosen from the architecture the job names.
+
 A session takes plain data (numbers and numpy arrays), runs with exactly one
 torch thread on its device, and returns plain data. The same session therefore
 gives the same bits in this process, in a worker process or as a Ray task on
@@ -30,7 +33,8 @@ from heterofl_edge.bn_stats import ChannelMoments, collect_moments
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.loss import label_mask
 from heterofl_edge.models import get_architecture
-from heterofl_edge.training import LocalTrainingConfig, train_local
+from heterofl_edge.tasks import task_for
+from heterofl_edge.training import LocalTrainingConfig
 
 __all__ = [
     "Accelerator",
@@ -74,7 +78,11 @@ def resolve_device(accelerator: Accelerator | str) -> str:
 
 @dataclass(frozen=True)
 class ClientArrays:
-    """The training examples in play (float32 images, int64 labels); workers hold them once."""
+    """The training examples in play; workers hold them once.
+
+    Classification: float32 inputs and int64 labels. Language model: int64 token
+    rows in both (the task masks the inputs itself).
+    """
 
     images: np.ndarray
     labels: np.ndarray
@@ -188,7 +196,7 @@ def _configure(device: str) -> None:
 
 
 def run_training(job: TrainJob, data: ClientArrays, device: str = "cpu") -> TrainOutcome:
-    """Train ``job``'s sub-model on its examples: E epochs of the paper's local SGD."""
+    """Train ``job``'s sub-model on its examples: E epochs of its task's local SGD."""
     start = time.perf_counter()
     _configure(device)
     arch = get_architecture(job.model)
@@ -201,7 +209,7 @@ def run_training(job: TrainJob, data: ClientArrays, device: str = "cpu") -> Trai
     y = labels.index_select(0, index)
     mask = label_mask(list(job.labels_held), job.num_classes).to(device)
     torch.manual_seed(job.seed)  # any randomness in training (dropout) follows the task
-    result = train_local(model, x, y, job.lr, job.local, mask, job.seed)
+    result = task_for(arch).train_local(model, x, y, job.lr, job.local, mask, job.seed)
     update = {name: p.detach().cpu().contiguous().numpy() for name, p in model.named_parameters()}
     return TrainOutcome(
         job.client,

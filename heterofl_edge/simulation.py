@@ -1,5 +1,12 @@
 """Simulated HeteroFL: the whole federation on one machine, or on a Ray cluster.
 
+Any registered model trains on any data set of its task (``heterofl_edge.tasks``):
+conv on MNIST, resnet18 on an image folder, the transformer on WikiText-2, or a
+user's ``package.module:factory`` on a user's ``package.module:loader``. The
+task splits the data across clients, trains each session and scores the
+global model (accuracy, or perplexity for the language model); the sBN
+statistics pass runs only for models that have sBN layers.
+
 The rounds run on the round engine (``heterofl_edge.engine``) with a
 transport that hands client sessions to a backend (``heterofl_edge.backends``:
 this process, a pool of worker processes, or Ray tasks): each selected client
@@ -17,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -32,7 +39,8 @@ from heterofl_edge.backends import (
     available_cores,
     split_clients,
 )
-from heterofl_edge.data import ClassificationData
+from heterofl_edge.data.base import TaskData
+from heterofl_edge.data.registry import get_dataset, resolve_dataset
 from heterofl_edge.engine import (
     Client,
     EngineSettings,
@@ -48,8 +56,8 @@ from heterofl_edge.engine import (
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.journal import FileJournal
 from heterofl_edge.loss import label_mask
-from heterofl_edge.models import Architecture, get_architecture
-from heterofl_edge.partition import Partition, Split, federated_split
+from heterofl_edge.models import Architecture, StaticBatchNorm2d, get_architecture
+from heterofl_edge.partition import Partition, Split
 from heterofl_edge.sessions import (
     Accelerator,
     ClientArrays,
@@ -65,16 +73,23 @@ from heterofl_edge.sessions import (
 )
 from heterofl_edge.slicing import Submodel, extract_submodel_state
 from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
-from heterofl_edge.training import LocalTrainingConfig, predict, score_logits
+from heterofl_edge.task_kind import TaskKind
+from heterofl_edge.tasks import check_compatible, task_for
+from heterofl_edge.training import LocalTrainingConfig
 
 __all__ = [
+    "PAPER_SETTINGS",
     "Backend",
     "Execution",
+    "PaperSettings",
     "RoundRecord",
     "SimulationConfig",
     "SimulationResult",
     "Split",
     "Submodel",
+    "load_data",
+    "local_training",
+    "paper_settings",
     "run_simulation",
 ]
 
@@ -86,14 +101,83 @@ class StatsClients(StrEnum):
     round = "round"
 
 
-# The paper's MNIST schedule (Table 6 and the official code): rounds and lr milestones.
-PAPER_MNIST_ROUNDS = {Split.iid: 200, Split.non_iid: 400}
-PAPER_MNIST_MILESTONES = {Split.iid: (100,), Split.non_iid: (200,)}
+@dataclass(frozen=True)
+class PaperSettings:
+    """A model's settings in the paper (Table 6, checked against the official code).
+
+    SGD with momentum 0.9 and weight decay 5e-4, gradient norm clipped to 1,
+    learning rate x0.1 at each milestone; ``data``: the data set it trains on.
+    """
+
+    lr: float
+    local: LocalTrainingConfig
+    rounds: Mapping[Split, int]
+    milestones: Mapping[Split, tuple[int, ...]]
+    data: str | None
+
+
+PAPER_SETTINGS: dict[str, PaperSettings] = {
+    "conv": PaperSettings(
+        0.01,
+        LocalTrainingConfig(epochs=5, batch_size=10),
+        {Split.iid: 200, Split.non_iid: 400},
+        {Split.iid: (100,), Split.non_iid: (200,)},
+        "mnist",
+    ),
+    "resnet18": PaperSettings(
+        0.1,
+        LocalTrainingConfig(epochs=5, batch_size=10),
+        {Split.iid: 400, Split.non_iid: 800},
+        {Split.iid: (150, 250), Split.non_iid: (300, 500)},
+        "imagefolder",  # CIFAR-10 as images
+    ),
+    # The transformer is split IID only (as in the paper); its non-IID row is the paper's.
+    "transformer": PaperSettings(
+        0.1,
+        LocalTrainingConfig(epochs=1, batch_size=100),
+        {Split.iid: 100, Split.non_iid: 200},
+        {Split.iid: (25, 50), Split.non_iid: (50, 100)},
+        "wikitext2",
+    ),
+}
+
+
+def paper_settings(model: str) -> PaperSettings:
+    """``model``'s settings in the paper.
+
+    A model of a user's gets those of the built-in of its task (transformer for a
+    language model, else conv), and no default data set.
+    """
+    if model in PAPER_SETTINGS:
+        return PAPER_SETTINGS[model]
+    task = get_architecture(model).task
+    return replace(
+        PAPER_SETTINGS["transformer" if task is TaskKind.language_model else "conv"], data=None
+    )
+
+
+def local_training(
+    model: str, epochs: int | None = None, batch_size: int | None = None
+) -> LocalTrainingConfig:
+    """The paper's local training for ``model``, with ``epochs`` or ``batch_size`` if given."""
+    local = paper_settings(model).local
+    return replace(
+        local,
+        epochs=local.epochs if epochs is None else epochs,
+        batch_size=local.batch_size if batch_size is None else batch_size,
+    )
 
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    """Everything a run depends on; the defaults are the paper's MNIST settings."""
+    """Everything a run depends on; what is left None is the paper's for the model.
+
+    ``model``: a registered name or ``package.module:factory``; ``data``: a data
+    set name or ``package.module:loader`` (None: the model's own, see
+    ``PAPER_SETTINGS``). ``lr``, ``local``, ``rounds`` and ``milestones``
+    default to the model's row of the paper's Table 6 (read them resolved as
+    ``learning_rate``, ``local_training``, ``total_rounds``, ``lr_milestones``).
+    """
 
     model: str = "conv"
     mode: str = "a-e"
@@ -102,19 +186,38 @@ class SimulationConfig:
     rounds: int | None = None
     num_clients: int = 100
     fraction: float = 0.1
-    lr: float = 0.01
+    lr: float | None = None
     milestones: tuple[int, ...] | None = None
     lr_factor: float = 0.1
-    local: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
+    local: LocalTrainingConfig | None = None
     shards_per_client: int = 2
     stats_clients: StatsClients = StatsClients.all
     seed: int = 0
     train_examples: int | None = None
     test_examples: int | None = None
     submodel: Submodel = Submodel.static
+    data: str | None = None
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
+        arch = get_architecture(self.model)  # ConfigError listing the choices if unknown
+        if arch.task is TaskKind.language_model and self.split is not Split.iid:
+            raise ConfigError(
+                f"model {self.model!r} is a language model, split IID only (as in the paper)",
+                "use --split iid",
+            )
+        if self.data_name is None:
+            raise ConfigError(
+                f"model {self.model!r} has no default data set",
+                "name one with --data (a registered data set or package.module:loader)",
+            )
+        entry = resolve_dataset(self.data_name)
+        if entry.task is not None and entry.task is not arch.task:
+            raise ConfigError(
+                f"model {self.model!r} is a {arch.task.value} model, data set {entry.name!r} "
+                f"is for {entry.task.value}",
+                "pick a data set of the model's task (e.g. transformer with wikitext2)",
+            )
         if self.total_rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {self.total_rounds}")
         if self.num_clients < 1:
@@ -124,33 +227,48 @@ class SimulationConfig:
                 f"fraction {self.fraction} is outside (0, 1]",
                 "it is the share of clients per round",
             )
-        if self.local.epochs < 1 or self.local.batch_size < 1:
+        if self.local_training.epochs < 1 or self.local_training.batch_size < 1:
             raise ConfigError("local epochs and batch size must be at least 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"learning rate must be positive, got {self.lr}")
-        if self.model != "conv":
-            raise ConfigError(
-                f"simulate runs --model conv on MNIST; {self.model!r} needs a data set "
-                "this build does not ship",
-                "use --model conv ('models summary' covers resnet18 and transformer too)",
-            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
         parse_mode(self.mode, self.assignment)
 
     @property
+    def paper(self) -> PaperSettings:
+        return paper_settings(self.model)
+
+    @property
+    def metric(self) -> str:
+        """What the run reports: ``accuracy``, or ``perplexity`` for a language model."""
+        return task_for(get_architecture(self.model)).metric
+
+    @property
+    def data_name(self) -> str | None:
+        return self.data if self.data is not None else self.paper.data
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.paper.lr
+
+    @property
+    def local_training(self) -> LocalTrainingConfig:
+        return self.local if self.local is not None else self.paper.local
+
+    @property
     def total_rounds(self) -> int:
-        return self.rounds if self.rounds is not None else PAPER_MNIST_ROUNDS[self.split]
+        return self.rounds if self.rounds is not None else self.paper.rounds[self.split]
 
     @property
     def lr_milestones(self) -> tuple[int, ...]:
-        return (
-            self.milestones if self.milestones is not None else PAPER_MNIST_MILESTONES[self.split]
-        )
+        return self.milestones if self.milestones is not None else self.paper.milestones[self.split]
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data.update(split=self.split.value, stats_clients=self.stats_clients.value)
         data.update(submodel=self.submodel.value)
         data.update(rounds=self.total_rounds, milestones=list(self.lr_milestones))
+        data.update(lr=self.learning_rate, local=asdict(self.local_training))
+        data.update(data=self.data_name)
         return data
 
 
@@ -196,6 +314,7 @@ class RoundRecord:
     train_samples: int
     samples_per_second: float
     seconds: dict[str, float] = field(default_factory=dict)  # training, statistics, ...
+    global_perplexity: float | None = None  # the language model's metric (None otherwise)
 
 
 @dataclass
@@ -204,13 +323,17 @@ class SimulationResult:
     initial_accuracy: float
     rounds: list[RoundRecord]
     global_state: dict[str, torch.Tensor]
+    initial_perplexity: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        report: dict[str, Any] = {
             "config": self.config.to_json(),
             "initial_global_accuracy": self.initial_accuracy,
-            "rounds": [asdict(r) for r in self.rounds],
         }
+        if self.initial_perplexity is not None:
+            report["initial_global_perplexity"] = self.initial_perplexity
+        report["rounds"] = [asdict(r) for r in self.rounds]
+        return report
 
 
 class _SessionTransport:
@@ -354,9 +477,30 @@ def fingerprint(config: SimulationConfig, device: str) -> dict[str, Any]:
     return data
 
 
+def load_data(config: SimulationConfig, data_dir: str | Path | None) -> TaskData:
+    """``config``'s data set from ``data_dir``, shaped for its model where the loader can be.
+
+    ``ConfigError`` when the data does not fit the model (task, input shape, classes).
+    """
+    arch = get_architecture(config.model)
+    name = config.data_name
+    assert name is not None  # the config refuses a run without a data set
+    data = get_dataset(name, data_dir, fit_to=arch.input_shape)
+    check_compatible(arch, data)
+    return data
+
+
+def _inputs_placed(inputs: torch.Tensor, device: str) -> torch.Tensor:
+    """Inputs on ``device``; image batches in its memory format (channels-last on a CPU)."""
+    inputs = inputs.to(device)
+    if inputs.dim() == 4:
+        return inputs.contiguous(memory_format=memory_format(device))
+    return inputs.contiguous()
+
+
 def run_simulation(
     config: SimulationConfig,
-    data: ClassificationData,
+    data: TaskData,
     on_round: Callable[[RoundRecord], None] | None = None,
     on_client: Callable[[int, int], None] | None = None,
     execution: Execution | None = None,
@@ -380,37 +524,42 @@ def run_simulation(
         else None
     )
     arch = get_architecture(config.model)
+    check_compatible(arch, data)
+    task = task_for(arch)
     mix = parse_mode(config.mode, config.assignment)
-    split = federated_split(
-        data.train_labels.numpy(),
-        data.test_labels.numpy(),
+    split = task.split(
+        data,
         config.num_clients,
         config.split,
-        data.num_classes,
         config.seed,
         config.shards_per_client,
         config.train_examples,
         config.test_examples,
     )
-    train_x, train_y = (
-        t[torch.from_numpy(split.train_keep)] for t in (data.train_images, data.train_labels)
-    )
-    test_x, test_y = (
-        t[torch.from_numpy(split.test_keep)] for t in (data.test_images, data.test_labels)
-    )
+    train_x, train_y = (t[torch.from_numpy(split.train_keep)] for t in (data.train_x, data.train_y))
+    test_x, test_y = (t[torch.from_numpy(split.test_keep)] for t in (data.test_x, data.test_y))
     train_parts, test_parts = split.train, split.test
-    masks = [label_mask(labels, data.num_classes) for labels in train_parts.labels]
     strategy = HeteroFLStrategy(
         arch.spec,
         mix,
         config.num_clients,
         config.fraction,
-        MultiStepSchedule(config.lr, config.lr_milestones, config.lr_factor),
+        MultiStepSchedule(config.learning_rate, config.lr_milestones, config.lr_factor),
         config.seed,
         config.submodel,
     )
     evaluation_model = place(arch.build(mix.global_rate, mix.global_rate), device)
-    test_x_placed = test_x.to(device).contiguous(memory_format=memory_format(device))
+    has_statistics = any(isinstance(m, StaticBatchNorm2d) for m in evaluation_model.modules())
+    test_x_placed = _inputs_placed(test_x, device)
+    # Non-IID: each client's test examples, scored under its label mask (local accuracy).
+    local_parts = (
+        [
+            (indices, label_mask(labels, data.num_classes))
+            for indices, labels in zip(test_parts.indices, train_parts.labels, strict=True)
+        ]
+        if test_parts is not None
+        else []
+    )
 
     def initial_state() -> dict[str, torch.Tensor]:
         torch.manual_seed(config.seed)
@@ -419,20 +568,18 @@ def run_simulation(
 
     def test(state: dict[str, torch.Tensor]) -> dict[str, float | None]:
         evaluation_model.load_state_dict(state)
-        logits = predict(evaluation_model, test_x_placed).cpu()
-        overall = score_logits(logits, test_y)
+        overall, parts = task.evaluate_parts(
+            evaluation_model, test_x_placed, test_y.to(device), local_parts
+        )
         local = None
         if test_parts is not None:
-            correct = total = 0.0
-            for c, idx in enumerate(test_parts.indices):
-                part = score_logits(logits[idx], test_y[idx], masks[c])
-                correct += part.accuracy * part.num_examples
-                total += part.num_examples
-            local = correct / max(total, 1)
+            correct = sum(part.accuracy * part.num_examples for part in parts)
+            local = correct / max(sum(part.num_examples for part in parts), 1)
         return {
             "global_loss": overall.loss,
             "global_accuracy": overall.accuracy,
             "local_accuracy": local,
+            f"global_{task.metric}": task.metric_of(overall),
         }
 
     records: list[RoundRecord] = []
@@ -440,7 +587,7 @@ def run_simulation(
     def record(result: RoundResult) -> None:
         evaluation = result.evaluation
         train_seconds = result.seconds["training"]
-        samples = result.train_samples * config.local.epochs
+        samples = result.train_samples * config.local_training.epochs
         entry = RoundRecord(
             round=result.round,
             lr=result.lr,
@@ -455,6 +602,7 @@ def run_simulation(
             train_samples=samples,
             samples_per_second=samples / max(train_seconds, 1e-9),
             seconds=dict(result.seconds),
+            global_perplexity=evaluation.get("global_perplexity"),
         )
         records.append(entry)
         if on_round:
@@ -468,7 +616,13 @@ def run_simulation(
     arrays = ClientArrays(train_x.numpy(), train_y.numpy())
     backend = make_backend(execution, arrays, device)
     transport = _SessionTransport(
-        arch, mix.global_rate, backend, train_parts, data.num_classes, config.local, on_client
+        arch,
+        mix.global_rate,
+        backend,
+        train_parts,
+        data.num_classes,
+        config.local_training,
+        on_client,
     )
     engine = RoundEngine(
         strategy,
@@ -482,6 +636,7 @@ def run_simulation(
         initial_state,
         time.time,
         evaluate=test,
+        has_statistics=has_statistics,
         on_round=record,
     )
     # This process evaluates with as many threads as sessions run at once (one for --workers 1).
@@ -495,5 +650,9 @@ def run_simulation(
     finally:
         backend.close()
     return SimulationResult(
-        config, float(initial.get("global_accuracy") or 0.0), records, engine.global_state
+        config,
+        float(initial.get("global_accuracy") or 0.0),
+        records,
+        engine.global_state,
+        initial.get("global_perplexity"),
     )

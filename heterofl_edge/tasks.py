@@ -7,6 +7,8 @@ whatever the model:
   and the labels each holds (for label masks and the label split);
 * ``task.train_local(model, x, y, lr, config, mask, seed)``: one local session;
 * ``task.evaluate(model, x, y, mask)``: loss, accuracy and perplexity;
+* ``task.evaluate_parts(model, x, y, parts)``: the same over the whole set and
+  over each client's part of it under its label mask (local accuracy);
 * ``task.metric`` / ``task.metric_of(result)``: the figure to report
   (accuracy for classification, perplexity for the language model).
 
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
@@ -46,6 +48,8 @@ from heterofl_edge.training import (
     LocalTrainingConfig,
     LocalTrainingResult,
     evaluate,
+    predict,
+    score_logits,
     train_local,
 )
 
@@ -111,6 +115,20 @@ class Task(ABC):
     ) -> FederatedSplit:
         """Which client holds which training (and, non-IID, test) examples, from the seed."""
 
+    def evaluate_parts(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        parts: Sequence[tuple[np.ndarray, torch.Tensor]] = (),
+    ) -> tuple[EvalResult, list[EvalResult]]:
+        """``evaluate`` over all examples, then over each part (indices, label mask) of them."""
+        overall = self.evaluate(model, inputs, targets)
+        return overall, [
+            self.evaluate(model, inputs[torch.from_numpy(i)], targets[torch.from_numpy(i)], m)
+            for i, m in parts
+        ]
+
     def metric_of(self, result: EvalResult | LocalTrainingResult) -> float:
         """The figure this task reports for ``result``."""
         return float(getattr(result, self.metric))
@@ -144,6 +162,20 @@ class ClassificationTask(Task):
         batch_size: int | None = None,
     ) -> EvalResult:
         return evaluate(model, inputs, targets, mask, batch_size or 1000)
+
+    def evaluate_parts(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        parts: Sequence[tuple[np.ndarray, torch.Tensor]] = (),
+    ) -> tuple[EvalResult, list[EvalResult]]:
+        """One forward pass over all examples; each part is scored from the same logits."""
+        logits = predict(model, inputs).cpu()
+        targets = targets.cpu()
+        return score_logits(logits, targets), [
+            score_logits(logits[i], targets[i], mask) for i, mask in parts
+        ]
 
     def split(
         self,
@@ -203,7 +235,8 @@ class LanguageModelTask(Task):
 
     def corrupt(self, rows: torch.Tensor, generator: torch.Generator) -> _Corrupted:
         """Masked inputs and the targets to score (``IGNORE_INDEX`` where nothing is scored)."""
-        masked = torch.rand(rows.shape, generator=generator) < self.mask_rate
+        # drawn on the CPU, so that the masks are the same on any device
+        masked = (torch.rand(rows.shape, generator=generator) < self.mask_rate).to(rows.device)
         inputs = rows.masked_fill(masked, self.num_tokens)
         if self.positions is ScoredPositions.all:
             return _Corrupted(inputs, rows, rows.numel())

@@ -50,7 +50,12 @@ def test_models_summary_json_includes_extra_rates():
             ["simulate", "--data-dir", "/nonexistent/mnist"],
             "MNIST directory /nonexistent/mnist does not exist",
         ),
-        (["simulate", "--model", "resnet18"], "simulate runs --model conv"),
+        (
+            ["simulate", "--model", "resnet18", "--data-dir", "/nonexistent/images"],
+            "image folder /nonexistent/images/train does not exist",
+        ),
+        (["simulate", "--model", "transformer", "--split", "non-iid"], "split IID only"),
+        (["simulate", "--model", "conv", "--data", "wikitext2"], "data set 'wikitext2' is for"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_exit_code_2(args, needle, tmp_path):

@@ -1,28 +1,43 @@
-"""``heterofl-edge simulate``: HeteroFL on MNIST, on this machine's cores or a Ray cluster."""
+"""``heterofl-edge simulate``: HeteroFL on this machine's cores or a Ray cluster.
+
+Any model on a data set of its task: conv on MNIST, resnet18 on an image
+folder, the transformer on WikiText-2, or ``package.module:factory`` on
+``package.module:loader``.
+"""
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from heterofl_edge.assignment import Assignment, parse_mode
-from heterofl_edge.cli.data_cmd import DataDirOption
-from heterofl_edge.cli.options import ModelOption, parse_choice
+from heterofl_edge.cli.data_cmd import AnyDataDirOption
+from heterofl_edge.cli.options import DATA_HELP, ModelOption, check_data_name, parse_choice
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
 
 
-class DataName(StrEnum):
-    mnist = "mnist"
+def _check_data(value: str | None) -> str | None:
+    return None if value is None else check_data_name(value)
+
+
+def _perplexity(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.2f}"  # the engine reports inf as None
 
 
 def simulate(
-    data_dir: DataDirOption = None,
+    data_dir: AnyDataDirOption = None,
     model: ModelOption = "conv",
-    data: Annotated[DataName, typer.Option(help="Data set.")] = DataName.mnist,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help=DATA_HELP + " (default: the model's own: conv mnist, resnet18 imagefolder, "
+            "transformer wikitext2)",
+            callback=_check_data,
+        ),
+    ] = None,
     mode: Annotated[
         str, typer.Option(help="Levels: 'a2-b8' = Fix 20% a, 80% b; 'a-b-c-d-e' = Dynamic.")
     ] = "a-e",
@@ -31,24 +46,40 @@ def simulate(
     ] = None,
     split: Annotated[Split, typer.Option(help="Data partition across clients.")] = Split.iid,
     rounds: Annotated[
-        int | None, typer.Option(help="Communication rounds [paper: 200 IID, 400 non-IID].")
+        int | None,
+        typer.Option(
+            help="Communication rounds (paper: conv 200 IID, 400 non-IID; resnet18 400, 800; "
+            "transformer 100, IID only)."
+        ),
     ] = None,
     clients: Annotated[int, typer.Option(help="Number of clients.")] = 100,
     fraction: Annotated[float, typer.Option(help="Share of clients active per round.")] = 0.1,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs E.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Local batch size B.")] = 10,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="Local epochs E (paper: 5; transformer 1).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Local batch size B (paper: 10; transformer 100).")
+    ] = None,
     lr: Annotated[
-        float, typer.Option(help="Learning rate (decays x0.1 at the paper's milestones).")
-    ] = 0.01,
+        float | None,
+        typer.Option(
+            help="Learning rate, x0.1 at the paper's milestones (paper: conv 0.01; "
+            "resnet18 and transformer 0.1)."
+        ),
+    ] = None,
     stats_clients: Annotated[
         str,
         typer.Option(help="Clients queried for sBN statistics: all (paper) or round (this one's)."),
     ] = "all",
     train_examples: Annotated[
-        int | None, typer.Option(help="Use a random subset of this many training examples.")
+        int | None,
+        typer.Option(
+            help="Use a random subset of this many training examples (text: the first rows)."
+        ),
     ] = None,
     test_examples: Annotated[
-        int | None, typer.Option(help="Use a random subset of this many test examples.")
+        int | None,
+        typer.Option(help="Use a random subset of this many test examples (text: the first rows)."),
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed for partition, selection, levels and init.")] = 0,
     submodel: Annotated[
@@ -92,13 +123,12 @@ def simulate(
         Path | None, typer.Option(help="Output folder [runs/simulate-MODEL-MODE-SPLIT-sSEED].")
     ] = None,
 ) -> None:
-    """Run HeteroFL on MNIST; write per-round results as JSON, a learning curve and the model.
+    """Run HeteroFL; write per-round results as JSON, a learning curve and the model.
 
     Every round is checkpointed in OUT/journal, so that --resume can continue a killed run.
     """
     from safetensors.torch import save as save_state
 
-    from heterofl_edge.data import load_mnist
     from heterofl_edge.report import atomic_write_bytes, write_json, write_learning_curve
     from heterofl_edge.sessions import Accelerator
     from heterofl_edge.simulation import (
@@ -108,14 +138,16 @@ def simulate(
         SimulationConfig,
         StatsClients,
         Submodel,
+        load_data,
+        local_training,
         run_simulation,
     )
-    from heterofl_edge.training import LocalTrainingConfig
 
     chosen_backend = parse_choice(Backend, backend, "backend")
     mix = parse_mode(mode, assignment)
     config = SimulationConfig(
         model=model,
+        data=data,
         mode=mode,
         assignment=assignment.value if assignment else None,
         split=split,
@@ -123,7 +155,7 @@ def simulate(
         num_clients=clients,
         fraction=fraction,
         lr=lr,
-        local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
+        local=local_training(model, local_epochs, batch_size),
         stats_clients=parse_choice(StatsClients, stats_clients, "statistics clients"),
         seed=seed,
         train_examples=train_examples,
@@ -135,22 +167,30 @@ def simulate(
     execution = Execution(
         workers, parse_choice(Accelerator, accelerator, "accelerator"), chosen_backend, address
     )
-    out = out or Path("runs") / f"simulate-{model}-{mix.name}-{split.value}-s{seed}"
+    name = model.replace(":", "-").replace("/", "-")
+    out = out or Path("runs") / f"simulate-{name}-{mix.name}-{split.value}-s{seed}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", "give a folder for the results")
-    dataset = load_mnist(data_dir)
+    dataset = load_data(config, data_dir)
     typer.echo(
-        f"HeteroFL {model} on MNIST ({split.value}), mode {mix.name} "
+        f"HeteroFL {model} on {config.data_name} ({split.value}), mode {mix.name} "
         f"({mix.assignment.value}), {config.total_rounds} rounds, {clients} clients, "
         f"fraction {fraction:g}, {config.submodel.value} sub-models"
     )
 
+    perplexity = config.metric == "perplexity"
+
     def on_round(record: RoundRecord) -> None:
         levels = " ".join(f"{k}:{v}" for k, v in record.levels.items())
         local = "" if record.local_accuracy is None else f"  local acc {record.local_accuracy:.4f}"
+        score = (
+            f"global ppl {_perplexity(record.global_perplexity)}"
+            if perplexity
+            else f"global acc {record.global_accuracy:.4f}"
+        )
         typer.echo(
             f"round {record.round:>3}/{config.total_rounds}  lr {record.lr:g}  levels {levels}  "
-            f"train loss {record.train_loss:.4f}  global acc {record.global_accuracy:.4f}{local}  "
+            f"train loss {record.train_loss:.4f}  {score}{local}  "
             f"({record.round_seconds:.1f} s, {record.samples_per_second:.0f} samples/s)"
         )
 
@@ -170,18 +210,23 @@ def simulate(
     )
     write_json(out / "results.json", result.to_json())
     atomic_write_bytes(out / "model.safetensors", save_state(result.global_state))
-    curves = {
-        "global": [(0, result.initial_accuracy)]
-        + [(r.round, r.global_accuracy) for r in result.rounds]
-    }
-    if split is Split.non_iid:
-        curves["local"] = [(r.round, r.local_accuracy or 0.0) for r in result.rounds]
-    write_learning_curve(
-        out / "learning_curve.png", f"HeteroFL {model} {mix.name} {split.value}", curves
-    )
     final = result.rounds[-1]
-    typer.echo(
-        f"initial global accuracy {result.initial_accuracy:.4f} -> "
-        f"final {final.global_accuracy:.4f}; "
-        f"wrote results.json, learning_curve.png and model.safetensors in {out}"
-    )
+    title = f"HeteroFL {model} {mix.name} {split.value}"
+    if perplexity:
+        points = [(0, result.initial_perplexity)]
+        points += [(r.round, r.global_perplexity) for r in result.rounds]
+        curve = [(n, v) for n, v in points if v is not None]  # None: not finite
+        write_learning_curve(out / "learning_curve.png", title, {"global": curve}, "perplexity")
+        summary = f"initial global perplexity {_perplexity(result.initial_perplexity)} -> "
+        summary += f"final {_perplexity(final.global_perplexity)}"
+    else:
+        curves = {
+            "global": [(0, result.initial_accuracy)]
+            + [(r.round, r.global_accuracy) for r in result.rounds]
+        }
+        if split is Split.non_iid:
+            curves["local"] = [(r.round, r.local_accuracy or 0.0) for r in result.rounds]
+        write_learning_curve(out / "learning_curve.png", title, curves)
+        summary = f"initial global accuracy {result.initial_accuracy:.4f} -> "
+        summary += f"final {final.global_accuracy:.4f}"
+    typer.echo(f"{summary}; wrote results.json, learning_curve.png and model.safetensors in {out}")

@@ -11,7 +11,10 @@
 
 A loader is ``loader(data_dir: Path | None, **options)`` and returns a
 ``ClassificationData`` or a ``LanguageModelData`` (``heterofl_edge.data.base``);
-what it returns is checked (shapes, dtypes, label range) before use.
+what it returns is checked (shapes, dtypes, label range) before use. A built-in
+whose loader can shape its examples (an image folder's size and channels,
+WikiText-2's row length) says how in ``DatasetEntry.fit``, so that
+``get_dataset(..., fit_to=arch.input_shape)`` loads it in the model's shape.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ __all__ = [
 
 DATA_ENTRY_POINT_GROUP = "heterofl_edge.data"
 DataLoader = Callable[..., Any]
+# One example's shape (without the batch dimension) -> the loader options that give it.
+ShapeOptions = Callable[[tuple[int, ...]], dict[str, Any]]
 _REFERENCE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
@@ -56,9 +61,22 @@ class DatasetEntry:
     check_files: Callable[[Path], dict[str, str]] | None = None
     task: TaskKind | None = None
     source: str = "built-in"
+    fit: ShapeOptions | None = None
 
 
 _BUILT_IN: dict[str, DatasetEntry] = {}
+
+
+def _image_options(shape: tuple[int, ...]) -> dict[str, Any]:
+    """(C, H, H) with C 1 or 3 -> ``channels`` and ``size``; other shapes: the defaults."""
+    if len(shape) == 3 and shape[0] in (1, 3) and shape[1] == shape[2]:
+        return {"channels": shape[0], "size": shape[1]}
+    return {}
+
+
+def _text_options(shape: tuple[int, ...]) -> dict[str, Any]:
+    """(S,) -> rows of ``sequence_length`` S."""
+    return {"sequence_length": shape[0]} if len(shape) == 1 else {}
 
 
 def register_dataset(entry: DatasetEntry) -> None:
@@ -82,6 +100,7 @@ register_dataset(
         load_wikitext2,
         check_wikitext2_files,
         TaskKind.language_model,
+        fit=_text_options,
     )
 )
 register_dataset(
@@ -91,6 +110,7 @@ register_dataset(
         load_image_folder,
         None,
         TaskKind.classification,
+        fit=_image_options,
     )
 )
 
@@ -156,9 +176,21 @@ def resolve_dataset(name: str) -> DatasetEntry:
     return DatasetEntry(key, doc, loader, None, None, source)
 
 
-def get_dataset(name: str, data_dir: str | Path | None, **options: Any) -> TaskData:
-    """Load and check the data set ``name`` from ``data_dir``; ``options`` go to its loader."""
+def get_dataset(
+    name: str,
+    data_dir: str | Path | None,
+    *,
+    fit_to: tuple[int, ...] | None = None,
+    **options: Any,
+) -> TaskData:
+    """Load and check the data set ``name`` from ``data_dir``; ``options`` go to its loader.
+
+    ``fit_to`` (a model's input shape) adds the options that shape the examples
+    that way, for a data set that can (``DatasetEntry.fit``); ``options`` win.
+    """
     entry = resolve_dataset(name)
+    if fit_to is not None and entry.fit is not None:
+        options = {**entry.fit(tuple(fit_to)), **options}
     try:
         data = entry.loader(data_dir, **options)
     except TypeError as exc:
