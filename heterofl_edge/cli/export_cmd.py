@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from exporter.config import Kernels
 from heterofl_edge.cli.options import ModelOption
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import Level, parse_rate
@@ -30,18 +29,18 @@ def export(
         bool, typer.Option("--verify/--no-verify", help="Check every artifact against PyTorch.")
     ] = True,
     executorch_kernels: Annotated[
-        Kernels,
+        str,
         typer.Option(
             help="ExecuTorch training program: xnnpack (delegated matmuls, fast) or "
             "portable (portable kernels only, for comparison)."
         ),
-    ] = Kernels.xnnpack,
+    ] = "xnnpack",
     tolerance: Annotated[
         float | None, typer.Option(help="Largest weight difference verification accepts [1e-4].")
     ] = None,
 ) -> None:
     """Export a level's sub-model as ONNX and ExecuTorch training programs with a manifest."""
-    from exporter.config import VERIFY_TOLERANCE, ExportConfig, Format
+    from exporter.config import VERIFY_TOLERANCE, ExportConfig, Format, Kernels
     from exporter.pipeline import export_level
     from heterofl_edge.models import get_architecture
 
@@ -56,6 +55,12 @@ def export(
         formats = (Format(fmt.strip().lower()),)
     except ValueError:
         raise ConfigError(f"unknown format {fmt!r}", "use onnx, executorch or all") from None
+    try:
+        kernels = Kernels(executorch_kernels.strip().lower())
+    except ValueError:
+        raise ConfigError(
+            f"unknown ExecuTorch kernels {executorch_kernels!r}", "use xnnpack or portable"
+        ) from None
     if tolerance is not None and not tolerance > 0:
         raise ConfigError(f"tolerance must be positive, got {tolerance}")
     for r in rates:
@@ -65,7 +70,7 @@ def export(
             formats=formats,
             batch_size=batch_size,
             verify=verify,
-            executorch_kernels=executorch_kernels,
+            executorch_kernels=kernels,
             tolerance=tolerance if tolerance is not None else VERIFY_TOLERANCE,
         )
         folder = export_level(config, out, progress=typer.echo)
