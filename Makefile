@@ -9,7 +9,7 @@ TEST_WORKERS ?= 2
 HETEROFL_DATA_DIR ?= $(abspath ../shared/datasets/mnist)
 export HETEROFL_DATA_DIR
 
-.PHONY: install web browser demo test test-web test-fast check bench clean
+.PHONY: install web browser demo test test-all test-web test-fast check bench clean
 
 $(BIN)/heterofl-edge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test-web: web
 
 ## All tests, the real-MNIST ones and the browser client's included.
 test: install web browser
+	cd web && npm test
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not heavy"
+
+## Everything, the heavy exports (minutes each) included.
+test-all: install web browser
 	cd web && npm test
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 

@@ -153,7 +153,10 @@ def test_reexport_gives_identical_files(conv_e, tmp_path):
     assert first == second
 
 
-@pytest.mark.parametrize(("model", "rate"), [("conv", 1.0), ("resnet18", 0.0625)])
+@pytest.mark.parametrize(
+    ("model", "rate"),
+    [("conv", 0.25), pytest.param("resnet18", 0.0625, marks=pytest.mark.heavy)],
+)
 def test_other_levels_export_and_verify_in_both_formats(model, rate, tmp_path):
     # The portable ExecuTorch path here (conv e above and the tiny models of
     # test_fast_training_programs cover XNNPACK): its export is 35 s shorter per level.
