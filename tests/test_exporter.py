@@ -195,6 +195,7 @@ def test_unwritable_output_folder_is_refused(tmp_path):
         (["--rate", "0"], "rate 0.0 is outside (0, 1]"),
         (["--rate", "1.5"], "rate 1.5 is outside (0, 1]"),
         (["--format", "tflite"], "unknown format 'tflite'"),
+        (["--executorch-kernels", "vulkan"], "unknown ExecuTorch kernels 'vulkan'"),
     ],
 )
 def test_export_cli_rejects_bad_input(args, needle, tmp_path):

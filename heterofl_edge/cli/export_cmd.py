@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from heterofl_edge.cli.options import ModelOption
+from heterofl_edge.cli.options import ModelOption, parse_choice
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import Level, parse_rate
 
@@ -55,12 +55,7 @@ def export(
         formats = (Format(fmt.strip().lower()),)
     except ValueError:
         raise ConfigError(f"unknown format {fmt!r}", "use onnx, executorch or all") from None
-    try:
-        kernels = Kernels(executorch_kernels.strip().lower())
-    except ValueError:
-        raise ConfigError(
-            f"unknown ExecuTorch kernels {executorch_kernels!r}", "use xnnpack or portable"
-        ) from None
+    kernels = parse_choice(Kernels, executorch_kernels, "ExecuTorch kernels")
     if tolerance is not None and not tolerance > 0:
         raise ConfigError(f"tolerance must be positive, got {tolerance}")
     for r in rates:
