@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save
 
 from coordinator.errors import ApiError, ErrorCode
-from coordinator.intake import decode_payload, parse_statistics, parse_update
+from coordinator.intake import check_update, decode_payload, parse_statistics
 from coordinator.registry import Device, DeviceRegistry
 from coordinator.store import Store, TaskClosed
 from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
@@ -251,18 +251,17 @@ class TaskBoard:
             if not found:
                 self.waker.sleep(self.tick_seconds)
 
-    def silent(self, clients: Sequence[str]) -> set[str]:
+    def all_silent(self, clients: Sequence[str]) -> bool:
         now = self.clock()
-        gone = set()
         for client in clients:
             device = self.registry.get(client)
-            if (
+            if not (
                 device is None
                 or self.registry.is_silent(device, now)
                 or self._status.get(client) is TaskStatus.missed
             ):
-                gone.add(client)
-        return gone
+                return False
+        return True
 
     def close_phase(self, round_number: int, phase: Phase) -> list[Reply]:
         self.store.close_phase(round_number, phase)
@@ -427,7 +426,7 @@ class TaskBoard:
 
     def accept_update(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
         view, task = self._open_task(device, number, Phase.training)
-        parsed = parse_update(
+        parsed = check_update(
             body, self.arch.spec, task.rate, self.arch.num_classes, shapes=self._shapes(task.rate)
         )
         now = self.clock()

@@ -23,12 +23,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import safetensors
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load
 
 from coordinator.errors import ApiError, ErrorCode
-from heterofl_edge.aggregation import validate_update
+from heterofl_edge.aggregation import check_layout, not_finite_error, validate_update
 from heterofl_edge.bn_stats import ChannelMoments
 from heterofl_edge.errors import UpdateError
 from heterofl_edge.slicing import SlicingSpec
@@ -37,6 +39,8 @@ __all__ = [
     "LIMITS",
     "Limits",
     "ParsedUpdate",
+    "UpdateFacts",
+    "check_update",
     "decode_payload",
     "parse_statistics",
     "parse_update",
@@ -48,6 +52,11 @@ _METADATA_HINT = (
     '"metrics": "{\\"loss\\": 0.5}"}'
 )
 _METRIC_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# safetensors' dtype codes, named as numpy and torch name them (for messages).
+_DTYPE_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,17 +75,21 @@ LIMITS = Limits()
 
 
 @dataclass(frozen=True)
-class ParsedUpdate:
-    tensors: dict[str, torch.Tensor]
+class UpdateFacts:
+    """What an upload says besides its tensors."""
+
     num_samples: int
     labels: tuple[int, ...] | None
     metrics: dict[str, float]
 
 
-def decode_payload(
-    body: bytes, limits: Limits = LIMITS
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and string metadata of a safetensors body; ``bad_payload`` otherwise."""
+@dataclass(frozen=True)
+class ParsedUpdate(UpdateFacts):
+    tensors: dict[str, torch.Tensor]
+
+
+def _read_header(body: bytes, limits: Limits) -> tuple[int, dict[str, str]]:
+    """The length of a safetensors body's JSON header and its string metadata, checked."""
     if len(body) < 8:
         raise ApiError(ErrorCode.bad_payload, "body is not a safetensors payload", _PAYLOAD_HINT)
     header_length = int.from_bytes(body[:8], "little")
@@ -103,13 +116,63 @@ def decode_payload(
         raise ApiError(
             ErrorCode.bad_metadata, f"metadata has more than {limits.metadata_keys} keys"
         )
+    return header_length, metadata
+
+
+def _invalid(exc: Exception) -> ApiError:
+    return ApiError(
+        ErrorCode.bad_payload, f"body is not a valid safetensors payload: {exc}", _PAYLOAD_HINT
+    )
+
+
+def decode_payload(
+    body: bytes, limits: Limits = LIMITS
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and string metadata of a safetensors body; ``bad_payload`` otherwise."""
+    _, metadata = _read_header(body, limits)
     try:
         tensors = load(body)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
-        raise ApiError(
-            ErrorCode.bad_payload, f"body is not a valid safetensors payload: {exc}", _PAYLOAD_HINT
-        ) from None
+        raise _invalid(exc) from None
     return tensors, metadata
+
+
+def check_update(
+    body: bytes,
+    spec: SlicingSpec,
+    rate: float,
+    num_classes: int,
+    limits: Limits = LIMITS,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> UpdateFacts:
+    """``parse_update``'s checks, without building tensors: for the request path.
+
+    safetensors (Rust) checks the layout, names, dtypes and shapes are read from
+    it, and the values are checked finite in one pass over the body's data,
+    which is all float32 once the dtypes are.
+    """
+    header_length, metadata = _read_header(body, limits)
+    try:
+        entries = safetensors.deserialize(body)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise _invalid(exc) from None
+    layout = {
+        name: (_DTYPE_NAMES.get(info["dtype"], str(info["dtype"])), tuple(info["shape"]))
+        for name, info in entries
+    }
+    try:
+        check_layout(layout, spec, rate, shapes)
+        data = np.frombuffer(body, dtype=np.float32, offset=8 + header_length)
+        if not np.isfinite(data).all():
+            culprit = next(
+                name
+                for name, info in entries
+                if not np.isfinite(np.frombuffer(info["data"], dtype=np.float32)).all()
+            )
+            raise not_finite_error(culprit)
+    except UpdateError as exc:
+        raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
+    return _update_facts(metadata, num_classes, limits)
 
 
 def parse_update(
@@ -126,12 +189,17 @@ def parse_update(
         validate_update(tensors, spec, rate, shapes)
     except UpdateError as exc:
         raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
+    facts = _update_facts(metadata, num_classes, limits)
+    return ParsedUpdate(facts.num_samples, facts.labels, facts.metrics, tensors)
+
+
+def _update_facts(metadata: Mapping[str, str], num_classes: int, limits: Limits) -> UpdateFacts:
     num_samples = _bounded_int(
         _metadata_json(metadata, "num_samples", None, limits), "num_samples", 1, limits.samples
     )
     labels = _labels(_metadata_json(metadata, "labels", None, limits), num_classes)
     metrics = _metrics(_metadata_json(metadata, "metrics", {}, limits), limits)
-    return ParsedUpdate(tensors, num_samples, labels, metrics)
+    return UpdateFacts(num_samples, labels, metrics)
 
 
 def parse_statistics(

@@ -25,7 +25,50 @@ from heterofl_edge.slicing import (
     trainable_names,
 )
 
-__all__ = ["HeteroFLAggregator", "validate_update"]
+__all__ = ["HeteroFLAggregator", "check_layout", "not_finite_error", "validate_update"]
+
+
+def check_layout(
+    layout: Mapping[str, tuple[str, tuple[int, ...]]],
+    spec: SlicingSpec,
+    rate: float,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> None:
+    """Raise ``UpdateError`` unless ``layout`` (name -> dtype name, shape) is the sub-model's.
+
+    It must name exactly the trainable tensors of the width-``rate`` sub-model,
+    each float32 and of the right shape. ``shapes`` may pass ``shapes_at(spec,
+    rate)`` computed once for many updates. The values are not looked at: see
+    ``validate_update``.
+    """
+    expected = trainable_names(spec)
+    missing = [n for n in expected if n not in layout]
+    extra = [n for n in layout if n not in spec or not spec[n].trainable]
+    if missing or extra:
+        raise UpdateError(
+            f"update does not match the level's tensors "
+            f"(missing {missing[:3]}, unexpected {extra[:3]})",
+            "upload every trainable tensor of your assigned level, named as in the manifest",
+            code="wrong_tensors",
+        )
+    shapes = shapes if shapes is not None else shapes_at(spec, rate)
+    for name in expected:
+        dtype, shape = layout[name]
+        if dtype != "float32":
+            raise UpdateError(f"{name} has dtype {dtype}, expected float32", code="bad_dtype")
+        if shape != shapes[name]:
+            raise UpdateError(
+                f"{name} has shape {shape}, expected {shapes[name]} for rate {rate:g}",
+                "upload the shapes your level's manifest lists",
+                code="bad_shape",
+            )
+
+
+def not_finite_error(name: str) -> UpdateError:
+    """The error for an update whose tensor ``name`` holds NaN or Inf."""
+    return UpdateError(
+        f"{name} holds NaN or Inf values", "check the client's training", code="not_finite"
+    )
 
 
 def validate_update(
@@ -37,40 +80,19 @@ def validate_update(
     """Raise ``UpdateError`` unless ``update`` fits the width-``rate`` sub-model.
 
     It must hold exactly the trainable tensors of that sub-model, as finite
-    float32 tensors of the right shapes. ``shapes`` may pass ``shapes_at(spec,
-    rate)`` computed once for many updates.
+    float32 tensors of the right shapes (``check_layout``).
     """
-    expected = trainable_names(spec)
-    missing = [n for n in expected if n not in update]
-    extra = [n for n in update if n not in spec or not spec[n].trainable]
-    if missing or extra:
-        raise UpdateError(
-            f"update does not match the level's tensors "
-            f"(missing {missing[:3]}, unexpected {extra[:3]})",
-            "upload every trainable tensor of your assigned level, named as in the manifest",
-            code="wrong_tensors",
-        )
-    shapes = shapes if shapes is not None else shapes_at(spec, rate)
-    for name in expected:
-        tensor = update[name]
-        if tensor.dtype != torch.float32:
-            raise UpdateError(
-                f"{name} has dtype {tensor.dtype}, expected float32", code="bad_dtype"
-            )
-        if tuple(tensor.shape) != shapes[name]:
-            raise UpdateError(
-                f"{name} has shape {tuple(tensor.shape)}, "
-                f"expected {shapes[name]} for rate {rate:g}",
-                "upload the shapes your level's manifest lists",
-                code="bad_shape",
-            )
+    check_layout(
+        {n: (str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in update.items()},
+        spec,
+        rate,
+        shapes,
+    )
     # One pass over all values (per-tensor calls dominate for small levels); name the culprit
     # only when there is one.
+    expected = trainable_names(spec)
     if not torch.isfinite(torch.cat([update[n].reshape(-1) for n in expected])).all():
-        culprit = next(n for n in expected if not torch.isfinite(update[n]).all())
-        raise UpdateError(
-            f"{culprit} holds NaN or Inf values", "check the client's training", code="not_finite"
-        )
+        raise not_finite_error(next(n for n in expected if not torch.isfinite(update[n]).all()))
 
 
 class HeteroFLAggregator:

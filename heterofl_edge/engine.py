@@ -142,8 +142,12 @@ class Transport(Protocol):
     def replies(self, round_number: int, phase: Phase) -> Iterator[Reply | None]:
         """Replies as they are accepted; ``None`` whenever the engine should look at the clock."""
 
-    def silent(self, clients: Sequence[str]) -> set[str]:
-        """Which of ``clients`` are gone silent (the engine stops waiting for them)."""
+    def all_silent(self, clients: Sequence[str]) -> bool:
+        """Whether every one of ``clients`` has gone silent (the engine stops waiting for them).
+
+        Called after each reply while a phase is open: stop at the first live client, so
+        that a thousand outstanding devices cost one look, not a thousand.
+        """
 
     def close_phase(self, round_number: int, phase: Phase) -> list[Reply]:
         """Refuse further replies; return those accepted since ``replies`` last yielded."""
@@ -446,7 +450,7 @@ class RoundEngine:
         if self.clock() >= opened.deadline:
             return True
         quorum = len(replies) >= max(1, self.settings.min_uploads)
-        return quorum and not (set(outstanding) - self.transport.silent(outstanding))
+        return quorum and self.transport.all_silent(outstanding)
 
     def _statistics_tasks(
         self, opened: RoundOpen, uploads: Sequence[TrainReply]
@@ -505,7 +509,7 @@ class RoundEngine:
             outstanding = [c for c in wanted if c not in reports]
             if not outstanding or self.clock() >= deadline:
                 break
-            if not (set(outstanding) - self.transport.silent(outstanding)):
+            if self.transport.all_silent(outstanding):
                 break
         for reply in self.transport.close_phase(number, Phase.statistics):
             keep(reply)

@@ -431,8 +431,8 @@ class _SessionTransport:
             for client, report in outcome:
                 yield StatsReply(client, moments_from(report))
 
-    def silent(self, clients: Sequence[str]) -> set[str]:
-        return set()
+    def all_silent(self, clients: Sequence[str]) -> bool:
+        return not clients
 
     def close_phase(self, round_number: int, phase: Phase) -> list[TrainReply | StatsReply]:
         return []

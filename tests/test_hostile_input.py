@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from coordinator_helpers import (
+    ARCH,
     PROFILE,
     assert_error,
     auth,
@@ -35,7 +36,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save
 
-from coordinator.errors import ErrorCode
+from coordinator.errors import ApiError, ErrorCode
+from coordinator.intake import check_update, parse_update
 from coordinator.store import StateError
 
 EXPECTED_BIAS = torch.tensor([3.0] * 4 + [1.5] * 12 + [1.0] * 48)  # a=1, c=2, e=6 (Fix a1-c1-e1)
@@ -254,6 +256,31 @@ def test_hostile_uploads_change_nothing_and_the_round_still_completes(make_app, 
 
     refused()
     finish_round_validly(client, coordinator, tokens)
+
+
+def _intake_outcome(parse, body):
+    try:
+        facts = parse(body, ARCH.spec, 1.0, ARCH.num_classes)
+    except ApiError as exc:
+        return exc.error_code
+    return facts.num_samples, facts.labels, facts.metrics
+
+
+@given(body=st.one_of(hostile_update_bodies(), st.just(update_body(constant_update(1.0, 2.0)))))
+@HYPOTHESIS
+def test_the_request_path_check_refuses_exactly_what_the_full_parse_refuses(body):
+    """The upload handler checks without building tensors; it must agree with the parser."""
+    assert _intake_outcome(check_update, body) == _intake_outcome(parse_update, body)
+
+
+def test_the_request_path_check_names_the_tensor_holding_nan():
+    tensors = constant_update(1.0, 1.0)
+    name = sorted(tensors)[3]
+    tensors[name].view(-1)[-1] = math.nan
+    with pytest.raises(ApiError) as refused:
+        check_update(update_body(tensors), ARCH.spec, 1.0, ARCH.num_classes)
+    assert refused.value.error_code is ErrorCode.not_finite
+    assert name in refused.value.message
 
 
 def test_hostile_statistics_change_nothing_and_the_round_still_completes(make_app, tmp_path):
