@@ -53,6 +53,8 @@ class CoordinatorConfig:
     heartbeat_seconds: float = 5.0
     # MNIST training data served to browser devices as deterministic shards (demo only).
     demo_data_dir: Path | None = None
-    # Held-out MNIST for evaluating the global model after each round (optional).
+    # Held-out data for evaluating the global model after each round (optional): the test
+    # split of the data set eval_data (a registry name) in eval_data_dir.
     eval_data_dir: Path | None = None
+    eval_data: str = "mnist"
     eval_examples: int | None = None

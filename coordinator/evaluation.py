@@ -12,39 +12,54 @@ __all__ = ["HeldOutEvaluation"]
 
 
 class HeldOutEvaluation:
-    """Loss and accuracy of the global model on the MNIST test set (loaded on first use).
+    """The global model scored on a data set's test split (loaded on first use).
 
-    A failure here (a missing folder, a corrupt file) is a fault on the
-    server: the engine logs it and records it in the round's result.
+    The data set is any the registry knows (``mnist``, ``imagefolder``,
+    ``wikitext2``, a user's), loaded to fit the model's input; the model's task
+    scores it (loss and accuracy; perplexity for a language model). A failure
+    here (a missing folder, a corrupt file) is a fault on the server: the
+    engine logs it and records it in the round's result.
     """
 
     def __init__(
-        self, arch: Architecture, global_rate: float, data_dir: Path, examples: int | None
+        self,
+        arch: Architecture,
+        global_rate: float,
+        data_dir: Path,
+        examples: int | None,
+        data: str = "mnist",
     ) -> None:
         self.arch = arch
         self.global_rate = global_rate
         self.data_dir = data_dir
         self.examples = examples
-        self._data: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.data = data
+        self._test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._data is None:
-            from heterofl_edge.data import load_mnist
+        if self._test is None:
+            from heterofl_edge.data.registry import get_dataset
+            from heterofl_edge.tasks import check_compatible
 
-            data = load_mnist(self.data_dir)
-            limit = self.examples or len(data.test_labels)
-            self._data = data.test_images[:limit], data.test_labels[:limit]
-        return self._data
+            loaded = get_dataset(self.data, self.data_dir, fit_to=self.arch.input_shape)
+            check_compatible(self.arch, loaded)
+            limit = self.examples or len(loaded.test_y)
+            self._test = loaded.test_x[:limit], loaded.test_y[:limit]
+        return self._test
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float | None]:
-        from heterofl_edge.training import evaluate
+        from heterofl_edge.tasks import task_for
 
-        images, labels = self._test_data()
+        inputs, targets = self._test_data()
         model = self.arch.build(self.global_rate, self.global_rate)
         model.load_state_dict(state)
-        result = evaluate(model, images, labels)
-        return {
+        task = task_for(self.arch)
+        result = task.evaluate(model, inputs, targets)
+        scores: dict[str, float | None] = {
             "global_loss": result.loss,
             "global_accuracy": result.accuracy,
             "test_examples": float(result.num_examples),
         }
+        if task.metric != "accuracy":
+            scores[f"global_{task.metric}"] = task.metric_of(result)
+        return scores

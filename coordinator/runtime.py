@@ -95,7 +95,11 @@ class Coordinator:
             None
             if config.eval_data_dir is None
             else HeldOutEvaluation(
-                self.arch, self.mix.global_rate, config.eval_data_dir, config.eval_examples
+                self.arch,
+                self.mix.global_rate,
+                config.eval_data_dir,
+                config.eval_examples,
+                config.eval_data,
             )
         )
         self.demo_data = None if config.demo_data_dir is None else DemoData(config.demo_data_dir)

@@ -61,6 +61,8 @@ class FleetConfig:
     profiles: Sequence[Capabilities] = field(default_factory=lambda: list(DEFAULT_PROFILES))
     work_dir: Path = Path("runs/fleet")
     shards: Sequence[int] | None = None  # which of the `clients` shards to run (default: all)
+    # More 'heterofl-edge device' options for every device, e.g. ("--data", "imagefolder").
+    device_options: Sequence[str] = ()
 
 
 class Fleet:
@@ -103,6 +105,7 @@ class Fleet:
             ]
             if self.config.train_examples is not None:
                 command += ["--train-examples", str(self.config.train_examples)]
+            command += list(self.config.device_options)
             with log_path.open("wb") as sink:
                 process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
             self.processes.append(process)

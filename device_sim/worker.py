@@ -1,27 +1,39 @@
 """One device, from its data to the coordinator's last round: ``heterofl-edge device``.
 
-Loads MNIST with numpy, takes shard ``shard`` of the run's split (the same
-split the in-process simulation makes from the same seed), and runs a
-``Device`` against the coordinator. torch is never imported (unless the
-device's runtime is one that needs it).
+Loads its training data with numpy (MNIST's idx files, or an image folder
+with Pillow), takes shard ``shard`` of the run's split (the same split the
+in-process simulation makes from the same seed), and runs a ``Device``
+against the coordinator. torch is never imported (unless the device's
+runtime is one that needs it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+
+import numpy as np
 
 from device_sim.device import Capabilities, Device
 from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
 from heterofl_edge.data.idx import read_split
+from heterofl_edge.data.image_arrays import read_image_folder
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split, train_shards
 
-__all__ = ["EXIT_ERROR", "EXIT_TOKEN_REFUSED", "WorkerConfig", "run_worker"]
+__all__ = ["EXIT_ERROR", "EXIT_TOKEN_REFUSED", "DeviceData", "WorkerConfig", "run_worker"]
 
 EXIT_ERROR = 2  # the coordinator answered with an error the device cannot get past
 EXIT_TOKEN_REFUSED = 4  # the coordinator no longer knows this device (e.g. a fresh state)
+
+
+class DeviceData(StrEnum):
+    """The training data a device reads from ``data_dir``."""
+
+    mnist = "mnist"  # the four idx files
+    imagefolder = "imagefolder"  # train/CLASS/*.png|jpg (the coordinator's --data imagefolder)
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,9 @@ class WorkerConfig:
     coordinator: str
     data_dir: Path
     cache: Path
+    data: DeviceData = DeviceData.mnist
+    image_size: int = 32  # imagefolder: images are resized to this many pixels square
+    channels: int = 3  # imagefolder: 3 (RGB) or 1 (greyscale)
     shard: int = 0
     clients: int = 1  # the split's number of shards; 1: all of the training data
     split: Split = Split.iid
@@ -57,12 +72,12 @@ def run_worker(config: WorkerConfig, log: Callable[[str], None] | None = None) -
             f"shard {config.shard} is outside 0..{config.clients - 1}",
             "--shard counts from 0 and stays below --clients",
         )
-    train_x, train_y = read_split(config.data_dir, "train")
+    train_x, train_y, num_classes = _training_data(config)
     keep, shards = train_shards(
         train_y,
         config.clients,
         config.split,
-        10,
+        num_classes,
         config.seed,
         train_examples=config.train_examples,
     )
@@ -90,3 +105,12 @@ def run_worker(config: WorkerConfig, log: Callable[[str], None] | None = None) -
         return EXIT_ERROR
     say(f"bytes sent {client.bytes_sent}, received {client.bytes_received}")
     return 0
+
+
+def _training_data(config: WorkerConfig) -> tuple[np.ndarray, np.ndarray, int]:
+    """Training examples, labels and number of classes, as the coordinator's data set has them."""
+    if config.data is DeviceData.imagefolder:
+        arrays = read_image_folder(config.data_dir, config.image_size, config.channels, test=False)
+        return arrays.train_x, arrays.train_y, len(arrays.classes)
+    train_x, train_y = read_split(config.data_dir, "train")
+    return train_x, train_y, 10

@@ -56,6 +56,23 @@ def test_models_summary_json_includes_extra_rates():
         ),
         (["simulate", "--model", "transformer", "--split", "non-iid"], "split IID only"),
         (["simulate", "--model", "conv", "--data", "wikitext2"], "data set 'wikitext2' is for"),
+        (
+            ["device", "--coordinator", "http://127.0.0.1:9", "--data", "cifar"],
+            "unknown data 'cifar'",
+        ),
+        (
+            [
+                "device",
+                "--coordinator",
+                "http://127.0.0.1:9",
+                "--data",
+                "imagefolder",
+                "--data-dir",
+                "/nonexistent/images",
+            ],
+            "image folder /nonexistent/images/train does not exist",
+        ),
+        (["coordinator", "serve", "--data", "cifar"], "unknown data set 'cifar'"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_exit_code_2(args, needle, tmp_path):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import requests
+from image_helpers import write_mnist_as_images
 from safetensors.torch import load
 
 from coordinator.process import start_coordinator, stop, wait_until_ready
@@ -216,3 +219,68 @@ def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir
     assert (
         tmp_path / "fleet" / "cache" / "device-1" / "conv-e" / "executorch" / "train.pte"
     ).is_file()
+
+
+def test_resnet18_trains_one_round_through_the_coordinator_on_an_image_folder(
+    tmp_path, mnist_dir, torch_blocked, monkeypatch, artifact_cache
+):
+    """A model other than conv, on a user's image folder: coordinator, devices without torch."""
+    digits = tmp_path / "digits"
+    write_mnist_as_images(mnist_dir, digits, train=200, test=100)
+    artifact_cache(tmp_path / "state", ("e",), global_rate=0.0625, model="resnet18")
+    monkeypatch.delenv("PYTHONPATH")
+    coordinator, url = serve(
+        tmp_path,
+        digits,
+        "--model",
+        "resnet18",
+        "--data",
+        "imagefolder",
+        "--mode",
+        "e",
+        "--policy",
+        "fix",
+        "--rounds",
+        "1",
+        "--fraction",
+        "1",
+        "--min-devices",
+        "2",
+        "--min-uploads",
+        "2",
+        "--local-epochs",
+        "1",
+    )
+    monkeypatch.setenv("PYTHONPATH", str(torch_blocked))
+    fleet = Fleet(
+        FleetConfig(
+            url,
+            digits,
+            2,
+            "iid",
+            0,
+            None,
+            [Capabilities()],
+            tmp_path / "fleet",
+            device_options=("--data", "imagefolder"),
+        )
+    )
+    try:
+        wait_until_ready(url)
+        fleet.start()
+        rounds = fleet.follow(lambda record: None, timeout=600)
+        served = load(requests.get(f"{url}/v1/model", timeout=60).content)
+    finally:
+        fleet.stop()
+        stop(coordinator)
+    record = rounds[0]
+    assert record["state"] == "finished" and record["metrics"]["uploads"] == 2
+    assert {a["statistics"] for a in record["assignments"]} == {"uploaded"}
+    evaluation = record["metrics"]["evaluation"]
+    assert evaluation["test_examples"] == 100  # the image folder's test split
+    assert math.isfinite(evaluation["global_loss"]) and 0 <= evaluation["global_accuracy"] <= 1
+    assert tuple(served["conv1.weight"].shape) == (4, 3, 3, 3)  # resnet18 at e: 64 / 16 channels
+    for log in fleet.logs:
+        text = log.read_text()
+        assert "round 1: trained level e" in text and "sent sBN statistics" in text, text[-800:]
+        assert "Traceback" not in text

@@ -1,6 +1,5 @@
 """`simulate` beyond conv on MNIST: the transformer, resnet18 and a user's own model."""
 
-import gzip
 import json
 import os
 import subprocess
@@ -8,9 +7,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from image_helpers import write_mnist_as_images
 from safetensors.torch import load_file
 
 from heterofl_edge.errors import ConfigError
@@ -77,23 +76,6 @@ def test_a_short_transformer_run_on_wikitext2_lowers_perplexity(wikitext2):
     assert last.global_perplexity < 0.9 * first.global_perplexity < result.initial_perplexity
     assert first.seconds["statistics"] < 0.1  # no sBN layers: no statistics pass
     assert last.local_accuracy is None  # IID
-
-
-def write_mnist_as_images(mnist_dir: Path, root: Path, train: int, test: int) -> None:
-    """The first MNIST examples as 32x32 RGB PNGs in root/{train,test}/DIGIT/."""
-    from PIL import Image
-
-    def read(name: str, offset: int) -> np.ndarray:
-        return np.frombuffer(gzip.decompress((mnist_dir / name).read_bytes())[offset:], np.uint8)
-
-    for split, prefix, count in (("train", "train", train), ("test", "t10k", test)):
-        images = read(f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
-        labels = read(f"{prefix}-labels-idx1-ubyte.gz", 8)
-        for i in range(count):
-            folder = root / split / str(labels[i])
-            folder.mkdir(parents=True, exist_ok=True)
-            picture = Image.fromarray(images[i]).convert("RGB")
-            picture.resize((32, 32), Image.Resampling.BILINEAR).save(folder / f"{i:05d}.png")
 
 
 @pytest.mark.slow

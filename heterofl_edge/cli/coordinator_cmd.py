@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from heterofl_edge.cli.options import ModelOption, parse_choice
+from heterofl_edge.cli.options import DataOption, ModelOption, parse_choice
 from heterofl_edge.errors import ConfigError
 
 app = typer.Typer(help="The coordinator service devices talk to.", no_args_is_help=True)
@@ -54,9 +54,11 @@ def serve(
     eval_data_dir: Annotated[
         Path | None,
         typer.Option(
-            envvar="HETEROFL_DATA_DIR", help="MNIST folder for evaluating the global model."
+            envvar="HETEROFL_DATA_DIR",
+            help="Folder of the --data set whose test split evaluates the global model.",
         ),
     ] = None,
+    data: DataOption = "mnist",
     eval_examples: Annotated[
         int | None, typer.Option(help="Evaluate on the first N test images (default: all).")
     ] = None,
@@ -154,6 +156,7 @@ def serve(
         statistics=stats,
         lr=lr,
         eval_data_dir=eval_data_dir,
+        eval_data=data,
         eval_examples=eval_examples,
         demo_data_dir=demo_data,
         local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),

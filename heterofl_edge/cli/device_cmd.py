@@ -47,18 +47,31 @@ def device(
         Path, typer.Option(help="Folder for the level's downloaded artifacts.")
     ] = DEFAULT_CACHE,
     capabilities: Annotated[str, typer.Option(help=CAPABILITIES_HELP)] = "{}",
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Training data in --data-dir: mnist (idx files) or imagefolder "
+            "(train/CLASS/*.png|jpg, read with the 'images' extra), as the coordinator's --data."
+        ),
+    ] = "mnist",
+    image_size: Annotated[
+        int, typer.Option(help="imagefolder: pixels per side (the model's input, e.g. 32).")
+    ] = 32,
+    channels: Annotated[int, typer.Option(help="imagefolder: 3 (RGB) or 1 (greyscale).")] = 3,
 ) -> None:
     """Run one device: profile, register, train the rounds it is given, until done.
 
-    --shard, --clients, --split and --seed pick this device's share of MNIST the
-    same way the simulation does.
+    --shard, --clients, --split and --seed pick this device's share of the
+    training data the same way the simulation does.
     """
     from device_sim.device import Capabilities
     from device_sim.runtimes import get_runtime
-    from device_sim.worker import WorkerConfig, run_worker
+    from device_sim.worker import DeviceData, WorkerConfig, run_worker
+    from heterofl_edge.cli.options import parse_choice
 
+    chosen_data = parse_choice(DeviceData, data, "data")
     if data_dir is None:
-        raise ConfigError("no MNIST directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
+        raise ConfigError("no data directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
     try:
         limits = json.loads(capabilities)
     except json.JSONDecodeError as exc:
@@ -74,6 +87,9 @@ def device(
             coordinator=coordinator,
             data_dir=data_dir,
             cache=cache,
+            data=chosen_data,
+            image_size=image_size,
+            channels=channels,
             shard=shard,
             clients=clients,
             split=split,

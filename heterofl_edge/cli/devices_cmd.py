@@ -19,7 +19,11 @@ def simulate(
     coordinator: Annotated[str, typer.Option(help="Coordinator URL, e.g. http://127.0.0.1:8080.")],
     data_dir: DataDirOption = None,
     n: Annotated[int, typer.Option("--n", help="Number of devices.")] = 20,
-    data: Annotated[str, typer.Option(help="Data set (mnist).")] = "mnist",
+    data: Annotated[
+        str, typer.Option(help="Training data: mnist or imagefolder (see 'device --help').")
+    ] = "mnist",
+    image_size: Annotated[int, typer.Option(help="imagefolder: pixels per side.")] = 32,
+    channels: Annotated[int, typer.Option(help="imagefolder: 3 (RGB) or 1 (greyscale).")] = 3,
     split: Annotated[Split, typer.Option(help="Data partition across devices.")] = Split.iid,
     profiles: Annotated[
         Path | None, typer.Option(help="JSON list of capabilities, used round-robin.")
@@ -34,13 +38,17 @@ def simulate(
 ) -> None:
     """Start N device processes with mixed capabilities and follow the rounds."""
     from device_sim.fleet import Fleet, FleetConfig, describe_round, load_profiles
+    from device_sim.worker import DeviceData
+    from heterofl_edge.cli.options import parse_choice
 
-    if data != "mnist":
-        raise ConfigError(f"unknown data set {data!r}", "use mnist")
+    chosen = parse_choice(DeviceData, data, "data")
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     if data_dir is None:
-        raise ConfigError("no MNIST directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
+        raise ConfigError("no data directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
+    options = ["--data", chosen.value]
+    if chosen is DeviceData.imagefolder:
+        options += ["--image-size", str(image_size), "--channels", str(channels)]
     fleet = Fleet(
         FleetConfig(
             coordinator,
@@ -51,6 +59,7 @@ def simulate(
             train_examples,
             load_profiles(profiles),
             work_dir,
+            device_options=options,
         ),
         log=typer.echo,
     )

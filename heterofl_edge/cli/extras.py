@@ -23,7 +23,7 @@ EXTRA_OF_PACKAGE = {
     "waitress": "server",
     "cheroot": "server",
     "matplotlib": "server",
-    "PIL": "server",
+    "PIL": "images",
     "executorch": "executorch",
     "ray": "ray",
 }
