@@ -38,6 +38,8 @@ __all__ = [
 SAFETENSORS = "application/vnd.safetensors"
 MAX_ROUND = 2**31 - 1
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+# A model's name may be a user's package.module:factory.
+_MODEL_NAME = r"^[A-Za-z0-9_.:-]{1,200}$"
 
 
 def _json_integer(value: Any) -> Any:
@@ -241,7 +243,7 @@ class RoundPath(BaseModel):
 
 
 class ArtifactPath(BaseModel):
-    model: str = Field(pattern=_NAME)
+    model: str = Field(pattern=_MODEL_NAME)
     level: str = Field(pattern=_NAME)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from device_sim.device import Capabilities, Device
 from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
+from heterofl_edge.data.arrays import read_training_arrays
 from heterofl_edge.data.idx import read_split
 from heterofl_edge.data.image_arrays import read_image_folder
 from heterofl_edge.errors import ConfigError
@@ -34,6 +35,7 @@ class DeviceData(StrEnum):
 
     mnist = "mnist"  # the four idx files
     imagefolder = "imagefolder"  # train/CLASS/*.png|jpg (the coordinator's --data imagefolder)
+    arrays = "arrays"  # train.safetensors from 'heterofl-edge data export' (any data set)
 
 
 @dataclass(frozen=True)
@@ -112,5 +114,7 @@ def _training_data(config: WorkerConfig) -> tuple[np.ndarray, np.ndarray, int]:
     if config.data is DeviceData.imagefolder:
         arrays = read_image_folder(config.data_dir, config.image_size, config.channels, test=False)
         return arrays.train_x, arrays.train_y, len(arrays.classes)
+    if config.data is DeviceData.arrays:
+        return read_training_arrays(config.data_dir)
     train_x, train_y = read_split(config.data_dir, "train")
     return train_x, train_y, 10

@@ -144,3 +144,37 @@ def test_a_loader_reference_is_called_and_its_data_checked(monkeypatch):
     with pytest.raises(ConfigError, match="unknown data set 'cifar10'") as info:
         get_dataset("cifar10", None)
     assert "mnist, wikitext2, imagefolder" in info.value.hint
+
+
+def test_exported_arrays_round_trip_and_bad_files_are_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    from heterofl_edge.data.arrays import ARRAYS_FILE, read_training_arrays, write_training_arrays
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    y = np.array([0, 1, 2, 0, 1, 2], np.int64)
+    write_training_arrays(tmp_path / "ok", x, y, 3, "test")
+    got_x, got_y, classes = read_training_arrays(tmp_path / "ok")
+    assert np.array_equal(got_x, x) and np.array_equal(got_y, y) and classes == 3
+    assert not list((tmp_path / "ok").glob("*.partial"))
+
+    cases = iter(range(100))
+
+    def refused(tensors, metadata, needle):
+        folder = tmp_path / f"case-{next(cases)}"
+        folder.mkdir()
+        save_file(tensors, str(folder / ARRAYS_FILE), metadata=metadata)
+        with pytest.raises(DataError, match=needle):
+            read_training_arrays(folder)
+
+    refused({"x": x, "y": y}, {"num_classes": "2"}, "labels must lie in")
+    refused({"x": x.astype(np.float64), "y": y}, {"num_classes": "3"}, "x must be float32")
+    refused({"x": x, "y": y[:5]}, {"num_classes": "3"}, "x must be float32")
+    refused({"x": x}, {"num_classes": "3"}, "exactly the arrays x and y")
+    refused({"x": x, "y": y}, {"num_classes": "three"}, "cannot read")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / ARRAYS_FILE).write_bytes(b"\x80\x04pickle")
+    with pytest.raises(DataError, match="cannot read"):
+        read_training_arrays(tmp_path / "junk")
+    with pytest.raises(DataError, match="does not exist"):
+        read_training_arrays(tmp_path / "nowhere")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -16,6 +19,7 @@ from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulat
 from heterofl_edge.training import LocalTrainingConfig
 
 pytestmark = pytest.mark.slow
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_mlp"
 
 
 @pytest.fixture
@@ -284,3 +288,62 @@ def test_resnet18_trains_one_round_through_the_coordinator_on_an_image_folder(
         text = log.read_text()
         assert "round 1: trained level e" in text and "sent sBN statistics" in text, text[-800:]
         assert "Traceback" not in text
+
+
+def test_the_example_project_trains_through_a_coordinator_with_two_devices(
+    tmp_path, torch_blocked, monkeypatch
+):
+    """examples/tiny_mlp (a model and a data set the package does not know, named by
+    module:factory) through a coordinator; its devices read exported arrays, without torch."""
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from tiny_mlp.data import write_blobs
+
+    write_blobs(tmp_path / "blobs", train=400, test=200)
+    monkeypatch.setenv("PYTHONPATH", str(EXAMPLE))
+    exported = subprocess.run(
+        [
+            sys.executable, "-m", "heterofl_edge", "data", "export",
+            "--data", "tiny_mlp.data:load", "--data-dir", str(tmp_path / "blobs"),
+            "--out", str(tmp_path / "arrays"),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    assert "400 training examples of shape (16,) in 4 classes" in exported.stdout
+    coordinator, url = serve(
+        tmp_path,
+        tmp_path / "blobs",
+        "--model", "tiny_mlp.model:build", "--data", "tiny_mlp.data:load",
+        "--mode", "a1-e1", "--policy", "fix", "--rounds", "2", "--fraction", "1",
+        "--min-devices", "2", "--min-uploads", "2",
+        "--local-epochs", "2", "--batch-size", "20", "--lr", "0.05",
+    )  # fmt: skip
+    monkeypatch.setenv("PYTHONPATH", str(torch_blocked))
+    fleet = Fleet(
+        FleetConfig(
+            url,
+            tmp_path / "arrays",
+            2,
+            "iid",
+            0,
+            None,
+            [Capabilities()],
+            tmp_path / "fleet",
+            device_options=("--data", "arrays"),
+        )
+    )
+    try:
+        wait_until_ready(url)
+        fleet.start()
+        rounds = fleet.follow(lambda record: None, timeout=600)
+    finally:
+        fleet.stop()
+        stop(coordinator)
+    assert [r["state"] for r in rounds] == ["finished", "finished"]
+    assert {a["level"] for a in rounds[0]["assignments"]} == {"a", "e"}
+    evaluation = rounds[-1]["metrics"]["evaluation"]
+    assert evaluation["test_examples"] == 200
+    assert evaluation["global_accuracy"] > 0.5, evaluation  # chance: 0.25
+    for log in fleet.logs:
+        text = log.read_text()
+        assert "coordinator says done" in text and "Traceback" not in text, text[-800:]

@@ -1,4 +1,4 @@
-"""``heterofl-edge data check``: verify a data set's files (md5s where known) and that it loads."""
+"""``heterofl-edge data check|export``: verify a data set; write its training split for devices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from heterofl_edge.cli.options import DataOption
-from heterofl_edge.errors import DataError
+from heterofl_edge.errors import ConfigError, DataError
 
 app = typer.Typer(help="Data sets.", no_args_is_help=True)
 
@@ -63,3 +63,50 @@ def check(data_dir: AnyDataDirOption = None, data: DataOption = "mnist") -> None
             f"{len(dataset.test_labels)} test examples of shape "
             f"{tuple(dataset.train_images.shape[1:])} in {dataset.num_classes} classes"
         )
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="Folder for train.safetensors (what devices read).")],
+    data_dir: AnyDataDirOption = None,
+    data: DataOption = "mnist",
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Shape the examples for this model's input (an image folder's size and "
+            "channels); default: the data set's own.",
+        ),
+    ] = None,
+) -> None:
+    """Write a data set's training split as arrays that a device reads without torch.
+
+    Devices run 'heterofl-edge device --data arrays --data-dir FOLDER'; each takes
+    its shard of the split as for any other data set.
+    """
+    from heterofl_edge.data.arrays import write_training_arrays
+    from heterofl_edge.data.base import LanguageModelData
+    from heterofl_edge.data.registry import get_dataset, resolve_dataset
+
+    entry = resolve_dataset(data)
+    fit_to = None
+    if model is not None:
+        from heterofl_edge.models import get_architecture
+
+        fit_to = get_architecture(model).input_shape
+    dataset = get_dataset(data, data_dir, fit_to=fit_to)
+    if isinstance(dataset, LanguageModelData):
+        raise ConfigError(
+            f"{entry.name} is language-model data; devices train classification data only",
+            "train the language model with 'heterofl-edge simulate'",
+        )
+    path = write_training_arrays(
+        out,
+        dataset.train_x.numpy(),
+        dataset.train_y.numpy(),
+        dataset.num_classes,
+        entry.name,
+    )
+    typer.echo(
+        f"wrote {path}: {len(dataset.train_y)} training examples of shape "
+        f"{tuple(dataset.train_x.shape[1:])} in {dataset.num_classes} classes"
+    )

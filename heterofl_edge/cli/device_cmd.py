@@ -50,8 +50,9 @@ def device(
     data: Annotated[
         str,
         typer.Option(
-            help="Training data in --data-dir: mnist (idx files) or imagefolder "
-            "(train/CLASS/*.png|jpg, read with the 'images' extra), as the coordinator's --data."
+            help="Training data in --data-dir: mnist (idx files), imagefolder "
+            "(train/CLASS/*.png|jpg, read with the 'images' extra) or arrays (train.safetensors "
+            "from 'heterofl-edge data export', for any data set)."
         ),
     ] = "mnist",
     image_size: Annotated[

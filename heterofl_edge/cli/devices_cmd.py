@@ -20,7 +20,7 @@ def simulate(
     data_dir: DataDirOption = None,
     n: Annotated[int, typer.Option("--n", help="Number of devices.")] = 20,
     data: Annotated[
-        str, typer.Option(help="Training data: mnist or imagefolder (see 'device --help').")
+        str, typer.Option(help="Training data: mnist, imagefolder or arrays ('device --help').")
     ] = "mnist",
     image_size: Annotated[int, typer.Option(help="imagefolder: pixels per side.")] = 32,
     channels: Annotated[int, typer.Option(help="imagefolder: 3 (RGB) or 1 (greyscale).")] = 3,
