@@ -51,7 +51,8 @@ class CoordinatorConfig:
     device_timeout: float = 30.0
     poll_seconds: float = 2.0
     heartbeat_seconds: float = 5.0
-    # MNIST training data served to browser devices as deterministic shards (demo only).
+    # Training data of the data set eval_data served to browser devices as deterministic
+    # shards (demo only).
     demo_data_dir: Path | None = None
     # Held-out data for evaluating the global model after each round (optional): the test
     # split of the data set eval_data (a registry name) in eval_data_dir.

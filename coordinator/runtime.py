@@ -102,7 +102,11 @@ class Coordinator:
                 config.eval_data,
             )
         )
-        self.demo_data = None if config.demo_data_dir is None else DemoData(config.demo_data_dir)
+        self.demo_data = (
+            None
+            if config.demo_data_dir is None
+            else DemoData(config.demo_data_dir, config.eval_data, self.arch)
+        )
         self.problem: str | None = None
         self._ended_views: dict[int, dict[str, Any]] = {}
         self._model_bytes = b""

@@ -432,3 +432,28 @@ def test_artifacts_are_built_by_the_coordinator_never_by_a_request(make_app, tmp
         assert client.get(f"/v1/artifacts/conv/e/{path}").status_code in (400, 404)
     assert_error(client.get("/v1/artifacts/conv/b/manifest.json"), 404, ErrorCode.not_found)
     assert_error(client.get("/v1/artifacts/resnet18/e/manifest.json"), 404, ErrorCode.not_found)
+
+
+def test_demo_shards_come_from_the_runs_data_set_shaped_for_its_model(
+    make_app, tmp_path, mnist_dir
+):
+    """--demo-data with --data imagefolder and resnet18: browser shards are 3x32x32 images."""
+    from image_helpers import write_mnist_as_images
+
+    write_mnist_as_images(mnist_dir, tmp_path / "digits", train=40, test=10)
+    app = make_app(
+        model="resnet18", mode="e", eval_data="imagefolder", demo_data_dir=tmp_path / "digits"
+    )
+    client = app.test_client()
+    assert client.get("/v1/health").get_json()["demo_data"] is True
+    shards = []
+    for shard in range(2):
+        reply = client.get(f"/v1/demo-data?shard={shard}&clients=2&split=iid&seed=0")
+        assert reply.status_code == 200, reply.data[:200]
+        shards.append(load(reply.data))
+    assert all(tuple(s["x"].shape[1:]) == (3, 32, 32) for s in shards)
+    assert sum(len(s["y"]) for s in shards) == 40  # the two shards share the folder's images
+    from heterofl_edge.data.image_arrays import read_image_folder
+
+    folder = read_image_folder(tmp_path / "digits", test=False)
+    assert sorted(torch.cat([s["y"] for s in shards]).tolist()) == sorted(folder.train_y.tolist())

@@ -91,7 +91,8 @@ def serve(
     demo_data: Annotated[
         Path | None,
         typer.Option(
-            help="Serve browser devices deterministic MNIST shards from this folder (demo only)."
+            help="Serve browser devices deterministic shards of the --data set in this folder "
+            "(demo only)."
         ),
     ] = None,
     tls_cert: Annotated[
