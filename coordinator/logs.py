@@ -66,6 +66,7 @@ def configure(json_lines: bool) -> None:
     logging.getLogger("heterofl_edge").setLevel(logging.INFO)
     # waitress warns "Task queue depth is N" for every request that arrives while all its
     # threads are busy: in an upload storm, a log line per request and an eighth of the GIL
-    # (py-spy, bench_load's upload storm). Queueing is expected under load; errors still show.
+    # (py-spy, bench_load's upload storm). That warning is all this logger says; queueing is
+    # expected under load, and request latency is in the metrics (/metrics).
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
     ACCESS.setLevel(logging.INFO if json_lines else logging.WARNING)

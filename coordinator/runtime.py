@@ -11,6 +11,7 @@ evaluation) happens on the worker.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections import Counter
@@ -31,13 +32,15 @@ from coordinator.journal import StoreJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_rate
 from coordinator.registry import DeviceRegistry
+from coordinator.schemas import MODEL_NAME_PATTERN
 from coordinator.store import StateError, Store
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.complexity import measure_complexity
+from heterofl_edge.data.registry import resolve_dataset
 from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
-from heterofl_edge.models import get_architecture
+from heterofl_edge.models import Architecture, get_architecture
 from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
 
 __all__ = ["Clock", "Coordinator"]
@@ -56,6 +59,7 @@ class Coordinator:
         self.config = config
         self.clock = clock
         self.arch = get_architecture(config.model)
+        _check_servable(self.arch, config)
         assignment = None if config.policy is LevelPolicy.profile else Assignment(config.policy)
         self.mix = parse_mode(config.mode, assignment)
         self.store = Store(config.state_dir)
@@ -457,3 +461,20 @@ def _json_loads(text: str) -> dict[str, Any]:
 
     value = json.loads(text)
     return value if isinstance(value, dict) else {}
+
+
+def _check_servable(arch: Architecture, config: CoordinatorConfig) -> None:
+    """``ConfigError`` at start-up for what would otherwise fail in every round."""
+    if not re.fullmatch(MODEL_NAME_PATTERN, arch.name):
+        raise ConfigError(
+            f"model name {arch.name!r} cannot appear in artifact URLs",
+            "name the model with letters, digits and . _ - : (at most 200 characters)",
+        )
+    if config.eval_data_dir is not None or config.demo_data_dir is not None:
+        entry = resolve_dataset(config.eval_data)
+        if entry.task is not None and entry.task is not arch.task:
+            raise ConfigError(
+                f"data set {entry.name!r} is for {entry.task.value}, model {arch.name!r} "
+                f"is a {arch.task.value} model",
+                "pick the model's kind of data set with --data",
+            )

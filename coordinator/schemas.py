@@ -16,6 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from coordinator.errors import ErrorCode
 
 __all__ = [
+    "MODEL_NAME_PATTERN",
     "SAFETENSORS",
     "Accepted",
     "ArtifactFilePath",
@@ -38,8 +39,8 @@ __all__ = [
 SAFETENSORS = "application/vnd.safetensors"
 MAX_ROUND = 2**31 - 1
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
-# A model's name may be a user's package.module:factory.
-_MODEL_NAME = r"^[A-Za-z0-9_.:-]{1,200}$"
+# A model's name may be a user's package.module:factory (checked at start-up too).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 
 
 def _json_integer(value: Any) -> Any:
@@ -243,7 +244,7 @@ class RoundPath(BaseModel):
 
 
 class ArtifactPath(BaseModel):
-    model: str = Field(pattern=_MODEL_NAME)
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
     level: str = Field(pattern=_NAME)
 
 

@@ -20,6 +20,7 @@ from device_sim.protocol import CoordinatorClient, ProtocolError
 from device_sim.runtimes import get_runtime
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.device_runtime import LevelRuntime
+from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
 
 __all__ = ["Capabilities", "Device"]
@@ -87,6 +88,7 @@ class Device:
         reference = min(parse_mode(health["mode"]).rates)
         manifest_url = f"/v1/artifacts/{health['model']}/{rate_label(reference)}/manifest.json"
         level = self._level({"manifest_url": manifest_url})
+        self._check_data(level.manifest, health["model"])
         weights = {
             p["name"]: np.zeros(p["shape"], np.float32) for p in level.manifest["parameters"]
         }
@@ -106,6 +108,24 @@ class Device:
             "runtimes": [self.capabilities.runtime],
             "num_examples": len(self.labels),
         }
+
+    def _check_data(self, manifest: dict[str, Any], model: str) -> None:
+        """``ConfigError`` unless this device's examples fit the model (shape, labels)."""
+        expected = tuple(manifest["input"]["shape"][1:])
+        found = tuple(self.images.shape[1:])
+        if found != expected:
+            raise ConfigError(
+                f"this device's examples have shape {found}, the coordinator's model {model} "
+                f"takes {expected}",
+                "read the data as the model needs it (an image folder: --image-size and "
+                "--channels), or export it with 'heterofl-edge data export --model'",
+            )
+        classes = int(manifest["num_classes"])
+        if self.present and self.present[-1] >= classes:
+            raise ConfigError(
+                f"this device holds label {self.present[-1]}, the model has {classes} classes",
+                "use the coordinator's data set",
+            )
 
     def register(self) -> dict[str, Any]:
         reply = self.client.register(self.profile())

@@ -73,6 +73,20 @@ def test_models_summary_json_includes_extra_rates():
             "image folder /nonexistent/images/train does not exist",
         ),
         (["coordinator", "serve", "--data", "cifar"], "unknown data set 'cifar'"),
+        (
+            [
+                "coordinator",
+                "serve",
+                "--state-dir",
+                "/nonexistent/state",
+                "--data",
+                "wikitext2",
+                "--eval-data-dir",
+                "/nonexistent",
+            ],
+            "data set 'wikitext2' is for language-model",
+        ),
+        (["data", "export", "--out", "/proc/not-here", "--data", "cifar"], "unknown data set"),
     ],
 )
 def test_bad_input_gets_a_clear_error_and_exit_code_2(args, needle, tmp_path):

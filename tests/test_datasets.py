@@ -171,7 +171,17 @@ def test_exported_arrays_round_trip_and_bad_files_are_refused(tmp_path):
     refused({"x": x.astype(np.float64), "y": y}, {"num_classes": "3"}, "x must be float32")
     refused({"x": x, "y": y[:5]}, {"num_classes": "3"}, "x must be float32")
     refused({"x": x}, {"num_classes": "3"}, "exactly the arrays x and y")
-    refused({"x": x, "y": y}, {"num_classes": "three"}, "cannot read")
+    refused({"x": x, "y": y}, {"num_classes": "three"}, "must give num_classes")
+    refused({"x": x, "y": y}, {"num_classes": "1e400"}, "must give num_classes")
+    refused({"x": x, "y": y}, {}, "must give num_classes")
+    refused({"x": np.array(1.0, np.float32), "y": y}, {"num_classes": "3"}, "x must be")
+    refused({"x": x[:, 0].copy(), "y": y}, {"num_classes": "3"}, "x must be")
+    nan = x.copy()
+    nan[2, 1] = np.nan
+    refused({"x": nan, "y": y}, {"num_classes": "3"}, "NaN or Inf")
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError, match="cannot write"):
+        write_training_arrays(tmp_path / "a-file", x, y, 3, "test")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / ARRAYS_FILE).write_bytes(b"\x80\x04pickle")
     with pytest.raises(DataError, match="cannot read"):

@@ -120,3 +120,19 @@ def test_a_server_fault_is_retried_with_backoff_and_the_device_goes_on(tmp_path)
     }
     assert len(sent) == 3 and len({s[2] for s in sent}) == 1  # the same body each time
     assert waits == [0.25, 0.5]
+
+
+def test_data_that_does_not_fit_the_model_is_refused_before_training():
+    import numpy as np
+
+    from heterofl_edge.errors import ConfigError
+
+    manifest = {"input": {"shape": ["batch", 1, 28, 28]}, "num_classes": 10}
+    fits = Device(None, np.zeros((2, 1, 28, 28), np.float32), np.array([0, 9]))
+    fits._check_data(manifest, "conv")  # no error
+    rgb = Device(None, np.zeros((2, 3, 32, 32), np.float32), np.array([0, 1]))
+    with pytest.raises(ConfigError, match=r"shape \(3, 32, 32\).*takes \(1, 28, 28\)"):
+        rgb._check_data(manifest, "conv")
+    too_many = Device(None, np.zeros((2, 1, 28, 28), np.float32), np.array([0, 12]))
+    with pytest.raises(ConfigError, match="label 12, the model has 10 classes"):
+        too_many._check_data(manifest, "conv")

@@ -266,11 +266,48 @@ def _intake_outcome(parse, body):
     return facts.num_samples, facts.labels, facts.metrics
 
 
+def crafted_layouts() -> list[bytes]:
+    """Valid tensors under a hand-edited safetensors header: layouts a library would not write."""
+    good = update_body(constant_update(1.0, 1.0))
+    length = int.from_bytes(good[:8], "little")
+    header, data = json.loads(good[8 : 8 + length]), good[8 + length :]
+    names = sorted(n for n in header if n != "__metadata__")
+
+    def body(changed: dict, padding: bytes = b"", tail: bytes = b"") -> bytes:
+        text = json.dumps(changed).encode() + padding
+        return len(text).to_bytes(8, "little") + text + data + tail
+
+    def edited(name: str, field: str, value) -> dict:
+        copy = json.loads(json.dumps(header))
+        copy[name][field] = value
+        return copy
+
+    bodies = [body(header, b"   "), body(header, tail=b"\0"), body(header, tail=b"\0" * 4)]
+    bodies += [body(edited(names[0], "dtype", d)) for d in ("I32", "U32", "F16", "BF16", "F64")]
+    bodies += [
+        body(edited(names[1], "data_offsets", header[names[0]]["data_offsets"])),  # overlap
+        body(edited(names[0], "shape", [0, *header[names[0]]["shape"][1:]])),
+        body(edited(names[0], "shape", [2**64])),
+        body(edited(names[0], "shape", [-1])),
+        body({**header, "__metadata__": None}),
+    ]
+    return bodies
+
+
 @given(body=st.one_of(hostile_update_bodies(), st.just(update_body(constant_update(1.0, 2.0)))))
 @HYPOTHESIS
 def test_the_request_path_check_refuses_exactly_what_the_full_parse_refuses(body):
     """The upload handler checks without building tensors; it must agree with the parser."""
     assert _intake_outcome(check_update, body) == _intake_outcome(parse_update, body)
+
+
+def test_the_request_path_check_agrees_with_the_full_parse_on_crafted_layouts():
+    outcomes = [
+        (_intake_outcome(check_update, b), _intake_outcome(parse_update, b))
+        for b in crafted_layouts()
+    ]
+    assert all(mine == full for mine, full in outcomes), outcomes
+    assert outcomes[0][0] == (600, None, {"loss": 0.5, "accuracy": 0.9})  # padded: accepted
 
 
 def test_the_request_path_check_names_the_tensor_holding_nan():

@@ -12,6 +12,7 @@ not train language models yet.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -35,15 +36,22 @@ def write_training_arrays(
     folder: Path, x: np.ndarray, y: np.ndarray, num_classes: int, source: str
 ) -> Path:
     """Write ``folder/train.safetensors`` (whole or not at all); its path."""
-    folder.mkdir(parents=True, exist_ok=True)
     target = folder / ARRAYS_FILE
+    partial = target.with_suffix(".partial")
     body = save(
         {"x": np.ascontiguousarray(x, np.float32), "y": np.ascontiguousarray(y, np.int64)},
         metadata={"num_classes": json.dumps(int(num_classes)), "source": source},
     )
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(body)
-    os.replace(partial, target)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial.write_bytes(body)
+        os.replace(partial, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise DataError(
+            f"cannot write {target}: {exc.strerror or exc}", "--out must be a writable folder"
+        ) from None
     return target
 
 
@@ -58,18 +66,29 @@ def read_training_arrays(folder: str | Path | None) -> tuple[np.ndarray, np.ndar
         tensors = load_file(path)
         with safe_open(path, framework="numpy") as opened:
             metadata = opened.metadata() or {}
-        num_classes = int(json.loads(metadata.get("num_classes", "0")))
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise DataError(f"cannot read {path}: {exc}", HINT) from None
+    text = metadata.get("num_classes", "")
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) <= 10**7:
+        raise DataError(f"{path}: its metadata must give num_classes, a positive integer", HINT)
+    num_classes = int(text)
     x, y = tensors.get("x"), tensors.get("y")
     if x is None or y is None or set(tensors) != {"x", "y"}:
         raise DataError(f"{path} must hold exactly the arrays x and y", HINT)
-    if x.dtype != np.float32 or y.dtype != np.int64 or y.ndim != 1 or len(x) != len(y):
+    if (
+        x.dtype != np.float32
+        or x.ndim < 2
+        or y.dtype != np.int64
+        or y.ndim != 1
+        or len(x) != len(y)
+    ):
         raise DataError(
             f"{path}: x must be float32 [N, ...] and y int64 [N] (got {x.dtype} "
             f"{list(x.shape)}, {y.dtype} {list(y.shape)})",
             HINT,
         )
-    if num_classes < 1 or (len(y) > 0 and (int(y.min()) < 0 or int(y.max()) >= num_classes)):
-        raise DataError(f"{path}: labels must lie in 0..num_classes-1", HINT)
+    if len(y) > 0 and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise DataError(f"{path}: labels must lie in 0..{num_classes - 1}", HINT)
+    if not np.isfinite(x).all():
+        raise DataError(f"{path}: x holds NaN or Inf values", HINT)
     return x, y, num_classes
