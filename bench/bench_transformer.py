@@ -20,6 +20,12 @@ rounds on all the data).
     .venv/bin/python bench/bench_transformer.py --data-dir ../shared/datasets/wikitext2
     .venv/bin/python bench/bench_transformer.py --modes a-e   # adds a mode to the results
 
+``--dropout P`` trains a copy of the transformer with dropout P instead of the
+paper's 0.2 (its runs are named ``MODE-dropout-P``): the exported on-device
+programs have no dropout, and this measures what that changes, e.g.
+``--modes c --rounds 8 --dropout 0 --out bench/results/transformer_dropout.json``
+then the same without ``--dropout``.
+
 A run of the same protocol already in ``--out`` is extended: its modes are kept.
 """
 
@@ -30,6 +36,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +44,8 @@ import torch
 
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.data import load_wikitext2
-from heterofl_edge.models import get_architecture
+from heterofl_edge.models import get_architecture, register_architecture
+from heterofl_edge.models.transformer import MaskedLanguageTransformer
 from heterofl_edge.report import write_json
 from heterofl_edge.sessions import session_threads
 from heterofl_edge.simulation import Execution, RoundRecord, SimulationConfig, run_simulation
@@ -71,6 +79,7 @@ def main() -> None:
     parser.add_argument("--test-examples", type=int, default=100, help="test rows kept")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=None, help="instead of the paper's 0.2")
     parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "transformer.json"
     )
@@ -91,8 +100,18 @@ def main() -> None:
         earlier = json.loads(args.out.read_text())
         if earlier.get("protocol") == results(args, {})["protocol"]:
             runs = earlier["runs"]
+    model, suffix = "transformer", ""
+    if args.dropout is not None:  # a copy of the built-in with another dropout, in this process
+        model, suffix = f"transformer-dropout-{args.dropout:g}", f"-dropout-{args.dropout:g}"
+        register_architecture(
+            replace(
+                get_architecture("transformer"),
+                name=model,
+                factory=lambda w, s: MaskedLanguageTransformer(w, s, dropout=args.dropout),
+            )
+        )
     for mode in args.modes.split(","):
-        config = SimulationConfig(model="transformer", mode=mode, **settings)
+        config = SimulationConfig(model=model, mode=mode, data="wikitext2", **settings)
 
         def report(record: RoundRecord, mode: str = mode) -> None:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in record.seconds.items())
@@ -109,7 +128,7 @@ def main() -> None:
         )
         wall = time.perf_counter() - start
         rounds = result.rounds
-        runs[mode] = {
+        runs[mode + suffix] = {
             "initial_perplexity": result.initial_perplexity,
             "perplexity": [r.global_perplexity for r in rounds],
             "masked_token_accuracy": [r.global_accuracy for r in rounds],
@@ -123,7 +142,7 @@ def main() -> None:
             ),
             "wall_seconds": wall,
         }
-        print(json.dumps({mode: runs[mode]["perplexity"]}), flush=True)
+        print(json.dumps({mode + suffix: runs[mode + suffix]["perplexity"]}), flush=True)
         write_json(args.out, results(args, runs))  # after every mode: a partial run survives
 
 
