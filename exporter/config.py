@@ -30,10 +30,12 @@ class Format(StrEnum):
 class Kernels(StrEnum):
     """How the ExecuTorch training program runs its operators.
 
-    ``xnnpack``: convolutions written as im2col plus ``linear``, and every
-    matmul and elementwise op XNNPACK takes delegated to it, with the weights
-    as program state (never baked into the delegate); the rest on portable
-    kernels. ``portable``: ExecuTorch's portable kernels only, kept for comparison.
+    ``xnnpack``: convolutions written as im2col plus ``linear``, ReLU, 2x2
+    max-pooling and batch norm written so that their backward is XNNPACK's too
+    (``exporter.delegable_ops``), and every operator XNNPACK takes delegated to
+    it, with the weights as program state (never baked into the delegate); the
+    rest on portable kernels. ``portable``: ExecuTorch's portable kernels only,
+    kept for comparison.
     """
 
     xnnpack = "xnnpack"

@@ -6,13 +6,15 @@ model's masked loss (``torch.export`` -> ``_export_forward_backward`` ->
 ``forward_backward`` and its SGD with momentum and weight decay. The
 evaluation and statistics programs take the weights as inputs.
 
-With ``Kernels.xnnpack`` (the default) the training program is lowered with
+With ``Kernels.xnnpack`` (the default) the model is traced with
+``exporter.delegable_ops`` (convolutions as im2col plus ``linear``; ReLU, 2x2
+max-pooling and batch-statistics batch norm as ops whose backward XNNPACK
+runs too), and the training program is lowered with
 ``to_edge_transform_and_lower`` and the XNNPACK partitioner, told to treat
-float32 ``linear`` weights as inputs (``force_non_static_weights_for_f32_linear``);
-every plain ``nn.Conv2d`` is exported as im2col plus ``linear``
-(``exporter.im2col``), because XNNPACK bakes a convolution's weight into the
-delegate as a constant: the program would then train its named parameter
-while the delegate kept computing with the weights it was exported with.
+float32 ``linear`` weights as inputs (``force_non_static_weights_for_f32_linear``).
+A plain convolution would not do: XNNPACK bakes its weight into the delegate
+as a constant, so the program would train its named parameter while the
+delegate kept computing with the weights it was exported with.
 ``check_no_frozen_state`` refuses any program where a delegate holds a
 parameter or buffer.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,8 @@ from torch import nn
 from torch._decomp import get_decompositions
 
 from exporter.config import Kernels
+from exporter.delegable_ops import DECOMPOSITIONS, delegable_training
 from exporter.errors import FrozenWeightsError
-from exporter.im2col import matmul_convolutions
 from exporter.step import OptimizerSettings, clip_coefficient
 from heterofl_edge.loss import masked_cross_entropy
 
@@ -56,6 +59,8 @@ __all__ = [
     "joint_program",
     "load_program",
     "lower_training_program",
+    "lower_with_xnnpack",
+    "portable_operators",
     "set_threads",
 ]
 
@@ -124,8 +129,10 @@ def joint_program(
         warnings.simplefilter("ignore")
         program = torch.export.export(_MaskedLoss(model), tuple(example), strict=False)
         program = _export_forward_backward(program)
+        # The delegable ops (if the model was traced with them) become the
+        # operators they are written in, now that their backward is in the graph.
         return program.run_decompositions(
-            get_decompositions([aten.max_pool2d_with_indices_backward])
+            get_decompositions([aten.max_pool2d_with_indices_backward]) | DECOMPOSITIONS
         )
 
 
@@ -156,6 +163,35 @@ def check_no_frozen_state(edge: Any) -> None:
         )
 
 
+def lower_with_xnnpack(program: torch.export.ExportedProgram) -> Any:
+    """``program`` as an ``EdgeProgramManager`` with what XNNPACK takes delegated to it."""
+    _quiet_imports()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return to_edge_transform_and_lower(
+            program,
+            partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
+        )
+
+
+def portable_operators(edge: Any) -> Counter[str]:
+    """How many times each operator of ``edge`` runs outside a delegate (views excepted)."""
+    counts: Counter[str] = Counter()
+    for method in edge.methods:
+        for node in edge.exported_program(method).graph.nodes:
+            name = str(getattr(node.target, "_name", None) or getattr(node.target, "__name__", ""))
+            if node.op == "call_function" and name not in _NOT_KERNELS:
+                counts[name.removeprefix("aten::")] += 1
+    return counts
+
+
+# Graph bookkeeping rather than kernels that do work.
+_NOT_KERNELS = {"getitem", "executorch_call_delegate", "aten::alias_copy", "aten::view_copy"}
+
+
 def lower_training_program(
     program: torch.export.ExportedProgram, path: Path, kernels: Kernels
 ) -> None:
@@ -164,16 +200,10 @@ def lower_training_program(
     if kernels is Kernels.portable:
         _lower(program, path)
         return
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
-
+    edge = lower_with_xnnpack(program)
+    check_no_frozen_state(edge)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        edge = to_edge_transform_and_lower(
-            program,
-            partitioner=[XnnpackPartitioner(force_non_static_weights_for_f32_linear=True)],
-        )
-        check_no_frozen_state(edge)
         path.write_bytes(edge.to_executorch().buffer)
 
 
@@ -187,11 +217,11 @@ def export_training_program(
 
     The parameters live inside the program; ``ExecuTorchTrainer.load_weights``
     overwrites them in place with a round's weights. The batch size is fixed
-    to ``example``'s. With ``Kernels.xnnpack`` the plain convolutions are
-    exported as im2col plus ``linear`` (same parameters, same names).
+    to ``example``'s. With ``Kernels.xnnpack`` the model is traced with
+    ``exporter.delegable_ops`` (same parameters, same names).
     """
     if kernels is Kernels.xnnpack:
-        with matmul_convolutions(model):
+        with delegable_training(model):
             program = joint_program(model, example)
     else:
         program = joint_program(model, example)

@@ -256,8 +256,9 @@ def _executorch_kernels(kernels: Kernels) -> dict[str, Any]:
         "kernels": kernels.value,
         # The runtime must register these delegates (ExecuTorch's Android AAR does).
         "backends": ["XnnpackBackend"],
-        "note": "plain convolutions run as im2col plus linear; matmuls and elementwise ops "
-        "on XNNPACK, with the weights as program state; the rest on portable kernels",
+        "note": "plain convolutions run as im2col plus linear; ReLU, 2x2 max-pooling and "
+        "batch norm are written so that their backward runs on XNNPACK too; whatever XNNPACK "
+        "takes runs there, with the weights as program state; the rest on portable kernels",
     }
 
 

@@ -1,5 +1,6 @@
 """Faster training programs: ExecuTorch on XNNPACK (convolutions as matmuls, weights never
-frozen into a delegate) and the ONNX convolution weight gradient as matmuls."""
+frozen into a delegate, ReLU, max-pooling and batch norm with a backward XNNPACK runs) and
+the ONNX convolution weight gradient as matmuls."""
 
 import pytest
 import torch
@@ -7,10 +8,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from exporter.config import Kernels
+from exporter.delegable_ops import (
+    DECOMPOSITIONS,
+    MatmulConv2d,
+    conv2d_as_matmul,
+    delegable_training,
+    matmul_convolutions,
+)
 from exporter.errors import FrozenWeightsError
-from exporter.im2col import MatmulConv2d, conv2d_as_matmul, matmul_convolutions
 from exporter.step import OptimizerSettings, reference_steps
-from heterofl_edge.loss import label_mask
+from heterofl_edge.loss import label_mask, masked_cross_entropy
+from heterofl_edge.models import StaticBatchNorm2d
 
 
 class TinyConvNet(nn.Module):
@@ -22,6 +30,23 @@ class TinyConvNet(nn.Module):
 
     def forward(self, x):
         return self.linear(F.relu(self.down(F.relu(self.conv(x)))).mean(dim=(2, 3)))
+
+
+class TinyBlockNet(nn.Module):
+    """The layers HeteroFL's models train with: conv, sBN, ReLU, 2x2 max-pool, a strided conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3, 1, 1)
+        self.norm = StaticBatchNorm2d(3)
+        self.act = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.down = nn.Conv2d(3, 4, 3, 2, 1, bias=False)
+        self.linear = nn.Linear(4, 5)
+
+    def forward(self, x):
+        out = self.pool(self.act(self.norm(self.conv(x))))
+        return self.linear(F.relu(self.down(out)).mean(dim=(2, 3)))
 
 
 def tiny_batches(count, seed=3):
@@ -59,6 +84,83 @@ def test_matmul_convolutions_keep_the_parameters_and_their_names():
     assert type(model.conv) is nn.Conv2d  # restored
 
 
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding"), [(3, 1, 1), (3, 2, 1), (1, 2, 0), (2, 3, 0)]
+)
+def test_matmul_convolution_backward_matches_conv2d(kernel, stride, padding):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 9, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, kernel, kernel, generator=g, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(x, weight, None, stride, padding)
+    got = conv2d_as_matmul(x, weight, None, (stride, stride), (padding, padding))
+    grad = torch.randn(expected.shape, generator=g, dtype=torch.float64)
+    for want, have in zip(
+        torch.autograd.grad(expected, (x, weight), grad),
+        torch.autograd.grad(got, (x, weight), grad),
+        strict=True,
+    ):
+        assert torch.allclose(have, want, atol=1e-12)
+
+
+def _pool_input(height, width):
+    """Values on a coarse grid after a ReLU: windows with tied maxima, zeros among them."""
+    g = torch.Generator().manual_seed(6)
+    return torch.relu(torch.randint(-2, 3, (2, 3, height, width), generator=g).double())
+
+
+@pytest.mark.parametrize(("height", "width"), [(6, 8), (7, 5)])
+def test_delegable_max_pool_routes_the_gradient_like_pytorch_even_on_ties(height, width):
+    x = _pool_input(height, width).requires_grad_()
+    grad = torch.randn(2, 3, height // 2, width // 2, dtype=torch.float64)
+    want = torch.autograd.grad(F.max_pool2d(x, 2), x, grad)[0]
+    with delegable_training(nn.Identity()):
+        routed = F.max_pool2d(x, 2)
+    assert "heterofl_export" in type(routed.grad_fn).__name__
+    assert torch.equal(routed, F.max_pool2d(x, 2))
+    assert torch.equal(torch.autograd.grad(routed, x, grad)[0], want)
+    # The form the exported program computes, as written for XNNPACK:
+    decomposed = DECOMPOSITIONS[torch.ops.heterofl_export.max_pool_2x2_backward.default]
+    assert torch.equal(decomposed(grad, x.detach(), routed.detach()), want)
+
+
+def test_delegable_training_leaves_other_calls_as_they_are():
+    x = torch.randn(1, 2, 6, 6, requires_grad=True)
+    with delegable_training(nn.Identity()):
+        overlapping = F.max_pool2d(x, 3, 1)
+        running = F.batch_norm(x, torch.zeros(2), torch.ones(2), training=False)
+        in_place = F.relu(x.clone(), inplace=True)
+    for out in (overlapping, running, in_place):
+        assert "heterofl_export" not in type(out.grad_fn).__name__
+
+
+def test_a_model_trains_the_same_with_the_delegable_operators():
+    """Eager float64 SGD steps of TinyBlockNet with and without them: the same weights."""
+    torch.manual_seed(7)
+    plain = TinyBlockNet().double()
+    routed = TinyBlockNet().double()
+    routed.load_state_dict(plain.state_dict())
+    mask = label_mask([0, 2, 3, 4], 5).double()
+    g = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        x = torch.randn(4, 2, 7, 7, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 5, (4,), generator=g)
+        for model, delegable in ((plain, False), (routed, True)):
+            model.zero_grad()
+            if delegable:
+                with delegable_training(model):
+                    loss = masked_cross_entropy(model(x), y, mask)
+            else:
+                loss = masked_cross_entropy(model(x), y, mask)
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+    for (name, want), (_, got) in zip(
+        plain.named_parameters(), routed.named_parameters(), strict=True
+    ):
+        assert torch.allclose(got, want, atol=1e-12), name
+
+
 @pytest.mark.slow
 def test_a_plain_conv_lowered_with_xnnpack_is_refused_naming_the_frozen_weight(tmp_path):
     from exporter.executorch_backend import joint_program, lower_training_program
@@ -71,19 +173,20 @@ def test_a_plain_conv_lowered_with_xnnpack_is_refused_naming_the_frozen_weight(t
 
 
 @pytest.mark.slow
-def test_the_xnnpack_program_trains_like_eager_pytorch(tmp_path):
+@pytest.mark.parametrize("net", [TinyConvNet, TinyBlockNet])
+def test_the_xnnpack_program_trains_like_eager_pytorch(tmp_path, net):
     from exporter.executorch_backend import ExecuTorchTrainer, export_training_program
 
     settings = OptimizerSettings()
     torch.manual_seed(4)
-    model = TinyConvNet()
+    model = net()
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     data = tiny_batches(10)
     export_training_program(model, data[0], tmp_path / "train.pte", Kernels.xnnpack)
     trainer = ExecuTorchTrainer(tmp_path / "train.pte", list(start), settings)
     trainer.load_weights(start, data[0])
     losses = [trainer.step(batch, 0.05)[0] for batch in data]
-    model.load_state_dict(start)
+    model.load_state_dict(start, strict=False)  # parameters; sBN buffers are not trained
     ref_losses, ref_params = reference_steps(model, data, 0.05, settings)
     assert max(abs(a - b) for a, b in zip(losses, ref_losses, strict=True)) < 1e-5
     got = trainer.weights()
@@ -115,3 +218,15 @@ def test_onnx_convolution_backward_matches_autograd(kernel, stride, padding):
     )
     assert torch.allclose(got_x, want_x, atol=1e-5)
     assert torch.allclose(got_w, want_w, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_xnnpack_program_leaves_no_convolution_norm_relu_or_pool_work_to_portable_kernels():
+    from exporter.executorch_backend import joint_program, lower_with_xnnpack, portable_operators
+
+    model = TinyBlockNet()
+    with delegable_training(model):
+        program = joint_program(model, tiny_batches(1)[0])
+    left = portable_operators(lower_with_xnnpack(program))
+    slow = ("slice_scatter", "batch_norm", "max_pool", "scatter_add", "le.", "convolution")
+    assert not [name for name in left if any(word in name for word in slow)], left
