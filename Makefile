@@ -47,7 +47,7 @@ test-web: web
 ## All tests, the real-MNIST ones and the browser client's included.
 test: install web browser
 	cd web && npm test
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not heavy"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=20 -m "not heavy"
 
 ## Everything, the heavy exports (minutes each) included.
 test-all: install web browser

@@ -2,7 +2,8 @@
 
 ``OnnxLevel`` wraps one level's manifest and its three programs:
 ``train`` runs E epochs of the ``train_step`` graph (SGD with momentum, weight
-decay, clipping, masked cross-entropy; momentum reset every session),
+decay, clipping, masked cross-entropy; momentum reset every session; a
+masked language model's token masks from ``training_batches``),
 ``statistics`` runs the statistics graph over consecutive batches and merges
 the per-batch moments exactly, ``evaluate`` returns logits.
 """
@@ -16,8 +17,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from heterofl_edge.batching import epoch_batches, stats_batches
-from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics
+from heterofl_edge.batching import stats_batches
+from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics, training_batches
 
 __all__ = ["OnnxLevel"]
 
@@ -63,23 +64,21 @@ class OnnxLevel:
         mask = self.label_mask(labels)
         rate = np.array(lr, np.float32)
         n = len(self.param_names)
-        steps, loss_sum, correct = 0, 0.0, 0
-        for batch in epoch_batches(len(y), epochs, batch_size, seed):
-            out = session.run(
-                None,
-                dict(zip(names, [*params, *momenta, x[batch], y[batch], mask, rate], strict=True)),
-            )
+        steps, loss_sum, correct, scored = 0, 0.0, 0, 0
+        for batch in training_batches(self.manifest, x, y, epochs, batch_size, seed):
+            inputs = [*params, *momenta, batch.inputs, batch.targets, mask, rate]
+            out = session.run(None, dict(zip(names, inputs, strict=True)))
             params, momenta = list(out[1 : 1 + n]), list(out[1 + n : 1 + 2 * n])
             steps += 1
-            loss_sum += float(out[0]) * len(batch)
+            loss_sum += float(out[0]) * batch.scored
             correct += int(out[-1])
-        seen = max(1, steps and len(y) * epochs)
+            scored += batch.scored
         return LocalResult(
             dict(zip(self.param_names, params, strict=True)),
             len(y),
             steps,
-            loss_sum / seen,
-            correct / seen,
+            loss_sum / max(scored, 1),
+            correct / max(scored, 1),
         )
 
     def statistics(self, weights: dict[str, np.ndarray], x: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
 """One device, from its data to the coordinator's last round: ``heterofl-edge device``.
 
-Loads its training data with numpy (MNIST's idx files, or an image folder
-with Pillow), takes shard ``shard`` of the run's split (the same split the
-in-process simulation makes from the same seed), and runs a ``Device``
+Loads its training data with numpy (MNIST's idx files, an image folder with
+Pillow, exported arrays, or WikiText-2's text for the language model), takes
+shard ``shard`` of the run's split (the same split the in-process simulation
+makes from the same seed), and runs a ``Device``
 against the coordinator. torch is never imported (unless the device's
 runtime is one that needs it).
 """
@@ -21,8 +22,9 @@ from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
 from heterofl_edge.data.arrays import read_training_arrays
 from heterofl_edge.data.idx import read_split
 from heterofl_edge.data.image_arrays import read_image_folder
+from heterofl_edge.data.text_rows import read_wikitext2_rows
 from heterofl_edge.errors import ConfigError
-from heterofl_edge.partition import Split, train_shards
+from heterofl_edge.partition import Split, stretch_partition, train_shards
 
 __all__ = ["EXIT_ERROR", "EXIT_TOKEN_REFUSED", "DeviceData", "WorkerConfig", "run_worker"]
 
@@ -36,6 +38,7 @@ class DeviceData(StrEnum):
     mnist = "mnist"  # the four idx files
     imagefolder = "imagefolder"  # train/CLASS/*.png|jpg (the coordinator's --data imagefolder)
     arrays = "arrays"  # train.safetensors from 'heterofl-edge data export' (any data set)
+    wikitext2 = "wikitext2"  # train.txt, valid.txt, test.txt (the language model's token rows)
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,19 @@ def run_worker(config: WorkerConfig, log: Callable[[str], None] | None = None) -
             "--shard counts from 0 and stays below --clients",
         )
     train_x, train_y, num_classes = _training_data(config)
-    keep, shards = train_shards(
-        train_y,
-        config.clients,
-        config.split,
-        num_classes,
-        config.seed,
-        train_examples=config.train_examples,
-    )
+    if config.data is DeviceData.wikitext2:  # token rows: the language model's split
+        keep, shards = stretch_partition(
+            train_y, config.clients, config.split, config.seed, config.train_examples
+        )
+    else:
+        keep, shards = train_shards(
+            train_y,
+            config.clients,
+            config.split,
+            num_classes,
+            config.seed,
+            train_examples=config.train_examples,
+        )
     indices = keep[shards.indices[config.shard]]
     capabilities = config.capabilities
     client = CoordinatorClient(
@@ -116,5 +124,8 @@ def _training_data(config: WorkerConfig) -> tuple[np.ndarray, np.ndarray, int]:
         return arrays.train_x, arrays.train_y, len(arrays.classes)
     if config.data is DeviceData.arrays:
         return read_training_arrays(config.data_dir)
+    if config.data is DeviceData.wikitext2:  # inputs and targets are the same token rows
+        text = read_wikitext2_rows(config.data_dir)
+        return text.train, text.train, len(text.vocabulary)
     train_x, train_y = read_split(config.data_dir, "train")
     return train_x, train_y, 10

@@ -22,8 +22,7 @@ import torch
 
 from exporter.executorch_backend import ExecuTorchTrainer, load_program
 from exporter.step import OptimizerSettings
-from heterofl_edge.batching import epoch_batches
-from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics
+from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics, training_batches
 
 __all__ = ["ExecuTorchLevel"]
 
@@ -72,16 +71,16 @@ class ExecuTorchLevel:
             (images[: self.batch], targets[: self.batch], mask),
         )
         steps, loss_sum, correct, seen = 0, 0.0, 0, 0
-        for batch in epoch_batches(len(targets), epochs, batch_size, seed):
-            if len(batch) != self.batch:
+        for batch in training_batches(self.manifest, x, y, epochs, batch_size, seed):
+            if len(batch.targets) != self.batch:
                 continue  # the fixed-batch program cannot take the short tail
-            index = torch.from_numpy(batch)
-            loss, right = self._trainer.step((images[index], targets[index], mask), lr)
+            inputs = (torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets), mask)
+            loss, right = self._trainer.step(inputs, lr)
             steps, loss_sum, correct, seen = (
                 steps + 1,
-                loss_sum + loss * len(batch),
+                loss_sum + loss * batch.scored,
                 correct + right,
-                seen + len(batch),
+                seen + batch.scored,
             )
         trained = {n: t.numpy() for n, t in self._trainer.weights().items()}
         return LocalResult(

@@ -28,8 +28,10 @@ from exporter.step import Batch, StepFunctions, make_step_functions
 from heterofl_edge.complexity import measure_complexity
 from heterofl_edge.errors import HeteroFLError
 from heterofl_edge.levels import rate_label
+from heterofl_edge.masking import IGNORE_INDEX
 from heterofl_edge.models import Architecture, get_architecture
 from heterofl_edge.slicing import DimKind, shapes_at
+from heterofl_edge.tasks import LanguageModelTask, task_for
 
 __all__ = ["MANIFEST_VERSION", "export_level", "level_folder_name"]
 
@@ -51,14 +53,22 @@ def _without_dropout(model: nn.Module) -> bool:
 
 
 def _example_batch(arch: Architecture, batch: int, generator: torch.Generator) -> Batch:
-    """A random batch with a label mask that excludes two labels (absent from y)."""
+    """A random batch with a label mask that excludes two labels (absent from y).
+
+    Token inputs are a masked language model's batch: about half of the
+    positions hold the mask token and are scored, the others are ignored.
+    """
     classes = arch.num_classes
     mask = torch.ones(classes)
     mask[[1, classes - 2]] = 0.0
     allowed = torch.nonzero(mask).flatten()
     if arch.input_dtype == torch.long:
-        x = torch.randint(0, classes, (batch, *arch.input_shape), generator=generator)
-        y = allowed[torch.randint(0, len(allowed), (batch, *arch.input_shape), generator=generator)]
+        picks = torch.randint(0, len(allowed), (batch, *arch.input_shape), generator=generator)
+        rows = allowed[picks]
+        hidden = torch.rand(rows.shape, generator=generator) < 0.5
+        hidden.view(-1)[0] = True  # at least one scored position
+        x = rows.masked_fill(hidden, classes)  # the mask token: one past the vocabulary
+        y = rows.masked_fill(~hidden, IGNORE_INDEX)
     else:
         x = torch.randn((batch, *arch.input_shape), generator=generator)
         y = allowed[torch.randint(0, len(allowed), (batch,), generator=generator)]
@@ -371,10 +381,12 @@ def _manifest(
         "rate": config.rate,
         "global_rate": config.global_rate,
         "num_classes": arch.num_classes,
+        "task": arch.task.value,
         "input": {
             "shape": ["batch", *arch.input_shape],
             "dtype": str(arch.input_dtype).removeprefix("torch."),
         },
+        **_task_fields(arch),
         "batch_size": {"onnx": f"1..{config.max_batch}", "executorch": config.batch_size},
         "parameters": [
             {
@@ -408,6 +420,22 @@ def _manifest(
             "tolerance": config.tolerance,
             "results": verification,
         },
+    }
+
+
+def _task_fields(arch: Architecture) -> dict[str, Any]:
+    """What a device needs to know to train this kind of model beyond the step itself."""
+    task = task_for(arch)
+    if not isinstance(task, LanguageModelTask):
+        return {}
+    return {
+        "masked_language_model": {
+            "mask_token": task.num_tokens,
+            "mask_rate": task.mask_rate,
+            "scored_positions": task.positions.value,
+            "ignore_index": IGNORE_INDEX,
+            "masks": "heterofl_edge.masking.TokenMasker seeded with the task's seed",
+        }
     }
 
 

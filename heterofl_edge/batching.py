@@ -38,6 +38,8 @@ unsigned integers (or BigInt, or pairs of 32-bit halves):
    epochs shuffles the identity afresh with the same, continuing generator;
    its batches are consecutive slices of ``batch_size`` indices, the last one
    short when ``batch_size`` does not divide n.
+5. **A uniform float in [0, 1)** (``uniforms``, for the masked language
+   model's token masks): ``(next64 >> 11) * 2**-53``, exact in a double.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import numpy as np
 __all__ = ["SplitMix64", "epoch_batches", "shuffled", "stats_batches"]
 
 _MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
 _MASK32 = (1 << 32) - 1
 SEED_LIMIT = 1 << 32
 
@@ -64,7 +67,7 @@ class SplitMix64:
         self.state = seed
 
     def next64(self) -> int:
-        self.state = (self.state + 0x9E3779B97F4A7C15) & _MASK64
+        self.state = (self.state + _GOLDEN) & _MASK64
         z = self.state
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
@@ -72,6 +75,22 @@ class SplitMix64:
 
     def next32(self) -> int:
         return self.next64() >> 32
+
+    def uniforms(self, count: int) -> np.ndarray:
+        """The next ``count`` draws as float64 in [0, 1), computed at once; advances the state.
+
+        Draw k (from 1) depends on ``state + k * 0x9E3779B97F4A7C15`` alone, so the
+        whole block is one vectorised pass, equal to ``count`` calls of ``next64``.
+        """
+        if count < 0:
+            raise ValueError(f"count {count} must not be negative")
+        steps = np.arange(1, count + 1, dtype=np.uint64)
+        z = np.uint64(self.state) + steps * np.uint64(_GOLDEN)  # uint64 arrays wrap mod 2**64
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+        self.state = (self.state + count * _GOLDEN) & _MASK64
+        return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
     def below(self, bound: int) -> int:
         """An integer drawn uniformly from [0, bound), 1 <= bound <= 2**32."""

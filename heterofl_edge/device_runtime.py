@@ -4,24 +4,32 @@ A device runtime wraps one level's exported programs (``OnnxLevel`` in
 ``device_sim``, the ExecuTorch one in ``exporter``): ``train`` runs E epochs
 of local training and returns a ``LocalResult``; ``statistics`` returns the
 sBN moments a device uploads, merged exactly from per-batch reports with
-``merge_batch_statistics``.
+``merge_batch_statistics``. ``training_batches`` is the order and content of a
+session's batches for every runtime: the examples as they are, or, for a
+masked language model, token rows with masks drawn as the simulation draws
+them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from heterofl_edge.batching import epoch_batches
+from heterofl_edge.masking import TokenMasker
+
 __all__ = [
     "LevelRuntime",
     "LocalResult",
     "RuntimeFactory",
+    "TrainingBatch",
     "merge_batch_statistics",
     "merge_moments",
+    "training_batches",
 ]
 
 
@@ -32,6 +40,48 @@ class LocalResult:
     steps: int
     loss: float
     accuracy: float
+
+
+@dataclass(frozen=True)
+class TrainingBatch:
+    inputs: np.ndarray
+    targets: np.ndarray
+    scored: int  # targets that count in the loss: weigh the step's mean loss by it
+
+
+def training_batches(
+    manifest: dict[str, Any],
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+) -> Iterator[TrainingBatch]:
+    """A local session's batches, in the order ``epoch_batches(seed)`` gives.
+
+    For a manifest with ``masked_language_model``, ``y`` holds the token rows:
+    each batch is masked by one ``TokenMasker`` seeded with ``seed`` (as
+    ``LanguageModelTask.train_local`` does), and a batch with nothing to score
+    is skipped, as there.
+    """
+    settings = manifest.get("masked_language_model")
+    masker = (
+        None
+        if settings is None
+        else TokenMasker(
+            int(settings["mask_token"]),
+            float(settings["mask_rate"]),
+            settings["scored_positions"],
+            seed,
+        )
+    )
+    for batch in epoch_batches(len(y), epochs, batch_size, seed):
+        if masker is None:
+            yield TrainingBatch(x[batch], y[batch], len(batch))
+            continue
+        masked = masker.corrupt(y[batch])
+        if masked.scored:
+            yield TrainingBatch(masked.inputs, masked.targets, masked.scored)
 
 
 class LevelRuntime(Protocol):

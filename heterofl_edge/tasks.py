@@ -14,13 +14,13 @@ whatever the model:
 
 Classification is ``heterofl_edge.training`` unchanged. The masked language
 model (paper section 4, Table 6) replaces a Bernoulli(0.15) share of the
-input tokens by the mask token (id ``num_tokens``, as ``mask_tokens`` does),
-a fresh draw every step, and scores the predictions; perplexity is
-``exp(mean loss)``. Which positions count is a choice: ``masked`` (the masked
-positions only, the usual masked-LM objective and the default here) or
-``all`` (every position, as the paper's official code computes its loss and
-its perplexity, which is why its perplexities are small: most positions see
-their own token). The language model is split IID only, as in the paper.
+input tokens by the mask token (id ``num_tokens``), a fresh draw every step
+from ``heterofl_edge.masking`` (the draws devices make too), and scores the
+predictions; perplexity is ``exp(mean loss)``. Which positions count is a
+choice (``ScoredPositions``): the masked ones (the default) or all of them,
+as the paper's official code computes its loss and its perplexity, which is
+why its perplexities are small: most positions see their own token. The
+language model is split IID only, as in the paper.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import ClassVar
 
 import numpy as np
@@ -40,8 +39,9 @@ from heterofl_edge.batching import epoch_batches
 from heterofl_edge.data.base import TaskData
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.loss import masked_cross_entropy
+from heterofl_edge.masking import IGNORE_INDEX, ScoredPositions, TokenMasker
 from heterofl_edge.models.architecture import Architecture
-from heterofl_edge.partition import FederatedSplit, Partition, Split, federated_split
+from heterofl_edge.partition import FederatedSplit, Split, federated_split, stretch_partition
 from heterofl_edge.task_kind import TaskKind
 from heterofl_edge.training import (
     EvalResult,
@@ -64,9 +64,6 @@ __all__ = [
     "task_for",
 ]
 
-# Targets equal to this are not scored (torch's cross-entropy default, kept by the
-# exported training programs too).
-IGNORE_INDEX = -100
 # Evaluation batches hold at most this many logits (64 MB of float32).
 LOGITS_PER_BATCH = 1 << 24
 
@@ -200,11 +197,6 @@ class ClassificationTask(Task):
         )
 
 
-class ScoredPositions(StrEnum):
-    masked = "masked"  # the masked positions only (the usual masked-LM objective)
-    all = "all"  # every position (the official HeteroFL code's loss and perplexity)
-
-
 @dataclass(frozen=True)
 class _Corrupted:
     inputs: torch.Tensor
@@ -233,10 +225,14 @@ class LanguageModelTask(Task):
         self.positions = ScoredPositions(positions)
         self.eval_seed = eval_seed
 
-    def corrupt(self, rows: torch.Tensor, generator: torch.Generator) -> _Corrupted:
+    def masker(self, seed: int) -> TokenMasker:
+        """The masks of one local session (or evaluation) seeded with ``seed``."""
+        return TokenMasker(self.num_tokens, self.mask_rate, self.positions, seed)
+
+    def corrupt(self, rows: torch.Tensor, masker: TokenMasker) -> _Corrupted:
         """Masked inputs and the targets to score (``IGNORE_INDEX`` where nothing is scored)."""
-        # drawn on the CPU, so that the masks are the same on any device
-        masked = (torch.rand(rows.shape, generator=generator) < self.mask_rate).to(rows.device)
+        # drawn on the CPU with numpy, so that the masks are the same on any device
+        masked = torch.from_numpy(masker.hidden(tuple(rows.shape))).to(rows.device)
         inputs = rows.masked_fill(masked, self.num_tokens)
         if self.positions is ScoredPositions.all:
             return _Corrupted(inputs, rows, rows.numel())
@@ -257,11 +253,11 @@ class LanguageModelTask(Task):
             model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
         )
         model.train()
-        generator = torch.Generator().manual_seed(seed)
+        masker = self.masker(seed)
         steps, loss_sum, correct, scored = 0, 0.0, 0, 0
         # inputs and targets are the same rows: the inputs are masked here
         for indices in epoch_batches(len(targets), config.epochs, config.batch_size, seed):
-            batch = self.corrupt(targets[torch.from_numpy(indices)], generator)
+            batch = self.corrupt(targets[torch.from_numpy(indices)], masker)
             if batch.scored == 0:  # nothing masked in this batch: no loss to take a step on
                 continue
             logits = model(batch.inputs)
@@ -290,12 +286,12 @@ class LanguageModelTask(Task):
     ) -> EvalResult:
         """Mean loss over the scored positions of all rows, masks drawn from ``eval_seed``."""
         model.eval()
-        generator = torch.Generator().manual_seed(self.eval_seed)
+        masker = self.masker(self.eval_seed)
         per_row = int(targets[0].numel()) if len(targets) else 1
         rows_per_batch = batch_size or max(1, LOGITS_PER_BATCH // (per_row * self.num_tokens))
         loss_sum, correct, scored = 0.0, 0, 0
         for rows in _chunks(targets, rows_per_batch):
-            batch = self.corrupt(rows, generator)
+            batch = self.corrupt(rows, masker)
             if batch.scored == 0:
                 continue
             logits = model(batch.inputs)
@@ -317,33 +313,14 @@ class LanguageModelTask(Task):
         train_examples: int | None = None,
         test_examples: int | None = None,
     ) -> FederatedSplit:
-        """Equal contiguous stretches of the token stream, dealt to clients at random.
+        """``stretch_partition`` of the training rows, and the first test rows.
 
-        As in the official code, which cuts the training stream into one row
-        per client: a client holds consecutive text (about 3,800 distinct
-        tokens per client of 100 on WikiText-2; random 64-token rows would
-        give about 5,400). ``train_examples`` / ``test_examples`` keep that
-        many rows from the start of each stream. A client's labels are the
-        token ids it holds.
+        ``test_examples`` keeps that many rows from the start of the test stream.
         """
-        if Split(split) is not Split.iid:
-            raise ConfigError(
-                "the language model is split IID only, as in the paper",
-                "use --split iid",
-            )
         rows = data.train_x.numpy()
-        count = len(rows) if train_examples is None else min(train_examples, len(rows))
-        if not 1 <= num_clients <= count:
-            raise ConfigError(
-                f"{num_clients} clients for {count} rows of text",
-                "every client needs at least one row: use fewer clients or more rows",
-            )
-        share = count // num_clients
-        stretch = np.random.default_rng(seed).permutation(num_clients)
-        indices = [np.arange(s * share, (s + 1) * share) for s in stretch.tolist()]
-        labels = [sorted(np.unique(rows[i]).tolist()) for i in indices]
+        keep, partition = stretch_partition(rows, num_clients, Split(split), seed, train_examples)
         tests = len(data.test_x) if test_examples is None else min(test_examples, len(data.test_x))
-        return FederatedSplit(np.arange(count), np.arange(tests), Partition(indices, labels), None)
+        return FederatedSplit(keep, np.arange(tests), partition, None)
 
 
 def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

@@ -15,7 +15,7 @@ from safetensors.torch import load
 from coordinator.process import start_coordinator, stop, wait_until_ready
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
-from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulation
+from heterofl_edge.simulation import Execution, SimulationConfig, StatsClients, run_simulation
 from heterofl_edge.training import LocalTrainingConfig
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,22 @@ def serve(tmp_path, mnist_dir, *args):
         ],
         tmp_path / "coordinator.log",
     )
+
+
+def run_to_the_end(coordinator, url, fleet):
+    """Start the fleet once the coordinator is ready, follow every round, stop both.
+
+    Returns the round records and the global model the coordinator serves at the end.
+    """
+    try:
+        wait_until_ready(url)
+        fleet.start()
+        rounds = fleet.follow(lambda record: None, timeout=600)
+        served = load(requests.get(f"{url}/v1/model", timeout=60).content)
+    finally:
+        fleet.stop()
+        stop(coordinator)
+    return rounds, served
 
 
 def test_six_devices_three_levels_survive_a_killed_device(
@@ -159,14 +175,7 @@ def test_networked_rounds_equal_the_in_process_simulation(
     fleet = Fleet(
         FleetConfig(url, mnist_dir, 4, "iid", 3, 400, [Capabilities()], tmp_path / "fleet")
     )
-    try:
-        wait_until_ready(url)
-        fleet.start()
-        rounds = fleet.follow(lambda record: None, timeout=600)
-        networked = load(requests.get(f"{url}/v1/model", timeout=60).content)
-    finally:
-        fleet.stop()
-        stop(coordinator)
+    rounds, networked = run_to_the_end(coordinator, url, fleet)
     assert [r["state"] for r in rounds] == ["finished", "finished"]
 
     simulated = run_simulation(
@@ -207,13 +216,7 @@ def test_onnx_and_executorch_devices_train_in_the_same_round(tmp_path, mnist_dir
     )
     profiles = [Capabilities(runtime="onnx"), Capabilities(runtime="executorch")]
     fleet = Fleet(FleetConfig(url, mnist_dir, 2, "iid", 0, 400, profiles, tmp_path / "fleet"))
-    try:
-        wait_until_ready(url)
-        fleet.start()
-        rounds = fleet.follow(lambda record: None, timeout=600)
-    finally:
-        fleet.stop()
-        stop(coordinator)
+    rounds, _ = run_to_the_end(coordinator, url, fleet)
     record = rounds[0]
     assert record["state"] == "finished" and record["metrics"]["uploads"] == 2
     assert {a["statistics"] for a in record["assignments"]} == {"uploaded"}
@@ -269,14 +272,7 @@ def test_resnet18_trains_one_round_through_the_coordinator_on_an_image_folder(
             device_options=("--data", "imagefolder"),
         )
     )
-    try:
-        wait_until_ready(url)
-        fleet.start()
-        rounds = fleet.follow(lambda record: None, timeout=600)
-        served = load(requests.get(f"{url}/v1/model", timeout=60).content)
-    finally:
-        fleet.stop()
-        stop(coordinator)
+    rounds, served = run_to_the_end(coordinator, url, fleet)
     record = rounds[0]
     assert record["state"] == "finished" and record["metrics"]["uploads"] == 2
     assert {a["statistics"] for a in record["assignments"]} == {"uploaded"}
@@ -288,6 +284,94 @@ def test_resnet18_trains_one_round_through_the_coordinator_on_an_image_folder(
         text = log.read_text()
         assert "round 1: trained level e" in text and "sent sBN statistics" in text, text[-800:]
         assert "Traceback" not in text
+
+
+def _transformer_without_dropout() -> str:
+    """The transformer as devices train it (the exported programs have no dropout)."""
+    from dataclasses import replace
+
+    from heterofl_edge.models import get_architecture, list_models, register_architecture
+    from heterofl_edge.models.transformer import MaskedLanguageTransformer
+
+    name = "transformer-without-dropout"
+    if name not in list_models():
+        register_architecture(
+            replace(
+                get_architecture("transformer"),
+                name=name,
+                factory=lambda w, s: MaskedLanguageTransformer(w, s, dropout=0.0),
+            )
+        )
+    return name
+
+
+def test_the_transformer_trains_through_the_coordinator_as_in_the_simulation(
+    tmp_path, wikitext2_dir, wikitext2, torch_blocked, monkeypatch, artifact_cache
+):
+    """Devices without torch train the masked language model on WikiText-2's text; the
+    global model equals the in-process simulation's (same masks, batches and labels)."""
+    artifact_cache(tmp_path / "state", ("e",), global_rate=0.0625, model="transformer")
+    monkeypatch.delenv("PYTHONPATH")
+    coordinator, url = start_coordinator(
+        [
+            "--state-dir", str(tmp_path / "state"),
+            "--model", "transformer", "--data", "wikitext2",
+            "--eval-data-dir", str(wikitext2_dir), "--eval-examples", "100",
+            "--poll-seconds", "0.5",
+            "--mode", "e", "--policy", "fix", "--rounds", "1", "--fraction", "1",
+            "--min-devices", "2", "--min-uploads", "2",
+            "--local-epochs", "1", "--batch-size", "10", "--lr", "0.1", "--seed", "3",
+        ],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+    monkeypatch.setenv("PYTHONPATH", str(torch_blocked))
+    fleet = Fleet(
+        FleetConfig(
+            url,
+            wikitext2_dir,
+            2,
+            "iid",
+            3,
+            40,
+            [Capabilities()],
+            tmp_path / "fleet",
+            device_options=("--data", "wikitext2"),
+        )
+    )
+    rounds, networked = run_to_the_end(coordinator, url, fleet)
+    record = rounds[0]
+    assert record["state"] == "finished" and record["metrics"]["uploads"] == 2
+    evaluation = record["metrics"]["evaluation"]
+    assert math.isfinite(evaluation["global_perplexity"]), evaluation
+    for log in fleet.logs:
+        text = log.read_text()
+        assert "round 1: trained level e" in text and "Traceback" not in text, text[-800:]
+
+    simulated = run_simulation(
+        SimulationConfig(
+            model=_transformer_without_dropout(),
+            data="wikitext2",
+            mode="e",
+            rounds=1,
+            num_clients=2,
+            fraction=1.0,
+            lr=0.1,
+            seed=3,
+            train_examples=40,
+            test_examples=100,
+            local=LocalTrainingConfig(epochs=1, batch_size=10),
+        ),
+        wikitext2,
+        execution=Execution(workers=1),  # in this process, where the copy is registered
+    )
+    worst = {
+        name: float((networked[name] - tensor).abs().max())
+        for name, tensor in simulated.global_state.items()
+    }
+    assert max(worst.values()) < 1e-5, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    assert simulated.rounds[-1].global_perplexity == pytest.approx(
+        evaluation["global_perplexity"], rel=1e-4
+    )
 
 
 def test_the_example_project_trains_through_a_coordinator_with_two_devices(
@@ -332,13 +416,7 @@ def test_the_example_project_trains_through_a_coordinator_with_two_devices(
             device_options=("--data", "arrays"),
         )
     )
-    try:
-        wait_until_ready(url)
-        fleet.start()
-        rounds = fleet.follow(lambda record: None, timeout=600)
-    finally:
-        fleet.stop()
-        stop(coordinator)
+    rounds, _ = run_to_the_end(coordinator, url, fleet)
     assert [r["state"] for r in rounds] == ["finished", "finished"]
     assert {a["level"] for a in rounds[0]["assignments"]} == {"a", "e"}
     evaluation = rounds[-1]["metrics"]["evaluation"]

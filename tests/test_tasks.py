@@ -6,6 +6,7 @@ import torch
 
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.loss import label_mask
+from heterofl_edge.masking import TokenMasker
 from heterofl_edge.models import get_architecture
 from heterofl_edge.partition import Split
 from heterofl_edge.tasks import (
@@ -29,15 +30,29 @@ def test_each_architecture_gets_its_task():
 def test_masking_replaces_about_15_percent_and_scores_only_those():
     task = LanguageModelTask(num_tokens=50)
     rows = torch.randint(0, 50, (200, 64), generator=torch.Generator().manual_seed(0))
-    batch = task.corrupt(rows, torch.Generator().manual_seed(1))
+    batch = task.corrupt(rows, task.masker(1))
     masked = batch.inputs == 50
     assert 0.14 < masked.float().mean() < 0.16
     assert torch.equal(batch.targets[masked], rows[masked])
     assert (batch.targets[~masked] == IGNORE_INDEX).all() and batch.scored == int(masked.sum())
-    everywhere = LanguageModelTask(50, positions=ScoredPositions.all).corrupt(
-        rows, torch.Generator().manual_seed(1)
-    )
-    assert torch.equal(everywhere.inputs, batch.inputs) and torch.equal(everywhere.targets, rows)
+    everywhere = LanguageModelTask(50, positions=ScoredPositions.all)
+    all_scored = everywhere.corrupt(rows, everywhere.masker(1))
+    assert torch.equal(all_scored.inputs, batch.inputs) and torch.equal(all_scored.targets, rows)
+
+
+def test_a_device_masks_the_same_tokens_as_the_simulation_from_the_same_seed():
+    """Devices corrupt numpy rows with TokenMasker; the simulation corrupts torch rows."""
+    task = LanguageModelTask(num_tokens=50)
+    rows = torch.randint(0, 50, (2, 10, 64), generator=torch.Generator().manual_seed(0))
+    simulation, device = task.masker(7), TokenMasker(50, 0.15, seed=7)
+    for batch in rows:  # two consecutive batches of one session
+        expected = task.corrupt(batch, simulation)
+        found = device.corrupt(batch.numpy())
+        assert np.array_equal(found.inputs, expected.inputs.numpy())
+        assert np.array_equal(found.targets, expected.targets.numpy())
+        assert found.scored == expected.scored
+    other_seed = TokenMasker(50, 0.15, seed=8).hidden((10, 64))
+    assert not np.array_equal(other_seed, TokenMasker(50, 0.15, seed=7).hidden((10, 64)))
 
 
 def test_classification_task_is_the_existing_training(mnist):
@@ -115,3 +130,38 @@ def test_exported_training_step_skips_ignored_targets(tmp_path):
     assert abs(float(out[0]) - losses[0]) < 1e-5
     for got, name in zip(out[1 : 1 + len(start)], start, strict=True):
         assert np.abs(got - params[name].numpy()).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_a_device_trains_the_language_model_as_the_simulation_does(
+    tmp_path, wikitext2, artifact_cache
+):
+    """The ONNX device (numpy masks, the exported step) against LanguageModelTask.train_local."""
+    from device_sim.onnx_backend import OnnxLevel
+
+    artifact_cache(tmp_path, ("e",), global_rate=0.0625, model="transformer")
+    level = OnnxLevel(tmp_path / "artifacts" / "transformer-e")
+    settings = level.manifest["masked_language_model"]
+    assert (settings["mask_token"], settings["mask_rate"]) == (33279, 0.15)
+    model = get_architecture("transformer").build(0.0625, 0.0625)
+    for module in model.modules():  # the exported programs train without dropout
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    rows = wikitext2.train_x[:25]  # batches of 10, 10 and a short one of 5
+    labels = sorted(np.unique(rows.numpy()).tolist())
+    device = level.train(
+        {k: v.numpy() for k, v in start.items()}, rows.numpy(), rows.numpy(), labels, 0.1, 2, 10, 5
+    )
+    simulated = LanguageModelTask(33279).train_local(
+        model, rows, rows, 0.1, LocalTrainingConfig(epochs=2), label_mask(labels, 33279), seed=5
+    )
+    assert device.steps == simulated.steps == 6
+    assert abs(device.loss - simulated.mean_loss) < 1e-4
+    assert device.accuracy == simulated.accuracy
+    worst = max(
+        float(np.abs(device.weights[k] - v.detach().numpy()).max())
+        for k, v in model.named_parameters()
+    )
+    moved = max(float((v.detach() - start[k]).abs().max()) for k, v in model.named_parameters())
+    assert worst < 1e-5 < moved, (worst, moved)

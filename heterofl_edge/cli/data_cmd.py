@@ -96,8 +96,8 @@ def export(
     dataset = get_dataset(data, data_dir, fit_to=fit_to)
     if isinstance(dataset, LanguageModelData):
         raise ConfigError(
-            f"{entry.name} is language-model data; devices train classification data only",
-            "train the language model with 'heterofl-edge simulate'",
+            f"{entry.name} is language-model data; 'data export' writes classification data",
+            "devices read WikiText-2's text themselves: 'heterofl-edge device --data wikitext2'",
         )
     path = write_training_arrays(
         out,

@@ -51,8 +51,9 @@ def device(
         str,
         typer.Option(
             help="Training data in --data-dir: mnist (idx files), imagefolder "
-            "(train/CLASS/*.png|jpg, read with the 'images' extra) or arrays (train.safetensors "
-            "from 'heterofl-edge data export', for any data set)."
+            "(train/CLASS/*.png|jpg, read with the 'images' extra), arrays (train.safetensors "
+            "from 'heterofl-edge data export', for any classification data set) or wikitext2 "
+            "(train.txt, valid.txt, test.txt, for the transformer)."
         ),
     ] = "mnist",
     image_size: Annotated[

@@ -20,7 +20,8 @@ def simulate(
     data_dir: DataDirOption = None,
     n: Annotated[int, typer.Option("--n", help="Number of devices.")] = 20,
     data: Annotated[
-        str, typer.Option(help="Training data: mnist, imagefolder or arrays ('device --help').")
+        str,
+        typer.Option(help="Training data: mnist, imagefolder, arrays, wikitext2 (see 'device')."),
     ] = "mnist",
     image_size: Annotated[int, typer.Option(help="imagefolder: pixels per side.")] = 32,
     channels: Annotated[int, typer.Option(help="imagefolder: 3 (RGB) or 1 (greyscale).")] = 3,

@@ -6,8 +6,8 @@ registry's loaders return torch tensors, and a user's loader may need more).
 ``server`` extra, and writes ``train.safetensors``: ``x`` (float32 inputs,
 ``[N, ...]``, preprocessed as the loader does) and ``y`` (int64 labels,
 ``[N]``), with the number of classes in the metadata. ``heterofl-edge device
---data arrays`` reads it back with numpy. Classification data only: devices do
-not train language models yet.
+--data arrays`` reads it back with numpy. Classification data only: a device
+reads WikiText-2's text itself (``--data wikitext2``).
 """
 
 from __future__ import annotations

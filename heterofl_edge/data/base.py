@@ -7,13 +7,12 @@ so that a round engine can split, train and evaluate without asking which.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
+from heterofl_edge.data.checksums import md5_of
 from heterofl_edge.errors import DataError
 from heterofl_edge.task_kind import TaskKind
 
@@ -141,12 +140,3 @@ def validate_data(data: object, name: str) -> TaskData:
     if len(data.train_labels) == 0:
         raise DataError(f"{name}: no training examples")
     return data
-
-
-def md5_of(path: Path) -> str:
-    """The md5 of a file, read in chunks (to compare with a distribution's published sums)."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

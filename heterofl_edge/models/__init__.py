@@ -27,7 +27,7 @@ from heterofl_edge.models.registry import (
     resolve_model,
 )
 from heterofl_edge.models.resnet import ResNet18
-from heterofl_edge.models.transformer import MaskedLanguageTransformer, mask_tokens
+from heterofl_edge.models.transformer import MaskedLanguageTransformer
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -45,7 +45,6 @@ __all__ = [
     "get_architecture",
     "infer_spec",
     "list_models",
-    "mask_tokens",
     "register_architecture",
     "resolve_model",
 ]

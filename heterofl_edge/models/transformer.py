@@ -20,7 +20,7 @@ from heterofl_edge.models.layers import Scaler
 from heterofl_edge.models.registry import register_architecture
 from heterofl_edge.slicing import Dim, SlicingSpec, TensorRule
 
-__all__ = ["TRANSFORMER_DEFAULTS", "MaskedLanguageTransformer", "mask_tokens", "transformer_spec"]
+__all__ = ["TRANSFORMER_DEFAULTS", "MaskedLanguageTransformer", "transformer_spec"]
 
 TRANSFORMER_DEFAULTS = {
     # WikiText2 has 33,278 words (paper section 4); the official code adds its own
@@ -136,17 +136,6 @@ class MaskedLanguageTransformer(nn.Module):
             x = layer(x, sequence_length)
         x = self.decoder_norm(F.gelu(self.scaler(self.decoder_linear1(x))))
         return self.decoder_linear2(x).reshape(-1, sequence_length, self.num_tokens)
-
-
-def mask_tokens(
-    tokens: torch.Tensor,
-    num_tokens: int,
-    mask_rate: float = 0.15,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Replace a Bernoulli(``mask_rate``) share of tokens by the mask token ``num_tokens``."""
-    mask = torch.rand(tokens.shape, generator=generator) < mask_rate
-    return tokens.masked_fill(mask, num_tokens)
 
 
 def transformer_spec(
