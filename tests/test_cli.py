@@ -145,3 +145,18 @@ def test_the_device_command_works_without_extras(without_extras):
     out = run("device", "--help", env=without_extras)
     assert out.returncode == 0, out.stderr
     assert "--coordinator" in out.stdout
+
+
+def test_the_coordinator_takes_the_papers_settings_for_its_model_unless_given(monkeypatch):
+    from heterofl_edge.cli.coordinator_cmd import training_settings
+    from heterofl_edge.errors import ConfigError
+
+    data, lr, local = training_settings("transformer", None, None, None, None)
+    assert (data, lr, local.epochs, local.batch_size) == ("wikitext2", 0.1, 1, 100)
+    data, lr, local = training_settings("conv", None, None, None, None)
+    assert (data, lr, local.epochs, local.batch_size) == ("mnist", 0.01, 5, 10)
+    data, lr, local = training_settings("resnet18", "imagefolder", 0.05, 1, None)
+    assert (data, lr, local.epochs, local.batch_size) == ("imagefolder", 0.05, 1, 10)
+    monkeypatch.syspath_prepend(str(REPO / "examples" / "tiny_mlp"))
+    with pytest.raises(ConfigError, match="no default data set"):  # a user's model
+        training_settings("tiny_mlp.model:build", None, None, None, None)

@@ -5,18 +5,45 @@ from __future__ import annotations
 import contextlib
 import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from heterofl_edge.cli.options import DataOption, ModelOption, parse_choice
+from heterofl_edge.cli.options import ModelDataOption, ModelOption, parse_choice
 from heterofl_edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from heterofl_edge.training import LocalTrainingConfig
 
 app = typer.Typer(help="The coordinator service devices talk to.", no_args_is_help=True)
 
 StateDirOption = Annotated[
     Path, typer.Option(help="Folder for the database, checkpoints, artifacts.")
 ]
+
+
+def training_settings(
+    model: str,
+    data: str | None,
+    lr: float | None,
+    local_epochs: int | None,
+    batch_size: int | None,
+) -> tuple[str, float, LocalTrainingConfig]:
+    """The data set, learning rate and local training of a run.
+
+    What is not given is the paper's for ``model`` (Table 6), as in ``simulate``.
+    """
+    from heterofl_edge.simulation import local_training, paper_settings
+
+    paper = paper_settings(model)
+    chosen_data = data or paper.data
+    if chosen_data is None:
+        raise ConfigError(f"model {model!r} has no default data set", "pass --data NAME")
+    return (
+        chosen_data,
+        paper.lr if lr is None else lr,
+        local_training(model, local_epochs, batch_size),
+    )
 
 
 @app.command()
@@ -47,9 +74,16 @@ def serve(
         str,
         typer.Option(help="Who reports sBN statistics: round (the uploaders) or all live devices."),
     ] = "round",
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 0.01,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs E per round.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Local batch size B.")] = 10,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Learning rate (paper: conv 0.01; resnet18 and transformer 0.1)."),
+    ] = None,
+    local_epochs: Annotated[
+        int | None, typer.Option(help="Local epochs E per round (paper: 5; transformer 1).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Local batch size B (paper: 10; transformer 100).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for selection, levels and initial weights.")] = 0,
     eval_data_dir: Annotated[
         Path | None,
@@ -58,7 +92,7 @@ def serve(
             help="Folder of the --data set whose test split evaluates the global model.",
         ),
     ] = None,
-    data: DataOption = "mnist",
+    data: ModelDataOption = None,
     eval_examples: Annotated[
         int | None, typer.Option(help="Evaluate on the first N test images (default: all).")
     ] = None,
@@ -115,9 +149,9 @@ def serve(
     from coordinator.logs import configure as configure_logs
     from coordinator.server import ServerLimits, make_server, make_tls_server
     from heterofl_edge.engine import StatisticsClients
-    from heterofl_edge.training import LocalTrainingConfig
 
     chosen = parse_choice(LevelPolicy, policy, "policy")
+    eval_data, chosen_lr, local = training_settings(model, data, lr, local_epochs, batch_size)
     stats = parse_choice(StatisticsClients, statistics, "statistics")
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is outside 1..65535")
@@ -155,12 +189,12 @@ def serve(
         round_seconds=round_seconds,
         stats_seconds=stats_seconds,
         statistics=stats,
-        lr=lr,
+        lr=chosen_lr,
         eval_data_dir=eval_data_dir,
-        eval_data=data,
+        eval_data=eval_data,
         eval_examples=eval_examples,
         demo_data_dir=demo_data,
-        local=LocalTrainingConfig(epochs=local_epochs, batch_size=batch_size),
+        local=local,
         artifact_formats=_formats(formats),
         artifact_verify=verify_artifacts,
         build_artifacts=artifacts,

@@ -24,6 +24,7 @@ from heterofl_edge.errors import ConfigError
 __all__ = [
     "DataOption",
     "ModelArgument",
+    "ModelDataOption",
     "ModelOption",
     "check_data_name",
     "check_model_name",
@@ -71,4 +72,19 @@ ModelArgument = Annotated[
 ]
 DataOption = Annotated[
     str, typer.Option("--data", help=DATA_HELP, callback=check_data_name, show_default=True)
+]
+
+
+def _check_optional_data_name(value: str | None) -> str | None:
+    return None if value is None else check_data_name(value)
+
+
+ModelDataOption = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help=DATA_HELP + " (default: the model's own: conv mnist, resnet18 imagefolder, "
+        "transformer wikitext2)",
+        callback=_check_optional_data_name,
+    ),
 ]

@@ -14,13 +14,9 @@ import typer
 
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
-from heterofl_edge.cli.options import DATA_HELP, ModelOption, check_data_name, parse_choice
+from heterofl_edge.cli.options import ModelDataOption, ModelOption, parse_choice
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
-
-
-def _check_data(value: str | None) -> str | None:
-    return None if value is None else check_data_name(value)
 
 
 def _perplexity(value: float | None) -> str:
@@ -30,14 +26,7 @@ def _perplexity(value: float | None) -> str:
 def simulate(
     data_dir: AnyDataDirOption = None,
     model: ModelOption = "conv",
-    data: Annotated[
-        str | None,
-        typer.Option(
-            help=DATA_HELP + " (default: the model's own: conv mnist, resnet18 imagefolder, "
-            "transformer wikitext2)",
-            callback=_check_data,
-        ),
-    ] = None,
+    data: ModelDataOption = None,
     mode: Annotated[
         str, typer.Option(help="Levels: 'a2-b8' = Fix 20% a, 80% b; 'a-b-c-d-e' = Dynamic.")
     ] = "a-e",
