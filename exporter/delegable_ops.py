@@ -100,35 +100,41 @@ def _every(x: torch.Tensor, start: int, count: int, stride: int, dim: int) -> to
     return split.narrow(dim + 1, 0, 1).reshape([*shape[:dim], count, *shape[dim + 1 :]])
 
 
-def _spread(grad: torch.Tensor, stride: int, dim: int) -> torch.Tensor:
-    """``stride - 1`` zeros between consecutive entries of ``grad`` along ``dim``."""
-    if stride == 1:
-        return grad
-    shape = list(grad.shape)
-    zeros = grad.new_zeros([*shape[: dim + 1], stride - 1, *shape[dim + 1 :]])
-    interleaved = torch.cat(
-        [grad.reshape([*shape[: dim + 1], 1, *shape[dim + 1 :]]), zeros], dim + 1
-    )
-    spread = interleaved.reshape([*shape[:dim], shape[dim] * stride, *shape[dim + 1 :]])
-    return spread.narrow(dim, 0, stride * (shape[dim] - 1) + 1)
-
-
 def scatter_patches(
     grad: torch.Tensor, h: int, w: int, kh: int, kw: int, sh: int, sw: int, ph: int, pw: int
 ) -> torch.Tensor:
-    """The gradient of ``gather_patches`` (col2im): ``(n, oh, ow, kh*kw*c)`` -> ``(n, h, w, c)``."""
+    """The gradient of ``gather_patches`` (col2im): ``(n, oh, ow, kh*kw*c)`` -> ``(n, h, w, c)``.
+
+    Kernel offset (i, j) sends its block to the padded input's rows ``i + sh*t``
+    and columns ``j + sw*u``. Those rows are phase ``i % sh`` of the input,
+    starting at row ``i // sh`` of that phase: each block is padded into its
+    phase grid (1 / (sh*sw) of the input) and added there, and the phases are
+    interleaved once at the end, with no zeros spread between gradient entries.
+    """
+    n, oh, ow, _ = grad.shape
     channels = grad.shape[3] // (kh * kw)
-    spread = _spread(_spread(grad, sh, 1), sw, 2)
-    dh, dw = spread.shape[1], spread.shape[2]
     height, width = h + 2 * ph, w + 2 * pw
-    total: torch.Tensor | None = None
+    gh, gw = -(-height // sh), -(-width // sw)  # rows and columns per phase
+    phases: dict[tuple[int, int], torch.Tensor] = {}
     for i in range(kh):
         for j in range(kw):
             start = (i * kw + j) * channels
-            block = spread[:, :, :, start : start + channels]
-            placed = F.pad(block, (0, 0, j, width - j - dw, i, height - i - dh))
-            total = placed if total is None else total + placed
-    assert total is not None
+            block = grad[:, :, :, start : start + channels]
+            di, dj = i // sh, j // sw
+            placed = F.pad(block, (0, 0, dj, gw - dj - ow, di, gh - di - oh))
+            key = (i % sh, j % sw)
+            phases[key] = placed + phases[key] if key in phases else placed
+    if (sh, sw) == (1, 1):
+        total = phases[(0, 0)]
+    else:
+        zeros = grad.new_zeros((n, gh, gw, channels))
+        rows = [
+            torch.stack([phases.get((a, b), zeros) for b in range(sw)], dim=3).reshape(
+                n, gh, gw * sw, channels
+            )
+            for a in range(sh)
+        ]
+        total = torch.stack(rows, dim=2).reshape(n, gh * sh, gw * sw, channels)
     return total[:, ph : ph + h, pw : pw + w, :]
 
 
