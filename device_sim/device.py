@@ -120,6 +120,12 @@ class Device:
                 "read the data as the model needs it (an image folder: --image-size and "
                 "--channels), or export it with 'heterofl-edge data export --model'",
             )
+        if self.labels.ndim > 1 and "masked_language_model" not in manifest:
+            raise ConfigError(
+                f"this device holds token rows, but the coordinator's {model} artifacts do not "
+                "say how to mask them (exported before devices trained language models)",
+                "restart the coordinator with a fresh --state-dir so that it exports them again",
+            )
         classes = int(manifest["num_classes"])
         if self.present and self.present[-1] >= classes:
             raise ConfigError(

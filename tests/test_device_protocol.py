@@ -136,3 +136,10 @@ def test_data_that_does_not_fit_the_model_is_refused_before_training():
     too_many = Device(None, np.zeros((2, 1, 28, 28), np.float32), np.array([0, 12]))
     with pytest.raises(ConfigError, match="label 12, the model has 10 classes"):
         too_many._check_data(manifest, "conv")
+    rows = np.arange(128).reshape(2, 64) % 50
+    text = {"input": {"shape": ["batch", 64]}, "num_classes": 50}
+    with pytest.raises(ConfigError, match="do not say how to mask") as info:
+        Device(None, rows, rows)._check_data(text, "transformer")  # an older export
+    assert "fresh --state-dir" in info.value.hint
+    masked = {"mask_token": 50, "mask_rate": 0.15, "scored_positions": "masked"}
+    Device(None, rows, rows)._check_data(text | {"masked_language_model": masked}, "transformer")
