@@ -15,8 +15,8 @@ so that ``torch.export`` keeps both as single nodes of the joint graph; after
 XNNPACK takes:
 
 * ``patches`` (im2col, channels last) backs onto a col2im made of stride-1
-  channel slices, positive pads and adds (strided convolutions first spread
-  the gradient with zeros by concatenation).
+  channel slices, positive pads and adds (for a strided convolution, into one
+  grid per stride phase, interleaved once at the end).
 * ``relu``'s backward is ``grad * ceil(clamp(out, 0, 1))``: 1 where the output
   is positive, 0 where it is 0.
 * ``max_pool_2x2`` (kernel 2, stride 2, no padding) is the maximum of the four

@@ -87,6 +87,7 @@ __all__ = [
     "SimulationResult",
     "Split",
     "Submodel",
+    "dataset_for",
     "load_data",
     "local_training",
     "paper_settings",
@@ -156,6 +157,29 @@ def paper_settings(model: str) -> PaperSettings:
     )
 
 
+def dataset_for(model: str, data: str | None) -> str:
+    """The data set ``model`` trains on: ``data``, else the paper's; checked against its task.
+
+    ``ConfigError`` when the model has no default data set, or when the data set
+    is registered for another task (checked by name: nothing is loaded).
+    """
+    arch = get_architecture(model)
+    name = data if data is not None else paper_settings(model).data
+    if name is None:
+        raise ConfigError(
+            f"model {model!r} has no default data set",
+            "name one with --data (a registered data set or package.module:loader)",
+        )
+    entry = resolve_dataset(name)
+    if entry.task is not None and entry.task is not arch.task:
+        raise ConfigError(
+            f"model {model!r} is a {arch.task.value} model, data set {entry.name!r} "
+            f"is for {entry.task.value}",
+            "pick a data set of the model's task (e.g. transformer with wikitext2)",
+        )
+    return name
+
+
 def local_training(
     model: str, epochs: int | None = None, batch_size: int | None = None
 ) -> LocalTrainingConfig:
@@ -206,18 +230,7 @@ class SimulationConfig:
                 f"model {self.model!r} is a language model, split IID only (as in the paper)",
                 "use --split iid",
             )
-        if self.data_name is None:
-            raise ConfigError(
-                f"model {self.model!r} has no default data set",
-                "name one with --data (a registered data set or package.module:loader)",
-            )
-        entry = resolve_dataset(self.data_name)
-        if entry.task is not None and entry.task is not arch.task:
-            raise ConfigError(
-                f"model {self.model!r} is a {arch.task.value} model, data set {entry.name!r} "
-                f"is for {entry.task.value}",
-                "pick a data set of the model's task (e.g. transformer with wikitext2)",
-            )
+        dataset_for(self.model, self.data)
         if self.total_rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {self.total_rounds}")
         if self.num_clients < 1:

@@ -231,12 +231,13 @@ class LanguageModelTask(Task):
 
     def corrupt(self, rows: torch.Tensor, masker: TokenMasker) -> _Corrupted:
         """Masked inputs and the targets to score (``IGNORE_INDEX`` where nothing is scored)."""
-        # drawn on the CPU with numpy, so that the masks are the same on any device
-        masked = torch.from_numpy(masker.hidden(tuple(rows.shape))).to(rows.device)
-        inputs = rows.masked_fill(masked, self.num_tokens)
-        if self.positions is ScoredPositions.all:
-            return _Corrupted(inputs, rows, rows.numel())
-        return _Corrupted(inputs, rows.masked_fill(~masked, IGNORE_INDEX), int(masked.sum()))
+        # masked with numpy on the CPU, as devices mask: the same tokens on any device
+        masked = masker.corrupt(rows.cpu().numpy())
+        return _Corrupted(
+            torch.from_numpy(masked.inputs).to(rows.device),
+            torch.from_numpy(masked.targets).to(rows.device),
+            masked.scored,
+        )
 
     def train_local(
         self,

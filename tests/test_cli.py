@@ -86,6 +86,19 @@ def test_models_summary_json_includes_extra_rates():
             ],
             "data set 'wikitext2' is for language-model",
         ),
+        (
+            [
+                "coordinator",
+                "serve",
+                "--state-dir",
+                "/nonexistent/state",
+                "--model",
+                "transformer",
+                "--data",
+                "mnist",
+            ],
+            "data set 'mnist' is for classification",
+        ),
         (["data", "export", "--out", "/proc/not-here", "--data", "cifar"], "unknown data set"),
     ],
 )
@@ -158,5 +171,7 @@ def test_the_coordinator_takes_the_papers_settings_for_its_model_unless_given(mo
     data, lr, local = training_settings("resnet18", "imagefolder", 0.05, 1, None)
     assert (data, lr, local.epochs, local.batch_size) == ("imagefolder", 0.05, 1, 10)
     monkeypatch.syspath_prepend(str(REPO / "examples" / "tiny_mlp"))
+    with pytest.raises(ConfigError, match="data set 'mnist' is for classification"):
+        training_settings("transformer", "mnist", None, None, None)
     with pytest.raises(ConfigError, match="no default data set"):  # a user's model
         training_settings("tiny_mlp.model:build", None, None, None, None)

@@ -9,7 +9,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from heterofl_edge.cli.options import ModelDataOption, ModelOption, parse_choice
+from heterofl_edge.cli.options import (
+    BatchSizeOption,
+    LocalEpochsOption,
+    ModelDataOption,
+    ModelOption,
+    parse_choice,
+)
 from heterofl_edge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -33,15 +39,12 @@ def training_settings(
 
     What is not given is the paper's for ``model`` (Table 6), as in ``simulate``.
     """
-    from heterofl_edge.simulation import local_training, paper_settings
+    from heterofl_edge.simulation import dataset_for, local_training, paper_settings
 
-    paper = paper_settings(model)
-    chosen_data = data or paper.data
-    if chosen_data is None:
-        raise ConfigError(f"model {model!r} has no default data set", "pass --data NAME")
+    chosen_data = dataset_for(model, data)  # ConfigError: no default, or another task's data
     return (
         chosen_data,
-        paper.lr if lr is None else lr,
+        paper_settings(model).lr if lr is None else lr,
         local_training(model, local_epochs, batch_size),
     )
 
@@ -78,12 +81,8 @@ def serve(
         float | None,
         typer.Option(help="Learning rate (paper: conv 0.01; resnet18 and transformer 0.1)."),
     ] = None,
-    local_epochs: Annotated[
-        int | None, typer.Option(help="Local epochs E per round (paper: 5; transformer 1).")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Local batch size B (paper: 10; transformer 100).")
-    ] = None,
+    local_epochs: LocalEpochsOption = None,
+    batch_size: BatchSizeOption = None,
     seed: Annotated[int, typer.Option(help="Seed for selection, levels and initial weights.")] = 0,
     eval_data_dir: Annotated[
         Path | None,

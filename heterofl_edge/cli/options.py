@@ -88,3 +88,11 @@ ModelDataOption = Annotated[
         callback=_check_optional_data_name,
     ),
 ]
+
+# Left unset: the paper's for the model (``heterofl_edge.simulation.local_training``).
+LocalEpochsOption = Annotated[
+    int | None, typer.Option(help="Local epochs E per round (paper: 5; transformer 1).")
+]
+BatchSizeOption = Annotated[
+    int | None, typer.Option(help="Local batch size B (paper: 10; transformer 100).")
+]

@@ -14,7 +14,13 @@ import typer
 
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
-from heterofl_edge.cli.options import ModelDataOption, ModelOption, parse_choice
+from heterofl_edge.cli.options import (
+    BatchSizeOption,
+    LocalEpochsOption,
+    ModelDataOption,
+    ModelOption,
+    parse_choice,
+)
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
 
@@ -43,12 +49,8 @@ def simulate(
     ] = None,
     clients: Annotated[int, typer.Option(help="Number of clients.")] = 100,
     fraction: Annotated[float, typer.Option(help="Share of clients active per round.")] = 0.1,
-    local_epochs: Annotated[
-        int | None, typer.Option(help="Local epochs E (paper: 5; transformer 1).")
-    ] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(help="Local batch size B (paper: 10; transformer 100).")
-    ] = None,
+    local_epochs: LocalEpochsOption = None,
+    batch_size: BatchSizeOption = None,
     lr: Annotated[
         float | None,
         typer.Option(
