@@ -66,6 +66,7 @@ check: install
 
 bench: install
 	$(BIN)/python bench/bench_simulate.py
+	$(BIN)/python bench/bench_round_floor.py
 	$(BIN)/python bench/bench_export.py
 	$(BIN)/python bench/bench_coordinator.py
 	$(BIN)/python bench/bench_fleet.py

@@ -18,7 +18,9 @@ class HeldOutEvaluation:
     ``wikitext2``, a user's), loaded to fit the model's input; the model's task
     scores it (loss and accuracy; perplexity for a language model). A failure
     here (a missing folder, a corrupt file) is a fault on the server: the
-    engine logs it and records it in the round's result.
+    engine logs it and records it in the round's result. With ``examples``
+    set, it scores the test examples ``simulate --test-examples`` scores for the
+    same seed.
     """
 
     def __init__(
@@ -28,23 +30,26 @@ class HeldOutEvaluation:
         data_dir: Path,
         examples: int | None,
         data: str = "mnist",
+        seed: int = 0,
     ) -> None:
         self.arch = arch
         self.global_rate = global_rate
         self.data_dir = data_dir
         self.examples = examples
         self.data = data
+        self.seed = seed
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._test is None:
             from heterofl_edge.data.registry import get_dataset
-            from heterofl_edge.tasks import check_compatible
+            from heterofl_edge.tasks import check_compatible, task_for
 
             loaded = get_dataset(self.data, self.data_dir, fit_to=self.arch.input_shape)
             check_compatible(self.arch, loaded)
-            limit = self.examples or len(loaded.test_y)
-            self._test = loaded.test_x[:limit], loaded.test_y[:limit]
+            task = task_for(self.arch)
+            keep = torch.from_numpy(task.held_out(len(loaded.test_y), self.examples, self.seed))
+            self._test = loaded.test_x[keep], loaded.test_y[keep]
         return self._test
 
     def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float | None]:

@@ -104,6 +104,7 @@ class Coordinator:
                 config.eval_data_dir,
                 config.eval_examples,
                 config.eval_data,
+                config.seed,
             )
         )
         self.demo_data = (

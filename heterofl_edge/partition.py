@@ -137,6 +137,20 @@ def _keep(count: int, limit: int | None, rng: np.random.Generator) -> np.ndarray
     return np.sort(rng.permutation(count)[:limit])
 
 
+def _test_side(seed: int) -> np.random.Generator:
+    """The test side of a run draws apart from its training side."""
+    return np.random.default_rng([seed, 1])
+
+
+def held_out_examples(count: int, limit: int | None, seed: int) -> np.ndarray:
+    """The test examples a run with ``seed`` scores when it keeps ``limit`` of ``count``.
+
+    The same ones ``federated_split`` keeps: ``simulate --test-examples`` and the
+    coordinator's ``--eval-examples`` score one subset for one seed.
+    """
+    return _keep(count, limit, _test_side(seed))
+
+
 def train_shards(
     train_targets: np.ndarray,
     num_clients: int,
@@ -173,7 +187,7 @@ def federated_split(
     train_keep, train = train_shards(
         train_targets, num_clients, split, num_classes, seed, shards_per_client, train_examples
     )
-    rng = np.random.default_rng([seed, 1])  # the test side draws apart from the training side
+    rng = _test_side(seed)
     test_keep = _keep(len(test_targets), test_examples, rng)
     if split is Split.iid:
         return FederatedSplit(train_keep, test_keep, train, None)

@@ -41,9 +41,16 @@ from heterofl_edge.errors import ConfigError
 from heterofl_edge.loss import masked_cross_entropy
 from heterofl_edge.masking import IGNORE_INDEX, ScoredPositions, TokenMasker
 from heterofl_edge.models.architecture import Architecture
-from heterofl_edge.partition import FederatedSplit, Split, federated_split, stretch_partition
+from heterofl_edge.partition import (
+    FederatedSplit,
+    Split,
+    federated_split,
+    held_out_examples,
+    stretch_partition,
+)
 from heterofl_edge.task_kind import TaskKind
 from heterofl_edge.training import (
+    EVAL_BATCH,
     EvalResult,
     LocalTrainingConfig,
     LocalTrainingResult,
@@ -98,6 +105,10 @@ class Task(ABC):
         batch_size: int | None = None,
     ) -> EvalResult:
         """Loss, accuracy (and so perplexity) of ``model`` in evaluation mode."""
+
+    def held_out(self, count: int, limit: int | None, seed: int) -> np.ndarray:
+        """Which of ``count`` test examples a run with ``seed`` scores, ``limit`` of them."""
+        return held_out_examples(count, limit, seed)
 
     @abstractmethod
     def split(
@@ -158,7 +169,7 @@ class ClassificationTask(Task):
         mask: torch.Tensor | None = None,
         batch_size: int | None = None,
     ) -> EvalResult:
-        return evaluate(model, inputs, targets, mask, batch_size or 1000)
+        return evaluate(model, inputs, targets, mask, batch_size or EVAL_BATCH)
 
     def evaluate_parts(
         self,
@@ -320,8 +331,13 @@ class LanguageModelTask(Task):
         """
         rows = data.train_x.numpy()
         keep, partition = stretch_partition(rows, num_clients, Split(split), seed, train_examples)
-        tests = len(data.test_x) if test_examples is None else min(test_examples, len(data.test_x))
-        return FederatedSplit(keep, np.arange(tests), partition, None)
+        return FederatedSplit(
+            keep, self.held_out(len(data.test_x), test_examples, seed), partition, None
+        )
+
+    def held_out(self, count: int, limit: int | None, seed: int) -> np.ndarray:
+        """The first ``limit`` test rows: consecutive text (the seed does not choose them)."""
+        return np.arange(count if limit is None else min(limit, count))
 
 
 def _chunks(rows: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

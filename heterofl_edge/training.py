@@ -17,7 +17,14 @@ from torch import nn
 from heterofl_edge.batching import epoch_batches
 from heterofl_edge.loss import masked_cross_entropy
 
-__all__ = ["EvalResult", "LocalTrainingConfig", "LocalTrainingResult", "evaluate", "train_local"]
+__all__ = [
+    "EVAL_BATCH",
+    "EvalResult",
+    "LocalTrainingConfig",
+    "LocalTrainingResult",
+    "evaluate",
+    "train_local",
+]
 
 
 @dataclass(frozen=True)
@@ -97,9 +104,17 @@ def train_local(
     return LocalTrainingResult(n, steps, loss_sum / max(seen, 1), correct / max(seen, 1))
 
 
+EVAL_BATCH = 100
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Logits of ``model`` in evaluation mode for all ``images``."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits of ``model`` in evaluation mode for all ``images``.
+
+    Evaluation-mode results do not depend on the batch size; batches of 100 ran
+    level-a conv 1.8x faster per image than batches of 1,000 on the project's CPU
+    (``bench/results/round_floor.json``), with the same logits.
+    """
     model.eval()
     return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
@@ -109,7 +124,7 @@ def evaluate(
     images: torch.Tensor,
     labels: torch.Tensor,
     mask: torch.Tensor | None = None,
-    batch_size: int = 1000,
+    batch_size: int = EVAL_BATCH,
 ) -> EvalResult:
     """Loss and accuracy in evaluation mode (with ``mask`` applied, for local accuracy)."""
     return score_logits(predict(model, images, batch_size), labels, mask)

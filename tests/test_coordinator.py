@@ -457,3 +457,27 @@ def test_demo_shards_come_from_the_runs_data_set_shaped_for_its_model(
 
     folder = read_image_folder(tmp_path / "digits", test=False)
     assert sorted(torch.cat([s["y"] for s in shards]).tolist()) == sorted(folder.train_y.tolist())
+
+
+def test_held_out_evaluation_scores_the_examples_simulate_scores(mnist_dir):
+    """--eval-examples N and simulate --test-examples N score one subset for one seed."""
+    from coordinator.evaluation import HeldOutEvaluation
+    from heterofl_edge.data.registry import get_dataset
+    from heterofl_edge.models import get_architecture
+    from heterofl_edge.partition import Split
+    from heterofl_edge.tasks import task_for
+
+    arch = get_architecture("conv")
+    torch.manual_seed(0)
+    model = arch.build(0.0625, 0.0625)
+    data = get_dataset("mnist", mnist_dir, fit_to=arch.input_shape)
+    task = task_for(arch)
+    keep = torch.from_numpy(task.split(data, 10, Split.iid, 7, test_examples=300).test_keep)
+    expected = task.evaluate(model, data.test_x[keep], data.test_y[keep])
+
+    scores = HeldOutEvaluation(arch, 0.0625, mnist_dir, 300, "mnist", seed=7)(model.state_dict())
+    assert scores["test_examples"] == 300
+    assert scores["global_loss"] == pytest.approx(expected.loss, rel=1e-6)
+    assert scores["global_accuracy"] == pytest.approx(expected.accuracy, abs=1e-12)
+    first = HeldOutEvaluation(arch, 0.0625, mnist_dir, 300, "mnist", seed=8)(model.state_dict())
+    assert first["global_loss"] != pytest.approx(expected.loss, rel=1e-6)  # the seed chooses

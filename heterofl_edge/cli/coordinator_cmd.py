@@ -93,7 +93,11 @@ def serve(
     ] = None,
     data: ModelDataOption = None,
     eval_examples: Annotated[
-        int | None, typer.Option(help="Evaluate on the first N test images (default: all).")
+        int | None,
+        typer.Option(
+            help="Evaluate on N test examples, those simulate --test-examples N scores for the "
+            "same --seed (default: all)."
+        ),
     ] = None,
     formats: Annotated[
         str, typer.Option(help="Artifact formats to offer devices: onnx, or onnx,executorch.")
