@@ -11,9 +11,6 @@ touches one file:
   matrix products over shifted slices of the padded input (weight gradient;
   onnxruntime ran the earlier single convolution with the batch as channels
   slower).
-* 2x2 max-pooling and its backward are decomposed into the maximum of the
-  four window positions and a first-maximum mask (exact, ties as PyTorch):
-  onnxruntime ran MaxPool with indices plus a ScatterElements backward slower.
 * The ONNX exporter turns ``nll_loss_forward``'s ``total_weight`` into 1.0
   instead of N; PyTorch's core decompositions of nll_loss avoid that op.
 """
@@ -31,12 +28,6 @@ import torch.nn.functional as F
 from torch._decomp import core_aten_decompositions
 from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
-
-from exporter.delegable_ops import (
-    max_pool_2x2_backward_decomposed,
-    max_pool_2x2_decomposed,
-    window_positions,
-)
 
 __all__ = ["export_onnx_program"]
 
@@ -113,67 +104,9 @@ def _weight_gradient(
     return torch.stack(per_position, dim=2).reshape(shape)
 
 
-def _plain_2x2(
-    x: torch.Tensor,
-    kernel: Sequence[int],
-    stride: Sequence[int],
-    padding: Sequence[int] | int,
-    dilation: Sequence[int] | int,
-    ceil_mode: bool,
-) -> bool:
-    def pair(value: Sequence[int] | int) -> tuple[int, int]:
-        return (value, value) if isinstance(value, int) else (value[0], value[-1])
-
-    return (
-        x.dim() == 4
-        and pair(kernel) == (2, 2)
-        and pair(stride or kernel) == (2, 2)
-        and pair(padding) == (0, 0)
-        and pair(dilation) == (1, 1)
-        and not ceil_mode
-    )
-
-
-def _max_pool_with_indices(  # type: ignore[no-untyped-def]
-    x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False
-):
-    """2x2 max-pooling as the maximum of the four window positions.
-
-    The indices (PyTorch's: the first maximum of each window, as ``h * w + x``)
-    are computed the same way for any other user; the step's backward below does
-    not read them, so the export drops them. onnxruntime's MaxPool with indices,
-    a second MaxPool for the index offsets and a ScatterElements backward took
-    17-27% of a conv step natively.
-    """
-    if not _plain_2x2(x, kernel_size, stride, padding, dilation, ceil_mode):
-        return NotImplemented
-    out = max_pool_2x2_decomposed(x)
-    width = x.shape[3]
-    rows = torch.arange(out.shape[2], device=x.device).reshape(-1, 1) * (2 * width)
-    base = rows + 2 * torch.arange(out.shape[3], device=x.device)
-    found = torch.zeros_like(out, dtype=torch.bool)
-    index = torch.zeros_like(out, dtype=torch.int64)
-    for position, offset in zip(window_positions(x), (0, 1, width, width + 1), strict=True):
-        first = (position == out) & ~found
-        index = torch.where(first, base + offset, index)
-        found = found | first
-    return out, index
-
-
-def _max_pool_backward(  # type: ignore[no-untyped-def]
-    grad, x, kernel_size, stride, padding, dilation, ceil_mode, indices
-):
-    """The gradient to each window's first maximum, recomputed from ``x`` (not ``indices``)."""
-    if not _plain_2x2(x, kernel_size, stride, padding, dilation, ceil_mode):
-        return NotImplemented
-    return max_pool_2x2_backward_decomposed(grad, x, max_pool_2x2_decomposed(x))
-
-
 def _decompositions() -> dict[Any, Callable[..., Any]]:
     table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions())
     table[aten.convolution_backward.default] = _convolution_backward
-    table[aten.max_pool2d_with_indices.default] = _max_pool_with_indices
-    table[aten.max_pool2d_with_indices_backward.default] = _max_pool_backward
     return table
 
 
