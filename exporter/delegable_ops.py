@@ -283,7 +283,7 @@ relu.register_autograd(_relu_grad, setup_context=_relu_setup)
 # -- 2x2 max-pooling ---------------------------------------------------------
 
 
-def _window_positions(x: torch.Tensor) -> list[torch.Tensor]:
+def window_positions(x: torch.Tensor) -> list[torch.Tensor]:
     """The four positions of every 2x2 window of ``x`` (n, c, h, w), row-major.
 
     Each is (n, c, h/2, w/2); an odd last row or column is dropped, as ``max_pool2d`` does.
@@ -298,7 +298,7 @@ def _window_positions(x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def max_pool_2x2_decomposed(x: torch.Tensor) -> torch.Tensor:
-    first, second, third, fourth = _window_positions(x)
+    first, second, third, fourth = window_positions(x)
     return torch.maximum(torch.maximum(first, second), torch.maximum(third, fourth))
 
 
@@ -309,7 +309,7 @@ def max_pool_2x2_backward_decomposed(
     half = (n, c, h // 2, w // 2)
     unclaimed: torch.Tensor | None = None  # 1 where no earlier position held the maximum
     routed = []
-    for position in _window_positions(x):
+    for position in window_positions(x):
         is_max = 1.0 - _positive(out - position)
         first = is_max if unclaimed is None else is_max * unclaimed
         unclaimed = 1.0 - is_max if unclaimed is None else unclaimed * (1.0 - is_max)

@@ -11,6 +11,18 @@ touches one file:
   matrix products over shifted slices of the padded input (weight gradient;
   onnxruntime ran the earlier single convolution with the batch as channels
   slower).
+* 2x2 max-pooling and its backward are decomposed into the maximum of the
+  four window positions and a first-maximum mask (exact, ties as PyTorch):
+  onnxruntime ran MaxPool with indices plus a ScatterElements backward slower
+  (17-27% of a conv c step).
+* ``make_fx(tracing_mode="symbolic")`` on real tensors makes every dimension
+  of every input a symbol (weights included) and spends most of an export in
+  sympy; the inputs are fakified here with only the batch dimension symbolic
+  (conv c: the trace 15.5 s -> 3.0 s).
+* The exporter's optimizer spends seconds on one rewrite rule that never fires
+  here (``_optimize``).
+* ``F.pad`` (a composite op) reads sizes as plain ints and pins a symbolic
+  batch; ``constant_pad_nd`` keeps it.
 * The ONNX exporter turns ``nll_loss_forward``'s ``total_weight`` into 1.0
   instead of N; PyTorch's core decompositions of nll_loss avoid that op.
 """
@@ -26,8 +38,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch._decomp import core_aten_decompositions
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import (
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+)
+
+from exporter.delegable_ops import window_positions
 
 __all__ = ["export_onnx_program"]
 
@@ -81,14 +101,15 @@ def _weight_gradient(
     padded input shifted by ``(i, j)`` (strided like the output) with the same
     rows. onnxruntime runs these k*k MatMuls faster than the equivalent single
     convolution with the batch as channels. Each product comes out as
-    ``(out, in)``, so the positions stack straight into the weight's layout
-    (an earlier ``(in, out)`` form needed a weight-sized transpose per
-    convolution: 6% of a level-a step natively, 8% in wasm).
+    ``(out, in)``; stacked position-major, one transpose of the stack puts them
+    in the weight's layout (stacking along the last axis instead copies single
+    floats and was slower; an earlier ``(in, out)`` form needed a second
+    weight-sized transpose: 6% of a level-a step natively, 8% in wasm).
     """
     out_channels, in_channels, kh, kw = shape
     (sh, sw), (ph, pw) = stride, padding
     oh, ow = grad_out.shape[2], grad_out.shape[3]
-    padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    padded = torch.constant_pad_nd(x, (pw, pw, ph, ph)) if ph or pw else x
     pixels = padded.permute(0, 2, 3, 1)  # (n, h, w, c): rows of each slice in (n, y, x) order
     rows = grad_out.permute(1, 0, 2, 3).reshape(out_channels, -1)  # (o, n * oh * ow)
     per_position = [
@@ -101,12 +122,97 @@ def _weight_gradient(
         for i in range(kh)
         for j in range(kw)
     ]  # each (o, c)
-    return torch.stack(per_position, dim=2).reshape(shape)
+    # conv a, batch 10: Concat + Transpose 2.1 ms against 2.7 ms for the last-axis stack.
+    return torch.stack(per_position, dim=0).permute(1, 2, 0).reshape(shape)
+
+
+def _plain_2x2(
+    x: torch.Tensor,
+    kernel: Sequence[int],
+    stride: Sequence[int],
+    padding: Sequence[int] | int,
+    dilation: Sequence[int] | int,
+    ceil_mode: bool,
+) -> bool:
+    def pair(value: Sequence[int] | int) -> tuple[int, int]:
+        return (value, value) if isinstance(value, int) else (value[0], value[-1])
+
+    return (
+        x.dim() == 4
+        and pair(kernel) == (2, 2)
+        and pair(stride or kernel) == (2, 2)
+        and pair(padding) == (0, 0)
+        and pair(dilation) == (1, 1)
+        and not ceil_mode
+    )
+
+
+def _window_maximum(positions: list[torch.Tensor]) -> torch.Tensor:
+    first, second, third, fourth = positions
+    return torch.maximum(torch.maximum(first, second), torch.maximum(third, fourth))
+
+
+def _first_maximum(positions: list[torch.Tensor], out: torch.Tensor) -> list[torch.Tensor]:
+    """Per position, True where it holds its window's first maximum (PyTorch's choice on ties).
+
+    Ties are common: a flat patch of the image gives equal activations.
+    """
+    first: list[torch.Tensor] = []
+    taken: torch.Tensor | None = None  # an earlier position held the maximum
+    for position in positions:
+        is_max = position == out
+        first.append(is_max if taken is None else is_max & ~taken)
+        taken = is_max if taken is None else taken | is_max
+    return first
+
+
+def _max_pool_with_indices(  # type: ignore[no-untyped-def]
+    x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False
+):
+    """2x2 max-pooling as the maximum of the four window positions.
+
+    The indices (PyTorch's: the first maximum of each window, as ``h * w + x``)
+    are computed for any other user; the step's backward below does not read
+    them, and the trace drops what nobody reads. onnxruntime's MaxPool with
+    indices, a second MaxPool for the index offsets and a ScatterElements
+    backward took 17-27% of a conv step natively.
+    """
+    if not _plain_2x2(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return NotImplemented
+    positions = window_positions(x)
+    out = _window_maximum(positions)
+    width = x.shape[3]
+    rows = torch.arange(out.shape[2], device=x.device).reshape(-1, 1) * (2 * width)
+    base = rows + 2 * torch.arange(out.shape[3], device=x.device)
+    indices = torch.zeros_like(out, dtype=torch.int64)
+    for first, offset in zip(_first_maximum(positions, out), (0, 1, width, width + 1), strict=True):
+        indices = torch.where(first, base + offset, indices)
+    return out, indices
+
+
+def _max_pool_backward(  # type: ignore[no-untyped-def]
+    grad, x, kernel_size, stride, padding, dilation, ceil_mode, indices
+):
+    """The gradient to each window's first maximum, found from ``x`` (not ``indices``)."""
+    if not _plain_2x2(x, kernel_size, stride, padding, dilation, ceil_mode):
+        return NotImplemented
+    n, c, h, w = x.shape
+    positions = window_positions(x)
+    out = _window_maximum(positions)
+    routed = [
+        torch.where(first, grad, 0.0).reshape(n, c, h // 2, 1, w // 2, 1)
+        for first in _first_maximum(positions, out)
+    ]
+    rows = [torch.cat(routed[i : i + 2], dim=5) for i in (0, 2)]  # (n, c, h/2, 1, w/2, 2)
+    full = torch.cat(rows, dim=3).reshape(n, c, h - h % 2, w - w % 2)
+    return torch.constant_pad_nd(full, (0, w % 2, 0, h % 2)) if h % 2 or w % 2 else full
 
 
 def _decompositions() -> dict[Any, Callable[..., Any]]:
     table: dict[Any, Callable[..., Any]] = dict(core_aten_decompositions())
     table[aten.convolution_backward.default] = _convolution_backward
+    table[aten.max_pool2d_with_indices.default] = _max_pool_with_indices
+    table[aten.max_pool2d_with_indices_backward.default] = _max_pool_backward
     return table
 
 
@@ -135,8 +241,10 @@ def export_onnx_program(
     it; returns whether the batch stayed dynamic.
     """
     traced = make_fx(function, decomposition_table=_decompositions(), tracing_mode="symbolic")(
-        *example_args
+        *_batch_symbolic(example_args, batch_inputs)
     )
+    traced.graph.eliminate_dead_code()  # e.g. max-pooling indices that the backward does not read
+    traced.recompile()
     batch = Dim("batch", min=1, max=max_batch)
     dynamic = tuple({0: batch} if i in batch_inputs else None for i in range(len(example_args)))
     with warnings.catch_warnings(), _quiet_onnx_logs():
@@ -148,15 +256,74 @@ def export_onnx_program(
             input_names=list(input_names),
             output_names=list(output_names),
             dynamic_shapes=(dynamic,),
-            optimize=True,
+            optimize=False,  # _optimize below: the exporter's default passes less one rule
             verbose=False,
         )
     assert program is not None
+    _optimize(program.model)
     program.save(str(path))
     _strip_trace_metadata(path)
     # An op can make tracing pin the batch size (a Linear on 3-d activations did, in
     # the Transformer); the saved graph's inputs then say so, and the caller records it.
     return _first_dims_are_symbolic(path, batch_inputs)
+
+
+def _optimize(model: Any) -> None:
+    """What ``torch.onnx.export(optimize=True)`` runs, less one rewrite rule.
+
+    These are onnxscript's ``optimize_ir`` passes without ``SlicesSplit``.
+    That rule matches pairs of Slices of one tensor and found nothing to rewrite
+    in these graphs, yet took 4-5 s of a conv c export: the weight gradient and
+    the max-pooling slice the same tensors many times.
+    """
+    import onnx_ir as ir
+    import onnx_ir.passes.common as common_passes
+    from onnxscript import rewriter
+    from onnxscript.optimizer import _constant_folding
+
+    rules = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if rule.name != "SlicesSplit"]
+    passes = ir.passes.Sequential(
+        common_passes.InlinePass(),
+        ir.passes.PassManager(
+            [
+                _constant_folding.FoldConstantsPass(
+                    shape_inference=True,
+                    input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+                ),
+                rewriter.RewritePass(rules),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=2,
+            early_stop=True,
+        ),
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common_passes.LiftSubgraphInitializersToMainGraphPass(),
+        common_passes.DeduplicateInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
+        common_passes.OutputFixPass(),
+        common_passes.NameFixPass(),
+    )
+    passes(model)
+
+
+def _batch_symbolic(
+    example_args: Sequence[torch.Tensor], batch_inputs: Sequence[int]
+) -> list[torch.Tensor]:
+    """Fake copies of ``example_args`` whose only symbolic sizes are the batch dimensions."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+    fakes: list[torch.Tensor] = []
+    for position, tensor in enumerate(example_args):
+        sizes = [
+            DimDynamic.DYNAMIC if position in batch_inputs and dim == 0 else DimDynamic.STATIC
+            for dim in range(tensor.dim())
+        ]
+        context: StatelessSymbolicContext[Any, Any] = StatelessSymbolicContext(dynamic_sizes=sizes)
+        fakes.append(mode.from_tensor(tensor, symbolic_context=context))
+    return fakes
 
 
 def _strip_trace_metadata(path: Path) -> None:

@@ -220,6 +220,26 @@ def test_onnx_convolution_backward_matches_autograd(kernel, stride, padding):
     assert torch.allclose(got_w, want_w, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 2, 5, 4)])
+def test_onnx_max_pool_decomposition_matches_pytorch_ties_included(shape):
+    """Values, indices (the first maximum of each window) and the gradient, exactly."""
+    from exporter.onnx_backend import _max_pool_backward, _max_pool_with_indices
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 3, shape, generator=g).float()  # three values: ties in most windows
+    want_out, want_index = F.max_pool2d_with_indices(x, 2)
+    got_out, got_index = _max_pool_with_indices(x, [2, 2], [2, 2])
+    assert torch.equal(got_out, want_out) and torch.equal(got_index, want_index)
+    grad_out = torch.randn(want_out.shape, generator=g)
+    leaf = x.clone().requires_grad_()
+    (want_grad,) = torch.autograd.grad(F.max_pool2d(leaf, 2), leaf, grad_out)
+    got_grad = _max_pool_backward(grad_out, x, [2, 2], [2, 2], [0, 0], [1, 1], False, want_index)
+    assert torch.equal(got_grad, want_grad)
+    # Any other pooling keeps onnxruntime's MaxPool.
+    assert _max_pool_with_indices(x, [3, 3], [2, 2]) is NotImplemented
+    assert _max_pool_with_indices(x, [2, 2], [2, 2], 0, 1, True) is NotImplemented
+
+
 @pytest.mark.slow
 def test_the_xnnpack_program_leaves_no_convolution_norm_relu_or_pool_work_to_portable_kernels():
     from exporter.executorch_backend import joint_program, lower_with_xnnpack, portable_operators
