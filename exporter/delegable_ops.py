@@ -297,9 +297,14 @@ def window_positions(x: torch.Tensor) -> list[torch.Tensor]:
     ]
 
 
-def max_pool_2x2_decomposed(x: torch.Tensor) -> torch.Tensor:
-    first, second, third, fourth = window_positions(x)
+def window_maximum(positions: list[torch.Tensor]) -> torch.Tensor:
+    """The maximum of the four ``window_positions``: 2x2 max-pooling."""
+    first, second, third, fourth = positions
     return torch.maximum(torch.maximum(first, second), torch.maximum(third, fourth))
+
+
+def max_pool_2x2_decomposed(x: torch.Tensor) -> torch.Tensor:
+    return window_maximum(window_positions(x))
 
 
 def max_pool_2x2_backward_decomposed(

@@ -47,7 +47,7 @@ from torch.fx.experimental.symbolic_shapes import (
     StatelessSymbolicContext,
 )
 
-from exporter.delegable_ops import window_positions
+from exporter.delegable_ops import window_maximum, window_positions
 
 __all__ = ["export_onnx_program"]
 
@@ -147,11 +147,6 @@ def _plain_2x2(
     )
 
 
-def _window_maximum(positions: list[torch.Tensor]) -> torch.Tensor:
-    first, second, third, fourth = positions
-    return torch.maximum(torch.maximum(first, second), torch.maximum(third, fourth))
-
-
 def _first_maximum(positions: list[torch.Tensor], out: torch.Tensor) -> list[torch.Tensor]:
     """Per position, True where it holds its window's first maximum (PyTorch's choice on ties).
 
@@ -180,7 +175,7 @@ def _max_pool_with_indices(  # type: ignore[no-untyped-def]
     if not _plain_2x2(x, kernel_size, stride, padding, dilation, ceil_mode):
         return NotImplemented
     positions = window_positions(x)
-    out = _window_maximum(positions)
+    out = window_maximum(positions)
     width = x.shape[3]
     rows = torch.arange(out.shape[2], device=x.device).reshape(-1, 1) * (2 * width)
     base = rows + 2 * torch.arange(out.shape[3], device=x.device)
@@ -198,7 +193,7 @@ def _max_pool_backward(  # type: ignore[no-untyped-def]
         return NotImplemented
     n, c, h, w = x.shape
     positions = window_positions(x)
-    out = _window_maximum(positions)
+    out = window_maximum(positions)
     routed = [
         torch.where(first, grad, 0.0).reshape(n, c, h // 2, 1, w // 2, 1)
         for first in _first_maximum(positions, out)
