@@ -106,17 +106,14 @@ def test_a_model_and_data_of_different_tasks_are_refused(mnist):
 
 
 @pytest.mark.slow
-def test_exported_training_step_skips_ignored_targets(tmp_path):
+def test_exported_training_step_skips_ignored_targets(tmp_path, artifact_cache):
     # A device trains the masked positions only by sending IGNORE_INDEX elsewhere.
     import onnxruntime as ort
 
-    from exporter.config import ExportConfig, Format
-    from exporter.pipeline import export_level
     from exporter.step import OptimizerSettings, reference_steps
 
-    folder = export_level(
-        ExportConfig(model="conv", rate=0.0625, formats=(Format.onnx,), verify=False), tmp_path
-    )
+    artifact_cache(tmp_path, ("e",))  # conv e at global rate 1, as exported for devices
+    folder = tmp_path / "artifacts" / "conv-e"
     session = ort.InferenceSession(str(folder / "onnx" / "train_step.onnx"))
     model = get_architecture("conv").build(0.0625)
     start = {k: v.detach().clone() for k, v in model.named_parameters()}

@@ -12,8 +12,6 @@ import pytest
 from safetensors.numpy import load, save
 
 from device_sim.onnx_backend import OnnxLevel
-from exporter.config import ExportConfig, Format
-from exporter.pipeline import export_level
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
@@ -32,15 +30,9 @@ def node() -> str:
     return found
 
 
-@pytest.fixture(scope="module")
-def conv_e(tmp_path_factory):
-    out = tmp_path_factory.mktemp("artifacts")
-    return export_level(
-        ExportConfig(model="conv", rate=0.0625, formats=(Format.onnx,), verify=False), out
-    )
-
-
-def test_browser_trainer_matches_python_onnxruntime(node, conv_e, tmp_path):
+def test_browser_trainer_matches_python_onnxruntime(node, artifact_cache, tmp_path):
+    artifact_cache(tmp_path, ("e",))  # conv e as the coordinator's tests use it
+    conv_e = tmp_path / "artifacts" / "conv-e"
     level = OnnxLevel(conv_e)
     rng = np.random.default_rng(0)
     weights = {
