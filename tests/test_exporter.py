@@ -171,16 +171,26 @@ def test_other_levels_export_and_verify_in_both_formats(model, rate, tmp_path):
 
 
 def test_a_backend_failure_is_a_clear_error_and_leaves_no_files(tmp_path, monkeypatch):
-    import exporter.executorch_backend as backend
+    import exporter.executorch_backend as executorch_backend
+    import exporter.onnx_backend as onnx_backend
+
+    written = []
+
+    def onnx_files(function, args, inputs, outputs, batch_inputs, max_batch, path):
+        path.write_bytes(b"an ONNX program")  # as fast as a stand-in can be
+        written.append(path)
+        return True
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("Missing out variants: {'aten::some_op'}")
 
-    monkeypatch.setattr(backend, "export_training_program", unsupported)
+    monkeypatch.setattr(onnx_backend, "export_onnx_program", onnx_files)
+    monkeypatch.setattr(executorch_backend, "export_training_program", unsupported)
     with pytest.raises(ExportError, match="executorch cannot export conv at level e"):
         export_level(
             ExportConfig(model="conv", rate=0.0625, formats=(Format.all,), verify=False), tmp_path
         )
+    assert len(written) == 3  # the ONNX programs were written before ExecuTorch failed
     assert list(tmp_path.iterdir()) == []
 
 
