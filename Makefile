@@ -1,8 +1,10 @@
 # One target per habit. Every target creates or reuses the virtualenv in .venv.
 # torch is pinned to 2.13.0 (a CPU wheel on these machines); everything else is
 # installed under constraints.txt so that no dependency can pull another torch.
-# --no-compile: Python compiles the modules that are imported when first imported,
-# instead of pip byte-compiling every file of torch and executorch (140 -> 74 s here).
+# pip installs without byte-compiling, then compileall compiles on every core at once
+# (pip compiles file by file; back to back here: 174 s that way, 114 s this way).
+# The .pyc files must exist: with PYTHONDONTWRITEBYTECODE set, Python would otherwise
+# compile torch at every start. Files that do not compile are skipped, as pip skips them.
 
 VENV ?= .venv
 PYTHON ?= python3
@@ -17,6 +19,7 @@ $(BIN)/heterofl-edge: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-compile torch==2.13.0
 	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e '.[server,executorch,dev]'
+	$(BIN)/python -m compileall -q -j 0 $(VENV)/lib >/dev/null || true
 	touch $@
 
 install: $(BIN)/heterofl-edge

@@ -50,9 +50,7 @@ def device_install(tmp_path_factory) -> Path:
     (wheel,) = (root / "dist").glob("heterofl_edge-*.whl")
     venv.create(root / "venv", with_pip=True)
     bin_dir = root / "venv" / "bin"
-    installed = run(
-        bin_dir / "python", "-m", "pip", "install", "--quiet", "--no-compile", wheel, cwd=root
-    )
+    installed = run(bin_dir / "python", "-m", "pip", "install", "--quiet", wheel, cwd=root)
     if installed.returncode != 0 and any(s in installed.stderr for s in OFFLINE):
         message = f"the base dependencies are neither reachable nor cached: {installed.stderr}"
         if os.environ.get("CI"):
