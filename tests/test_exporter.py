@@ -147,7 +147,7 @@ def test_executorch_ten_steps_match_eager(conv_e):
 
 
 def test_reexport_gives_identical_files(conv_e, tmp_path):
-    # Verification only reads the files (and takes a minute here): the second export skips it.
+    # Verification reads the files and changes none of them: the second export skips it.
     again = export_level(ExportConfig(model="conv", rate=0.0625, verify=False), tmp_path)
     first = json.loads((conv_e / "manifest.json").read_text())["files"]
     second = json.loads((again / "manifest.json").read_text())["files"]
