@@ -73,6 +73,8 @@ bench: install
 	$(BIN)/python bench/bench_simulate.py
 	$(BIN)/python bench/bench_round_floor.py
 	$(BIN)/python bench/bench_export.py
+	if command -v perf >/dev/null; then $(BIN)/python bench/profile_executorch.py; \
+	else echo "bench: profile_executorch.py skipped: needs perf (apt-get install linux-perf)"; fi
 	$(BIN)/python bench/bench_coordinator.py
 	$(BIN)/python bench/bench_fleet.py
 	$(BIN)/python bench/bench_load.py
