@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from exporter.config import ExportConfig, Format, Kernels
+from exporter.errors import ExportError
 from exporter.executorch_backend import ExecuTorchTrainer, set_threads
 from exporter.pipeline import export_level
 from exporter.step import OptimizerSettings
@@ -367,6 +368,23 @@ def missed_rows(export_json: Path) -> list[str]:
     ]
 
 
+def parse_rows(text: str) -> list[str]:
+    """``model:level:batch,...`` checked, for argparse (a bad row is a usage error)."""
+    rows = [row.strip() for row in text.split(",") if row.strip()]
+    for row in rows:
+        parts = row.split(":")
+        try:
+            if len(parts) != 3 or int(parts[2]) < 1:
+                raise ValueError
+            get_architecture(parts[0])
+            parse_rate(parts[1])
+        except Exception:  # the model registry and parse_rate raise their own kinds
+            raise argparse.ArgumentTypeError(
+                f"{row!r} is not model:level:batch (for example conv:c:64)"
+            ) from None
+    return rows
+
+
 def export_program(model: str, level: str, batch: int, out: Path) -> Path:
     config = ExportConfig(
         model=model,
@@ -398,7 +416,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", help="model:level:batch,... (default: the misses)")
+    parser.add_argument(
+        "--rows", type=parse_rows, help="model:level:batch,... (default: the misses)"
+    )
     parser.add_argument("--seconds", type=float, default=4.0, help="sampled seconds per row")
     parser.add_argument("--out", type=Path, default=RESULTS / "executorch_profile.json")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -408,7 +428,7 @@ def main() -> None:
         return
     if shutil.which("perf") is None:
         sys.exit("profile_executorch: needs Linux perf (Debian: apt-get install linux-perf)")
-    keys = args.rows.split(",") if args.rows else missed_rows(RESULTS / "export.json")
+    keys = args.rows or missed_rows(RESULTS / "export.json")
     spec = importlib.util.find_spec(f"executorch.extension.pybindings.{LIBRARY}")
     library = Path(spec.origin) if spec and spec.origin else None
     if library is None:
@@ -418,19 +438,24 @@ def main() -> None:
         rows = []
         for key in keys:
             model, level, batch = key.split(":")
-            program = export_program(model, level, int(batch), tmp)
-            rows.append({"key": key, "model": model, "level": level, "batch": int(batch)})
-            rows[-1]["program"] = str(program)
+            try:
+                program = export_program(model, level, int(batch), tmp)
+            except ExportError as exc:
+                sys.exit(f"profile_executorch: {key}: {exc}")
+            row = {"key": key, "model": model, "level": level, "batch": int(batch)}
+            rows.append(row | {"program": str(program)})
             print("exported", key, flush=True)
         spec_path = tmp / "spec.json"
         spec_path.write_text(
             json.dumps({"rows": rows, "probe_seconds": 1.5, "row_seconds": args.seconds})
         )
         data = tmp / "perf.data"
-        subprocess.run(
-            [*PERF_RECORD, "-o", str(data), sys.executable, __file__, "--child", str(spec_path)],
-            check=True,
-        )
+        record = [*PERF_RECORD, "-o", str(data), sys.executable, __file__, "--child"]
+        if subprocess.run([*record, str(spec_path)]).returncode != 0:
+            sys.exit(
+                "profile_executorch: the profiled run failed (messages above); if perf "
+                "refused to sample, it needs kernel.perf_event_paranoid <= 2 or root"
+            )
         text = subprocess.run(
             ["perf", "script", "--no-inline", "-i", str(data)],
             capture_output=True,
