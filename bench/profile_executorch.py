@@ -67,6 +67,7 @@ TARGET = 1.5
 # to Method::execute, and few enough bytes that perf loses no samples.
 PERF_RECORD = ["perf", "record", "-q", "-k", "mono", "-F", "299", "--call-graph", "dwarf,8192"]
 LIBRARY = "_portable_lib"  # ExecuTorch's runtime, kernels and XNNPACK, in one shared library
+MIN_PROBE_SHARE = 0.05  # a function under this share of every probe's samples is not named
 
 
 # -- the profiled process ------------------------------------------------------
@@ -83,29 +84,29 @@ def _probe_modules() -> dict[str, tuple[Callable[..., torch.Tensor], tuple[torch
     g = torch.randn(64 * 14 * 14, 64)
     small = torch.randn(64, 512)
     head = torch.randn(10, 512)
+    narrow = torch.randn(64 * 28 * 28, 9)  # a first layer's patches: few inputs, few outputs
+    narrow_w = torch.randn(4, 9)
+    narrow_g = torch.randn(64 * 28 * 28, 4)
     return {
-        # forward (x @ w.T), input gradient (g @ w), weight gradient (g.T @ a), a narrow head
-        "matrix multiply": (
-            lambda a, w, g, small, head: torch.cat(
-                [
-                    F.linear(a, w).flatten(),
-                    (g @ w).flatten(),
-                    (g.t() @ a).flatten(),
-                    F.linear(small, head).flatten(),
-                ]
-            ),
-            (a, w, g, small, head),
-        ),
-        "slice": (lambda x: x[:, 1:13, 1:13, :] * 1.0, (x,)),
+        # One probe per shape a training step multiplies in ("#" tells them apart): XNNPACK
+        # picks its matrix-multiply path by shape.
+        "matrix multiply#forward": (lambda a, w: F.linear(a, w), (a, w)),
+        "matrix multiply#input gradient": (lambda g, w: g @ w, (g, w)),
+        "matrix multiply#weight gradient": (lambda g, a: g.t() @ a, (g, a)),
+        "matrix multiply#head": (lambda small, head: F.linear(small, head), (small, head)),
+        "matrix multiply#narrow forward": (lambda n, w: F.linear(n, w), (narrow, narrow_w)),
+        "matrix multiply#narrow weight gradient": (lambda g, n: g.t() @ n, (narrow_g, narrow)),
+        "slice#rows and columns": (lambda x: x[:, 1:13, 1:13, :], (x,)),
+        "slice#channels": (lambda x: x[:, :, :, 8:24], (x,)),
         "concatenate": (lambda x, y: torch.cat([x, y], dim=3), (x, y)),
         "pad": (lambda x: F.pad(x, (0, 0, 1, 2, 1, 2)), (x,)),
         "transpose": (lambda x: x.permute(0, 3, 1, 2).contiguous(), (x,)),
         "elementwise arithmetic": (
-            lambda x, y, s: torch.maximum((x * y - x) / (y + 3.0), x * s),
+            lambda x, y, s: torch.maximum((x * y - x) / (y + 3.0), x * s) * 0.5,
             (x, y, scale),
         ),
         "clamp and ceil": (lambda x: torch.ceil(torch.clamp(x, 0.0, 1.0)), (x,)),
-        "mean": (lambda x: x.mean(dim=(2, 3), keepdim=True) * 1.0, (nchw,)),
+        "mean": (lambda x: x.mean(dim=(2, 3), keepdim=True), (nchw,)),
     }
 
 
@@ -295,7 +296,11 @@ def bucket(frames: list[tuple[int, str, str]], ranges: FunctionRanges) -> tuple[
 def name_functions(per_probe: dict[str, Counter[str]]) -> dict[str, str]:
     """Each XNNPACK function's operator: the probe where it has the largest share of samples.
 
-    Probes within 10% of that share are named with it (a function several operators share).
+    Probes within 10% of that share are named with it (a function several operators share);
+    a probe's name ends before any "#" (several probes of one operator).
+    A function with less than ``MIN_PROBE_SHARE`` of every probe's samples stays unnamed:
+    so few samples are the noise of a probe's other work, and named that way a function
+    changed name between runs.
     """
     shares: dict[str, dict[str, float]] = defaultdict(dict)
     for probe, counts in per_probe.items():
@@ -305,12 +310,17 @@ def name_functions(per_probe: dict[str, Counter[str]]) -> dict[str, str]:
     names = {}
     for function, by_probe in shares.items():
         best = max(by_probe.values())
-        names[function] = "/".join(sorted(p for p, s in by_probe.items() if s >= 0.9 * best))
+        if best >= MIN_PROBE_SHARE:
+            close = {p.split("#")[0] for p, s in by_probe.items() if s >= 0.9 * best}
+            names[function] = "/".join(sorted(close))
     return names
 
 
-def attribute(spec: dict[str, Any], text: str, ranges: FunctionRanges) -> dict[str, Any]:
-    """Per row: the share of its step in each bucket, XNNPACK functions named by the probes."""
+def attribute(
+    spec: dict[str, Any], text: str, ranges: FunctionRanges
+) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """Per row, the share of its step in each bucket (XNNPACK functions named by the probes);
+    per probe, its largest functions' shares (what the names rest on)."""
     samples = [s for s in read_samples(text) if s[0] == spec["pid"]]
 
     def counts_between(start: int, end: int) -> Counter[tuple[str, str]]:
@@ -350,7 +360,11 @@ def attribute(spec: dict[str, Any], text: str, ranges: FunctionRanges) -> dict[s
             "shares": {k: round(v, 3) for k, v in shares.most_common()},
             "unidentified_functions": {k: round(v, 3) for k, v in unidentified.most_common(5)},
         }
-    return report
+    probes = {
+        probe: {f: round(n / (sum(c.values()) or 1), 3) for f, n in c.most_common(6)}
+        for probe, c in per_probe.items()
+    }
+    return report, probes
 
 
 # -- the run ---------------------------------------------------------------------
@@ -463,8 +477,9 @@ def main() -> None:
             check=True,
         ).stdout
         ranges = FunctionRanges.of_library(library)
-        report = attribute(json.loads(spec_path.read_text()), text, ranges)
-    write_json(args.out, {"machine": {"cpu_count": os.cpu_count(), "threads": 1}, "rows": report})
+        report, probes = attribute(json.loads(spec_path.read_text()), text, ranges)
+    machine = {"cpu_count": os.cpu_count(), "threads": 1}
+    write_json(args.out, {"machine": machine, "rows": report, "probes": probes})
     atomic_write_bytes(args.out.with_suffix(".md"), markdown(report).encode())
     print(markdown(report))
 

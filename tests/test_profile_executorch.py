@@ -85,17 +85,23 @@ def test_each_sample_lands_in_the_bucket_of_what_ran(profile: ModuleType) -> Non
 def test_functions_take_the_name_of_the_probe_where_they_weigh_most(profile: ModuleType) -> None:
     names = profile.name_functions(
         {
-            "slice": Counter({"copy": 40, "mul": 60}),
+            "slice": Counter({"copy": 40, "mul": 57, "stray": 3}),
             "elementwise arithmetic": Counter({"mul": 100}),
             "concatenate": Counter({"copy": 42, "concat": 58}),
+            "matrix multiply#wide": Counter({"gemm": 100}),
+            "matrix multiply#narrow": Counter({"gemm": 95, "gemv": 5}),
         }
     )
     assert names == {
-        # 60% of the slice probe, 100% of the arithmetic one
+        # 57% of the slice probe, 100% of the arithmetic one
         "mul": "elementwise arithmetic",
         # a function two operators share within 10% carries both names
         "copy": "concatenate/slice",
         "concat": "concatenate",
+        # probes of one operator ("#" and what follows told them apart) give one name
+        "gemm": "matrix multiply",
+        "gemv": "matrix multiply",
+        # "stray" (3% of one probe, under MIN_PROBE_SHARE) stays unnamed
     }
 
 
@@ -113,7 +119,8 @@ def test_a_row_reports_the_shares_of_its_own_thread_and_time_window(profile: Mod
             },
         ],
     }
-    report = profile.attribute(spec, PERF_SCRIPT, profile.FunctionRanges(FRAMES_DUMP))
+    report, probes = profile.attribute(spec, PERF_SCRIPT, profile.FunctionRanges(FRAMES_DUMP))
+    assert probes == {"slice": {"1000": 1.0}}  # the probe's one sample
     row = report["conv:c:64"]
     assert row["over_eager"] == 2.0
     assert row["samples"] == 3  # the other thread's sample is not the step's
