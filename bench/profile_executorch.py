@@ -50,10 +50,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from bench_export import _batch  # this folder is on sys.path when a bench script runs
 
 from exporter.config import ExportConfig, Format, Kernels
 from exporter.errors import ExportError
-from exporter.executorch_backend import ExecuTorchTrainer, set_threads
+from exporter.executorch_backend import ExecuTorchTrainer, _Function, set_threads
 from exporter.pipeline import export_level
 from exporter.step import OptimizerSettings
 from heterofl_edge.levels import parse_rate
@@ -110,15 +111,6 @@ def _probe_modules() -> dict[str, tuple[Callable[..., torch.Tensor], tuple[torch
     }
 
 
-class _Function(torch.nn.Module):
-    def __init__(self, function: Callable[..., torch.Tensor]) -> None:
-        super().__init__()
-        self.function = function
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.function(*args)
-
-
 def _probe_program(function: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]) -> Any:
     """``function`` lowered to XNNPACK whole, loaded; None if XNNPACK did not take all of it."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -168,14 +160,6 @@ def _eager_ms(model_name: str, rate: float, batch: tuple[torch.Tensor, ...], ste
         step()
         times.append(time.perf_counter() - start)
     return 1000 * sorted(times)[len(times) // 2]
-
-
-def _batch(model: str, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    arch = get_architecture(model)
-    g = torch.Generator().manual_seed(batch)
-    x = torch.randn((batch, *arch.input_shape), generator=g)
-    y = torch.randint(0, arch.num_classes, (batch,), generator=g)
-    return x, y, torch.ones(arch.num_classes)
 
 
 def child(spec_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -14,11 +15,17 @@ LIB = "/venv/lib/python3.11/site-packages/executorch/extension/pybindings/_porta
 
 @pytest.fixture(scope="module")
 def profile() -> ModuleType:
-    path = Path(__file__).parents[1] / "bench" / "profile_executorch.py"
-    spec = importlib.util.spec_from_file_location("profile_executorch", path)
+    bench = Path(__file__).parents[1] / "bench"
+    spec = importlib.util.spec_from_file_location(
+        "profile_executorch", bench / "profile_executorch.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(bench))  # as when the script runs: it imports bench_export
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
     return module
 
 
