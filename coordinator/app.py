@@ -46,17 +46,37 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class StrictJSONProvider(DefaultJSONProvider):
-    """Strict JSON out (non-finite numbers become null); deep nesting in is a 400."""
+    """Strict JSON both ways (RFC 8259 as interoperable parsers read it).
+
+    Out: non-finite numbers become null. In: ``NaN``, ``Infinity`` and
+    ``-Infinity`` (which Python's parser accepts) and duplicate keys (where
+    parsers disagree on which value wins) are refused, as is deep nesting.
+    """
 
     def dumps(self, obj: Any, **kwargs: Any) -> str:
         kwargs.setdefault("allow_nan", False)
         return super().dumps(_finite(obj), **kwargs)
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        kwargs.setdefault("object_pairs_hook", _unique_keys)
+        kwargs.setdefault("parse_constant", _no_constant)
         try:
             return super().loads(s, **kwargs)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in found:
+            raise ValueError(f"duplicate key {key[:64]!r}")
+        found[key] = value
+    return found
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _finite(value: Any) -> Any:
@@ -75,16 +95,20 @@ def error_reply(code: ErrorCode, message: str, hint: str = "", status: int | Non
     return response
 
 
+def _body_error() -> ErrorCode:
+    """The code of a request body that does not parse or fit: a registration's is its profile."""
+    if request.endpoint == "devices.register":
+        return ErrorCode.bad_profile
+    return ErrorCode.invalid_request
+
+
 def _validation_error(error: ValidationError) -> Any:
     problems = "; ".join(
         f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in error.errors()[:3]
     )
-    code = (
-        ErrorCode.bad_profile
-        if request.endpoint == "devices.register"
-        else ErrorCode.invalid_request
+    return error_reply(
+        _body_error(), f"request does not fit the API: {problems}", "see /v1/openapi.json"
     )
-    return error_reply(code, f"request does not fit the API: {problems}", "see /v1/openapi.json")
 
 
 def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool = True) -> OpenAPI:
@@ -101,7 +125,14 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
             description="HeteroFL rounds over a fleet of devices: register, poll for tasks, "
             "download weights, upload safetensors. Every error reply carries a `code`.",
         ),
-        security_schemes={"bearer": {"type": "http", "scheme": "bearer"}},
+        security_schemes={
+            "bearer": {"type": "http", "scheme": "bearer", "description": "a device's token"},
+            "operator": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "the operator token, where the coordinator has one",
+            },
+        },
         doc_ui=False,
         validation_error_status=400,
         validation_error_model=ErrorReply,
@@ -130,6 +161,15 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
                 ErrorCode.payload_too_large,
                 f"body too large: the limit is {config.max_json_bytes} bytes here",
             )
+        if request.endpoint not in _UPLOADS and length and request.is_json:
+            try:  # the schemas validate what this strict parse accepts
+                app.json.loads(request.get_data(cache=True))
+            except (ValueError, UnicodeDecodeError) as exc:
+                return error_reply(
+                    _body_error(),
+                    f"the body is not strict JSON: {str(exc)[:200]}",
+                    "send RFC 8259 JSON: finite numbers, each key once",
+                )
         return None
 
     @app.after_request
@@ -168,7 +208,10 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
     def api_error(error: ApiError) -> Any:
         if error.status >= 500:
             log.error("%s: %s", error.code, error.message)
-        return error_reply(error.error_code, error.message, error.hint)
+        response = error_reply(error.error_code, error.message, error.hint)
+        if error.retry_after is not None:
+            response.headers["Retry-After"] = str(error.retry_after)
+        return response
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Any:

@@ -133,6 +133,7 @@ class TaskSettings:
     clip_grad_norm: float | None
     formats: tuple[str, ...]
     poll_seconds: float
+    heartbeat_seconds: float  # how often a working device calls /v1/heartbeat
 
 
 class TaskBoard:
@@ -355,6 +356,7 @@ class TaskBoard:
             "artifact": artifact,
             "weights_url": f"/v1/rounds/{number}/weights",
             "deadline": view.deadline,
+            "heartbeat_seconds": self.settings.heartbeat_seconds,
         }
         if view.phase is Phase.statistics:
             return {

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from coordinator.admission import AdmissionConfig
 from coordinator.policy import LevelTable
 from heterofl_edge.engine import StatisticsClients
 from heterofl_edge.training import LocalTrainingConfig
@@ -41,16 +42,19 @@ class CoordinatorConfig:
     lr_factor: float = 0.1
     local: LocalTrainingConfig = field(default_factory=LocalTrainingConfig)
     seed: int = 0
+    # Who may register and read the operator's views, and how fast registrations come.
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     max_upload_bytes: int = 64 * 1024 * 1024
     max_json_bytes: int = 64 * 1024  # registration and other JSON bodies
     artifact_formats: tuple[str, ...] = ("onnx",)
     artifact_verify: bool = True
     build_artifacts: bool = True  # export every level at start-up (tests without devices skip it)
     # Liveness: a device is offline after this long without a request. Waiting devices
-    # poll every poll_seconds; working devices send a heartbeat every heartbeat_seconds.
+    # poll every poll_seconds; working devices send a heartbeat every heartbeat_interval
+    # (heartbeat_seconds, or by default a sixth of the timeout: five beats may be lost).
     device_timeout: float = 30.0
     poll_seconds: float = 2.0
-    heartbeat_seconds: float = 5.0
+    heartbeat_seconds: float | None = None
     # Training data of the data set eval_data served to browser devices as deterministic
     # shards (demo only).
     demo_data_dir: Path | None = None
@@ -59,3 +63,10 @@ class CoordinatorConfig:
     eval_data_dir: Path | None = None
     eval_data: str = "mnist"
     eval_examples: int | None = None
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between a working device's heartbeats (stated in registration and tasks)."""
+        if self.heartbeat_seconds is not None:
+            return self.heartbeat_seconds
+        return max(0.5, min(10.0, self.device_timeout / 6))

@@ -20,10 +20,15 @@ class ErrorCode(StrEnum):
 
     invalid_request = "invalid_request"  # a path, query or JSON body that does not parse
     bad_profile = "bad_profile"  # a registration profile out of bounds
+    unsupported_runtime = "unsupported_runtime"  # none of the device's runtimes is offered
     bad_payload = "bad_payload"  # a body that is not a readable safetensors payload
     bad_metadata = "bad_metadata"  # safetensors metadata missing, malformed or out of bounds
     missing_token = "missing_token"
     unknown_token = "unknown_token"
+    enrollment_required = "enrollment_required"  # registration needs the enrollment token
+    bad_enrollment_token = "bad_enrollment_token"
+    operator_token_required = "operator_token_required"  # the operator's views need its token
+    too_many_registrations = "too_many_registrations"  # per-address rate limit (Retry-After)
     not_assigned = "not_assigned"  # the device has no such task in that round
     unknown_round = "unknown_round"
     not_found = "not_found"
@@ -46,10 +51,15 @@ class ErrorCode(StrEnum):
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400,
     ErrorCode.bad_profile: 400,
+    ErrorCode.unsupported_runtime: 400,
     ErrorCode.bad_payload: 400,
     ErrorCode.bad_metadata: 400,
     ErrorCode.missing_token: 401,
     ErrorCode.unknown_token: 401,
+    ErrorCode.enrollment_required: 401,
+    ErrorCode.bad_enrollment_token: 401,
+    ErrorCode.operator_token_required: 401,
+    ErrorCode.too_many_registrations: 429,
     ErrorCode.not_assigned: 403,
     ErrorCode.unknown_round: 404,
     ErrorCode.not_found: 404,
@@ -78,9 +88,12 @@ class ApiError(HeteroFLError):
     included, is a fault on the server (500, logged with its traceback).
     """
 
-    def __init__(self, code: ErrorCode, message: str, hint: str = "") -> None:
+    def __init__(
+        self, code: ErrorCode, message: str, hint: str = "", retry_after: int | None = None
+    ) -> None:
         super().__init__(message, hint, code=code.value)
         self.error_code = code
+        self.retry_after = retry_after  # seconds, sent as Retry-After (429, 503)
 
     @property
     def status(self) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from heterofl_edge.engine import Stopped
 from heterofl_edge.models import Architecture
 
 __all__ = ["HeldOutEvaluation"]
@@ -52,12 +54,21 @@ class HeldOutEvaluation:
             self._test = loaded.test_x[keep], loaded.test_y[keep]
         return self._test
 
-    def __call__(self, state: dict[str, torch.Tensor]) -> dict[str, float | None]:
+    def __call__(
+        self, state: dict[str, torch.Tensor], stopping: Callable[[], bool] = lambda: False
+    ) -> dict[str, float | None]:
+        """Scores of ``state``; ``Stopped`` as soon as ``stopping()`` (checked every batch)."""
         from heterofl_edge.tasks import task_for
 
         inputs, targets = self._test_data()
         model = self.arch.build(self.global_rate, self.global_rate)
         model.load_state_dict(state)
+
+        def check(module: torch.nn.Module, args: object) -> None:
+            if stopping():
+                raise Stopped("the coordinator is stopping")
+
+        model.register_forward_pre_hook(check)  # before every batch's forward pass
         task = task_for(self.arch)
         result = task.evaluate(model, inputs, targets)
         scores: dict[str, float | None] = {

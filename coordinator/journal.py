@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -10,10 +13,13 @@ import torch
 from coordinator.policy import ProfileLevels
 from coordinator.store import Checkpoint, Store, TaskRow
 from heterofl_edge.engine import Phase, ResumePoint, RoundOpen, RoundResult, Task
+from heterofl_edge.levels import rate_label
 
 __all__ = ["StoreJournal"]
 
 State = dict[str, torch.Tensor]
+
+log = logging.getLogger("heterofl_edge.coordinator")
 
 
 class StoreJournal:
@@ -60,10 +66,30 @@ class StoreJournal:
 
     def round_opened(self, opened: RoundOpen) -> None:
         self.store.open_round(opened)
+        levels = Counter(rate_label(t.rate) for t in opened.tasks)
+        log.info(
+            "round %d opened: %d devices selected (%s), deadline in %s",
+            opened.round,
+            len(opened.tasks),
+            ", ".join(f"{n} at {level}" for level, n in sorted(levels.items())),
+            _seconds(opened.deadline - opened.opened_at),
+            extra={"round": opened.round},
+        )
 
     def training_closed(self, opened: RoundOpen, state: State) -> None:
         checkpoint = self.store.write_checkpoint(opened.round - 1, "aggregated", state)
         self.store.close_training(opened, checkpoint, self._policy_state())
+        summary = opened.summary
+        log.info(
+            "round %d training closed: %s of %s selected uploaded, %s timed out; "
+            "asking %d devices for sBN statistics",
+            opened.round,
+            summary.get("uploads"),
+            summary.get("selected"),
+            summary.get("timed_out"),
+            len(opened.stats_tasks),
+            extra={"round": opened.round},
+        )
 
     def round_finished(self, result: RoundResult, state: State) -> None:
         if result.state == "finished":
@@ -76,6 +102,10 @@ class StoreJournal:
             result.round, result.state, result.to_json(), checkpoint, self._policy_state()
         )
         self.on_finished(result, state)
+
+
+def _seconds(value: float) -> str:
+    return "no deadline" if not math.isfinite(value) else f"{value:.0f} s"
 
 
 def _task(row: TaskRow) -> Task:

@@ -23,15 +23,21 @@ def free_port() -> int:
 
 
 def start_coordinator(
-    args: list[str], log_path: Path, timeout: float = 120.0, attempts: int = 3
+    args: list[str],
+    log_path: Path,
+    timeout: float = 120.0,
+    attempts: int = 3,
+    port: int | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start ``heterofl-edge coordinator serve`` with ``args``; wait until it answers.
 
-    The port is a free one on 127.0.0.1; if another process takes it between the
-    check and the bind (parallel test workers), a new port is tried.
+    The port is ``port`` (a restart on the same address), else a free one on
+    127.0.0.1; if another process takes a free one between the check and the
+    bind (parallel test workers), a new port is tried.
     """
-    for attempt in range(attempts):
-        port = free_port()
+    fixed = port
+    for attempt in range(attempts if fixed is None else 1):
+        port = free_port() if fixed is None else fixed
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("wb") as sink:
             process = subprocess.Popen(

@@ -11,6 +11,7 @@ evaluation) happens on the worker.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 import time
@@ -21,7 +22,8 @@ from typing import Any
 
 import torch
 
-from coordinator.artifacts import Artifacts
+from coordinator.admission import Admission
+from coordinator.artifacts import Artifacts, ExportStopped
 from coordinator.board import DeviceState, TaskBoard, TaskSettings, TaskStatus, Waker, encode_state
 from coordinator.config import CoordinatorConfig, LevelPolicy
 from coordinator.demo_data import DemoData
@@ -37,7 +39,8 @@ from coordinator.store import StateError, Store
 from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.complexity import measure_complexity
 from heterofl_edge.data.registry import resolve_dataset
-from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult
+from heterofl_edge.device_runtime import Runtime
+from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult, Stopped
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture, get_architecture
@@ -65,6 +68,7 @@ class Coordinator:
         self.store = Store(config.state_dir)
         self._check_identity()
         self.metrics = CoordinatorMetrics()
+        self.admission = Admission(config.admission, clock)
         self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
         self.waker = Waker()
         local = config.local
@@ -81,6 +85,7 @@ class Coordinator:
                 local.clip_grad_norm,
                 config.artifact_formats,
                 config.poll_seconds,
+                config.heartbeat_interval,
             ),
             clock,
             self.waker,
@@ -116,17 +121,22 @@ class Coordinator:
         self._ended_views: dict[int, dict[str, Any]] = {}
         self._model_bytes = b""
         self._completed = 0
-        if self.store.checkpoint() is None:
-            torch.manual_seed(config.seed)
-            model = self.arch.build(self.mix.global_rate, self.mix.global_rate)
-            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.store.point_at(self.store.write_checkpoint(0, "final", state))
+        torch.manual_seed(config.seed)
+        model = self.arch.build(self.mix.global_rate, self.mix.global_rate)
+        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        found = self.store.checkpoint()
+        if found is None:
+            self.store.point_at(self.store.write_checkpoint(0, "final", initial))
+        else:
+            self._check_checkpoint(found[0].file, found[1], initial)
         self.journal = StoreJournal(self.store, self.policy, self._round_finished)
         self.engine = self._make_engine()
         self._check_open_round()
         self._publish_model(self.engine.global_state, self.engine.completed)
         self.metrics.watch_devices(self._device_counts)
         self._worker: threading.Thread | None = None
+        self.activity = "starting"  # what the worker is doing, for the log when it stops
+        self._announced = False
 
     # -- set-up ---------------------------------------------------------------------
     def _check_identity(self) -> None:
@@ -138,6 +148,21 @@ class Coordinator:
             raise ConfigError(
                 f"state dir {self.config.state_dir} holds a run of {stored.replace('|', ', ')}",
                 "use the same --model, --mode and --policy to resume, or a new --state-dir",
+            )
+
+    def _check_checkpoint(
+        self,
+        name: str,
+        state: dict[str, torch.Tensor],
+        reference: dict[str, torch.Tensor],
+    ) -> None:
+        """``StateError`` unless the model to resume is this run's: same tensors, finite."""
+        problem = checkpoint_problem(state, reference)
+        if problem is not None:
+            raise StateError(
+                f"checkpoint {name} in {self.config.state_dir} cannot be served: {problem}",
+                "run 'heterofl-edge coordinator repair --state-dir "
+                f"{self.config.state_dir}' to go back to the latest sound checkpoint",
             )
 
     def _make_engine(self) -> RoundEngine:
@@ -219,13 +244,20 @@ class Coordinator:
             while not self.board.stopping():
                 try:
                     if self.config.build_artifacts:
-                        self.artifacts.build_all()
+                        self.activity = "exporting artifacts"
+                        self.artifacts.build_all(self.board.stopping)
+                    self._say_ready()
+                    self.activity = "running rounds"
                     self.engine.run()
                     if self.engine.done:
                         self.board.finish(self.config.rounds)
+                        log.info("done: %d rounds finished", self.config.rounds)
                         return
                     if self.board.stopping():
                         return
+                except ExportStopped:
+                    log.info("export stopped; it resumes at the next start")
+                    return
                 except Exception as exc:  # a fault on the server: log, report, retry
                     log.exception("the round engine failed; retrying from the last checkpoint")
                     self.problem = f"{type(exc).__name__}: {exc}"
@@ -242,24 +274,60 @@ class Coordinator:
         """Wait until the worker has handled everything that happened so far (tests)."""
         return self.waker.settle(timeout)
 
-    def close(self, grace_seconds: float = 10.0) -> None:
-        """Stop the worker at its next safe point and close the store.
+    def _say_ready(self) -> None:
+        if self._announced:
+            return
+        self._announced = True
+        levels = ", ".join(self.artifacts.ready_levels()) or "none (--no-artifacts)"
+        if self.engine.done:
+            log.info("ready: levels %s served; all %d rounds are done", levels, self.config.rounds)
+            return
+        log.info(
+            "ready: levels %s served; %d of %d rounds done; round %d opens once %d devices "
+            "are live (%d registered)",
+            levels,
+            self.engine.completed,
+            self.config.rounds,
+            self.engine.completed + 1,
+            self.config.min_devices if self.engine.completed == 0 else self.config.min_uploads,
+            len(self.registry),
+        )
 
-        Every step of the worker is resumable (exports are staged, rounds are
-        journaled), so a worker still busy after ``grace_seconds`` is left to
-        die with the process.
+    def close(self) -> None:
+        """Stop the worker at its next safe point, wait for it, then close the store.
+
+        Nothing is abandoned to the interpreter's exit: an export child is ended
+        (its staging folder removed), an evaluation stops at its next batch, and
+        whatever else the worker does (aggregating, writing a checkpoint) is
+        short and finished. The journal then holds a state a restart resumes.
         """
         self.board.stop()
-        if self._worker is not None:
-            self._worker.join(timeout=grace_seconds)
+        worker = self._worker
+        if worker is not None and worker.is_alive():
+            log.info("stopping: waiting for the round engine (%s)", self.activity)
+            worker.join(timeout=30.0)
+            while worker.is_alive():
+                log.info("stopping: still waiting for the round engine (%s)", self.activity)
+                worker.join(timeout=30.0)
         self.store.close()
 
     def _evaluate(self, state: dict[str, torch.Tensor]) -> dict[str, float | None]:
         assert self.evaluation is not None
+        number = self.engine.completed + 1
+        previous, self.activity = self.activity, f"evaluating round {number}"
+        log.info("round %d: evaluating the global model", number, extra={"round": number})
         start = time.perf_counter()
         try:
-            return self.evaluation(state)
+            return self.evaluation(state, self.board.stopping)
+        except Stopped:
+            log.info(
+                "round %d: evaluation interrupted by the stop; it runs again at the next start",
+                number,
+                extra={"round": number},
+            )
+            raise
         finally:
+            self.activity = previous
             self.metrics.evaluation_seconds.observe(time.perf_counter() - start)
 
     def _round_finished(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
@@ -267,13 +335,20 @@ class Coordinator:
         if "aggregation" in result.seconds:
             self.metrics.aggregation_seconds.observe(result.seconds["aggregation"])
         self._publish_model(state, result.round)
+        scores = ", ".join(
+            f"{name} {value:.4g}"
+            for name, value in result.evaluation.items()
+            if name.startswith("global_") and value is not None
+        )
         log.info(
-            "round %d %s: %d/%d uploads, evaluation %s",
+            "round %d %s: %d of %d selected uploaded, %d timed out%s%s",
             result.round,
             result.state,
             result.uploads,
             result.selected,
-            result.evaluation,
+            result.timed_out,
+            f"; {scores}" if scores else "",
+            f" ({result.reason})" if result.reason else "",
             extra={"round": result.round},
         )
 
@@ -283,6 +358,8 @@ class Coordinator:
 
     # -- what the API asks ------------------------------------------------------------------
     def register(self, profile: dict[str, Any]) -> dict[str, Any]:
+        """A new device for a profile the schema accepted; 400 if this run cannot use it."""
+        self._check_profile(profile)
         rate = self.mix.global_rate
         if self.policy is not None:
             local = self.config.local
@@ -297,6 +374,13 @@ class Coordinator:
         device, token = self.registry.register(profile, rate)
         self.waker.poke()
         profiled = self.config.policy is LevelPolicy.profile
+        log.info(
+            "device %s registered: %s device, %s",
+            device.id,
+            device_kind(profile),
+            f"level {rate_label(rate)}" if profiled else f"level per round ({self.config.policy})",
+            extra={"device": device.id},
+        )
         return {
             "device_id": device.id,
             "token": token,
@@ -304,8 +388,31 @@ class Coordinator:
             "rate": rate if profiled else None,
             "policy": self.config.policy.value,
             "poll_seconds": self.config.poll_seconds,
-            "heartbeat_seconds": self.config.heartbeat_seconds,
+            "heartbeat_seconds": self.config.heartbeat_interval,
         }
+
+    def _check_profile(self, profile: dict[str, Any]) -> None:
+        """``ApiError`` for a profile this run cannot place: another mode, another format."""
+        reference = float(profile["reference_rate"])
+        if not any(math.isclose(reference, r, rel_tol=1e-9) for r in self.mix.rates):
+            accepted = ", ".join(f"{r:g} ({rate_label(r)})" for r in sorted(self.mix.rates))
+            raise ApiError(
+                ErrorCode.bad_profile,
+                f"reference_rate {reference:g} is not a level of mode {self.mix.name}: "
+                f"accepted rates are {accepted}",
+                "time the reference level that GET /v1/health names "
+                f"({rate_label(min(self.mix.rates))})",
+            )
+        offered = set(self.config.artifact_formats)
+        usable = [r for r in profile["runtimes"] if Runtime(r).artifact_format in offered]
+        if not usable:
+            raise ApiError(
+                ErrorCode.unsupported_runtime,
+                f"this coordinator offers {', '.join(sorted(offered))} artifacts; the device "
+                f"trains on {', '.join(profile['runtimes'])}",
+                "use a runtime of an offered format, or start the coordinator with "
+                "--formats onnx,executorch",
+            )
 
     def model_bytes(self) -> bytes:
         return self._model_bytes
@@ -455,6 +562,32 @@ class Coordinator:
         if device is None:
             return DeviceState.offline
         return self.board.device_state(device, self.clock())
+
+
+def checkpoint_problem(
+    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
+) -> str | None:
+    """What is wrong with a stored global model, or None: names, shapes, dtypes, finiteness."""
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        return f"its tensors are not the model's (missing {missing[:3]}, unexpected {extra[:3]})"
+    for name, expected in reference.items():
+        got = state[name]
+        if got.shape != expected.shape or got.dtype != expected.dtype:
+            return (
+                f"{name} is {got.dtype} {tuple(got.shape)}, the model's is "
+                f"{expected.dtype} {tuple(expected.shape)}"
+            )
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"{name} holds NaN or infinite values"
+    return None
+
+
+def device_kind(profile: dict[str, Any]) -> str:
+    """What a device is, from its first runtime: python, browser or executorch."""
+    runtimes = profile.get("runtimes") or ["onnx"]
+    return {"onnx": "python", "onnx-web": "browser"}.get(str(runtimes[0]), str(runtimes[0]))
 
 
 def _json_loads(text: str) -> dict[str, Any]:

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from flask_openapi3 import RawModel
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
 
 from coordinator.errors import ErrorCode
+from heterofl_edge.device_runtime import Runtime
 
 __all__ = [
     "MODEL_NAME_PATTERN",
@@ -86,13 +87,20 @@ class DeviceProfileIn(BaseModel):
     reference_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
     memory_mb: float = Field(gt=0, le=1e9, allow_inf_nan=False)
     bandwidth_mbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
-    runtimes: list[str] = Field(
-        default_factory=lambda: ["onnx"],
-        max_length=8,
-        description="runtimes the device can train on: onnx, executorch, onnx-web",
+    runtimes: list[Annotated[Runtime, Strict(False)]] = Field(
+        default_factory=lambda: [Runtime.onnx],
+        min_length=1,
+        max_length=len(Runtime),
+        description="runtimes the device can train on (onnx and onnx-web train the onnx "
+        "artifacts, executorch the executorch ones)",
     )
     num_examples: JsonInt | None = Field(
         None, ge=1, le=10**9, description="examples the device trains on per epoch"
+    )
+    enrollment_token: str | None = Field(
+        None,
+        max_length=256,
+        description="the coordinator's enrollment token, where it requires one (never stored)",
     )
 
 
@@ -137,6 +145,11 @@ class TaskReply(BaseModel):
     weights_url: str | None = None
     upload_url: str | None = None
     deadline: float | None = Field(None, description="seconds since the epoch (server clock)")
+    heartbeat_seconds: float | None = Field(
+        None,
+        description="train, statistics: call /v1/heartbeat this often until the result is "
+        "uploaded (a device silent for the coordinator's device timeout is dropped)",
+    )
     expected_count: int | None = Field(
         None, description="statistics: the examples to summarise (the upload's num_samples)"
     )

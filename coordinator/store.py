@@ -23,6 +23,7 @@ import logging
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
 from heterofl_edge.engine import Phase, RoundOpen, Task
@@ -207,17 +208,34 @@ class _GroupCommitWriter:
 class Store:
     """Typed reads and writes of the coordinator's state (see the module docstring)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, recovering: bool = False) -> None:
+        """Open (or create) the state in ``folder``; ``StateError`` if it cannot be trusted.
+
+        ``recovering`` (``coordinator repair`` only) creates a database beside
+        existing checkpoints, which a start refuses.
+        """
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "coordinator.sqlite3"
-        self._check_format()
+        self._check_format(recovering)
         self._writer = _GroupCommitWriter(self.path)
         self._local = threading.local()
         if self.get_meta("schema") is None:
             self.set_meta("schema", str(SCHEMA_VERSION))
 
-    def _check_format(self) -> None:
+    def _check_format(self, recovering: bool) -> None:
+        checkpoints = [] if recovering else self.checkpoint_files()
+        empty = not self.path.exists() or self.path.stat().st_size == 0
+        if empty and checkpoints:
+            state = "missing" if not self.path.exists() else "empty"
+            raise StateError(
+                f"state folder {self.folder} holds checkpoints of a run (the latest "
+                f"{checkpoints[-1].name}) but its database {self.path.name} is {state}: "
+                "starting would begin a new run over them",
+                f"restore {self.path.name} from a backup, or run 'heterofl-edge coordinator "
+                f"repair --state-dir {self.folder}' to continue from the latest checkpoint "
+                "with a new database (devices then register again)",
+            )
         if not self.path.exists():
             return
         db = sqlite3.connect(self.path)
@@ -234,6 +252,13 @@ class Store:
             ) from None
         finally:
             db.close()
+        if checkpoints and "meta" not in tables:
+            raise StateError(
+                f"state folder {self.folder} holds checkpoints of a run but its database "
+                f"{self.path.name} holds none of the run's records",
+                f"restore {self.path.name} from a backup, or run 'heterofl-edge coordinator "
+                f"repair --state-dir {self.folder}'",
+            )
         if tables and schema != str(SCHEMA_VERSION):
             raise StateError(
                 f"state folder {self.folder} was written by another version of heterofl-edge "
@@ -517,16 +542,33 @@ class Store:
     def write_checkpoint(
         self, completed_rounds: int, stage: str, state: dict[str, torch.Tensor]
     ) -> Checkpoint:
-        """Write a checkpoint file (atomically, fsynced); the caller commits the pointer."""
+        """Write a checkpoint file (atomically, fsynced); the caller commits the pointer.
+
+        A file of that name is never overwritten: one with the same bytes is kept
+        as it is, another (left by a crash before its pointer was committed) is
+        moved to ``checkpoints/superseded/`` first, and the move is logged.
+        """
         name = _checkpoint_name(completed_rounds, stage)
-        atomic_write_bytes(
-            self.folder / "checkpoints" / name,
-            save(
-                {k: v.contiguous() for k, v in state.items()},
-                metadata={"completed_rounds": str(completed_rounds), "stage": stage},
-            ),
-        )
+        path = self.folder / "checkpoints" / name
+        metadata = {"completed_rounds": str(completed_rounds), "stage": stage}
+        identity = self.get_meta("identity")
+        if identity is not None:
+            metadata["identity"] = identity  # lets 'coordinator repair' rebuild a lost database
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        if path.exists():
+            if _holds(path, tensors, metadata):
+                return Checkpoint(completed_rounds, stage, name)
+            aside = self.folder / "checkpoints" / "superseded" / f"{name}.{time.time_ns()}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            path.rename(aside)
+            log.warning("checkpoint %s existed with other contents; kept as %s", name, aside)
+        atomic_write_bytes(path, save(tensors, metadata=metadata))
         return Checkpoint(completed_rounds, stage, name)
+
+    def checkpoint_files(self) -> list[Path]:
+        """The checkpoint files in the folder, oldest round first."""
+        folder = self.folder / "checkpoints"
+        return sorted(folder.glob("round-*.safetensors")) if folder.is_dir() else []
 
     def point_at(self, checkpoint: Checkpoint) -> None:
         self.set_meta("checkpoint", json.dumps(checkpoint.__dict__))
@@ -542,7 +584,8 @@ class Store:
         except (OSError, SafetensorError) as exc:
             raise StateError(
                 f"checkpoint {path} cannot be read ({exc})",
-                "restore the file from a backup, or start with a new --state-dir",
+                "restore the file from a backup, or run 'heterofl-edge coordinator repair "
+                f"--state-dir {self.folder}' to go back to the latest checkpoint that reads",
             ) from None
 
 
@@ -558,6 +601,20 @@ _TASK_COLUMNS = (
     "round, phase, device_id, position, rate, lr, seed, status, received_at, seconds, "
     "num_samples, labels, metrics"
 )
+
+
+def _holds(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether the checkpoint at ``path`` holds exactly ``tensors`` and ``metadata``.
+
+    Compared by content: safetensors writes metadata keys in no fixed order.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}) != metadata or set(handle.keys()) != set(tensors):
+                return False
+            return all(torch.equal(handle.get_tensor(k), v) for k, v in tensors.items())
+    except (OSError, SafetensorError):
+        return False
 
 
 def _checkpoint_name(completed_rounds: int, stage: str) -> str:

@@ -68,6 +68,7 @@ class Device:
         self._runtime = get_runtime(capabilities.runtime)  # a ConfigError if unknown
         self._levels: dict[str, LevelRuntime] = {}
         self.heartbeat_seconds = 5.0
+        self.poll_seconds = 2.0  # how long to wait when a task says neither what nor how long
 
     def _level(self, artifact: dict[str, Any]) -> LevelRuntime:
         """The level's programs in this device's runtime."""
@@ -136,6 +137,7 @@ class Device:
     def register(self) -> dict[str, Any]:
         reply = self.client.register(self.profile())
         self.heartbeat_seconds = float(reply.get("heartbeat_seconds") or 5.0)
+        self.poll_seconds = float(reply.get("poll_seconds") or 2.0)
         self.log(f"registered as {reply['device_id']} (level {reply['level'] or 'per round'})")
         return reply
 
@@ -159,24 +161,30 @@ class Device:
     def run(self, idle_limit_s: float = 600.0) -> None:
         """Work until the coordinator says done (or stays silent past ``idle_limit_s``)."""
         idle = 0.0
+        unknown: set[str] = set()
         while True:
             task = self.client.task()
             action = task["action"]
             if action == "done":
                 self.log("coordinator says done")
                 return
-            if action == "wait":
+            if action not in ("train", "statistics"):  # wait, or an action it does not know
+                if action != "wait" and action not in unknown:
+                    unknown.add(action)
+                    self.log(f"the coordinator asks for {action!r}, which this device cannot do")
                 if idle > idle_limit_s:
                     self.log("no task for too long; stopping")
                     return
-                self._sleep(task.get("retry_after", 1.0))
-                idle += task.get("retry_after", 1.0)
+                pause = float(task.get("retry_after") or self.poll_seconds)
+                self._sleep(pause)
+                idle += pause
                 continue
             idle = 0.0
+            self.heartbeat_seconds = float(task.get("heartbeat_seconds") or self.heartbeat_seconds)
             with self._heartbeats():
                 if action == "train":
                     self.train(task)
-                elif action == "statistics":
+                else:
                     self.statistics(task)
 
     def train(self, task: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import requests
 
 from device_sim.device import Capabilities
+from device_sim.protocol import DEFAULT_UNREACHABLE_SECONDS
 from heterofl_edge.errors import HeteroFLError
 
 __all__ = ["DEFAULT_PROFILES", "Fleet", "FleetConfig", "describe_round", "load_profiles"]
@@ -63,6 +64,11 @@ class FleetConfig:
     shards: Sequence[int] | None = None  # which of the `clients` shards to run (default: all)
     # More 'heterofl-edge device' options for every device, e.g. ("--data", "imagefolder").
     device_options: Sequence[str] = ()
+    enrollment_token: str | None = None  # passed to the devices (in their environment)
+    operator_token: str | None = None  # to read the round history, where it is protected
+    ca_cert: Path | None = None  # an HTTPS coordinator's self-signed certificate
+    # How long the fleet and each device ride out an unreachable coordinator (a restart).
+    unreachable_seconds: float = DEFAULT_UNREACHABLE_SECONDS
 
 
 class Fleet:
@@ -77,6 +83,8 @@ class Fleet:
         """Start every device, each registered before the next starts."""
         self.config.work_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.config.enrollment_token:  # in the environment: command lines are public
+            env["HETEROFL_ENROLLMENT_TOKEN"] = self.config.enrollment_token
         shards = self.config.shards
         for shard in range(self.config.clients) if shards is None else shards:
             capabilities = self.config.profiles[shard % len(self.config.profiles)]
@@ -105,6 +113,9 @@ class Fleet:
             ]
             if self.config.train_examples is not None:
                 command += ["--train-examples", str(self.config.train_examples)]
+            if self.config.ca_cert is not None:
+                command += ["--ca-cert", str(self.config.ca_cert)]
+            command += ["--unreachable-timeout", str(self.config.unreachable_seconds)]
             command += list(self.config.device_options)
             with log_path.open("wb") as sink:
                 process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -136,15 +147,48 @@ class Fleet:
         return sum(1 for p in self.processes if p.poll() is None)
 
     def follow(
-        self, on_round: Callable[[dict[str, Any]], None], timeout: float = 3600.0
+        self,
+        on_round: Callable[[dict[str, Any]], None],
+        timeout: float = 3600.0,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> list[dict[str, Any]]:
-        """Report each finished round until the coordinator has run them all."""
+        """Report each finished round until the coordinator has run them all.
+
+        A coordinator that stops answering (a restart) is waited for with
+        back-off, for ``unreachable_seconds`` at most: then ``HeteroFLError``.
+        """
         reported: set[int] = set()
         deadline = time.monotonic() + timeout
         base = self.config.coordinator.rstrip("/")
+        session = requests.Session()
+        if self.config.operator_token:
+            session.headers["Authorization"] = f"Bearer {self.config.operator_token}"
+        if self.config.ca_cert is not None:
+            session.verify = str(self.config.ca_cert)
+        lost_since: float | None = None
+        delay = 0.5
         while time.monotonic() < deadline:
-            health = requests.get(f"{base}/v1/health", timeout=30).json()
-            rounds = requests.get(f"{base}/v1/rounds", timeout=30).json()["rounds"]
+            try:
+                health = _json(session.get(f"{base}/v1/health", timeout=30))
+                rounds = _json(session.get(f"{base}/v1/rounds", timeout=30))["rounds"]
+            except (requests.ConnectionError, requests.Timeout, _Unavailable) as exc:
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    self.log(f"coordinator unreachable ({_reason(exc)}); waiting for it")
+                if now - lost_since > self.config.unreachable_seconds:
+                    raise HeteroFLError(
+                        f"the coordinator at {base} has been unreachable for "
+                        f"{now - lost_since:.0f} s ({_reason(exc)}); giving up",
+                        "restart it on the same --state-dir, then run the fleet again "
+                        "(--unreachable-timeout sets how long to wait)",
+                    ) from None
+                sleep(delay)
+                delay = min(2 * delay, 5.0)
+                continue
+            if lost_since is not None:
+                self.log(f"coordinator back after {time.monotonic() - lost_since:.0f} s")
+                lost_since, delay = None, 0.5
             for record in rounds:
                 if record["state"] in ("finished", "failed") and record["round"] not in reported:
                     reported.add(record["round"])
@@ -154,7 +198,7 @@ class Fleet:
                 return rounds
             if self.running() == 0 and self.processes:
                 return rounds
-            time.sleep(0.5)
+            sleep(0.5)
         raise HeteroFLError(f"the fleet did not finish within {timeout:.0f} s")
 
     def _let_devices_finish(self, grace_seconds: float) -> None:
@@ -173,6 +217,32 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+class _Unavailable(Exception):
+    """A reply that says the coordinator cannot answer now (5xx): wait as for a restart."""
+
+
+def _json(reply: requests.Response) -> Any:
+    """The reply's JSON; ``_Unavailable`` for a 5xx, ``HeteroFLError`` for a refusal."""
+    if reply.status_code >= 500:
+        raise _Unavailable(f"HTTP {reply.status_code}")
+    if reply.status_code >= 400:
+        try:
+            body = reply.json()
+        except ValueError:
+            body = {}
+        raise HeteroFLError(
+            f"the coordinator refused {reply.request.path_url}: HTTP {reply.status_code} "
+            f"{body.get('code', '')} {body.get('message', '')}".rstrip(),
+            str(body.get("hint") or "check the fleet's options (e.g. --operator-token)"),
+        )
+    return reply.json()
+
+
+def _reason(error: Exception) -> str:
+    text = str(error)
+    return "connection refused" if "refused" in text.lower() else text[:120]
 
 
 def describe_round(record: dict[str, Any], names: Mapping[str, str] | None = None) -> str:

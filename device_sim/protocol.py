@@ -1,7 +1,8 @@
 """The device side of the coordinator's HTTP protocol (requests, no torch).
 
 Every call retries with exponential backoff while the coordinator is
-unreachable, restarting or at fault (connection errors, timeouts, 5xx, 408);
+unreachable, restarting or at fault (connection errors, timeouts, 5xx, 408),
+and after a 429 as long as its Retry-After says;
 a refused token raises ``TokenRefused``; other 4xx replies raise
 ``ProtocolError`` carrying the reply's machine-readable ``code``, which is
 what callers decide on. Artifacts are cached on disk and checked by sha256.
@@ -23,7 +24,11 @@ from safetensors.numpy import load, save
 
 from heterofl_edge.errors import HeteroFLError
 
-__all__ = ["CoordinatorClient", "ProtocolError", "TokenRefused"]
+__all__ = ["DEFAULT_UNREACHABLE_SECONDS", "CoordinatorClient", "ProtocolError", "TokenRefused"]
+
+# How long a device (and the fleet command) rides out an unreachable coordinator: a restart,
+# even one that exports artifacts again, takes minutes, not a quarter of an hour.
+DEFAULT_UNREACHABLE_SECONDS = 900.0
 
 
 class ProtocolError(HeteroFLError):
@@ -43,17 +48,23 @@ class CoordinatorClient:
         self,
         base_url: str,
         cache_dir: Path,
-        retry_seconds: float = 60.0,
+        retry_seconds: float = DEFAULT_UNREACHABLE_SECONDS,
         sleep: Callable[[float], None] = time.sleep,
         ready_seconds: float = 1800.0,
         bandwidth_mbps: float | None = None,
+        ca_cert: Path | None = None,
+        enrollment_token: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.cache_dir = cache_dir
-        self.retry_seconds = retry_seconds
+        self.retry_seconds = retry_seconds  # how long to ride out an unreachable coordinator
         self.ready_seconds = ready_seconds  # how long to wait while the coordinator starts up
         self._sleep = sleep
         self._session = requests.Session()
+        self._beats = requests.Session()  # heartbeats come from another thread
+        if ca_cert is not None:  # a coordinator with a self-signed certificate
+            self._session.verify = self._beats.verify = str(ca_cert)
+        self.enrollment_token = enrollment_token
         self.token: str | None = None
         self.bandwidth_mbps = bandwidth_mbps  # a simulated link: sleep as long as the bytes take
         self.bytes_sent = 0
@@ -88,21 +99,29 @@ class CoordinatorClient:
                 reply = self._session.request(
                     method, self.base_url + path, headers=headers, timeout=120, **kwargs
                 )
-                if reply.status_code < 500 and reply.status_code != 408:
+                if reply.status_code < 500 and reply.status_code not in (408, 429):
                     return reply
                 code = _error(reply)[0]
                 if code == "not_ready":
                     budget = self.ready_seconds
                 detail = f"HTTP {reply.status_code} {code}"
+                asked = _retry_after(reply)
+            except requests.exceptions.SSLError as exc:
+                raise ProtocolError(
+                    f"the coordinator's TLS certificate is not trusted ({exc})",
+                    "pass --ca-cert FILE with the coordinator's certificate (a self-signed one), "
+                    "or set REQUESTS_CA_BUNDLE",
+                ) from None
             except (requests.ConnectionError, requests.Timeout) as exc:
-                detail = str(exc)
+                detail, asked = str(exc), None
             if waited >= budget:
                 raise ProtocolError(
                     f"coordinator at {self.base_url} unreachable for {waited:.0f} s ({detail})",
                     "check that 'heterofl-edge coordinator serve' runs and the URL is right",
                 )
-            self._sleep(delay)
-            waited += delay
+            pause = delay if asked is None else min(asked, 60.0)
+            self._sleep(pause)
+            waited += pause
             delay = min(delay * 2, 5.0)
 
     def _account(self, sent: int, received: int) -> None:
@@ -115,6 +134,8 @@ class CoordinatorClient:
         return self._request("GET", "/v1/health").json()
 
     def register(self, profile: dict[str, Any]) -> dict[str, Any]:
+        if self.enrollment_token:
+            profile = {**profile, "enrollment_token": self.enrollment_token}
         reply = self._request("POST", "/v1/devices", json=profile).json()
         self.token = reply["token"]
         return reply
@@ -127,7 +148,7 @@ class CoordinatorClient:
         if not self.token:
             return
         with contextlib.suppress(requests.RequestException):
-            requests.post(
+            self._beats.post(
                 f"{self.base_url}/v1/heartbeat",
                 headers={"Authorization": f"Bearer {self.token}"},
                 timeout=10,
@@ -169,6 +190,15 @@ class CoordinatorClient:
             tmp.replace(target)
         (folder / "manifest.json").write_bytes(manifest_bytes)
         return folder
+
+
+def _retry_after(reply: requests.Response) -> float | None:
+    """The reply's Retry-After in seconds (the delta form), if it has a usable one."""
+    try:
+        seconds = float(reply.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds < 86_400 else None
 
 
 def _sha256(payload: bytes) -> str:

@@ -18,7 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from device_sim.device import Capabilities, Device
-from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
+from device_sim.protocol import (
+    DEFAULT_UNREACHABLE_SECONDS,
+    CoordinatorClient,
+    ProtocolError,
+    TokenRefused,
+)
 from heterofl_edge.data.arrays import read_training_arrays
 from heterofl_edge.data.idx import read_split
 from heterofl_edge.data.image_arrays import read_image_folder
@@ -55,6 +60,9 @@ class WorkerConfig:
     seed: int = 0
     train_examples: int | None = None
     capabilities: Capabilities = field(default_factory=Capabilities)
+    enrollment_token: str | None = None  # where the coordinator requires one to register
+    ca_cert: Path | None = None  # the certificate of a coordinator with a self-signed one
+    unreachable_seconds: float = DEFAULT_UNREACHABLE_SECONDS  # ride out restarts this long
 
 
 def run_worker(config: WorkerConfig, log: Callable[[str], None] | None = None) -> int:
@@ -94,7 +102,12 @@ def run_worker(config: WorkerConfig, log: Callable[[str], None] | None = None) -
     indices = keep[shards.indices[config.shard]]
     capabilities = config.capabilities
     client = CoordinatorClient(
-        config.coordinator, config.cache, bandwidth_mbps=capabilities.bandwidth_mbps
+        config.coordinator,
+        config.cache,
+        retry_seconds=config.unreachable_seconds,
+        bandwidth_mbps=capabilities.bandwidth_mbps,
+        ca_cert=config.ca_cert,
+        enrollment_token=config.enrollment_token,
     )
     device = Device(
         client,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,12 +26,26 @@ from heterofl_edge.masking import TokenMasker
 __all__ = [
     "LevelRuntime",
     "LocalResult",
+    "Runtime",
     "RuntimeFactory",
     "TrainingBatch",
     "merge_batch_statistics",
     "merge_moments",
     "training_batches",
 ]
+
+
+class Runtime(StrEnum):
+    """Every runtime a device may declare at registration."""
+
+    onnx = "onnx"  # Python onnxruntime (device_sim)
+    onnx_web = "onnx-web"  # onnxruntime-web in a browser (web/)
+    executorch = "executorch"  # ExecuTorch's training API (a native app, or device_sim)
+
+    @property
+    def artifact_format(self) -> str:
+        """The exported format it trains: onnx or executorch."""
+        return "executorch" if self is Runtime.executorch else "onnx"
 
 
 @dataclass(frozen=True)

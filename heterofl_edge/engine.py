@@ -51,6 +51,7 @@ __all__ = [
     "RoundResult",
     "StatisticsClients",
     "StatsReply",
+    "Stopped",
     "Task",
     "TrainReply",
     "Transport",
@@ -59,6 +60,14 @@ __all__ = [
 log = logging.getLogger("heterofl_edge.engine")
 
 State = dict[str, torch.Tensor]
+
+
+class Stopped(Exception):
+    """The run is stopping: raised by work the engine waits on (an evaluation) to end it early.
+
+    The engine returns at once; the journal still holds the step in progress,
+    which runs again when the engine resumes.
+    """
 
 
 class Phase(StrEnum):
@@ -322,12 +331,15 @@ class RoundEngine:
     # -- the loop -------------------------------------------------------------
     def run(self) -> None:
         """Run every round still to run, or until the transport says stop."""
-        while not self.done and not self.transport.stopping():
-            opened = self._resume_open or self._open_round(self.completed + 1)
-            self._resume_open = None
-            if opened is None:
-                return
-            self._run_round(opened)
+        try:
+            while not self.done and not self.transport.stopping():
+                opened = self._resume_open or self._open_round(self.completed + 1)
+                self._resume_open = None
+                if opened is None:
+                    return
+                self._run_round(opened)
+        except Stopped:
+            return
 
     def initial_statistics(self, clients: Sequence[Client]) -> Mapping[str, float | None]:
         """SBN statistics from ``clients`` and an evaluation, before any training (round 0).
@@ -524,6 +536,8 @@ class RoundEngine:
         start = self.clock()
         try:
             metrics = self.evaluate(self.global_state)
+        except Stopped:
+            raise
         except Exception as exc:  # a server fault: logged, reported, the run goes on
             log.exception("evaluation of the global model failed")
             return {}, self.clock() - start, f"evaluation failed: {exc}"

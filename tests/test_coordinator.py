@@ -257,6 +257,37 @@ def test_a_silent_device_is_not_waited_for_and_not_selected(make_app, clock):
     assert len(second["assignments"]) == 2
 
 
+def test_a_device_that_keeps_beating_outlasts_the_timeout_and_a_silent_one_is_dropped(
+    make_app, clock
+):
+    """Training longer than --device-timeout: heartbeats keep a device in the round."""
+    app = make_app(device_timeout=30.0, round_seconds=600.0)
+    client, coordinator = app.test_client(), app.extensions["heterofl"]
+    tokens = register(client)
+    coordinator.settle()
+    tasks = tasks_of(client, tokens)
+    assert {t["heartbeat_seconds"] for t in tasks} == {5.0}  # a sixth of the timeout
+    for token, task in zip(tokens[:2], tasks[:2], strict=True):  # a and c start training
+        assert client.get(task["weights_url"], headers=auth(token)).status_code == 200
+    assert upload(client, tokens[2], 1, constant_update(0.0625, 6), [0, 1]).status_code == 200
+    for _ in range(24):  # two minutes, four device timeouts: a beats, c has gone quiet
+        clock.advance(5)
+        beat = client.post("/v1/heartbeat", headers=auth(tokens[0]))
+        assert beat.status_code == 200 and beat.json["state"] == "training"
+        assert coordinator.settle()
+    states = {d["device_id"]: d["state"] for d in client.get("/v1/devices").json["devices"]}
+    beating, silent = (coordinator.registry.all()[i].id for i in (0, 1))
+    assert states[beating] == "training" and states[silent] == "offline"
+    (open_round,) = client.get("/v1/rounds").json["rounds"]
+    assert open_round["state"] == "training"  # the round waits for the beating device
+    assert upload(client, tokens[0], 1, constant_update(1.0, 1), list(range(10))).status_code == 200
+    assert coordinator.settle()
+    (closed,) = client.get("/v1/rounds").json["rounds"][:1]
+    status = {a["device_id"]: a["status"] for a in closed["assignments"]}
+    assert status[beating] == "uploaded" and status[silent] == "missed"
+    assert closed["uploads"] == 2 and closed["state"] == "statistics"
+
+
 def test_a_late_device_takes_the_next_rounds_task(make_app, clock):
     app = make_app(device_timeout=30.0)
     client, coordinator = app.test_client(), app.extensions["heterofl"]

@@ -143,3 +143,30 @@ def test_data_that_does_not_fit_the_model_is_refused_before_training():
     assert "fresh --state-dir" in info.value.hint
     masked = {"mask_token": 50, "mask_rate": 0.15, "scored_positions": "masked"}
     Device(None, rows, rows)._check_data(text | {"masked_language_model": masked}, "transformer")
+
+
+def test_an_action_the_device_does_not_know_is_waited_out_not_polled_hot():
+    import numpy as np
+
+    class FutureCoordinator:
+        def __init__(self):
+            self.tasks = [{"action": "reticulate"}, {"action": "reticulate", "retry_after": 3}]
+            self.tasks += [{"action": "done"}]
+
+        def task(self):
+            return self.tasks.pop(0)
+
+    waits, lines = [], []
+    device = Device(
+        FutureCoordinator(),
+        np.zeros((2, 1, 28, 28), np.float32),
+        np.array([0, 1]),
+        log=lines.append,
+        sleep=waits.append,
+    )
+    device.run()
+    assert waits == [2.0, 3.0]  # the poll interval when the task says none, else its own
+    assert lines == [
+        "the coordinator asks for 'reticulate', which this device cannot do",
+        "coordinator says done",
+    ]

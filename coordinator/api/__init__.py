@@ -13,6 +13,8 @@ from coordinator.runtime import Coordinator
 from coordinator.schemas import ErrorReply
 
 BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+# The operator's views: open, or behind the operator token where the coordinator has one.
+OPERATOR: list[dict[str, list[str]]] = [{}, {"operator": []}]
 
 
 def service() -> Coordinator:
@@ -28,6 +30,11 @@ def device() -> Device:
     return caller
 
 
+def operator() -> None:
+    """401 ``operator_token_required`` unless the caller may read the operator's views."""
+    service().admission.check_operator(request.headers.get("Authorization"))
+
+
 def errors(*codes: int) -> dict[str | int, Any]:
     """Error replies an operation documents (every one is an ``ErrorReply``)."""
     return {code: ErrorReply for code in (*codes, 500)}
@@ -37,4 +44,4 @@ def tag(name: str, description: str) -> Tag:
     return Tag(name=name, description=description)
 
 
-__all__ = ["BEARER", "ErrorCode", "device", "errors", "service", "tag"]
+__all__ = ["BEARER", "OPERATOR", "ErrorCode", "device", "errors", "operator", "service", "tag"]

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, jsonify
+from flask import Response, jsonify, request
 from flask_openapi3 import APIBlueprint
 
-from coordinator.api import BEARER, device, errors, service, tag
+from coordinator.api import BEARER, OPERATOR, device, errors, operator, service, tag
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.schemas import (
     SAFETENSORS,
@@ -21,10 +21,12 @@ from coordinator.schemas import (
 bp = APIBlueprint("devices", __name__, abp_tags=[tag("devices", "Registration and tasks")])
 
 
-@bp.post("/v1/devices", responses={201: Registered, **errors(400, 413, 503)})
+@bp.post("/v1/devices", responses={201: Registered, **errors(400, 401, 413, 429, 503)})
 def register(body: DeviceProfileIn) -> Any:
     """Register a device with its measured profile; the reply holds its token."""
-    return jsonify(service().register(body.model_dump())), 201
+    coordinator = service()
+    coordinator.admission.admit_registration(request.remote_addr or "", body.enrollment_token)
+    return jsonify(coordinator.register(body.model_dump(exclude={"enrollment_token"}))), 201
 
 
 @bp.get("/v1/task", security=BEARER, responses={200: TaskReply, **errors(401)})
@@ -40,9 +42,10 @@ def heartbeat() -> Any:
     return jsonify(device_id=caller.id, state=service().device_state(caller.id).value)
 
 
-@bp.get("/v1/devices", responses={200: DeviceList, **errors()})
+@bp.get("/v1/devices", security=OPERATOR, responses={200: DeviceList, **errors(401)})
 def devices() -> Any:
     """Every registered device: state, level, profile, last seen, bytes (no tokens)."""
+    operator()
     return jsonify(service().device_views())
 
 

@@ -6,7 +6,7 @@ from flask import Response, jsonify
 from flask_openapi3 import APIBlueprint
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from coordinator.api import errors, service, tag
+from coordinator.api import errors, operator, service, tag
 from coordinator.schemas import Health
 
 bp = APIBlueprint("health", __name__, abp_tags=[tag("health", "Status of the coordinator")])
@@ -21,4 +21,5 @@ def health() -> Any:
 @bp.get("/metrics", doc_ui=False)
 def metrics() -> Response:
     """Prometheus metrics (text exposition format)."""
+    operator()
     return Response(generate_latest(service().metrics.registry), mimetype=CONTENT_TYPE_LATEST)

@@ -5,7 +5,7 @@ from typing import Any
 from flask import Response, jsonify, request
 from flask_openapi3 import APIBlueprint
 
-from coordinator.api import BEARER, device, errors, service, tag
+from coordinator.api import BEARER, OPERATOR, device, errors, operator, service, tag
 from coordinator.api.model import tensor_reply
 from coordinator.schemas import (
     Accepted,
@@ -18,9 +18,10 @@ from coordinator.schemas import (
 bp = APIBlueprint("rounds", __name__, abp_tags=[tag("rounds", "Rounds, weights and uploads")])
 
 
-@bp.get("/v1/rounds", responses={200: RoundList, **errors()})
+@bp.get("/v1/rounds", security=OPERATOR, responses={200: RoundList, **errors(401)})
 def history() -> Any:
     """Every round: state, selected devices, uploads, result."""
+    operator()
     return jsonify(rounds=service().history())
 
 

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import math
 import signal
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -19,6 +23,7 @@ from heterofl_edge.cli.options import (
 from heterofl_edge.errors import ConfigError
 
 if TYPE_CHECKING:
+    from coordinator.admission import AdmissionConfig
     from heterofl_edge.training import LocalTrainingConfig
 
 app = typer.Typer(help="The coordinator service devices talk to.", no_args_is_help=True)
@@ -136,6 +141,31 @@ def serve(
         Path | None, typer.Option(help="PEM certificate: serve HTTPS (a phone's secure context).")
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="PEM key of --tls-cert.")] = None,
+    enrollment_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HETEROFL_ENROLLMENT_TOKEN",
+            help="Devices must present this token to register: a token of 16+ characters, "
+            "'auto' (made once, kept in the state folder) or 'none' (open registration). "
+            "Default: auto when --host is not a loopback address, else none. Browser devices "
+            "get it inside the device link printed at start-up.",
+        ),
+    ] = None,
+    operator_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HETEROFL_OPERATOR_TOKEN",
+            help="Bearer token for the device list, the round history and /metrics (the live "
+            "page's link carries it): a token, auto or none; default as --enrollment-token.",
+        ),
+    ] = None,
+    registrations_per_minute: Annotated[
+        float,
+        typer.Option(
+            help="Registrations one client address may make per minute, after a burst of "
+            "100 (0: no limit)."
+        ),
+    ] = 60.0,
     log_format: Annotated[
         str, typer.Option(help="plain, or json: one JSON object per line (with request ids).")
     ] = "plain",
@@ -145,8 +175,10 @@ def serve(
     ] = 1,
 ) -> None:
     """Run the coordinator; an existing state folder resumes where it stopped."""
+    stop = _StopSignals()  # from here on SIGTERM and SIGINT stop it cleanly, at any moment
     import torch
 
+    from coordinator.admission import AdmissionConfig, resolve_token
     from coordinator.app import create_app
     from coordinator.config import CoordinatorConfig, LevelPolicy
     from coordinator.logs import configure as configure_logs
@@ -178,6 +210,21 @@ def serve(
             raise ConfigError(f"{name} must be positive, got {seconds}")
     if log_format not in ("plain", "json"):
         raise ConfigError(f"unknown log format {log_format!r}", "use plain or json")
+    if registrations_per_minute < 0 or not math.isfinite(registrations_per_minute):
+        raise ConfigError(
+            f"--registrations-per-minute must be 0 (no limit) or positive, got "
+            f"{registrations_per_minute}"
+        )
+    exposed = not _is_loopback(host)
+    admission = AdmissionConfig(
+        enrollment_token=resolve_token(
+            enrollment_token or ("auto" if exposed else "none"), "enrollment", state_dir
+        ),
+        operator_token=resolve_token(
+            operator_token or ("auto" if exposed else "none"), "operator", state_dir
+        ),
+        registrations_per_minute=registrations_per_minute,
+    )
     configure_logs(json_lines=log_format == "json")
     torch.set_num_threads(torch_threads)
     config = CoordinatorConfig(
@@ -204,7 +251,7 @@ def serve(
         seed=seed,
         device_timeout=device_timeout,
         poll_seconds=poll_seconds,
-        heartbeat_seconds=max(0.5, min(5.0, device_timeout / 4)),
+        admission=admission,
     )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither")
@@ -223,24 +270,14 @@ def serve(
     except BaseException:
         coordinator.close()
         raise
-    root = f"{scheme}://{host}:{port}"
-    typer.echo(
-        f"coordinator for {model} ({mode}, policy {chosen.value}) on {root}/v1 "
-        f"(live page {root}/, device page {root}/device/)"
-    )
-
-    def shut_down(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    # Both signals stop the server cleanly, even where SIGINT arrives ignored (a background
-    # job of a non-interactive shell). Every acknowledged upload is already committed.
-    signal.signal(signal.SIGTERM, shut_down)
-    signal.signal(signal.SIGINT, shut_down)
+    typer.echo(announcement(model, mode, chosen.value, scheme, host, port, admission, exposed))
     with contextlib.suppress(KeyboardInterrupt):
-        server.run()
+        stop.run(server.run)
     server.close()
-    coordinator.close()
+    coordinator.close()  # waits for the round engine's next safe point: nothing abandoned
     typer.echo("coordinator stopped")
+    if stop.received == signal.SIGINT:
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -254,23 +291,105 @@ def repair(
         ),
     ] = True,
 ) -> None:
-    """Make a damaged state folder usable again (the model keeps its last checkpoint)."""
-    from coordinator.store import Store
+    """Make a damaged state folder usable again, moving aside (never deleting) what it replaces.
 
-    if not (state_dir / "coordinator.sqlite3").is_file():
-        raise ConfigError(f"{state_dir} holds no coordinator state", "give the --state-dir to fix")
-    store = Store(state_dir)
+    A lost or emptied database is rebuilt from the latest sound checkpoint; a damaged
+    checkpoint gives way to the latest sound one before it; damaged artifacts are moved
+    aside and exported again at the next start.
+    """
+    from coordinator.recovery import repair as repair_folder
+
+    for line in repair_folder(state_dir, discard_open_round):
+        typer.echo(line)
+
+
+def announcement(
+    model: str,
+    mode: str,
+    policy: str,
+    scheme: str,
+    host: str,
+    port: int,
+    admission: AdmissionConfig,
+    qr: bool,
+) -> str:
+    """What ``serve`` prints once it listens: where the API, live page and device page are.
+
+    The links carry the tokens in their fragment (never sent to a server); with
+    ``qr``, the device link follows as a QR code a phone's camera opens.
+    """
+    shown = socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+    if ":" in shown:
+        shown = f"[{shown}]"
+    root = f"{scheme}://{shown}:{port}"
+    operator, enroll = admission.operator_token, admission.enrollment_token
+    live = f"{root}/" + (f"#operator={operator}" if operator else "")
+    device = f"{root}/device/" + (f"#enroll={enroll}" if enroll else "")
+    lines = [
+        f"coordinator for {model} ({mode}, policy {policy}) on {root}/v1",
+        f"live page:   {live}",
+        f"device link: {device}",
+    ]
+    if admission.enrollment_token:
+        lines.append(
+            "devices register with the enrollment token only: the device link carries it; "
+            "Python devices take --enrollment-token"
+        )
+    if host in ("0.0.0.0", "::"):
+        lines.append(f"(if phones cannot resolve {shown!r}, use this machine's LAN address)")
+    if qr:
+        import io
+
+        import segno
+
+        code = io.StringIO()
+        segno.make(device, error="m").terminal(out=code, compact=True, border=1)
+        lines += ["scan to open the device page:", code.getvalue().rstrip("\n")]
+    return "\n".join(lines)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
     try:
-        if not discard_open_round:
-            typer.echo("nothing to do")
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _StopSignals:
+    """SIGTERM and SIGINT stop the coordinator cleanly whenever they arrive.
+
+    Before the server runs (validation, opening the state folder) a signal is
+    only recorded, and the command stops once start-up is complete, so that no
+    half-opened state is left behind; while the server runs, the first signal
+    ends it. Later signals are ignored: the stop is under way and waits for the
+    round engine's next safe point. Both signals are handled even where SIGINT
+    arrives ignored (a background job of a non-interactive shell).
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._running = False
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
             return
-        number = store.discard_open_round("discarded by 'coordinator repair'")
-    finally:
-        store.close()
-    if number is None:
-        typer.echo("no open round: nothing to discard")
-    else:
-        typer.echo(f"round {number} discarded; the coordinator resumes at round {number + 1}")
+        self.received = signum
+        if self._running:
+            raise KeyboardInterrupt
+
+    def run(self, serve: Callable[[], None]) -> None:
+        """``serve()`` until a stop signal (at once, if one came during start-up)."""
+        if self.received is not None:
+            return
+        self._running = True
+        try:
+            serve()
+        finally:
+            self._running = False
 
 
 def _formats(text: str) -> tuple[str, ...]:

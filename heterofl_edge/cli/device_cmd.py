@@ -60,6 +60,25 @@ def device(
         int, typer.Option(help="imagefolder: pixels per side (the model's input, e.g. 32).")
     ] = 32,
     channels: Annotated[int, typer.Option(help="imagefolder: 3 (RGB) or 1 (greyscale).")] = 3,
+    enrollment_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HETEROFL_ENROLLMENT_TOKEN",
+            help="The coordinator's enrollment token, where it requires one (its start-up "
+            "output prints it in the device link).",
+        ),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(
+            help="PEM certificate to trust for an HTTPS coordinator with a self-signed "
+            "certificate (its --tls-cert file)."
+        ),
+    ] = None,
+    unreachable_timeout: Annotated[
+        float,
+        typer.Option(help="Seconds to keep retrying while the coordinator is unreachable."),
+    ] = 900.0,
 ) -> None:
     """Run one device: profile, register, train the rounds it is given, until done.
 
@@ -84,6 +103,12 @@ def device(
         limits["runtime"] = runtime
     chosen = Capabilities.from_json(limits)
     get_runtime(chosen.runtime)  # an unknown runtime or a missing extra stops here
+    if ca_cert is not None and not ca_cert.is_file():
+        raise ConfigError(
+            f"--ca-cert {ca_cert} is not a file", "give the coordinator's PEM certificate"
+        )
+    if not unreachable_timeout > 0:
+        raise ConfigError(f"--unreachable-timeout must be positive, got {unreachable_timeout}")
     code = run_worker(
         WorkerConfig(
             coordinator=coordinator,
@@ -98,6 +123,9 @@ def device(
             seed=seed,
             train_examples=train_examples,
             capabilities=chosen,
+            enrollment_token=enrollment_token,
+            ca_cert=ca_cert,
+            unreachable_seconds=unreachable_timeout,
         )
     )
     if code:

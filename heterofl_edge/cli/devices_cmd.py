@@ -36,6 +36,31 @@ def simulate(
         int, typer.Option(help="Seed of the data split (match the coordinator's).")
     ] = 0,
     work_dir: Annotated[Path, typer.Option(help="Logs and artifact caches.")] = Path("runs/fleet"),
+    enrollment_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HETEROFL_ENROLLMENT_TOKEN",
+            help="The coordinator's enrollment token, where it requires one.",
+        ),
+    ] = None,
+    operator_token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HETEROFL_OPERATOR_TOKEN",
+            help="The coordinator's operator token, where its round history needs one.",
+        ),
+    ] = None,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(help="PEM certificate of an HTTPS coordinator with a self-signed one."),
+    ] = None,
+    unreachable_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds the fleet and its devices keep retrying while the coordinator is "
+            "unreachable (a restart) before they give up."
+        ),
+    ] = 900.0,
 ) -> None:
     """Start N device processes with mixed capabilities and follow the rounds."""
     from device_sim.fleet import Fleet, FleetConfig, describe_round, load_profiles
@@ -47,6 +72,10 @@ def simulate(
         raise ConfigError(f"--n must be at least 1, got {n}")
     if data_dir is None:
         raise ConfigError("no data directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
+    if not unreachable_timeout > 0:
+        raise ConfigError(f"--unreachable-timeout must be positive, got {unreachable_timeout}")
+    if ca_cert is not None and not ca_cert.is_file():
+        raise ConfigError(f"--ca-cert {ca_cert} is not a file")
     options = ["--data", chosen.value]
     if chosen is DeviceData.imagefolder:
         options += ["--image-size", str(image_size), "--channels", str(channels)]
@@ -61,6 +90,10 @@ def simulate(
             load_profiles(profiles),
             work_dir,
             device_options=options,
+            enrollment_token=enrollment_token,
+            operator_token=operator_token,
+            ca_cert=ca_cert,
+            unreachable_seconds=unreachable_timeout,
         ),
         log=typer.echo,
     )
