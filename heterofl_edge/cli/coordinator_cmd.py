@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -123,8 +124,36 @@ def serve(
         int, typer.Option(help="Concurrent connections the server accepts.")
     ] = 1000,
     body_timeout: Annotated[
-        float, typer.Option(help="Seconds a request may stall before it is answered 408.")
+        float,
+        typer.Option(help="Seconds a request (or its reply) may stall before it is cut off (408)."),
     ] = 30.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a request's headers may take; its body then has Content-Length / "
+            "--min-transfer-rate more (408 after)."
+        ),
+    ] = 15.0,
+    min_transfer_rate: Annotated[
+        float,
+        typer.Option(
+            help="Bytes per second a request must arrive at after its first --request-timeout "
+            "seconds (408 below)."
+        ),
+    ] = 4096.0,
+    silent_connection_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may stay open without sending a byte.")
+    ] = 10.0,
+    idle_timeout: Annotated[
+        float, typer.Option(help="Seconds a keep-alive connection may wait for its next request.")
+    ] = 15.0,
+    connections_per_address: Annotated[
+        int,
+        typer.Option(
+            help="Connections one client address may hold (503 beyond); behind a reverse proxy, "
+            "set it to --connection-limit."
+        ),
+    ] = 64,
     demo_data: Annotated[
         Path | None,
         typer.Option(
@@ -160,22 +189,26 @@ def serve(
         raise ConfigError(f"port {port} is outside 1..65535")
     if eval_examples is not None and eval_examples < 1:
         raise ConfigError(f"--eval-examples must be at least 1, got {eval_examples}")
-    for name, value in (
-        ("--threads", threads),
-        ("--connection-limit", connection_limit),
-        ("--torch-threads", torch_threads),
-    ):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if torch_threads < 1:
+        raise ConfigError(f"--torch-threads must be at least 1, got {torch_threads}")
     for name, seconds in (
         ("--round-seconds", round_seconds),
         ("--stats-seconds", stats_seconds),
         ("--device-timeout", device_timeout),
         ("--poll-seconds", poll_seconds),
-        ("--body-timeout", body_timeout),
     ):
         if not seconds > 0:
             raise ConfigError(f"{name} must be positive, got {seconds}")
+    limits = ServerLimits(  # ConfigError naming the flag for a bad value
+        threads=threads,
+        connection_limit=connection_limit,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+        request_timeout=request_timeout,
+        min_transfer_rate=min_transfer_rate,
+        silent_connection_timeout=silent_connection_timeout,
+        connections_per_address=connections_per_address,
+    )
     if log_format not in ("plain", "json"):
         raise ConfigError(f"unknown log format {log_format!r}", "use plain or json")
     configure_logs(json_lines=log_format == "json")
@@ -208,9 +241,7 @@ def serve(
     )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither")
-    limits = ServerLimits(
-        threads, connection_limit, body_timeout, max_body_bytes=config.max_upload_bytes
-    )
+    limits = dataclasses.replace(limits, max_body_bytes=config.max_upload_bytes)
     application = create_app(config)
     coordinator = application.extensions["heterofl"]
     scheme = "http"
