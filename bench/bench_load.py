@@ -43,6 +43,9 @@ from coordinator.process import start_coordinator, stop  # noqa: E402
 RESULTS = ROOT / "bench" / "results" / "load.json"
 DATA = Path(os.environ.get("HETEROFL_DATA_DIR", ROOT.parent / "shared" / "datasets" / "mnist"))
 PROFILE = {"step_ms": 1.0, "reference_rate": 1.0, "memory_mb": 4096, "bandwidth_mbps": 1000}
+# Every simulated device connects from 127.0.0.1, as every client does behind a reverse proxy:
+# the per-address cap (64 by default) would refuse the 65th device's connection.
+SAME_ADDRESS = ["--connections-per-address", "1000"]
 
 
 _STARTED: list[Any] = []  # coordinator processes, stopped when the bench ends however it ends
@@ -226,6 +229,7 @@ def fleet_run(devices: int, fraction: float, rounds: int, work: Path) -> dict[st
             "--min-devices", str(devices), "--min-uploads", "1",
             "--round-seconds", "300", "--stats-seconds", "120", "--local-epochs", "1",
             "--eval-data-dir", str(DATA), "--no-artifacts", "--poll-seconds", "1",
+            *SAME_ADDRESS,
         ],
         work / f"coordinator-{devices}.log",
     )  # fmt: skip
@@ -286,7 +290,7 @@ def upload_run(devices: int, threads: int, work: Path) -> dict[str, Any]:
     args = [
         "--state-dir", str(state), "--mode", "e", "--policy", "fix", "--rounds", "1",
         "--fraction", "1", "--min-devices", str(devices), "--round-seconds", "3600",
-        "--no-artifacts", "--threads", "16",
+        "--no-artifacts", "--threads", "16", *SAME_ADDRESS,
     ]  # fmt: skip
     process, url = launch(args, work / "coordinator-uploads.log")
     port = int(url.rsplit(":", 1)[1])
@@ -375,7 +379,8 @@ def main() -> None:
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cores",
         "protocol": "conv level a for the fleets (Fix, mode a), level e for the upload rate; "
-        "coordinator serve with default server settings (16 threads, 1,000 connections), "
+        "coordinator serve with default server settings (16 threads, 1,000 connections) but "
+        "--connections-per-address 1000 (every device is on 127.0.0.1), "
         "torch 1 thread; evaluation on the 10,000 MNIST test images after each round",
         "fleet": [],
     }

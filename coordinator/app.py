@@ -222,7 +222,11 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
             return error_reply(code, message)
         if status >= 500:
             return error_reply(ErrorCode.internal_error, error.description or error.name)
-        return error_reply(code, error.description or error.name, status=status)
+        reply = error_reply(code, error.description or error.name, status=status)
+        for name, value in error.get_headers():  # e.g. a 405's Allow
+            if name.lower() != "content-type":
+                reply.headers[name] = value
+        return reply
 
     @app.errorhandler(Exception)
     def internal_error(error: Exception) -> Any:

@@ -33,7 +33,7 @@ class ErrorCode(StrEnum):
     unknown_round = "unknown_round"
     not_found = "not_found"
     method_not_allowed = "method_not_allowed"
-    request_timeout = "request_timeout"  # the body stopped arriving
+    request_timeout = "request_timeout"  # the request stopped arriving, or arrived too slowly
     round_closed = "round_closed"  # the round (or its phase) closed before this arrived
     duplicate_upload = "duplicate_upload"
     payload_too_large = "payload_too_large"
@@ -45,6 +45,7 @@ class ErrorCode(StrEnum):
     bad_statistics = "bad_statistics"
     not_ready = "not_ready"  # artifacts still being built (server side, retry later)
     storage_error = "storage_error"  # the disk or database failed (server side)
+    too_many_connections = "too_many_connections"  # the client's address holds its cap (retry)
     internal_error = "internal_error"  # a bug (server side)
 
 
@@ -77,6 +78,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.internal_error: 500,
     ErrorCode.not_ready: 503,
     ErrorCode.storage_error: 503,
+    ErrorCode.too_many_connections: 503,
 }
 
 

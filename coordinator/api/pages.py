@@ -47,9 +47,21 @@ def static_file(path: StaticPath) -> Response:
 
 def _send(folder: str, name: str, max_age: int) -> Response:
     root = STATIC / folder
-    if not (root / name).resolve().is_relative_to(root.resolve()) or not (root / name).is_file():
+    if not _is_file_inside(root, name):
         raise ApiError(ErrorCode.not_found, f"no file {name!r}")
     return send_from_directory(root, name, max_age=max_age)
+
+
+def _is_file_inside(root: Path, name: str) -> bool:
+    """Whether ``name`` is a file under ``root``; False for any name the filesystem refuses.
+
+    A NUL byte, an unencodable character or an over-long name is no file here, not a fault.
+    """
+    try:
+        path = root / name
+        return path.resolve().is_relative_to(root.resolve()) and path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 _ISOLATED = {
@@ -98,7 +110,7 @@ def _device_file(name: str) -> Response:
             "run 'make web' (npm packages, then the page copied into the package)",
         )
     entry = assets.get(name)
-    if entry is None:
+    if entry is None:  # only listed names reach the filesystem
         raise ApiError(ErrorCode.not_found, f"no device page file {name!r}")
     folder = STATIC / "device"
     gzipped = folder / f"{name}.gz"

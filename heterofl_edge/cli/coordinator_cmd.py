@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import math
 import signal
@@ -128,8 +129,39 @@ def serve(
         int, typer.Option(help="Concurrent connections the server accepts.")
     ] = 1000,
     body_timeout: Annotated[
-        float, typer.Option(help="Seconds a request may stall before it is answered 408.")
+        float,
+        typer.Option(help="Seconds a request (or its reply) may stall before it is cut off (408)."),
     ] = 30.0,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            help="Seconds a request's headers may take; its body then has Content-Length / "
+            "--min-transfer-rate more (408 after)."
+        ),
+    ] = 15.0,
+    min_transfer_rate: Annotated[
+        float,
+        typer.Option(
+            help="Bytes per second a request must arrive at after its first --request-timeout "
+            "seconds (408 below)."
+        ),
+    ] = 4096.0,
+    silent_connection_timeout: Annotated[
+        float, typer.Option(help="Seconds a connection may stay open without sending a byte.")
+    ] = 10.0,
+    idle_timeout: Annotated[
+        float, typer.Option(help="Seconds a keep-alive connection may wait for its next request.")
+    ] = 15.0,
+    connections_per_address: Annotated[
+        int | None,
+        typer.Option(
+            help="Connections one client address may hold (503 beyond). Default: 64 when "
+            "--host is not a loopback address, else --connection-limit (every client of a "
+            "loopback coordinator is this machine). Behind a reverse proxy, set it to "
+            "--connection-limit.",
+            show_default=False,
+        ),
+    ] = None,
     demo_data: Annotated[
         Path | None,
         typer.Option(
@@ -160,12 +192,14 @@ def serve(
         ),
     ] = None,
     registrations_per_minute: Annotated[
-        float,
+        float | None,
         typer.Option(
             help="Registrations one client address may make per minute, after a burst of "
-            "100 (0: no limit)."
+            "100 (0: no limit). Default: 60 when --host is not a loopback address, else no "
+            "limit.",
+            show_default=False,
         ),
-    ] = 60.0,
+    ] = None,
     log_format: Annotated[
         str, typer.Option(help="plain, or json: one JSON object per line (with request ids).")
     ] = "plain",
@@ -192,22 +226,30 @@ def serve(
         raise ConfigError(f"port {port} is outside 1..65535")
     if eval_examples is not None and eval_examples < 1:
         raise ConfigError(f"--eval-examples must be at least 1, got {eval_examples}")
-    for name, value in (
-        ("--threads", threads),
-        ("--connection-limit", connection_limit),
-        ("--torch-threads", torch_threads),
-    ):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if torch_threads < 1:
+        raise ConfigError(f"--torch-threads must be at least 1, got {torch_threads}")
     for name, seconds in (
         ("--round-seconds", round_seconds),
         ("--stats-seconds", stats_seconds),
         ("--device-timeout", device_timeout),
         ("--poll-seconds", poll_seconds),
-        ("--body-timeout", body_timeout),
     ):
         if not seconds > 0:
             raise ConfigError(f"{name} must be positive, got {seconds}")
+    exposed = not _is_loopback(host)
+    connections_per_address, registrations_per_minute = per_address_limits(
+        exposed, connection_limit, connections_per_address, registrations_per_minute
+    )
+    limits = ServerLimits(  # ConfigError naming the flag for a bad value
+        threads=threads,
+        connection_limit=connection_limit,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+        request_timeout=request_timeout,
+        min_transfer_rate=min_transfer_rate,
+        silent_connection_timeout=silent_connection_timeout,
+        connections_per_address=connections_per_address,
+    )
     if log_format not in ("plain", "json"):
         raise ConfigError(f"unknown log format {log_format!r}", "use plain or json")
     if registrations_per_minute < 0 or not math.isfinite(registrations_per_minute):
@@ -215,7 +257,6 @@ def serve(
             f"--registrations-per-minute must be 0 (no limit) or positive, got "
             f"{registrations_per_minute}"
         )
-    exposed = not _is_loopback(host)
     admission = AdmissionConfig(
         enrollment_token=resolve_token(
             enrollment_token or ("auto" if exposed else "none"), "enrollment", state_dir
@@ -255,9 +296,7 @@ def serve(
     )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither")
-    limits = ServerLimits(
-        threads, connection_limit, body_timeout, max_body_bytes=config.max_upload_bytes
-    )
+    limits = dataclasses.replace(limits, max_body_bytes=config.max_upload_bytes)
     application = create_app(config)
     coordinator = application.extensions["heterofl"]
     scheme = "http"
@@ -346,6 +385,25 @@ def announcement(
         segno.make(device, error="m").terminal(out=code, compact=True, border=1)
         lines += ["scan to open the device page:", code.getvalue().rstrip("\n")]
     return "\n".join(lines)
+
+
+def per_address_limits(
+    exposed: bool,
+    connection_limit: int,
+    connections: int | None,
+    registrations_per_minute: float | None,
+) -> tuple[int, float]:
+    """The per-address connection cap and registration rate, where not given.
+
+    They guard a coordinator others can reach (64 connections, 60 registrations a
+    minute); on loopback every client is this machine (a simulated fleet, a
+    benchmark), which they would only get in the way of.
+    """
+    if connections is None:
+        connections = 64 if exposed else connection_limit
+    if registrations_per_minute is None:
+        registrations_per_minute = 60.0 if exposed else 0.0
+    return connections, registrations_per_minute
 
 
 def _is_loopback(host: str) -> bool:
