@@ -74,6 +74,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import math
 import resource
 import socket
@@ -99,6 +100,8 @@ from werkzeug.exceptions import RequestTimeout
 
 from coordinator.errors import ErrorCode
 from heterofl_edge.errors import ConfigError
+
+log = logging.getLogger("heterofl_edge.coordinator")
 
 __all__ = [
     "HttpServer",
@@ -636,6 +639,8 @@ class _TlsConnection(HTTPConnection):
                 if exc.reason == "HTTP_REQUEST":  # plain HTTP: say so, in plain HTTP
                     with contextlib.suppress(OSError):
                         socket.socket.sendall(self.socket, _PLAIN_HTTP_REPLY)
+                else:
+                    self.server.handshake_failed(str(exc.reason or exc))
                 return False
             except (OSError, ValueError):
                 return False  # a failed or stalled handshake: close
@@ -683,6 +688,24 @@ class _TlsGateway(Gateway_10):
 class _TlsWsgiServer(WsgiServer):
     ConnectionClass = _TlsConnection
 
+    def handshake_failed(self, reason: str) -> None:
+        """Count a failed TLS handshake; log the first of each reason only.
+
+        A browser that has not yet trusted a self-signed certificate aborts
+        every connection it opens (``SSLV3_ALERT_CERTIFICATE_UNKNOWN``): one
+        line says so, instead of one per connection.
+        """
+        with self._handshake_lock:
+            self.failed_handshakes[reason] += 1
+            first = self.failed_handshakes[reason] == 1
+        if first:
+            log.info(
+                "HTTPS: a client refused the TLS handshake (%s); a browser does this until "
+                "its user accepts a self-signed certificate. Further failures of this kind "
+                "are not logged",
+                reason,
+            )
+
     def __init__(self, app: Any, host: str, port: int, limits: ServerLimits) -> None:
         super().__init__(
             (host, port),
@@ -694,6 +717,8 @@ class _TlsWsgiServer(WsgiServer):
         )
         self.limits = limits
         self.addresses = _AddressBook(limits)
+        self.failed_handshakes: Counter[str] = Counter()
+        self._handshake_lock = threading.Lock()
         self.gateway = _TlsGateway
         self.keep_alive_conn_limit = limits.connection_limit  # cheroot's default: 10
         self.max_request_body_size = limits.max_body_bytes
@@ -732,6 +757,7 @@ class TlsServer:
         self._server = _TlsWsgiServer(app, host, port, limits)
         self._server.ssl_adapter = _TlsAdapter(str(cert), str(key))
         self.addresses = self._server.addresses
+        self.failed_handshakes = self._server.failed_handshakes  # by reason
 
     @property
     def port(self) -> int:

@@ -501,3 +501,15 @@ def test_https_refuses_a_body_over_the_limit_with_json_413(app, certificate):
             plain.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
             status, reply = read_reply(plain)
         assert status == 400 and reply["code"] == ErrorCode.invalid_request
+
+
+def test_https_a_client_refusing_the_certificate_is_logged_once(app, certificate, caplog):
+    """A browser that has not trusted a self-signed certificate yet: one line, not one each."""
+    with serving_tls(app, ServerLimits(), certificate) as (server, base):
+        caplog.set_level("INFO", logger="heterofl_edge.coordinator")
+        for _ in range(3):  # verifies against the system's CAs: aborts with an alert
+            with pytest.raises(requests.exceptions.SSLError):
+                requests.get(f"{base}/v1/health", timeout=10)
+        wait_until(lambda: sum(server.failed_handshakes.values()) == 3)
+    lines = [r.getMessage() for r in caplog.records if "TLS handshake" in r.getMessage()]
+    assert len(lines) == 1 and "accepts a self-signed certificate" in lines[0], lines

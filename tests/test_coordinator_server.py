@@ -17,11 +17,16 @@ from safetensors.torch import load, save
 from coordinator.process import free_port, start_coordinator, stop
 
 
-def next_task(api, headers, timeout=60.0):
-    """Poll /v1/task as a device does (retry_after apart) until it is not 'wait'."""
+def next_task(api, headers, timeout=900.0):
+    """Poll /v1/task as a device does (retry_after apart) until it is not 'wait'.
+
+    No assumption about how long the coordinator's own work takes (evaluating
+    10,000 test images on a busy machine can take minutes): a device waits as
+    long as it is told to, and ``timeout`` is only a safety net for a hung run.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        task = requests.get(f"{api}/task", headers=headers, timeout=10).json()
+        task = requests.get(f"{api}/task", headers=headers, timeout=30).json()
         if task["action"] != "wait":
             return task
         time.sleep(min(task["retry_after"], 0.2))
