@@ -23,10 +23,11 @@ import torch
 from safetensors.torch import save
 
 from coordinator.app import create_app
-from coordinator.config import CoordinatorConfig, LevelPolicy
+from coordinator.config import CoordinatorConfig
 from heterofl_edge.models import get_architecture
 from heterofl_edge.report import write_json
 from heterofl_edge.slicing import shapes_at, trainable_names
+from heterofl_edge.spec import Policy
 
 ARCH = get_architecture("conv")
 PROFILE = {"step_ms": 5.0, "reference_rate": 0.0625, "memory_mb": 4096, "bandwidth_mbps": 50}
@@ -44,7 +45,7 @@ def run(k: int) -> dict:
         config = CoordinatorConfig(
             state_dir=Path(tmp),
             mode="a1-b1-c1-d1-e1",
-            policy=LevelPolicy.fix,
+            policy=Policy.fix,
             rounds=1,
             fraction=1.0,
             min_devices=k,

@@ -27,7 +27,7 @@ from heterofl_edge.data import load_mnist
 from heterofl_edge.levels import parse_rate
 from heterofl_edge.models import get_architecture
 from heterofl_edge.report import write_json
-from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulation
+from heterofl_edge.simulation import SimulationConfig, StatisticsClients, run_simulation
 from heterofl_edge.training import LocalTrainingConfig
 
 CLIENTS, ROUNDS, EXAMPLES, MODE = 6, 2, 3600, "a1-c1-e1"
@@ -111,7 +111,7 @@ def main() -> None:
             fraction=1.0,
             train_examples=EXAMPLES,
             local=LocalTrainingConfig(epochs=1),
-            stats_clients=StatsClients.round,
+            statistics=StatisticsClients.round,
         ),
         load_mnist(data_dir),
     )

@@ -228,7 +228,7 @@ def fleet_run(devices: int, fraction: float, rounds: int, work: Path) -> dict[st
             "--rounds", str(rounds), "--fraction", str(fraction),
             "--min-devices", str(devices), "--min-uploads", "1",
             "--round-seconds", "300", "--stats-seconds", "120", "--local-epochs", "1",
-            "--eval-data-dir", str(DATA), "--no-artifacts", "--poll-seconds", "1",
+            "--data-dir", str(DATA), "--no-artifacts", "--poll-seconds", "1",
             *SAME_ADDRESS,
         ],
         work / f"coordinator-{devices}.log",

@@ -176,7 +176,7 @@ class Artifacts:
         from exporter.config import ExportConfig, Format
         from exporter.step import OptimizerSettings
 
-        local = self.config.local
+        local = self.config.local_training
         return ExportConfig(
             model=self.arch.name,
             rate=rate,

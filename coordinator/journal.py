@@ -14,6 +14,7 @@ from coordinator.policy import ProfileLevels
 from coordinator.store import Checkpoint, Store, TaskRow
 from heterofl_edge.engine import Phase, ResumePoint, RoundOpen, RoundResult, Task
 from heterofl_edge.levels import rate_label
+from heterofl_edge.slicing import Submodel
 
 __all__ = ["StoreJournal"]
 
@@ -30,10 +31,12 @@ class StoreJournal:
         store: Store,
         policy: ProfileLevels | None,
         on_finished: Callable[[RoundResult, State], None],
+        submodel: Submodel = Submodel.static,
     ) -> None:
         self.store = store
         self.policy = policy
         self.on_finished = on_finished
+        self.submodel = submodel  # a round's windows start where the rule says (FedRolex)
 
     def _policy_state(self) -> str | None:
         return None if self.policy is None else self.policy.state()
@@ -51,11 +54,12 @@ class StoreJournal:
         number = int(row["number"])
         phase = Phase.training if str(row["state"]).startswith("training") else Phase.statistics
         summary = json.loads(row["summary"]) if row["summary"] else {}
+        offset = self.submodel.offset(number)
         opened = RoundOpen(
             number,
             phase,
             float(row["lr"]),
-            tuple(_task(t) for t in self.store.tasks(number, Phase.training)),
+            tuple(_task(t, offset) for t in self.store.tasks(number, Phase.training)),
             float(row["opened_at"]),
             float(row["deadline"]),
             tuple(_task(t) for t in self.store.tasks(number, Phase.statistics)),
@@ -108,5 +112,5 @@ def _seconds(value: float) -> str:
     return "no deadline" if not math.isfinite(value) else f"{value:.0f} s"
 
 
-def _task(row: TaskRow) -> Task:
-    return Task(row.device_id, row.position, row.rate, row.lr, row.seed)
+def _task(row: TaskRow, offset: int = 0) -> Task:
+    return Task(row.device_id, row.position, row.rate, row.lr, row.seed, offset)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import threading
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ import torch
 from coordinator.admission import Admission
 from coordinator.artifacts import Artifacts, ExportStopped
 from coordinator.board import DeviceState, TaskBoard, TaskSettings, TaskStatus, Waker, encode_state
-from coordinator.config import CoordinatorConfig, LevelPolicy
+from coordinator.config import CoordinatorConfig
 from coordinator.demo_data import DemoData
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.evaluation import HeldOutEvaluation
@@ -34,17 +33,14 @@ from coordinator.journal import StoreJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_rate
 from coordinator.registry import DeviceRegistry
-from coordinator.schemas import MODEL_NAME_PATTERN
 from coordinator.store import StateError, Store
-from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.complexity import measure_complexity
-from heterofl_edge.data.registry import resolve_dataset
 from heterofl_edge.device_runtime import Runtime
-from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult, Stopped
+from heterofl_edge.engine import Phase, RoundEngine, RoundResult, Stopped
 from heterofl_edge.errors import ConfigError
+from heterofl_edge.federation import build_engine
 from heterofl_edge.levels import rate_label
-from heterofl_edge.models import Architecture, get_architecture
-from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
+from heterofl_edge.models import get_architecture
 
 __all__ = ["Clock", "Coordinator"]
 
@@ -55,23 +51,17 @@ Clock = Callable[[], float]
 
 class Coordinator:
     def __init__(self, config: CoordinatorConfig, clock: Clock = time.time) -> None:
-        if not 0 < config.fraction <= 1:
-            raise ConfigError(f"fraction {config.fraction} is outside (0, 1]")
-        if config.rounds < 1 or config.min_uploads < 1 or config.min_devices < 1:
-            raise ConfigError("--rounds, --min-uploads and --min-devices must be at least 1")
-        self.config = config
+        self.config = config  # validated in its constructor
         self.clock = clock
         self.arch = get_architecture(config.model)
-        _check_servable(self.arch, config)
-        assignment = None if config.policy is LevelPolicy.profile else Assignment(config.policy)
-        self.mix = parse_mode(config.mode, assignment)
+        self.mix = config.level_mix
         self.store = Store(config.state_dir)
         self._check_identity()
         self.metrics = CoordinatorMetrics()
         self.admission = Admission(config.admission, clock)
         self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
         self.waker = Waker()
-        local = config.local
+        local = config.local_training
         self.board = TaskBoard(
             self.store,
             self.registry,
@@ -93,7 +83,7 @@ class Coordinator:
         )
         self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
         self.policy: ProfileLevels | None = None
-        if config.policy is LevelPolicy.profile:
+        if config.profiled:
             self.policy = ProfileLevels(
                 self.level_costs,
                 config.level_table,
@@ -102,20 +92,20 @@ class Coordinator:
             )
         self.evaluation = (
             None
-            if config.eval_data_dir is None
+            if config.data_dir is None
             else HeldOutEvaluation(
                 self.arch,
                 self.mix.global_rate,
-                config.eval_data_dir,
-                config.eval_examples,
-                config.eval_data,
+                config.data_dir,
+                config.test_examples,
+                config.data_name,
                 config.seed,
             )
         )
         self.demo_data = (
             None
             if config.demo_data_dir is None
-            else DemoData(config.demo_data_dir, config.eval_data, self.arch)
+            else DemoData(config.demo_data_dir, config.data_name, self.arch)
         )
         self.problem: str | None = None
         self._ended_views: dict[int, dict[str, Any]] = {}
@@ -129,7 +119,7 @@ class Coordinator:
             self.store.point_at(self.store.write_checkpoint(0, "final", initial))
         else:
             self._check_checkpoint(found[0].file, found[1], initial)
-        self.journal = StoreJournal(self.store, self.policy, self._round_finished)
+        self.journal = StoreJournal(self.store, self.policy, self._round_finished, config.submodel)
         self.engine = self._make_engine()
         self._check_open_round()
         self._publish_model(self.engine.global_state, self.engine.completed)
@@ -140,7 +130,7 @@ class Coordinator:
 
     # -- set-up ---------------------------------------------------------------------
     def _check_identity(self) -> None:
-        identity = f"{self.arch.name}|{self.mix.name}|{self.config.policy.value}"
+        identity = f"{self.arch.name}|{self.mix.name}|{self.config.policy_name}"
         stored = self.store.get_meta("identity")
         if stored is None:
             self.store.set_meta("identity", identity)
@@ -166,29 +156,14 @@ class Coordinator:
             )
 
     def _make_engine(self) -> RoundEngine:
-        config = self.config
-        strategy = HeteroFLStrategy(
-            self.arch.spec,
-            self.mix,
-            1,
-            config.fraction,
-            MultiStepSchedule(config.lr, config.milestones, config.lr_factor),
-            config.seed,
-        )
-        return RoundEngine(
-            strategy,
-            EngineSettings(
-                rounds=config.rounds,
-                min_clients=config.min_devices,
-                min_uploads=config.min_uploads,
-                round_seconds=config.round_seconds,
-                stats_seconds=config.stats_seconds,
-                statistics=config.statistics,
-            ),
+        return build_engine(
+            self.config,
             self.board,
             self.journal,
-            lambda: {},  # the store always holds a checkpoint (written above)
+            lambda: {},  # the store always holds a checkpoint (written at start-up)
             self.clock,
+            population=None,  # the registered devices, counted every round
+            quorum=self.config.quorum,
             policy=self.policy,
             evaluate=self._evaluate if self.evaluation is not None else None,
             has_statistics=bool(self.board.bn_widths()),
@@ -250,8 +225,8 @@ class Coordinator:
                     self.activity = "running rounds"
                     self.engine.run()
                     if self.engine.done:
-                        self.board.finish(self.config.rounds)
-                        log.info("done: %d rounds finished", self.config.rounds)
+                        self.board.finish(self.config.total_rounds)
+                        log.info("done: %d rounds finished", self.config.total_rounds)
                         return
                     if self.board.stopping():
                         return
@@ -280,14 +255,16 @@ class Coordinator:
         self._announced = True
         levels = ", ".join(self.artifacts.ready_levels()) or "none (--no-artifacts)"
         if self.engine.done:
-            log.info("ready: levels %s served; all %d rounds are done", levels, self.config.rounds)
+            log.info(
+                "ready: levels %s served; all %d rounds are done", levels, self.config.total_rounds
+            )
             return
         log.info(
             "ready: levels %s served; %d of %d rounds done; round %d opens once %d devices "
             "are live (%d registered)",
             levels,
             self.engine.completed,
-            self.config.rounds,
+            self.config.total_rounds,
             self.engine.completed + 1,
             self.config.min_devices if self.engine.completed == 0 else self.config.min_uploads,
             len(self.registry),
@@ -362,7 +339,7 @@ class Coordinator:
         self._check_profile(profile)
         rate = self.mix.global_rate
         if self.policy is not None:
-            local = self.config.local
+            local = self.config.local_training
             rate = choose_rate(
                 DeviceProfile.from_json(profile),
                 self.level_costs,
@@ -373,12 +350,14 @@ class Coordinator:
             )
         device, token = self.registry.register(profile, rate)
         self.waker.poke()
-        profiled = self.config.policy is LevelPolicy.profile
+        profiled = self.config.profiled
         log.info(
             "device %s registered: %s device, %s",
             device.id,
             device_kind(profile),
-            f"level {rate_label(rate)}" if profiled else f"level per round ({self.config.policy})",
+            f"level {rate_label(rate)}"
+            if profiled
+            else f"level per round ({self.config.policy_name})",
             extra={"device": device.id},
         )
         return {
@@ -386,7 +365,7 @@ class Coordinator:
             "token": token,
             "level": rate_label(rate) if profiled else None,
             "rate": rate if profiled else None,
-            "policy": self.config.policy.value,
+            "policy": self.config.policy_name,
             "poll_seconds": self.config.poll_seconds,
             "heartbeat_seconds": self.config.heartbeat_interval,
         }
@@ -426,7 +405,7 @@ class Coordinator:
         state = None
         if view is not None:
             state = self.store.round_state(view.round)
-        done = self._completed >= self.config.rounds
+        done = self._completed >= self.config.total_rounds
         status = (
             "ok" if self.artifacts.all_ready() or not self.config.build_artifacts else "starting"
         )
@@ -436,11 +415,11 @@ class Coordinator:
             "status": status,
             "model": self.arch.name,
             "mode": self.mix.name,
-            "policy": self.config.policy.value,
+            "policy": self.config.policy_name,
             "round": None if view is None else view.round,
             "round_state": state,
             "completed_rounds": self._completed,
-            "rounds": self.config.rounds,
+            "rounds": self.config.total_rounds,
             "done": done,
             "devices": len(self.registry),
             "live_devices": len(self.registry.live()),
@@ -458,7 +437,7 @@ class Coordinator:
         for device in self.registry.all():
             task = view.tasks.get(device.id) if view is not None else None
             level = rate_label(task.rate) if task is not None and view is not None else None
-            if level is None and self.config.policy is LevelPolicy.profile:
+            if level is None and self.config.profiled:
                 level = rate_label(device.rate)
             devices.append(
                 {
@@ -474,13 +453,13 @@ class Coordinator:
                 }
             )
         return {
-            "policy": self.config.policy.value,
+            "policy": self.config.policy_name,
             "levels": self._level_shares(),
             "devices": devices,
         }
 
     def _level_shares(self) -> dict[str, float]:
-        if self.config.policy is LevelPolicy.profile:
+        if self.config.profiled:
             counts = Counter(rate_label(d.rate) for d in self.registry.all())
             total = sum(counts.values())
             return {k: v / total for k, v in sorted(counts.items())} if total else {}
@@ -595,20 +574,3 @@ def _json_loads(text: str) -> dict[str, Any]:
 
     value = json.loads(text)
     return value if isinstance(value, dict) else {}
-
-
-def _check_servable(arch: Architecture, config: CoordinatorConfig) -> None:
-    """``ConfigError`` at start-up for what would otherwise fail in every round."""
-    if not re.fullmatch(MODEL_NAME_PATTERN, arch.name):
-        raise ConfigError(
-            f"model name {arch.name!r} cannot appear in artifact URLs",
-            "name the model with letters, digits and . _ - : (at most 200 characters)",
-        )
-    if config.eval_data_dir is not None or config.demo_data_dir is not None:
-        entry = resolve_dataset(config.eval_data)
-        if entry.task is not None and entry.task is not arch.task:
-            raise ConfigError(
-                f"data set {entry.name!r} is for {entry.task.value}, model {arch.name!r} "
-                f"is a {arch.task.value} model",
-                "pick the model's kind of data set with --data",
-            )

@@ -126,18 +126,23 @@ class HeteroFLAggregator:
         rate: float,
         labels: Iterable[int] | None = None,
         offset: int = 0,
+        checked: bool = False,
     ) -> None:
         """Add one client's trained sub-model of width ``rate``.
 
         ``labels`` are the labels present in the client's data; ``None`` means all.
         ``offset`` is where its rolling window started (0: HeteroFL's static slice):
-        each element is counted over the indices the client held.
+        each element is counted over the indices the client held. ``checked``: the
+        update already passed ``validate_update`` (on the request path, say) and
+        comes from a record it could not have changed in since; it is not checked
+        again.
         """
         if rate > self._global_rate:
             raise UpdateError(
                 f"rate {rate:g} exceeds the global model's rate {self._global_rate:g}"
             )
-        validate_update(update, self._spec, rate)
+        if not checked:
+            validate_update(update, self._spec, rate)
         label_index = (
             None if labels is None else torch.tensor(sorted(set(labels)), dtype=torch.long)
         )

@@ -31,7 +31,6 @@ from typing import Any, Protocol
 
 import torch
 
-from heterofl_edge.aggregation import HeteroFLAggregator
 from heterofl_edge.bn_stats import ChannelMoments, apply_statistics, combine_moments
 from heterofl_edge.errors import InternalError
 from heterofl_edge.levels import rate_label
@@ -76,7 +75,11 @@ class Phase(StrEnum):
 
 
 class StatisticsClients(StrEnum):
-    """Who reports sBN statistics after a round: every live client (paper), or its uploaders."""
+    """Who reports sBN statistics after a round.
+
+    ``all``: every live client (the paper's), but those that missed the round;
+    ``round``: the round's uploaders; ``none``: nobody (the statistics stay).
+    """
 
     all = "all"
     round = "round"
@@ -115,7 +118,12 @@ class Task:
 
 @dataclass(frozen=True)
 class TrainReply:
-    """A validated, accepted training result (transports validate before replying)."""
+    """An accepted training result.
+
+    ``checked``: the transport validated the update (names, shapes, dtype,
+    finite values) and hands it on unchanged, so the aggregator need not look
+    again; otherwise it does.
+    """
 
     client: str
     update: Mapping[str, torch.Tensor]
@@ -123,6 +131,7 @@ class TrainReply:
     num_samples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     seconds: float | None = None  # how long the client took, from task to reply
+    checked: bool = False
 
 
 @dataclass(frozen=True)
@@ -388,9 +397,7 @@ class RoundEngine:
     # -- training ---------------------------------------------------------------
     def _training_phase(self, opened: RoundOpen) -> RoundOpen | None:
         number = opened.round
-        aggregator = HeteroFLAggregator(
-            self.global_state, self.strategy.spec, self.strategy.mix.global_rate
-        )
+        aggregator = self.strategy.aggregator(self.global_state)
         rates = {t.client: t.rate for t in opened.tasks}
         offsets = {t.client: t.offset for t in opened.tasks}
         self.transport.open_phase(
@@ -403,7 +410,13 @@ class RoundEngine:
                 raise InternalError(f"round {number}: unexpected reply {reply!r}")
             if reply.client in replies:
                 return
-            aggregator.add(reply.update, rates[reply.client], reply.labels, offsets[reply.client])
+            aggregator.add(
+                reply.update,
+                rates[reply.client],
+                reply.labels,
+                offsets[reply.client],
+                checked=reply.checked,
+            )
             replies[reply.client] = reply
 
         for reply in self.transport.replies(number, Phase.training):
@@ -469,8 +482,12 @@ class RoundEngine:
     ) -> tuple[Task, ...]:
         global_rate = self.strategy.mix.global_rate
         if self.settings.statistics is StatisticsClients.all:
+            # Every live client, but those that missed this round: they are still busy with
+            # its training (a straggler), and asking them would only hold the phase up.
+            uploaded = {u.client for u in uploads}
+            missed = {t.client for t in opened.tasks} - uploaded
             clients = self.transport.wait_for_clients(0) or []
-            return tuple(Task(c.id, c.position, global_rate) for c in clients)
+            return tuple(Task(c.id, c.position, global_rate) for c in clients if c.id not in missed)
         positions = {t.client: t.position for t in opened.tasks}
         return tuple(Task(u.client, positions[u.client], global_rate) for u in uploads)
 

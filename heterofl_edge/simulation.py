@@ -23,59 +23,48 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from heterofl_edge.assignment import parse_mode
 from heterofl_edge.backends import (
     InlineBackend,
     PoolBackend,
     SessionBackend,
     available_cores,
-    split_clients,
 )
 from heterofl_edge.data.base import TaskData
-from heterofl_edge.data.registry import get_dataset, resolve_dataset
-from heterofl_edge.engine import (
-    Client,
-    EngineSettings,
-    Phase,
-    RoundEngine,
-    RoundOpen,
-    RoundResult,
-    StatisticsClients,
-    StatsReply,
-    Task,
-    TrainReply,
-)
+from heterofl_edge.data.registry import get_dataset
+from heterofl_edge.engine import RoundResult, StatisticsClients
 from heterofl_edge.errors import ConfigError
+from heterofl_edge.federation import Quorum, build_engine
+from heterofl_edge.in_process import MemoryJournal, SessionTransport
 from heterofl_edge.journal import FileJournal
 from heterofl_edge.loss import label_mask
-from heterofl_edge.models import Architecture, StaticBatchNorm2d, get_architecture
-from heterofl_edge.partition import Partition, Split
+from heterofl_edge.models import StaticBatchNorm2d, get_architecture
+from heterofl_edge.paper import (
+    PAPER_SETTINGS,
+    PaperSettings,
+    dataset_for,
+    local_training,
+    paper_settings,
+)
+from heterofl_edge.partition import Split
 from heterofl_edge.sessions import (
     Accelerator,
     ClientArrays,
-    StatsJob,
-    TrainJob,
     memory_format,
-    moments_from,
     place,
     resolve_device,
     session_threads,
-    to_arrays,
-    to_tensors,
 )
-from heterofl_edge.slicing import Submodel, extract_submodel_state
-from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
-from heterofl_edge.task_kind import TaskKind
+from heterofl_edge.slicing import Submodel
+from heterofl_edge.spec import FederationSpec, Policy
 from heterofl_edge.tasks import check_compatible, task_for
-from heterofl_edge.training import LocalTrainingConfig
 
 __all__ = [
     "PAPER_SETTINGS",
@@ -86,202 +75,56 @@ __all__ = [
     "SimulationConfig",
     "SimulationResult",
     "Split",
+    "StatisticsClients",
     "Submodel",
     "dataset_for",
     "load_data",
     "local_training",
     "paper_settings",
     "run_simulation",
-]
+]  # the paper's settings are heterofl_edge.paper's, re-exported for older imports
 
 
-class StatsClients(StrEnum):
-    """Who reports sBN statistics after each round: every client (paper), or the round's."""
+@dataclass(frozen=True, kw_only=True)
+class SimulationConfig(FederationSpec):
+    """A federation spec and the simulated population it runs on.
 
-    all = "all"
-    round = "round"
-
-
-@dataclass(frozen=True)
-class PaperSettings:
-    """A model's settings in the paper (Table 6, checked against the official code).
-
-    SGD with momentum 0.9 and weight decay 5e-4, gradient norm clipped to 1,
-    learning rate x0.1 at each milestone; ``data``: the data set it trains on.
+    The population is what a coordinator cannot choose, since devices bring
+    their own data: how many clients there are, how the training data is
+    split among them (``split`` is the spec's), and how much of it is used.
+    Everything else is the spec's (``heterofl_edge.spec.FederationSpec``).
     """
 
-    lr: float
-    local: LocalTrainingConfig
-    rounds: Mapping[Split, int]
-    milestones: Mapping[Split, tuple[int, ...]]
-    data: str | None
-
-
-PAPER_SETTINGS: dict[str, PaperSettings] = {
-    "conv": PaperSettings(
-        0.01,
-        LocalTrainingConfig(epochs=5, batch_size=10),
-        {Split.iid: 200, Split.non_iid: 400},
-        {Split.iid: (100,), Split.non_iid: (200,)},
-        "mnist",
-    ),
-    "resnet18": PaperSettings(
-        0.1,
-        LocalTrainingConfig(epochs=5, batch_size=10),
-        {Split.iid: 400, Split.non_iid: 800},
-        {Split.iid: (150, 250), Split.non_iid: (300, 500)},
-        "imagefolder",  # CIFAR-10 as images
-    ),
-    # The transformer is split IID only (as in the paper); its non-IID row is the paper's.
-    "transformer": PaperSettings(
-        0.1,
-        LocalTrainingConfig(epochs=1, batch_size=100),
-        {Split.iid: 100, Split.non_iid: 200},
-        {Split.iid: (25, 50), Split.non_iid: (50, 100)},
-        "wikitext2",
-    ),
-}
-
-
-def paper_settings(model: str) -> PaperSettings:
-    """``model``'s settings in the paper.
-
-    A model of a user's gets those of the built-in of its task (transformer for a
-    language model, else conv), and no default data set.
-    """
-    if model in PAPER_SETTINGS:
-        return PAPER_SETTINGS[model]
-    task = get_architecture(model).task
-    return replace(
-        PAPER_SETTINGS["transformer" if task is TaskKind.language_model else "conv"], data=None
-    )
-
-
-def dataset_for(model: str, data: str | None) -> str:
-    """The data set ``model`` trains on: ``data``, else the paper's; checked against its task.
-
-    ``ConfigError`` when the model has no default data set, or when the data set
-    is registered for another task (checked by name: nothing is loaded).
-    """
-    arch = get_architecture(model)
-    name = data if data is not None else paper_settings(model).data
-    if name is None:
-        raise ConfigError(
-            f"model {model!r} has no default data set",
-            "name one with --data (a registered data set or package.module:loader)",
-        )
-    entry = resolve_dataset(name)
-    if entry.task is not None and entry.task is not arch.task:
-        raise ConfigError(
-            f"model {model!r} is a {arch.task.value} model, data set {entry.name!r} "
-            f"is for {entry.task.value}",
-            "pick a data set of the model's task (e.g. transformer with wikitext2)",
-        )
-    return name
-
-
-def local_training(
-    model: str, epochs: int | None = None, batch_size: int | None = None
-) -> LocalTrainingConfig:
-    """The paper's local training for ``model``, with ``epochs`` or ``batch_size`` if given."""
-    local = paper_settings(model).local
-    return replace(
-        local,
-        epochs=local.epochs if epochs is None else epochs,
-        batch_size=local.batch_size if batch_size is None else batch_size,
-    )
-
-
-@dataclass(frozen=True)
-class SimulationConfig:
-    """Everything a run depends on; what is left None is the paper's for the model.
-
-    ``model``: a registered name or ``package.module:factory``; ``data``: a data
-    set name or ``package.module:loader`` (None: the model's own, see
-    ``PAPER_SETTINGS``). ``lr``, ``local``, ``rounds`` and ``milestones``
-    default to the model's row of the paper's Table 6 (read them resolved as
-    ``learning_rate``, ``local_training``, ``total_rounds``, ``lr_milestones``).
-    """
-
-    model: str = "conv"
-    mode: str = "a-e"
-    assignment: str | None = None
-    split: Split = Split.iid
-    rounds: int | None = None
     num_clients: int = 100
-    fraction: float = 0.1
-    lr: float | None = None
-    milestones: tuple[int, ...] | None = None
-    lr_factor: float = 0.1
-    local: LocalTrainingConfig | None = None
-    shards_per_client: int = 2
-    stats_clients: StatsClients = StatsClients.all
-    seed: int = 0
-    train_examples: int | None = None
-    test_examples: int | None = None
-    submodel: Submodel = Submodel.static
-    data: str | None = None
+    shards_per_client: int = 2  # non-IID: label shards per client (2: at most 2 classes)
+    train_examples: int | None = None  # a random subset of the training examples
 
     def __post_init__(self) -> None:
-        """Refuse impossible settings before any data is loaded."""
-        arch = get_architecture(self.model)  # ConfigError listing the choices if unknown
-        if arch.task is TaskKind.language_model and self.split is not Split.iid:
-            raise ConfigError(
-                f"model {self.model!r} is a language model, split IID only (as in the paper)",
-                "use --split iid",
-            )
-        dataset_for(self.model, self.data)
-        if self.total_rounds < 1:
-            raise ConfigError(f"rounds must be at least 1, got {self.total_rounds}")
+        """The spec's checks, and what only a simulation can get wrong."""
+        super().__post_init__()
         if self.num_clients < 1:
             raise ConfigError(f"need at least one client, got {self.num_clients}")
-        if not 0.0 < self.fraction <= 1.0:
+        if self.policy is Policy.profile:
             raise ConfigError(
-                f"fraction {self.fraction} is outside (0, 1]",
-                "it is the share of clients per round",
+                "simulate cannot place clients by a measured profile: simulated clients "
+                "time nothing",
+                "use --policy fix or dynamic (or leave it to the mode), or run devices "
+                "against 'coordinator serve'",
             )
-        if self.local_training.epochs < 1 or self.local_training.batch_size < 1:
-            raise ConfigError("local epochs and batch size must be at least 1")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
-        parse_mode(self.mode, self.assignment)
 
     @property
-    def paper(self) -> PaperSettings:
-        return paper_settings(self.model)
-
-    @property
-    def metric(self) -> str:
-        """What the run reports: ``accuracy``, or ``perplexity`` for a language model."""
-        return task_for(get_architecture(self.model)).metric
-
-    @property
-    def data_name(self) -> str | None:
-        return self.data if self.data is not None else self.paper.data
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else self.paper.lr
-
-    @property
-    def local_training(self) -> LocalTrainingConfig:
-        return self.local if self.local is not None else self.paper.local
-
-    @property
-    def total_rounds(self) -> int:
-        return self.rounds if self.rounds is not None else self.paper.rounds[self.split]
-
-    @property
-    def lr_milestones(self) -> tuple[int, ...]:
-        return self.milestones if self.milestones is not None else self.paper.milestones[self.split]
+    def spec(self) -> FederationSpec:
+        """The federation spec alone, without the population."""
+        names = {f.name for f in fields(FederationSpec)}
+        return FederationSpec(**{k: getattr(self, k) for k in names})
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(split=self.split.value, stats_clients=self.stats_clients.value)
-        data.update(submodel=self.submodel.value)
-        data.update(rounds=self.total_rounds, milestones=list(self.lr_milestones))
-        data.update(lr=self.learning_rate, local=asdict(self.local_training))
-        data.update(data=self.data_name)
+        data = super().to_json()
+        data.update(
+            num_clients=self.num_clients,
+            shards_per_client=self.shards_per_client,
+            train_examples=self.train_examples,
+        )
         return data
 
 
@@ -347,127 +190,6 @@ class SimulationResult:
             report["initial_global_perplexity"] = self.initial_perplexity
         report["rounds"] = [asdict(r) for r in self.rounds]
         return report
-
-
-class _SessionTransport:
-    """Clients as sessions on a backend; replies come back in task order."""
-
-    def __init__(
-        self,
-        arch: Architecture,
-        global_rate: float,
-        backend: SessionBackend,
-        parts: Partition,
-        num_classes: int,
-        local: LocalTrainingConfig,
-        on_client: Callable[[int, int], None] | None,
-    ) -> None:
-        self.arch = arch
-        self.global_rate = global_rate
-        self.backend = backend
-        self.parts = parts
-        self.num_classes = num_classes
-        self.local = local
-        self.on_client = on_client
-        self._tasks: tuple[Task, ...] = ()
-        self._state: dict[str, torch.Tensor] = {}
-
-    def wait_for_clients(self, minimum: int) -> list[Client]:
-        return [Client(str(i), i) for i in range(self.parts.num_clients)]
-
-    def population(self) -> int:
-        return self.parts.num_clients
-
-    def open_phase(
-        self,
-        round_number: int,
-        phase: Phase,
-        tasks: Sequence[Task],
-        state: dict[str, torch.Tensor],
-        deadline: float,
-    ) -> None:
-        self._tasks, self._state = tuple(tasks), state
-
-    def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply]:
-        if phase is Phase.statistics:
-            yield from self._statistics()
-            return
-        jobs = [self._train_job(task) for task in self._tasks]
-        for done, outcome in enumerate(self.backend.train(jobs), start=1):
-            task = self._tasks[done - 1]
-            yield TrainReply(
-                outcome.client,
-                to_tensors(outcome.update),
-                tuple(self.parts.labels[task.position]),
-                outcome.num_samples,
-                {"loss": outcome.loss, "accuracy": outcome.accuracy},
-                outcome.seconds,
-            )
-            if self.on_client:
-                self.on_client(done, len(jobs))
-
-    def _train_job(self, task: Task) -> TrainJob:
-        state = extract_submodel_state(
-            self._state, self.arch.spec, task.rate, self.global_rate, task.offset
-        )
-        return TrainJob(
-            task.client,
-            self.arch.name,
-            task.rate,
-            self.global_rate,
-            task.lr,
-            task.seed,
-            self.parts.indices[task.position],
-            tuple(self.parts.labels[task.position]),
-            self.num_classes,
-            self.local,
-            to_arrays(state),
-        )
-
-    def _statistics(self) -> Iterator[StatsReply]:
-        """Every client's moments; clients go to the workers in runs of equal size."""
-        tasks = self._tasks
-        sizes = [len(self.parts.indices[t.position]) for t in tasks]
-        state = to_arrays(self._state)
-        groups = split_clients(sizes, 2 * self.backend.workers if self.backend.workers > 1 else 1)
-        jobs = [
-            StatsJob(
-                self.arch.name,
-                self.global_rate,
-                state,
-                tuple(tasks[i].client for i in group),
-                tuple(self.parts.indices[tasks[i].position] for i in group),
-            )
-            for group in groups
-        ]
-        for outcome in self.backend.statistics(jobs):
-            for client, report in outcome:
-                yield StatsReply(client, moments_from(report))
-
-    def all_silent(self, clients: Sequence[str]) -> bool:
-        return not clients
-
-    def close_phase(self, round_number: int, phase: Phase) -> list[TrainReply | StatsReply]:
-        return []
-
-    def stopping(self) -> bool:
-        return False
-
-
-class _MemoryJournal:
-    """Checkpoints kept nowhere: a run without ``--out`` journal cannot resume."""
-
-    def resume(self) -> None:
-        return None
-
-    def round_opened(self, opened: RoundOpen) -> None:
-        return None
-
-    def training_closed(self, opened: RoundOpen, state: dict[str, torch.Tensor]) -> None:
-        return None
-
-    def round_finished(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
-        return None
 
 
 def make_backend(execution: Execution, data: ClientArrays, device: str) -> SessionBackend:
@@ -539,7 +261,7 @@ def run_simulation(
     arch = get_architecture(config.model)
     check_compatible(arch, data)
     task = task_for(arch)
-    mix = parse_mode(config.mode, config.assignment)
+    mix = config.level_mix
     split = task.split(
         data,
         config.num_clients,
@@ -552,15 +274,6 @@ def run_simulation(
     train_x, train_y = (t[torch.from_numpy(split.train_keep)] for t in (data.train_x, data.train_y))
     test_x, test_y = (t[torch.from_numpy(split.test_keep)] for t in (data.test_x, data.test_y))
     train_parts, test_parts = split.train, split.test
-    strategy = HeteroFLStrategy(
-        arch.spec,
-        mix,
-        config.num_clients,
-        config.fraction,
-        MultiStepSchedule(config.learning_rate, config.lr_milestones, config.lr_factor),
-        config.seed,
-        config.submodel,
-    )
     evaluation_model = place(arch.build(mix.global_rate, mix.global_rate), device)
     has_statistics = any(isinstance(m, StaticBatchNorm2d) for m in evaluation_model.modules())
     test_x_placed = _inputs_placed(test_x, device)
@@ -628,7 +341,7 @@ def run_simulation(
             record(done)
     arrays = ClientArrays(train_x.numpy(), train_y.numpy())
     backend = make_backend(execution, arrays, device)
-    transport = _SessionTransport(
+    transport = SessionTransport(
         arch,
         mix.global_rate,
         backend,
@@ -637,17 +350,14 @@ def run_simulation(
         config.local_training,
         on_client,
     )
-    engine = RoundEngine(
-        strategy,
-        EngineSettings(
-            rounds=config.total_rounds,
-            min_clients=config.num_clients,
-            statistics=StatisticsClients(config.stats_clients.value),
-        ),
+    engine = build_engine(
+        config,
         transport,
-        journal if journal is not None else _MemoryJournal(),
+        journal if journal is not None else MemoryJournal(),
         initial_state,
         time.time,
+        population=config.num_clients,
+        quorum=Quorum(min_clients=config.num_clients),
         evaluate=test,
         has_statistics=has_statistics,
         on_round=record,

@@ -17,7 +17,7 @@ import torch
 
 from heterofl_edge.aggregation import HeteroFLAggregator
 from heterofl_edge.assignment import LevelMix
-from heterofl_edge.errors import ConfigError
+from heterofl_edge.errors import ConfigError, InternalError
 from heterofl_edge.slicing import SlicingSpec, Submodel
 
 __all__ = ["ClientTask", "HeteroFLStrategy", "MultiStepSchedule", "RoundPlan", "client_seed"]
@@ -57,11 +57,20 @@ def client_seed(seed: int, round_number: int, client_id: int) -> int:
 
 
 class HeteroFLStrategy:
+    """Plans rounds (``configure_round``) and aggregates them (``aggregator``).
+
+    The round engine asks the strategy for both, so that another aggregation
+    (secure, private, buffered) plugs in as another strategy, never as an edit
+    of the engine (Flower's configure/aggregate split). ``num_clients`` is the
+    population when it is fixed (a simulation); a coordinator's changes as
+    devices register, and the engine passes it with every round.
+    """
+
     def __init__(
         self,
         spec: SlicingSpec,
         mix: LevelMix,
-        num_clients: int,
+        num_clients: int | None,
         fraction: float,
         schedule: MultiStepSchedule,
         seed: int = 0,
@@ -71,7 +80,7 @@ class HeteroFLStrategy:
             raise ConfigError(
                 f"fraction {fraction} is outside (0, 1]", "it is the share of clients per round"
             )
-        if num_clients < 1:
+        if num_clients is not None and num_clients < 1:
             raise ConfigError(f"need at least one client, got {num_clients}")
         self.spec = spec
         self.mix = mix
@@ -81,10 +90,15 @@ class HeteroFLStrategy:
         self.seed = seed
         self.submodel = submodel
 
+    def _population(self, population: int | None) -> int:
+        total = self.num_clients if population is None else population
+        if total is None:
+            raise InternalError("the population of a changing fleet is given with each round")
+        return total
+
     def clients_per_round(self, population: int | None = None) -> int:
         """``ceil(fraction * clients)``, of ``population`` clients if given."""
-        total = self.num_clients if population is None else population
-        return max(1, math.ceil(round(self.fraction * total, 9)))
+        return max(1, math.ceil(round(self.fraction * self._population(population), 9)))
 
     def configure_round(
         self,
@@ -98,7 +112,7 @@ class HeteroFLStrategy:
         (all of them by default); ``population`` is how many clients exist
         (registered devices), by default the strategy's ``num_clients``.
         """
-        total = self.num_clients if population is None else population
+        total = self._population(population)
         rng = np.random.default_rng([self.seed, round_number])
         pool = np.arange(total) if eligible is None else np.asarray(eligible, dtype=np.int64)
         chosen = rng.permutation(pool)[: min(self.clients_per_round(total), len(pool))].tolist()
@@ -115,4 +129,5 @@ class HeteroFLStrategy:
         )
 
     def aggregator(self, global_state: Mapping[str, torch.Tensor]) -> HeteroFLAggregator:
+        """A fresh aggregate of one round's updates, starting from ``global_state``."""
         return HeteroFLAggregator(global_state, self.spec, self.mix.global_rate)

@@ -100,7 +100,7 @@ URL=http://127.0.0.1:$PORT
 (cd "$REPO" && exec "$PYTHON" -m heterofl_edge coordinator serve --state-dir "$WORK/state" \
   --host 127.0.0.1 --port "$PORT" --mode e --policy fix --rounds 1 --fraction 1 \
   --min-devices 1 --min-uploads 1 --local-epochs 1 --round-seconds 1800 --stats-seconds 1800 \
-  --device-timeout 600 --eval-data-dir "$DATA" --eval-examples 2000 --poll-seconds 0.5) \
+  --device-timeout 600 --data-dir "$DATA" --test-examples 2000 --poll-seconds 0.5) \
   >"$WORK/coordinator.log" 2>&1 &
 COORDINATOR_PID=$!
 for _ in $(seq 600); do

@@ -7,10 +7,11 @@ import json
 import torch
 from safetensors.torch import load, save
 
-from coordinator.config import CoordinatorConfig, LevelPolicy
+from coordinator.config import CoordinatorConfig
 from coordinator.errors import ErrorCode
 from heterofl_edge.models import get_architecture
 from heterofl_edge.slicing import shapes_at, trainable_names
+from heterofl_edge.spec import Policy
 
 ARCH = get_architecture("conv")
 PROFILE = {"step_ms": 5.0, "reference_rate": 0.0625, "memory_mb": 4096, "bandwidth_mbps": 50}
@@ -36,7 +37,7 @@ def make_config(state_dir, **overrides) -> CoordinatorConfig:
         state_dir=state_dir,
         model="conv",
         mode="a1-c1-e1",
-        policy=LevelPolicy.fix,
+        policy=Policy.fix,
         rounds=2,
         fraction=1.0,
         min_devices=3,
@@ -48,7 +49,7 @@ def make_config(state_dir, **overrides) -> CoordinatorConfig:
         device_timeout=300.0,  # fake-clock jumps past deadlines keep devices live
     )
     settings.update(overrides)
-    settings["policy"] = LevelPolicy(settings["policy"])
+    settings["policy"] = Policy(settings["policy"])
     return CoordinatorConfig(**settings)
 
 

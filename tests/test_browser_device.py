@@ -53,8 +53,8 @@ def test_a_browser_device_trains_beside_python_devices(tmp_path, mnist_dir, arti
             "--state-dir", str(state), "--mode", "a1-c1-e1", "--policy", "fix",
             "--rounds", "1", "--fraction", "1", "--min-devices", "3", "--min-uploads", "3",
             "--local-epochs", "1", "--batch-size", "50", "--round-seconds", "300",
-            "--demo-data", str(mnist_dir), "--eval-data-dir", str(mnist_dir),
-            "--eval-examples", "1000", "--poll-seconds", "0.5",
+            "--demo-data", str(mnist_dir), "--data-dir", str(mnist_dir),
+            "--test-examples", "1000", "--poll-seconds", "0.5",
         ],
         tmp_path / "coordinator.log",
     )  # fmt: skip

@@ -81,7 +81,7 @@ def test_models_summary_json_includes_extra_rates():
                 "/nonexistent/state",
                 "--data",
                 "wikitext2",
-                "--eval-data-dir",
+                "--data-dir",
                 "/nonexistent",
             ],
             "data set 'wikitext2' is for language-model",
@@ -160,18 +160,28 @@ def test_the_device_command_works_without_extras(without_extras):
     assert "--coordinator" in out.stdout
 
 
-def test_the_coordinator_takes_the_papers_settings_for_its_model_unless_given(monkeypatch):
-    from heterofl_edge.cli.coordinator_cmd import training_settings
+def test_the_coordinator_takes_the_papers_settings_for_its_model_unless_given(
+    monkeypatch, tmp_path
+):
+    from coordinator.config import CoordinatorConfig
+    from heterofl_edge.cli.spec_options import spec_settings
     from heterofl_edge.errors import ConfigError
 
-    data, lr, local = training_settings("transformer", None, None, None, None)
-    assert (data, lr, local.epochs, local.batch_size) == ("wikitext2", 0.1, 1, 100)
-    data, lr, local = training_settings("conv", None, None, None, None)
-    assert (data, lr, local.epochs, local.batch_size) == ("mnist", 0.01, 5, 10)
-    data, lr, local = training_settings("resnet18", "imagefolder", 0.05, 1, None)
-    assert (data, lr, local.epochs, local.batch_size) == ("imagefolder", 0.05, 1, 10)
+    def resolved(**flags):
+        config = CoordinatorConfig(**spec_settings(None, **flags), state_dir=tmp_path)
+        local = config.local_training
+        return config.data_name, config.learning_rate, local.epochs, local.batch_size
+
+    assert resolved(model="transformer") == ("wikitext2", 0.1, 1, 100)
+    assert resolved(model="conv") == ("mnist", 0.01, 5, 10)
+    assert resolved(model="resnet18", data="imagefolder", lr=0.05, local_epochs=1) == (
+        "imagefolder",
+        0.05,
+        1,
+        10,
+    )
     monkeypatch.syspath_prepend(str(REPO / "examples" / "tiny_mlp"))
     with pytest.raises(ConfigError, match="data set 'mnist' is for classification"):
-        training_settings("transformer", "mnist", None, None, None)
+        resolved(model="transformer", data="mnist")
     with pytest.raises(ConfigError, match="no default data set"):  # a user's model
-        training_settings("tiny_mlp.model:build", None, None, None, None)
+        resolved(model="tiny_mlp.model:build")

@@ -318,7 +318,7 @@ def test_a_late_device_takes_the_next_rounds_task(make_app, clock):
 def test_a_failing_evaluation_is_a_server_fault_and_the_run_goes_on(make_app, tmp_path):
     empty = tmp_path / "no-mnist-here"
     empty.mkdir()
-    app = make_app(eval_data_dir=empty)
+    app = make_app(data_dir=empty)
     client, coordinator = app.test_client(), app.extensions["heterofl"]
     tokens = register(client)
     coordinator.settle()
@@ -473,7 +473,7 @@ def test_demo_shards_come_from_the_runs_data_set_shaped_for_its_model(
 
     write_mnist_as_images(mnist_dir, tmp_path / "digits", train=40, test=10)
     app = make_app(
-        model="resnet18", mode="e", eval_data="imagefolder", demo_data_dir=tmp_path / "digits"
+        model="resnet18", mode="e", data="imagefolder", demo_data_dir=tmp_path / "digits"
     )
     client = app.test_client()
     assert client.get("/v1/health").get_json()["demo_data"] is True
@@ -491,7 +491,7 @@ def test_demo_shards_come_from_the_runs_data_set_shaped_for_its_model(
 
 
 def test_held_out_evaluation_scores_the_examples_simulate_scores(mnist_dir):
-    """--eval-examples N and simulate --test-examples N score one subset for one seed."""
+    """serve --test-examples N and simulate --test-examples N score one subset for one seed."""
     from coordinator.evaluation import HeldOutEvaluation
     from heterofl_edge.data.registry import get_dataset
     from heterofl_edge.models import get_architecture

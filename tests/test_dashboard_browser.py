@@ -82,7 +82,7 @@ def test_the_live_page_shows_what_the_api_says(tmp_path, mnist_dir):
         [
             "--state-dir", str(tmp_path / "state"), "--mode", "c1-e1", "--policy", "fix",
             "--rounds", "3", "--fraction", "1", "--min-devices", "2", "--min-uploads", "2",
-            "--no-artifacts", "--eval-data-dir", str(mnist_dir), "--eval-examples", "2000",
+            "--no-artifacts", "--data-dir", str(mnist_dir), "--test-examples", "2000",
         ],
         tmp_path / "coordinator.log",
     )  # fmt: skip

@@ -15,7 +15,13 @@ from safetensors.torch import load
 from coordinator.process import start_coordinator, stop, wait_until_ready
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
-from heterofl_edge.simulation import Execution, SimulationConfig, StatsClients, run_simulation
+from heterofl_edge.simulation import (
+    Execution,
+    SimulationConfig,
+    StatisticsClients,
+    Submodel,
+    run_simulation,
+)
 from heterofl_edge.training import LocalTrainingConfig
 
 pytestmark = pytest.mark.slow
@@ -44,9 +50,9 @@ def serve(tmp_path, mnist_dir, *args):
         [
             "--state-dir",
             str(tmp_path / "state"),
-            "--eval-data-dir",
+            "--data-dir",
             str(mnist_dir),
-            "--eval-examples",
+            "--test-examples",
             "2000",
             "--poll-seconds",
             "0.5",
@@ -127,9 +133,11 @@ def test_six_devices_three_levels_survive_a_killed_device(
         assert "blocked" not in text and "Traceback" not in text
 
 
+@pytest.mark.parametrize("submodel", ["static", "rolling"])
 def test_networked_rounds_equal_the_in_process_simulation(
-    tmp_path, mnist_dir, mnist, torch_blocked, monkeypatch, artifact_cache
+    tmp_path, mnist_dir, mnist, torch_blocked, monkeypatch, artifact_cache, submodel
 ):
+    """HeteroFL's static slices, and FedRolex's rolling windows (round 2's start one later)."""
     artifact_cache(tmp_path / "state", ("a", "e"))
     # 100 examples per device in batches of 50: 2 local steps per round. Long local runs with
     # batch-10 BatchNorm on real MNIST amplify float32 noise chaotically (eager float32 itself
@@ -170,6 +178,8 @@ def test_networked_rounds_equal_the_in_process_simulation(
         "0.01",
         "--seed",
         "3",
+        "--submodel",
+        submodel,
     )
     monkeypatch.setenv("PYTHONPATH", str(torch_blocked))
     fleet = Fleet(
@@ -182,7 +192,8 @@ def test_networked_rounds_equal_the_in_process_simulation(
         SimulationConfig(
             **settings,
             local=LocalTrainingConfig(epochs=1, batch_size=50),
-            stats_clients=StatsClients.round,
+            statistics=StatisticsClients.all,  # serve's default: every live device
+            submodel=Submodel(submodel),
         ),
         mnist,
     ).global_state
@@ -316,7 +327,7 @@ def test_the_transformer_trains_through_the_coordinator_as_in_the_simulation(
         [
             "--state-dir", str(tmp_path / "state"),
             "--model", "transformer", "--data", "wikitext2",
-            "--eval-data-dir", str(wikitext2_dir), "--eval-examples", "100",
+            "--data-dir", str(wikitext2_dir), "--test-examples", "100",
             "--poll-seconds", "0.5",
             "--mode", "e", "--policy", "fix", "--rounds", "1", "--fraction", "1",
             "--min-devices", "2", "--min-uploads", "2",

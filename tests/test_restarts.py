@@ -30,7 +30,7 @@ from safetensors.torch import load
 from coordinator.process import free_port, start_coordinator
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
-from heterofl_edge.simulation import SimulationConfig, StatsClients, run_simulation
+from heterofl_edge.simulation import SimulationConfig, StatisticsClients, run_simulation
 from heterofl_edge.training import LocalTrainingConfig
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def simulated_model(mnist):
             train_examples=EXAMPLES,
             test_examples=100,
             local=LocalTrainingConfig(epochs=1, batch_size=50),
-            stats_clients=StatsClients.round,
+            statistics=StatisticsClients.all,  # serve's default: every live device
         ),
         mnist,
     ).global_state
@@ -92,7 +92,7 @@ def test_stops_during_export_and_evaluation_are_clean_and_the_run_completes(
 ):
     state = tmp_path / "state"
     artifact_cache(state, ("a",))  # level e is exported by the coordinator: stopped 5 times
-    args = [*SERVE, "--state-dir", str(state), "--eval-data-dir", str(mnist_dir)]
+    args = [*SERVE, "--state-dir", str(state), "--data-dir", str(mnist_dir)]
     port = free_port()
     starts = iter(range(100))
 

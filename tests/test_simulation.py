@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from heterofl_edge.simulation import SimulationConfig, Split, StatsClients, run_simulation
+from heterofl_edge.simulation import SimulationConfig, Split, StatisticsClients, run_simulation
 from heterofl_edge.training import LocalTrainingConfig
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_simulate_cli_raises_accuracy_and_writes_json_and_png(tmp_path, mnist_di
             "3000",
             "--test-examples",
             "2000",
-            "--stats-clients",
+            "--statistics",
             "round",
             "--seed",
             "3",
@@ -70,7 +70,7 @@ def test_non_iid_run_reports_local_accuracy_and_is_reproducible(mnist):
         local=LocalTrainingConfig(epochs=1),
         train_examples=2000,
         test_examples=1000,
-        stats_clients=StatsClients.round,
+        statistics=StatisticsClients.round,
         seed=7,
     )
     first = run_simulation(config, mnist)

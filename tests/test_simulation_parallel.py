@@ -24,7 +24,7 @@ from heterofl_edge.simulation import (
     Execution,
     SimulationConfig,
     Split,
-    StatsClients,
+    StatisticsClients,
     Submodel,
     run_simulation,
 )
@@ -42,7 +42,7 @@ TINY = SimulationConfig(
     local=LocalTrainingConfig(epochs=1),
     train_examples=720,
     test_examples=300,
-    stats_clients=StatsClients.all,
+    statistics=StatisticsClients.all,
     seed=5,
 )
 
@@ -184,7 +184,7 @@ def test_resume_after_a_kill_gives_the_model_of_an_uninterrupted_run(mnist, mnis
 
 
 def test_a_journal_refuses_other_settings(mnist, tmp_path):
-    config = replace(TINY, rounds=1, mode="e", stats_clients=StatsClients.round)
+    config = replace(TINY, rounds=1, mode="e", statistics=StatisticsClients.round)
     run_simulation(config, mnist, journal_dir=tmp_path / "run", execution=Execution(workers=1))
     with pytest.raises(ConfigError, match="seed"):
         run_simulation(replace(config, seed=6), mnist, journal_dir=tmp_path / "run", resume=True)

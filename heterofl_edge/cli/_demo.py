@@ -67,7 +67,7 @@ def run_demo(config: DemoConfig, log: Callable[[str], None] = print) -> dict[str
             "120",
             "--local-epochs",
             str(config.local_epochs),
-            "--eval-data-dir",
+            "--data-dir",
             str(config.data_dir),
             "--seed",
             str(config.seed),

@@ -14,18 +14,30 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from heterofl_edge.cli.options import (
-    BatchSizeOption,
-    LocalEpochsOption,
-    ModelDataOption,
-    ModelOption,
-    parse_choice,
+from heterofl_edge.cli.spec_options import (
+    BatchSizeSetting,
+    ConfigFileOption,
+    DataSetting,
+    FractionSetting,
+    LocalEpochsSetting,
+    LrFactorSetting,
+    LrSetting,
+    MilestonesSetting,
+    ModelSetting,
+    ModeSetting,
+    PolicySetting,
+    RoundsSetting,
+    SeedSetting,
+    SplitSetting,
+    StatisticsSetting,
+    SubmodelSetting,
+    TestExamplesSetting,
+    spec_settings,
 )
 from heterofl_edge.errors import ConfigError
 
 if TYPE_CHECKING:
     from coordinator.admission import AdmissionConfig
-    from heterofl_edge.training import LocalTrainingConfig
 
 app = typer.Typer(help="The coordinator service devices talk to.", no_args_is_help=True)
 
@@ -34,77 +46,42 @@ StateDirOption = Annotated[
 ]
 
 
-def training_settings(
-    model: str,
-    data: str | None,
-    lr: float | None,
-    local_epochs: int | None,
-    batch_size: int | None,
-) -> tuple[str, float, LocalTrainingConfig]:
-    """The data set, learning rate and local training of a run.
-
-    What is not given is the paper's for ``model`` (Table 6), as in ``simulate``.
-    """
-    from heterofl_edge.simulation import dataset_for, local_training, paper_settings
-
-    chosen_data = dataset_for(model, data)  # ConfigError: no default, or another task's data
-    return (
-        chosen_data,
-        paper_settings(model).lr if lr is None else lr,
-        local_training(model, local_epochs, batch_size),
-    )
-
-
 @app.command()
 def serve(
     state_dir: StateDirOption,
-    model: ModelOption = "conv",
-    mode: Annotated[
-        str, typer.Option(help="Levels in play, e.g. a-b-c-d-e or a2-e8.")
-    ] = "a-b-c-d-e",
-    policy: Annotated[
-        str,
+    config: ConfigFileOption = None,
+    model: ModelSetting = None,
+    data: DataSetting = None,
+    mode: ModeSetting = None,
+    policy: PolicySetting = None,
+    submodel: SubmodelSetting = None,
+    split: SplitSetting = None,
+    rounds: RoundsSetting = None,
+    fraction: FractionSetting = None,
+    lr: LrSetting = None,
+    milestones: MilestonesSetting = None,
+    lr_factor: LrFactorSetting = None,
+    local_epochs: LocalEpochsSetting = None,
+    batch_size: BatchSizeSetting = None,
+    statistics: StatisticsSetting = None,
+    seed: SeedSetting = None,
+    test_examples: TestExamplesSetting = None,
+    data_dir: Annotated[
+        Path | None,
         typer.Option(
-            help="profile (each device at the level its measured profile fits, re-leveled "
-            "after every round), fix or dynamic (the paper's, from --mode)."
+            envvar="HETEROFL_DATA_DIR",
+            help="Folder of the --data set whose test split evaluates the global model after "
+            "each round (none: no evaluation).",
         ),
-    ] = "profile",
+    ] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
-    rounds: Annotated[int, typer.Option(help="Rounds to run.")] = 10,
-    fraction: Annotated[float, typer.Option(help="Share of devices selected per round.")] = 0.1,
-    min_devices: Annotated[int, typer.Option(help="Live devices needed to open a round.")] = 1,
+    min_devices: Annotated[int, typer.Option(help="Live devices needed to open round 1.")] = 1,
     min_uploads: Annotated[int, typer.Option(help="Uploads needed to aggregate a round.")] = 1,
     round_seconds: Annotated[float, typer.Option(help="Training deadline per round.")] = 600.0,
     stats_seconds: Annotated[
         float, typer.Option(help="Deadline of the sBN statistics query.")
     ] = 120.0,
-    statistics: Annotated[
-        str,
-        typer.Option(help="Who reports sBN statistics: round (the uploaders) or all live devices."),
-    ] = "round",
-    lr: Annotated[
-        float | None,
-        typer.Option(help="Learning rate (paper: conv 0.01; resnet18 and transformer 0.1)."),
-    ] = None,
-    local_epochs: LocalEpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    seed: Annotated[int, typer.Option(help="Seed for selection, levels and initial weights.")] = 0,
-    eval_data_dir: Annotated[
-        Path | None,
-        typer.Option(
-            envvar="HETEROFL_DATA_DIR",
-            help="Folder of the --data set whose test split evaluates the global model.",
-        ),
-    ] = None,
-    data: ModelDataOption = None,
-    eval_examples: Annotated[
-        int | None,
-        typer.Option(
-            help="Evaluate on N test examples, those simulate --test-examples N scores for the "
-            "same --seed (default: all)."
-        ),
-    ] = None,
     formats: Annotated[
         str, typer.Option(help="Artifact formats to offer devices: onnx, or onnx,executorch.")
     ] = "onnx",
@@ -208,34 +185,47 @@ def serve(
         typer.Option(help="Threads for aggregation and evaluation (leave cores for requests)."),
     ] = 1,
 ) -> None:
-    """Run the coordinator; an existing state folder resumes where it stopped."""
-    stop = _StopSignals()  # from here on SIGTERM and SIGINT stop it cleanly, at any moment
-    import torch
+    """Run the coordinator; an existing state folder resumes where it stopped.
 
+    The federation options are simulate's, with the same names and defaults (but
+    --policy's). Simulate's --clients, --train-examples, --workers, --accelerator,
+    --backend, --address, --resume and --out have no counterpart: devices bring their
+    own data and hardware, and the state folder is the run's journal.
+    """
+    stop = _StopSignals()  # from here on SIGTERM and SIGINT stop it cleanly, at any moment
     from coordinator.admission import AdmissionConfig, resolve_token
     from coordinator.app import create_app
-    from coordinator.config import CoordinatorConfig, LevelPolicy
+    from coordinator.config import CoordinatorConfig
     from coordinator.logs import configure as configure_logs
     from coordinator.server import ServerLimits, make_server, make_tls_server
-    from heterofl_edge.engine import StatisticsClients
+    from heterofl_edge.spec import Policy
 
-    chosen = parse_choice(LevelPolicy, policy, "policy")
-    eval_data, chosen_lr, local = training_settings(model, data, lr, local_epochs, batch_size)
-    stats = parse_choice(StatisticsClients, statistics, "statistics")
+    settings = spec_settings(
+        config,
+        model=model,
+        data=data,
+        mode=mode,
+        policy=policy,
+        submodel=submodel,
+        split=split,
+        rounds=rounds,
+        fraction=fraction,
+        lr=lr,
+        milestones=milestones,
+        lr_factor=lr_factor,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        statistics=statistics,
+        seed=seed,
+        test_examples=test_examples,
+    )
+    settings.setdefault("policy", Policy.profile)  # devices measure themselves
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is outside 1..65535")
-    if eval_examples is not None and eval_examples < 1:
-        raise ConfigError(f"--eval-examples must be at least 1, got {eval_examples}")
     if torch_threads < 1:
         raise ConfigError(f"--torch-threads must be at least 1, got {torch_threads}")
-    for name, seconds in (
-        ("--round-seconds", round_seconds),
-        ("--stats-seconds", stats_seconds),
-        ("--device-timeout", device_timeout),
-        ("--poll-seconds", poll_seconds),
-    ):
-        if not seconds > 0:
-            raise ConfigError(f"{name} must be positive, got {seconds}")
+    if log_format not in ("plain", "json"):
+        raise ConfigError(f"unknown log format {log_format!r}", "use plain or json")
     exposed = not _is_loopback(host)
     connections_per_address, registrations_per_minute = per_address_limits(
         exposed, connection_limit, connections_per_address, registrations_per_minute
@@ -250,13 +240,26 @@ def serve(
         silent_connection_timeout=silent_connection_timeout,
         connections_per_address=connections_per_address,
     )
-    if log_format not in ("plain", "json"):
-        raise ConfigError(f"unknown log format {log_format!r}", "use plain or json")
     if registrations_per_minute < 0 or not math.isfinite(registrations_per_minute):
         raise ConfigError(
             f"--registrations-per-minute must be 0 (no limit) or positive, got "
             f"{registrations_per_minute}"
         )
+    run = CoordinatorConfig(  # validated here, before anything is opened
+        **settings,
+        state_dir=state_dir,
+        min_devices=min_devices,
+        min_uploads=min_uploads,
+        round_seconds=round_seconds,
+        stats_seconds=stats_seconds,
+        data_dir=data_dir,
+        demo_data_dir=demo_data,
+        artifact_formats=_formats(formats),
+        artifact_verify=verify_artifacts,
+        build_artifacts=artifacts,
+        device_timeout=device_timeout,
+        poll_seconds=poll_seconds,
+    )
     admission = AdmissionConfig(
         enrollment_token=resolve_token(
             enrollment_token or ("auto" if exposed else "none"), "enrollment", state_dir
@@ -266,38 +269,15 @@ def serve(
         ),
         registrations_per_minute=registrations_per_minute,
     )
+    run = dataclasses.replace(run, admission=admission)
     configure_logs(json_lines=log_format == "json")
+    import torch
+
     torch.set_num_threads(torch_threads)
-    config = CoordinatorConfig(
-        state_dir=state_dir,
-        model=model,
-        mode=mode,
-        policy=chosen,
-        rounds=rounds,
-        fraction=fraction,
-        min_devices=min_devices,
-        min_uploads=min_uploads,
-        round_seconds=round_seconds,
-        stats_seconds=stats_seconds,
-        statistics=stats,
-        lr=chosen_lr,
-        eval_data_dir=eval_data_dir,
-        eval_data=eval_data,
-        eval_examples=eval_examples,
-        demo_data_dir=demo_data,
-        local=local,
-        artifact_formats=_formats(formats),
-        artifact_verify=verify_artifacts,
-        build_artifacts=artifacts,
-        seed=seed,
-        device_timeout=device_timeout,
-        poll_seconds=poll_seconds,
-        admission=admission,
-    )
     if (tls_cert is None) != (tls_key is None):
         raise ConfigError("--tls-cert and --tls-key go together", "give both, or neither")
-    limits = dataclasses.replace(limits, max_body_bytes=config.max_upload_bytes)
-    application = create_app(config)
+    limits = dataclasses.replace(limits, max_body_bytes=run.max_upload_bytes)
+    application = create_app(run)
     coordinator = application.extensions["heterofl"]
     scheme = "http"
     try:
@@ -309,7 +289,11 @@ def serve(
     except BaseException:
         coordinator.close()
         raise
-    typer.echo(announcement(model, mode, chosen.value, scheme, host, port, admission, exposed))
+    typer.echo(
+        announcement(
+            run.model, run.level_mix.name, run.policy_name, scheme, host, port, admission, exposed
+        )
+    )
     with contextlib.suppress(KeyboardInterrupt):
         stop.run(server.run)
     server.close()

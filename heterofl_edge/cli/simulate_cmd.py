@@ -12,14 +12,27 @@ from typing import Annotated
 
 import typer
 
-from heterofl_edge.assignment import Assignment, parse_mode
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
-from heterofl_edge.cli.options import (
-    BatchSizeOption,
-    LocalEpochsOption,
-    ModelDataOption,
-    ModelOption,
-    parse_choice,
+from heterofl_edge.cli.options import parse_choice
+from heterofl_edge.cli.spec_options import (
+    BatchSizeSetting,
+    ConfigFileOption,
+    DataSetting,
+    FractionSetting,
+    LocalEpochsSetting,
+    LrFactorSetting,
+    LrSetting,
+    MilestonesSetting,
+    ModelSetting,
+    ModeSetting,
+    PolicySetting,
+    RoundsSetting,
+    SeedSetting,
+    SplitSetting,
+    StatisticsSetting,
+    SubmodelSetting,
+    TestExamplesSetting,
+    spec_settings,
 )
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
@@ -31,55 +44,36 @@ def _perplexity(value: float | None) -> str:
 
 def simulate(
     data_dir: AnyDataDirOption = None,
-    model: ModelOption = "conv",
-    data: ModelDataOption = None,
-    mode: Annotated[
-        str, typer.Option(help="Levels: 'a2-b8' = Fix 20% a, 80% b; 'a-b-c-d-e' = Dynamic.")
-    ] = "a-e",
-    assignment: Annotated[
-        Assignment | None, typer.Option(help="Override Fix/Dynamic as read from --mode.")
-    ] = None,
-    split: Annotated[Split, typer.Option(help="Data partition across clients.")] = Split.iid,
-    rounds: Annotated[
-        int | None,
+    config: ConfigFileOption = None,
+    model: ModelSetting = None,
+    data: DataSetting = None,
+    mode: ModeSetting = None,
+    policy: PolicySetting = None,
+    submodel: SubmodelSetting = None,
+    split: SplitSetting = None,
+    rounds: RoundsSetting = None,
+    fraction: FractionSetting = None,
+    lr: LrSetting = None,
+    milestones: MilestonesSetting = None,
+    lr_factor: LrFactorSetting = None,
+    local_epochs: LocalEpochsSetting = None,
+    batch_size: BatchSizeSetting = None,
+    statistics: StatisticsSetting = None,
+    seed: SeedSetting = None,
+    test_examples: TestExamplesSetting = None,
+    clients: Annotated[
+        int,
         typer.Option(
-            help="Communication rounds (paper: conv 200 IID, 400 non-IID; resnet18 400, 800; "
-            "transformer 100, IID only)."
+            help="Simulated clients (serve has none: its clients are the devices that register)."
         ),
-    ] = None,
-    clients: Annotated[int, typer.Option(help="Number of clients.")] = 100,
-    fraction: Annotated[float, typer.Option(help="Share of clients active per round.")] = 0.1,
-    local_epochs: LocalEpochsOption = None,
-    batch_size: BatchSizeOption = None,
-    lr: Annotated[
-        float | None,
-        typer.Option(
-            help="Learning rate, x0.1 at the paper's milestones (paper: conv 0.01; "
-            "resnet18 and transformer 0.1)."
-        ),
-    ] = None,
-    stats_clients: Annotated[
-        str,
-        typer.Option(help="Clients queried for sBN statistics: all (paper) or round (this one's)."),
-    ] = "all",
+    ] = 100,
     train_examples: Annotated[
         int | None,
         typer.Option(
-            help="Use a random subset of this many training examples (text: the first rows)."
+            help="Use a random subset of this many training examples (text: the first rows; "
+            "serve has none: devices bring their own data)."
         ),
     ] = None,
-    test_examples: Annotated[
-        int | None,
-        typer.Option(help="Use a random subset of this many test examples (text: the first rows)."),
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Seed for partition, selection, levels and init.")] = 0,
-    submodel: Annotated[
-        str,
-        typer.Option(
-            help="Sub-model extraction: static (HeteroFL's upper-left slices) or rolling "
-            "(FedRolex: a window rolling by one each round)."
-        ),
-    ] = "static",
     workers: Annotated[
         int | None,
         typer.Option(
@@ -117,6 +111,9 @@ def simulate(
     """Run HeteroFL; write per-round results as JSON, a learning curve and the model.
 
     Every round is checkpointed in OUT/journal, so that --resume can continue a killed run.
+    The federation options are coordinator serve's, with the same names and defaults (but
+    --policy's); serve's quorum, deadlines, liveness and service options have no
+    counterpart: simulated clients are always there and answer at once.
     """
     from safetensors.torch import save as save_state
 
@@ -127,49 +124,51 @@ def simulate(
         Execution,
         RoundRecord,
         SimulationConfig,
-        StatsClients,
-        Submodel,
         load_data,
-        local_training,
         run_simulation,
     )
 
     chosen_backend = parse_choice(Backend, backend, "backend")
-    mix = parse_mode(mode, assignment)
-    config = SimulationConfig(
+    settings = spec_settings(
+        config,
         model=model,
         data=data,
         mode=mode,
-        assignment=assignment.value if assignment else None,
+        policy=policy,
+        submodel=submodel,
         split=split,
         rounds=rounds,
-        num_clients=clients,
         fraction=fraction,
         lr=lr,
-        local=local_training(model, local_epochs, batch_size),
-        stats_clients=parse_choice(StatsClients, stats_clients, "statistics clients"),
+        milestones=milestones,
+        lr_factor=lr_factor,
+        local_epochs=local_epochs,
+        batch_size=batch_size,
+        statistics=statistics,
         seed=seed,
-        train_examples=train_examples,
         test_examples=test_examples,
-        submodel=parse_choice(Submodel, submodel, "sub-model extraction"),
+    )
+    run = SimulationConfig(
+        **settings, num_clients=clients, train_examples=train_examples
     )  # the config refuses impossible settings here, before any data is loaded
     if address is not None and chosen_backend is not Backend.ray:
         raise ConfigError("--address needs --backend ray", "add --backend ray, or drop --address")
     execution = Execution(
         workers, parse_choice(Accelerator, accelerator, "accelerator"), chosen_backend, address
     )
-    name = model.replace(":", "-").replace("/", "-")
-    out = out or Path("runs") / f"simulate-{name}-{mix.name}-{split.value}-s{seed}"
+    mix = run.level_mix
+    name = run.model.replace(":", "-").replace("/", "-")
+    out = out or Path("runs") / f"simulate-{name}-{mix.name}-{run.split.value}-s{run.seed}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file", "give a folder for the results")
-    dataset = load_data(config, data_dir)
+    dataset = load_data(run, data_dir)
     typer.echo(
-        f"HeteroFL {model} on {config.data_name} ({split.value}), mode {mix.name} "
-        f"({mix.assignment.value}), {config.total_rounds} rounds, {clients} clients, "
-        f"fraction {fraction:g}, {config.submodel.value} sub-models"
+        f"HeteroFL {run.model} on {run.data_name} ({run.split.value}), mode {mix.name} "
+        f"({mix.assignment.value}), {run.total_rounds} rounds, {run.num_clients} clients, "
+        f"fraction {run.fraction:g}, {run.submodel.value} sub-models"
     )
 
-    perplexity = config.metric == "perplexity"
+    perplexity = run.metric == "perplexity"
 
     def on_round(record: RoundRecord) -> None:
         levels = " ".join(f"{k}:{v}" for k, v in record.levels.items())
@@ -180,7 +179,7 @@ def simulate(
             else f"global acc {record.global_accuracy:.4f}"
         )
         typer.echo(
-            f"round {record.round:>3}/{config.total_rounds}  lr {record.lr:g}  levels {levels}  "
+            f"round {record.round:>3}/{run.total_rounds}  lr {record.lr:g}  levels {levels}  "
             f"train loss {record.train_loss:.4f}  {score}{local}  "
             f"({record.round_seconds:.1f} s, {record.samples_per_second:.0f} samples/s)"
         )
@@ -191,7 +190,7 @@ def simulate(
             typer.echo(" " * 40 + "\r", nl=False, err=True)
 
     result = run_simulation(
-        config,
+        run,
         dataset,
         on_round=on_round,
         on_client=on_client,
@@ -202,7 +201,7 @@ def simulate(
     write_json(out / "results.json", result.to_json())
     atomic_write_bytes(out / "model.safetensors", save_state(result.global_state))
     final = result.rounds[-1]
-    title = f"HeteroFL {model} {mix.name} {split.value}"
+    title = f"HeteroFL {run.model} {mix.name} {run.split.value}"
     if perplexity:
         points = [(0, result.initial_perplexity)]
         points += [(r.round, r.global_perplexity) for r in result.rounds]
@@ -215,7 +214,7 @@ def simulate(
             "global": [(0, result.initial_accuracy)]
             + [(r.round, r.global_accuracy) for r in result.rounds]
         }
-        if split is Split.non_iid:
+        if run.split is Split.non_iid:
             curves["local"] = [(r.round, r.local_accuracy or 0.0) for r in result.rounds]
         write_learning_curve(out / "learning_curve.png", title, curves)
         summary = f"initial global accuracy {result.initial_accuracy:.4f} -> "

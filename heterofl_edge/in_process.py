@@ -1,0 +1,156 @@
+"""The round engine's transport in process: clients as training sessions on a backend.
+
+``SessionTransport`` hands each selected client's sub-model to a session
+backend (``heterofl_edge.backends``: this process, a pool of worker processes,
+or Ray tasks) and returns the replies in task order, whatever order the
+sessions finish in, so that the aggregate is the same bits for any number of
+workers. Every client is always live and answers; statistics are computed by
+the same workers, clients grouped into runs of equal size. ``MemoryJournal``
+keeps no checkpoints (a run without ``--out`` cannot resume).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from heterofl_edge.backends import SessionBackend, split_clients
+from heterofl_edge.engine import (
+    Client,
+    Phase,
+    RoundOpen,
+    RoundResult,
+    StatsReply,
+    Task,
+    TrainReply,
+)
+from heterofl_edge.models import Architecture
+from heterofl_edge.partition import Partition
+from heterofl_edge.sessions import StatsJob, TrainJob, moments_from, to_arrays, to_tensors
+from heterofl_edge.slicing import extract_submodel_state
+from heterofl_edge.training import LocalTrainingConfig
+
+__all__ = ["MemoryJournal", "SessionTransport"]
+
+
+class SessionTransport:
+    """Clients as sessions on a backend; replies come back in task order."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        global_rate: float,
+        backend: SessionBackend,
+        parts: Partition,
+        num_classes: int,
+        local: LocalTrainingConfig,
+        on_client: Callable[[int, int], None] | None,
+    ) -> None:
+        self.arch = arch
+        self.global_rate = global_rate
+        self.backend = backend
+        self.parts = parts
+        self.num_classes = num_classes
+        self.local = local
+        self.on_client = on_client
+        self._tasks: tuple[Task, ...] = ()
+        self._state: dict[str, torch.Tensor] = {}
+
+    def wait_for_clients(self, minimum: int) -> list[Client]:
+        return [Client(str(i), i) for i in range(self.parts.num_clients)]
+
+    def population(self) -> int:
+        return self.parts.num_clients
+
+    def open_phase(
+        self,
+        round_number: int,
+        phase: Phase,
+        tasks: Sequence[Task],
+        state: dict[str, torch.Tensor],
+        deadline: float,
+    ) -> None:
+        self._tasks, self._state = tuple(tasks), state
+
+    def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply]:
+        if phase is Phase.statistics:
+            yield from self._statistics()
+            return
+        jobs = [self._train_job(task) for task in self._tasks]
+        for done, outcome in enumerate(self.backend.train(jobs), start=1):
+            task = self._tasks[done - 1]
+            yield TrainReply(
+                outcome.client,
+                to_tensors(outcome.update),
+                tuple(self.parts.labels[task.position]),
+                outcome.num_samples,
+                {"loss": outcome.loss, "accuracy": outcome.accuracy},
+                outcome.seconds,
+                checked=True,  # this process's own sessions trained it from the task
+            )
+            if self.on_client:
+                self.on_client(done, len(jobs))
+
+    def _train_job(self, task: Task) -> TrainJob:
+        state = extract_submodel_state(
+            self._state, self.arch.spec, task.rate, self.global_rate, task.offset
+        )
+        return TrainJob(
+            task.client,
+            self.arch.name,
+            task.rate,
+            self.global_rate,
+            task.lr,
+            task.seed,
+            self.parts.indices[task.position],
+            tuple(self.parts.labels[task.position]),
+            self.num_classes,
+            self.local,
+            to_arrays(state),
+        )
+
+    def _statistics(self) -> Iterator[StatsReply]:
+        """Every client's moments; clients go to the workers in runs of equal size."""
+        tasks = self._tasks
+        sizes = [len(self.parts.indices[t.position]) for t in tasks]
+        state = to_arrays(self._state)
+        groups = split_clients(sizes, 2 * self.backend.workers if self.backend.workers > 1 else 1)
+        jobs = [
+            StatsJob(
+                self.arch.name,
+                self.global_rate,
+                state,
+                tuple(tasks[i].client for i in group),
+                tuple(self.parts.indices[tasks[i].position] for i in group),
+            )
+            for group in groups
+        ]
+        for outcome in self.backend.statistics(jobs):
+            for client, report in outcome:
+                yield StatsReply(client, moments_from(report))
+
+    def all_silent(self, clients: Sequence[str]) -> bool:
+        return not clients
+
+    def close_phase(self, round_number: int, phase: Phase) -> list[TrainReply | StatsReply]:
+        return []
+
+    def stopping(self) -> bool:
+        return False
+
+
+class MemoryJournal:
+    """Checkpoints kept nowhere: a run without ``--out`` journal cannot resume."""
+
+    def resume(self) -> None:
+        return None
+
+    def round_opened(self, opened: RoundOpen) -> None:
+        return None
+
+    def training_closed(self, opened: RoundOpen, state: dict[str, torch.Tensor]) -> None:
+        return None
+
+    def round_finished(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
+        return None

@@ -1,0 +1,239 @@
+"""The federation spec: one run's settings as data, for ``simulate`` and ``serve`` alike.
+
+``FederationSpec`` holds what a HeteroFL run is, whatever carries its
+messages: the model and its data set, the levels in play and how clients get
+them, the sub-model rule, the rounds, sampling, optimiser and schedule, the
+sBN statistics and the seed. It is validated once, in its constructor, so
+that an impossible run is refused before anything is loaded, read from a TOML
+file (``load_spec``) or from command-line flags alike, and turned into a
+round engine by one builder (``heterofl_edge.federation.build_engine``).
+
+What is left unset is the paper's for the model (Table 6,
+``heterofl_edge.paper``): read it resolved as ``learning_rate``,
+``local_training``, ``total_rounds`` and ``lr_milestones``.
+
+The simulation (``heterofl_edge.simulation.SimulationConfig``) adds the
+simulated population; the coordinator (``coordinator.config.CoordinatorConfig``)
+adds its fleet's quorum, deadlines and service. Both are a ``FederationSpec``.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from heterofl_edge.assignment import Assignment, LevelMix, parse_mode
+from heterofl_edge.engine import StatisticsClients
+from heterofl_edge.errors import ConfigError
+from heterofl_edge.models import get_architecture
+from heterofl_edge.paper import PaperSettings, dataset_for, paper_settings
+from heterofl_edge.partition import Split
+from heterofl_edge.slicing import Submodel
+from heterofl_edge.strategy import MultiStepSchedule
+from heterofl_edge.task_kind import TaskKind
+from heterofl_edge.training import LocalTrainingConfig
+
+__all__ = ["SPEC_KEYS", "FederationSpec", "Policy", "load_spec", "spec_values"]
+
+
+class Policy(StrEnum):
+    """How clients get their level each round."""
+
+    fix = "fix"  # the paper's Fix: proportions from the mode, by client position
+    dynamic = "dynamic"  # the paper's Dynamic: a fresh draw from the mode every round
+    profile = "profile"  # the largest level a device's measured profile fits; re-leveled
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """A HeteroFL run's settings (see the module docstring); ``ConfigError`` if impossible."""
+
+    model: str = "conv"  # a registered name or package.module:factory
+    data: str | None = None  # a data set of the model's task (None: the model's own)
+    mode: str = "a-b-c-d-e"  # levels in play; the global model has the largest one's width
+    policy: Policy | None = None  # None: the mode's own rule (weights: Fix, none: Dynamic)
+    submodel: Submodel = Submodel.static  # static: upper-left slices; rolling: FedRolex
+    split: Split = Split.iid  # how the data is split (and which of the paper's schedules)
+    rounds: int | None = None
+    fraction: float = 0.1  # share of the clients selected per round
+    lr: float | None = None
+    milestones: tuple[int, ...] | None = None  # rounds after which lr is multiplied ...
+    lr_factor: float = 0.1  # ... by this
+    local: LocalTrainingConfig | None = None  # epochs, batch size, SGD settings
+    statistics: StatisticsClients = StatisticsClients.all  # who reports sBN statistics
+    seed: int = 0  # selection, levels, initial weights, batch orders
+    test_examples: int | None = None  # evaluate on this many test examples (None: all)
+
+    def __post_init__(self) -> None:
+        """Refuse impossible settings before any data is loaded."""
+        arch = get_architecture(self.model)  # ConfigError listing the choices if unknown
+        if arch.task is TaskKind.language_model and self.split is not Split.iid:
+            raise ConfigError(
+                f"model {self.model!r} is a language model, split IID only (as in the paper)",
+                "use --split iid",
+            )
+        dataset_for(self.model, self.data)
+        if self.total_rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.total_rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(
+                f"fraction {self.fraction} is outside (0, 1]",
+                "it is the share of clients per round",
+            )
+        if self.local_training.epochs < 1 or self.local_training.batch_size < 1:
+            raise ConfigError("local epochs and batch size must be at least 1")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"learning rate must be positive, got {self.learning_rate}")
+        if not (self.lr_factor > 0 and math.isfinite(self.lr_factor)):
+            raise ConfigError(f"lr factor must be positive, got {self.lr_factor}")
+        if any(m < 1 for m in self.lr_milestones):
+            raise ConfigError(f"milestones must be rounds from 1, got {list(self.lr_milestones)}")
+        if self.test_examples is not None and self.test_examples < 1:
+            raise ConfigError(f"test examples must be at least 1, got {self.test_examples}")
+        self.level_mix  # noqa: B018 - parsing the mode is the check
+
+    # -- what is left unset, resolved ---------------------------------------------------
+    @property
+    def paper(self) -> PaperSettings:
+        return paper_settings(self.model)
+
+    @property
+    def data_name(self) -> str:
+        return dataset_for(self.model, self.data)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else self.paper.lr
+
+    @property
+    def local_training(self) -> LocalTrainingConfig:
+        return self.local if self.local is not None else self.paper.local
+
+    @property
+    def total_rounds(self) -> int:
+        return self.rounds if self.rounds is not None else self.paper.rounds[self.split]
+
+    @property
+    def lr_milestones(self) -> tuple[int, ...]:
+        return self.milestones if self.milestones is not None else self.paper.milestones[self.split]
+
+    @property
+    def level_mix(self) -> LevelMix:
+        """The levels in play and, unless the policy is ``profile``, how they are drawn."""
+        rule = None if self.policy in (None, Policy.profile) else Assignment(self.policy.value)
+        return parse_mode(self.mode, rule)
+
+    @property
+    def schedule(self) -> MultiStepSchedule:
+        return MultiStepSchedule(self.learning_rate, self.lr_milestones, self.lr_factor)
+
+    @property
+    def metric(self) -> str:
+        """What the run reports: ``accuracy``, or ``perplexity`` for a language model."""
+        from heterofl_edge.tasks import task_for
+
+        return task_for(get_architecture(self.model)).metric
+
+    def resolved(self) -> FederationSpec:
+        """The spec with everything the paper fills in written out (what a run really is)."""
+        return replace(
+            self,
+            data=self.data_name,
+            rounds=self.total_rounds,
+            lr=self.learning_rate,
+            milestones=self.lr_milestones,
+            local=self.local_training,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings as JSON values, resolved (``results.json``, the journal's fingerprint)."""
+        data = asdict(self)
+        for key, value in data.items():
+            if isinstance(value, StrEnum):
+                data[key] = value.value
+        data.update(
+            data=self.data_name,
+            rounds=self.total_rounds,
+            lr=self.learning_rate,
+            milestones=list(self.lr_milestones),
+            local=asdict(self.local_training),
+            policy=None if self.policy is None else self.policy.value,
+        )
+        return data
+
+
+# The keys a spec file and the flags share: the spec's fields, with local training as
+# two keys of its own (its SGD settings are the paper's, built into the exported programs).
+SPEC_KEYS: tuple[str, ...] = tuple(
+    ["local_epochs", "batch_size"] + [f.name for f in fields(FederationSpec) if f.name != "local"]
+)
+
+_CONVERT: dict[str, Any] = {
+    "policy": Policy,
+    "submodel": Submodel,
+    "split": Split,
+    "statistics": StatisticsClients,
+    "milestones": lambda v: tuple(int(m) for m in v),
+}
+
+
+def spec_values(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of a ``FederationSpec`` from file keys or flags (``SPEC_KEYS``).
+
+    ``None`` values are left out (the default applies); ``ConfigError`` for an
+    unknown key or a value of the wrong kind.
+    """
+    unknown = sorted(set(values) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"unknown federation settings {unknown}", f"the settings are: {', '.join(SPEC_KEYS)}"
+        )
+    given = {k: v for k, v in values.items() if v is not None}
+    arguments: dict[str, Any] = {}
+    for key, value in given.items():
+        if key in ("local_epochs", "batch_size"):
+            continue
+        convert = _CONVERT.get(key)
+        try:
+            arguments[key] = convert(value) if convert is not None else value
+        except (ValueError, TypeError):
+            choices = (
+                f"use one of: {', '.join(e.value for e in convert)}"
+                if isinstance(convert, type) and issubclass(convert, StrEnum)
+                else ""
+            )
+            raise ConfigError(f"unknown {key} {value!r}", choices) from None
+    if "local_epochs" in given or "batch_size" in given:
+        from heterofl_edge.paper import local_training
+
+        arguments["local"] = local_training(
+            str(given.get("model", FederationSpec.model)),
+            given.get("local_epochs"),
+            given.get("batch_size"),
+        )
+    return arguments
+
+
+def load_spec(path: Path) -> dict[str, Any]:
+    """The settings in a TOML file (keys as in ``SPEC_KEYS``, dashes or underscores).
+
+    The file may hold them at its top level or in a ``[federation]`` table;
+    ``ConfigError`` for a file that cannot be read or a key that is not a setting.
+    """
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read --config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not TOML: {exc}") from None
+    table = document.get("federation", document)
+    if not isinstance(table, dict):
+        raise ConfigError(f"--config {path}: [federation] must be a table")
+    values = {str(k).replace("-", "_"): v for k, v in table.items()}
+    spec_values(values)  # unknown keys and bad kinds are refused here, naming the file's keys
+    return values
