@@ -23,7 +23,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
 
 import torch
 from safetensors.torch import save
@@ -35,6 +34,16 @@ from coordinator.store import Store, TaskClosed
 from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
+from heterofl_edge.protocol import (
+    Accepted,
+    ArtifactRef,
+    DoneTask,
+    Hyperparameters,
+    StatisticsTask,
+    TaskReply,
+    TrainTask,
+    WaitTask,
+)
 from heterofl_edge.slicing import extract_submodel_state, shapes_at
 
 __all__ = ["DeviceState", "TaskBoard", "TaskStatus", "Waker", "encode_state"]
@@ -335,55 +344,52 @@ class TaskBoard:
         return dict(self._bn_widths)
 
     # -- the devices' side (request threads) -------------------------------------------
-    def task_for(self, device: Device) -> dict[str, Any]:
+    def task_for(self, device: Device) -> TaskReply:
         view = self._view
         if view is not None and not self._closed and device.id in view.tasks:
             status = self._status.get(device.id)
             if status in (TaskStatus.assigned, TaskStatus.training):
-                return self._task_json(view, view.tasks[device.id])
+                return self._task(view, view.tasks[device.id])
         if self._done:
-            return {"action": "done", "rounds": self._done_rounds}
-        return {"action": "wait", "retry_after": self.settings.poll_seconds}
+            return DoneTask(rounds=self._done_rounds)
+        return WaitTask(retry_after=self.settings.poll_seconds)
 
-    def _task_json(self, view: PhaseView, task: Task) -> dict[str, Any]:
-        number = view.round
-        artifact = {
-            "model": self.arch.name,
-            "level": rate_label(task.rate),
-            "manifest_url": f"/v1/artifacts/{self.arch.name}/{rate_label(task.rate)}/manifest.json",
-            "formats": list(self.settings.formats),
-        }
-        common = {
+    def _task(self, view: PhaseView, task: Task) -> TrainTask | StatisticsTask:
+        number, level = view.round, rate_label(task.rate)
+        work = {
             "round": number,
-            "level": rate_label(task.rate),
+            "level": level,
             "rate": task.rate,
-            "artifact": artifact,
+            "artifact": ArtifactRef(
+                model=self.arch.name,
+                level=level,
+                manifest_url=f"/v1/artifacts/{self.arch.name}/{level}/manifest.json",
+                formats=list(self.settings.formats),
+            ),
             "weights_url": f"/v1/rounds/{number}/weights",
             "deadline": view.deadline,
             "heartbeat_seconds": self.settings.heartbeat_seconds,
         }
         if view.phase is Phase.statistics:
-            return {
-                "action": "statistics",
-                **common,
-                "upload_url": f"/v1/rounds/{number}/statistics",
-                "expected_count": view.expected_counts.get(task.client),
-            }
+            return StatisticsTask(
+                **work,
+                upload_url=f"/v1/rounds/{number}/statistics",
+                expected_count=view.expected_counts.get(task.client),
+            )
         s = self.settings
-        return {
-            "action": "train",
-            **common,
-            "seed": task.seed,
-            "lr": task.lr,
-            "hyperparameters": {
-                "epochs": s.epochs,
-                "batch_size": s.batch_size,
-                "momentum": s.momentum,
-                "weight_decay": s.weight_decay,
-                "clip_grad_norm": s.clip_grad_norm,
-            },
-            "upload_url": f"/v1/rounds/{number}/update",
-        }
+        return TrainTask(
+            **work,
+            seed=task.seed,
+            lr=task.lr,
+            hyperparameters=Hyperparameters(
+                epochs=s.epochs,
+                batch_size=s.batch_size,
+                momentum=s.momentum,
+                weight_decay=s.weight_decay,
+                clip_grad_norm=s.clip_grad_norm,
+            ),
+            upload_url=f"/v1/rounds/{number}/update",
+        )
 
     def _open_task(
         self, device: Device, number: int, phase: Phase | None
@@ -430,7 +436,7 @@ class TaskBoard:
                 self._status[device.id] = TaskStatus.training
         return view.weights[task.rate]
 
-    def accept_update(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
+    def accept_update(self, device: Device, number: int, body: bytes) -> Accepted:
         view, task = self._open_task(device, number, Phase.training)
         parsed = check_update(
             body, self.arch.spec, task.rate, self.arch.num_classes, shapes=self._shapes(task.rate)
@@ -448,9 +454,9 @@ class TaskBoard:
             parsed.metrics,
         )
         self.on_result("update", len(body))
-        return {"accepted": True, "round": number}
+        return Accepted(accepted=True, round=number)
 
-    def accept_statistics(self, device: Device, number: int, body: bytes) -> dict[str, Any]:
+    def accept_statistics(self, device: Device, number: int, body: bytes) -> Accepted:
         view, _ = self._open_task(device, number, Phase.statistics)
         expected = view.expected_counts.get(device.id)
         if expected is None:
@@ -462,7 +468,7 @@ class TaskBoard:
         parse_statistics(body, self.bn_widths(), expected)
         self._store_result(device, view, body, self.clock(), None, None, None, None)
         self.on_result("statistics", len(body))
-        return {"accepted": True, "round": number}
+        return Accepted(accepted=True, round=number)
 
     def _store_result(
         self,

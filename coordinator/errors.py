@@ -8,47 +8,13 @@ which is logged with its traceback and never blamed on the device.
 
 from __future__ import annotations
 
-from enum import StrEnum
-
 from heterofl_edge.errors import HeteroFLError
+from heterofl_edge.protocol import ErrorCode
 
 __all__ = ["STATUS", "ApiError", "ErrorCode"]
 
 
-class ErrorCode(StrEnum):
-    """Every code an error reply can carry, with its HTTP status in ``STATUS``."""
-
-    invalid_request = "invalid_request"  # a path, query or JSON body that does not parse
-    bad_profile = "bad_profile"  # a registration profile out of bounds
-    unsupported_runtime = "unsupported_runtime"  # none of the device's runtimes is offered
-    bad_payload = "bad_payload"  # a body that is not a readable safetensors payload
-    bad_metadata = "bad_metadata"  # safetensors metadata missing, malformed or out of bounds
-    missing_token = "missing_token"
-    unknown_token = "unknown_token"
-    enrollment_required = "enrollment_required"  # registration needs the enrollment token
-    bad_enrollment_token = "bad_enrollment_token"
-    operator_token_required = "operator_token_required"  # the operator's views need its token
-    too_many_registrations = "too_many_registrations"  # per-address rate limit (Retry-After)
-    not_assigned = "not_assigned"  # the device has no such task in that round
-    unknown_round = "unknown_round"
-    not_found = "not_found"
-    method_not_allowed = "method_not_allowed"
-    request_timeout = "request_timeout"  # the request stopped arriving, or arrived too slowly
-    round_closed = "round_closed"  # the round (or its phase) closed before this arrived
-    duplicate_upload = "duplicate_upload"
-    payload_too_large = "payload_too_large"
-    wrong_tensors = "wrong_tensors"  # names do not match the level
-    bad_dtype = "bad_dtype"
-    bad_shape = "bad_shape"
-    not_finite = "not_finite"
-    bad_labels = "bad_labels"
-    bad_statistics = "bad_statistics"
-    not_ready = "not_ready"  # artifacts still being built (server side, retry later)
-    storage_error = "storage_error"  # the disk or database failed (server side)
-    too_many_connections = "too_many_connections"  # the client's address holds its cap (retry)
-    internal_error = "internal_error"  # a bug (server side)
-
-
+# The HTTP status of every code (heterofl_edge.protocol.ErrorCode, shared with devices).
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400,
     ErrorCode.bad_profile: 400,

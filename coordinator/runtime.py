@@ -35,12 +35,12 @@ from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_r
 from coordinator.registry import DeviceRegistry
 from coordinator.store import StateError, Store
 from heterofl_edge.complexity import measure_complexity
-from heterofl_edge.device_runtime import Runtime
 from heterofl_edge.engine import Phase, RoundEngine, RoundResult, Stopped
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.federation import build_engine
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import get_architecture
+from heterofl_edge.protocol import Registered, Runtime
 
 __all__ = ["Clock", "Coordinator"]
 
@@ -334,7 +334,7 @@ class Coordinator:
         self._completed = completed
 
     # -- what the API asks ------------------------------------------------------------------
-    def register(self, profile: dict[str, Any]) -> dict[str, Any]:
+    def register(self, profile: dict[str, Any]) -> Registered:
         """A new device for a profile the schema accepted; 400 if this run cannot use it."""
         self._check_profile(profile)
         rate = self.mix.global_rate
@@ -360,15 +360,15 @@ class Coordinator:
             else f"level per round ({self.config.policy_name})",
             extra={"device": device.id},
         )
-        return {
-            "device_id": device.id,
-            "token": token,
-            "level": rate_label(rate) if profiled else None,
-            "rate": rate if profiled else None,
-            "policy": self.config.policy_name,
-            "poll_seconds": self.config.poll_seconds,
-            "heartbeat_seconds": self.config.heartbeat_interval,
-        }
+        return Registered(
+            device_id=device.id,
+            token=token,
+            level=rate_label(rate) if profiled else None,
+            rate=rate if profiled else None,
+            policy=self.config.policy_name,
+            poll_seconds=self.config.poll_seconds,
+            heartbeat_seconds=self.config.heartbeat_interval,
+        )
 
     def _check_profile(self, profile: dict[str, Any]) -> None:
         """``ApiError`` for a profile this run cannot place: another mode, another format."""

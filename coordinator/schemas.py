@@ -8,13 +8,22 @@ their media type and checked in ``coordinator.intake``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from flask_openapi3 import RawModel
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict
+from pydantic import BaseModel, Field
 
-from coordinator.errors import ErrorCode
-from heterofl_edge.device_runtime import Runtime
+from heterofl_edge.protocol import (
+    Accepted,
+    ArtifactRef,
+    DeviceProfile,
+    ErrorReply,
+    Heartbeat,
+    Hyperparameters,
+    Registered,
+    TaskMessage,
+)
+from heterofl_edge.protocol import Health as DeviceHealth
 
 __all__ = [
     "MODEL_NAME_PATTERN",
@@ -22,36 +31,28 @@ __all__ = [
     "Accepted",
     "ArtifactFilePath",
     "ArtifactPath",
+    "ArtifactRef",
     "DemoDataQuery",
     "DeviceList",
-    "DeviceProfileIn",
+    "DeviceProfile",
     "DeviceView",
     "ErrorReply",
     "Health",
     "Heartbeat",
+    "Hyperparameters",
     "Registered",
     "RoundList",
     "RoundPath",
     "RoundView",
     "SafetensorsBody",
-    "TaskReply",
-]
+    "TaskMessage",
+]  # the device's messages are heterofl_edge.protocol's, re-exported for the API modules
 
 SAFETENSORS = "application/vnd.safetensors"
 MAX_ROUND = 2**31 - 1
 _NAME = r"^[A-Za-z0-9_.-]{1,64}$"
 # A model's name may be a user's package.module:factory (checked at start-up too).
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
-
-
-def _json_integer(value: Any) -> Any:
-    """JSON's integers: 2 and 2.0 alike (JSON Schema's rule); never strings or booleans."""
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
-        return int(value)
-    return value
-
-
-JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class SafetensorsBody(RawModel):
@@ -67,122 +68,16 @@ def safetensors_response(description: str) -> dict[str, Any]:
     }
 
 
-class ErrorReply(BaseModel):
-    code: ErrorCode = Field(description="what went wrong, for programs: decide on this")
-    message: str = Field(description="what went wrong, for people")
-    hint: str = Field("", description="what to do about it")
+class Health(DeviceHealth):
+    """The coordinator's status: what a device reads, and the run's progress."""
 
-
-class DeviceProfileIn(BaseModel):
-    """What a device measured about itself before registering."""
-
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    step_ms: float = Field(
-        gt=0,
-        le=1e7,
-        allow_inf_nan=False,
-        description="median time of one training step of the reference artifact",
-    )
-    reference_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
-    memory_mb: float = Field(gt=0, le=1e9, allow_inf_nan=False)
-    bandwidth_mbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
-    runtimes: list[Annotated[Runtime, Strict(False)]] = Field(
-        default_factory=lambda: [Runtime.onnx],
-        min_length=1,
-        max_length=len(Runtime),
-        description="runtimes the device can train on (onnx and onnx-web train the onnx "
-        "artifacts, executorch the executorch ones)",
-    )
-    num_examples: JsonInt | None = Field(
-        None, ge=1, le=10**9, description="examples the device trains on per epoch"
-    )
-    enrollment_token: str | None = Field(
-        None,
-        max_length=256,
-        description="the coordinator's enrollment token, where it requires one (never stored)",
-    )
-
-
-class Registered(BaseModel):
-    device_id: str
-    token: str = Field(description="send as 'Authorization: Bearer TOKEN' from now on")
-    level: str | None = Field(description="the device's level under the profile policy")
-    rate: float | None
-    policy: str
-    poll_seconds: float = Field(description="how often to ask /v1/task while waiting")
-    heartbeat_seconds: float = Field(
-        description="how often to call /v1/heartbeat while working on a task"
-    )
-
-
-class Hyperparameters(BaseModel):
-    epochs: int
-    batch_size: int
-    momentum: float
-    weight_decay: float
-    clip_grad_norm: float | None
-
-
-class ArtifactRef(BaseModel):
-    model: str
-    level: str
-    manifest_url: str
-    formats: list[str]
-
-
-class TaskReply(BaseModel):
-    """What the device should do now; the fields present depend on ``action``."""
-
-    action: Literal["train", "statistics", "wait", "done"]
-    round: int | None = None
-    seed: int | None = Field(None, description="seed of the local batch order (train)")
-    level: str | None = None
-    rate: float | None = None
-    lr: float | None = None
-    hyperparameters: Hyperparameters | None = None
-    artifact: ArtifactRef | None = None
-    weights_url: str | None = None
-    upload_url: str | None = None
-    deadline: float | None = Field(None, description="seconds since the epoch (server clock)")
-    heartbeat_seconds: float | None = Field(
-        None,
-        description="train, statistics: call /v1/heartbeat this often until the result is "
-        "uploaded (a device silent for the coordinator's device timeout is dropped)",
-    )
-    expected_count: int | None = Field(
-        None, description="statistics: the examples to summarise (the upload's num_samples)"
-    )
-    retry_after: float | None = Field(None, description="wait: seconds before asking again")
-    rounds: int | None = Field(None, description="done: rounds the run had")
-
-
-class Accepted(BaseModel):
-    accepted: bool
-    round: int
-
-
-class Heartbeat(BaseModel):
-    device_id: str
-    state: str
-
-
-class Health(BaseModel):
     status: Literal["ok", "starting", "degraded"]
-    model: str
-    mode: str
-    policy: str
     round: int | None
     round_state: str | None
     completed_rounds: int
     rounds: int
-    done: bool
     devices: int
     live_devices: int
-    artifacts_ready: bool
-    reference_level: str = Field(description="the level devices time to profile themselves")
-    reference_rate: float
-    demo_data: bool = Field(description="whether GET /v1/demo-data serves demo shards")
     problem: str | None = Field(None, description="the last server fault, if any")
 
 

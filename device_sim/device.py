@@ -19,15 +19,34 @@ import numpy as np
 from device_sim.protocol import CoordinatorClient, ProtocolError
 from device_sim.runtimes import get_runtime
 from heterofl_edge.assignment import parse_mode
-from heterofl_edge.device_runtime import LevelRuntime
+from heterofl_edge.device_runtime import LevelRuntime, TrainingRequest
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
+from heterofl_edge.protocol import (
+    DeviceProfile,
+    DoneTask,
+    ErrorCode,
+    Registered,
+    Runtime,
+    StatisticsTask,
+    TrainTask,
+    UnknownTask,
+    UploadMetadata,
+    WaitTask,
+)
 
 __all__ = ["Capabilities", "Device"]
 
 PROFILE_STEPS = 5
 # Error codes that mean "this task is over": log it and ask for the next one.
-_TASK_GONE = frozenset({"round_closed", "duplicate_upload", "not_assigned", "unknown_round"})
+_TASK_GONE = frozenset(
+    {
+        ErrorCode.round_closed,
+        ErrorCode.duplicate_upload,
+        ErrorCode.not_assigned,
+        ErrorCode.unknown_round,
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -70,45 +89,46 @@ class Device:
         self.heartbeat_seconds = 5.0
         self.poll_seconds = 2.0  # how long to wait when a task says neither what nor how long
 
-    def _level(self, artifact: dict[str, Any]) -> LevelRuntime:
+    def _level(self, manifest_url: str) -> LevelRuntime:
         """The level's programs in this device's runtime."""
-        key = artifact["manifest_url"]
-        if key not in self._levels:
-            folder = self.client.artifact(key, self.capabilities.runtime)
-            self._levels[key] = self._runtime(folder)
-        return self._levels[key]
+        if manifest_url not in self._levels:
+            folder = self.client.artifact(manifest_url, self.capabilities.runtime)
+            self._levels[manifest_url] = self._runtime(folder)
+        return self._levels[manifest_url]
 
     def _slow_down(self, seconds: float) -> None:
         extra = (self.capabilities.cpu_slowdown - 1.0) * seconds
         if extra > 0:
             self._sleep(extra)
 
-    def profile(self) -> dict[str, Any]:
+    def profile(self) -> DeviceProfile:
         """Time a few training steps of the smallest level in play (the reference artifact)."""
         health = self.client.health()
-        reference = min(parse_mode(health["mode"]).rates)
-        manifest_url = f"/v1/artifacts/{health['model']}/{rate_label(reference)}/manifest.json"
-        level = self._level({"manifest_url": manifest_url})
-        self._check_data(level.manifest, health["model"])
+        reference = min(parse_mode(health.mode).rates)
+        level = self._level(f"/v1/artifacts/{health.model}/{rate_label(reference)}/manifest.json")
+        self._check_data(level.manifest, health.model)
         weights = {
             p["name"]: np.zeros(p["shape"], np.float32) for p in level.manifest["parameters"]
         }
         batch = getattr(level, "batch", min(10, len(self.labels)))  # ExecuTorch: the program's
         x, y = self.images[:batch], self.labels[:batch]
-        level.train(weights, x, y, self.present, 0.0, 1, batch, 0)  # warm-up: sessions, caches
+
+        def steps(count: int) -> TrainingRequest:
+            return TrainingRequest(weights, x, y, self.present, 0.0, count, batch, 0)
+
+        level.train(steps(1))  # warm-up: sessions, caches
         start = time.perf_counter()
-        level.train(weights, x, y, self.present, 0.0, PROFILE_STEPS, batch, 0)
-        step_ms = (
-            1000 * (time.perf_counter() - start) / PROFILE_STEPS * self.capabilities.cpu_slowdown
+        level.train(steps(PROFILE_STEPS))
+        elapsed = time.perf_counter() - start
+        step_ms = 1000 * elapsed / PROFILE_STEPS * self.capabilities.cpu_slowdown
+        return DeviceProfile(
+            step_ms=step_ms,
+            reference_rate=reference,
+            memory_mb=self.capabilities.memory_mb,
+            bandwidth_mbps=self.capabilities.bandwidth_mbps or 1000.0,
+            runtimes=[Runtime(self.capabilities.runtime)],
+            num_examples=len(self.labels),
         )
-        return {
-            "step_ms": step_ms,
-            "reference_rate": reference,
-            "memory_mb": self.capabilities.memory_mb,
-            "bandwidth_mbps": self.capabilities.bandwidth_mbps or 1000.0,
-            "runtimes": [self.capabilities.runtime],
-            "num_examples": len(self.labels),
-        }
 
     def _check_data(self, manifest: dict[str, Any], model: str) -> None:
         """``ConfigError`` unless this device's examples fit the model (shape, labels)."""
@@ -134,11 +154,11 @@ class Device:
                 "use the coordinator's data set",
             )
 
-    def register(self) -> dict[str, Any]:
+    def register(self) -> Registered:
         reply = self.client.register(self.profile())
-        self.heartbeat_seconds = float(reply.get("heartbeat_seconds") or 5.0)
-        self.poll_seconds = float(reply.get("poll_seconds") or 2.0)
-        self.log(f"registered as {reply['device_id']} (level {reply['level'] or 'per round'})")
+        self.heartbeat_seconds = reply.heartbeat_seconds
+        self.poll_seconds = reply.poll_seconds
+        self.log(f"registered as {reply.device_id} (level {reply.level or 'per round'})")
         return reply
 
     @contextlib.contextmanager
@@ -159,93 +179,100 @@ class Device:
             thread.join(timeout=1)
 
     def run(self, idle_limit_s: float = 600.0) -> None:
-        """Work until the coordinator says done (or stays silent past ``idle_limit_s``)."""
+        """Work until the coordinator says done (or stays silent past ``idle_limit_s``).
+
+        An action this device does not know (a newer coordinator's) is waited out
+        like ``wait``: no hot loop against the server.
+        """
         idle = 0.0
         unknown: set[str] = set()
         while True:
-            task = self.client.task()
-            action = task["action"]
-            if action == "done":
+            task = self.client.task(self.poll_seconds)
+            if isinstance(task, DoneTask):
                 self.log("coordinator says done")
                 return
-            if action not in ("train", "statistics"):  # wait, or an action it does not know
-                if action != "wait" and action not in unknown:
-                    unknown.add(action)
-                    self.log(f"the coordinator asks for {action!r}, which this device cannot do")
+            if isinstance(task, UnknownTask) and task.asked not in unknown:
+                unknown.add(task.asked)
+                self.log(f"the coordinator asks for {task.asked!r}, which this device cannot do")
+            if isinstance(task, WaitTask):
                 if idle > idle_limit_s:
                     self.log("no task for too long; stopping")
                     return
-                pause = float(task.get("retry_after") or self.poll_seconds)
-                self._sleep(pause)
-                idle += pause
+                self._sleep(task.retry_after)
+                idle += task.retry_after
                 continue
             idle = 0.0
-            self.heartbeat_seconds = float(task.get("heartbeat_seconds") or self.heartbeat_seconds)
+            self.heartbeat_seconds = task.heartbeat_seconds
             with self._heartbeats():
-                if action == "train":
+                if isinstance(task, TrainTask):
                     self.train(task)
                 else:
                     self.statistics(task)
 
-    def train(self, task: dict[str, Any]) -> None:
-        level = self._level(task["artifact"])
+    def train(self, task: TrainTask) -> None:
+        level = self._level(task.artifact.manifest_url)
         sent, received = self.client.bytes_sent, self.client.bytes_received
-        weights = self._skip(task, lambda: self.client.tensors(task["weights_url"]))
+        weights = self._skip(task, lambda: self.client.tensors(task.weights_url))
         if weights is None:
             return
         if self.capabilities.dropout and self.rng.random() < self.capabilities.dropout:
-            self.log(f"round {task['round']}: dropping out mid-round")
+            self.log(f"round {task.round}: dropping out mid-round")
             os._exit(3)  # vanish like an unplugged device: no goodbye to the coordinator
-        hyper = task["hyperparameters"]
+        hyper = task.hyperparameters
         start = time.perf_counter()
         result = level.train(
-            weights,
-            self.images,
-            self.labels,
-            self.present,
-            task["lr"],
-            hyper["epochs"],
-            hyper["batch_size"],
-            task["seed"],
+            TrainingRequest(
+                weights,
+                self.images,
+                self.labels,
+                self.present,
+                task.lr,
+                hyper.epochs,
+                hyper.batch_size,
+                task.seed,
+            )
         )
         self._slow_down(time.perf_counter() - start)
-        metadata = {
-            "num_samples": result.num_examples,
-            "labels": self.present,
-            "metrics": {"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps},
-        }
+        metadata = UploadMetadata(
+            num_samples=result.num_examples,
+            labels=self.present,
+            metrics={"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps},
+        )
         if not self._deliver(task, result.weights, metadata):
             return
         down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
         self.log(
-            f"round {task['round']}: trained level {task['level']}, loss {result.loss:.4f}, "
+            f"round {task.round}: trained level {task.level}, loss {result.loss:.4f}, "
             f"bytes down {down} up {up}"
         )
 
-    def statistics(self, task: dict[str, Any]) -> None:
-        level = self._level(task["artifact"])
-        weights = self._skip(task, lambda: self.client.tensors(task["weights_url"]))
+    def statistics(self, task: StatisticsTask) -> None:
+        level = self._level(task.artifact.manifest_url)
+        weights = self._skip(task, lambda: self.client.tensors(task.weights_url))
         if weights is None:
             return
         stats = level.statistics(weights, self.images)
-        if self._deliver(task, stats, {}):
-            self.log(f"round {task['round']}: sent sBN statistics")
+        if self._deliver(task, stats, None):
+            self.log(f"round {task.round}: sent sBN statistics")
 
     def _deliver(
-        self, task: dict[str, Any], tensors: dict[str, np.ndarray], metadata: dict[str, Any]
+        self,
+        task: TrainTask | StatisticsTask,
+        tensors: dict[str, np.ndarray],
+        metadata: UploadMetadata | None,
     ) -> bool:
         """Upload a task's result; a task that closed meanwhile is logged, not fatal."""
         return (
-            self._skip(task, lambda: self.client.upload(task["upload_url"], tensors, metadata))
+            self._skip(task, lambda: self.client.upload(task.upload_url, tensors, metadata))
             is not None
         )
 
-    def _skip(self, task: dict[str, Any], call: Callable[[], Any]) -> Any:
+    def _skip(self, task: TrainTask | StatisticsTask, call: Callable[[], Any]) -> Any:
         """``call()``, or None (logged) when the task is no longer open; decides on codes."""
         try:
             return call()
         except ProtocolError as exc:
             if exc.code not in _TASK_GONE:
                 raise
-            self.log(f"round {task['round']}: too late, the coordinator moved on ({exc.message})")
+            self.log(f"round {task.round}: too late, the coordinator moved on ({exc.message})")
             return None

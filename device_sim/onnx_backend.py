@@ -18,7 +18,12 @@ import numpy as np
 import onnxruntime as ort
 
 from heterofl_edge.batching import stats_batches
-from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics, training_batches
+from heterofl_edge.device_runtime import (
+    LocalResult,
+    TrainingRequest,
+    merge_batch_statistics,
+    training_batches,
+)
 
 __all__ = ["OnnxLevel"]
 
@@ -46,17 +51,10 @@ class OnnxLevel:
         mask[labels if labels is not None else slice(None)] = 1.0
         return mask
 
-    def train(
-        self,
-        weights: dict[str, np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        labels: list[int],
-        lr: float,
-        epochs: int,
-        batch_size: int,
-        seed: int,
-    ) -> LocalResult:
+    def train(self, request: TrainingRequest) -> LocalResult:
+        """E local epochs of the training program from ``request.weights``."""
+        weights, x, y, labels = request.weights, request.x, request.y, request.labels
+        lr, epochs, batch_size, seed = request.lr, request.epochs, request.batch_size, request.seed
         session = self._session("train_step")
         names = [i.name for i in session.get_inputs()]
         params = [np.ascontiguousarray(weights[n], np.float32) for n in self.param_names]

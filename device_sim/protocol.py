@@ -23,6 +23,15 @@ import requests
 from safetensors.numpy import load, save
 
 from heterofl_edge.errors import HeteroFLError
+from heterofl_edge.protocol import (
+    Accepted,
+    DeviceProfile,
+    Health,
+    Registered,
+    TaskReply,
+    UploadMetadata,
+    parse_task,
+)
 
 __all__ = ["DEFAULT_UNREACHABLE_SECONDS", "CoordinatorClient", "ProtocolError", "TokenRefused"]
 
@@ -130,18 +139,20 @@ class CoordinatorClient:
         if self.bandwidth_mbps:
             self._sleep((sent + received) * 8 / (self.bandwidth_mbps * 1e6))
 
-    def health(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/health").json()
+    def health(self) -> Health:
+        return Health.model_validate(self._request("GET", "/v1/health").json())
 
-    def register(self, profile: dict[str, Any]) -> dict[str, Any]:
+    def register(self, profile: DeviceProfile) -> Registered:
         if self.enrollment_token:
-            profile = {**profile, "enrollment_token": self.enrollment_token}
-        reply = self._request("POST", "/v1/devices", json=profile).json()
-        self.token = reply["token"]
+            profile = profile.model_copy(update={"enrollment_token": self.enrollment_token})
+        body = profile.model_dump(mode="json", exclude_none=True)
+        reply = Registered.model_validate(self._request("POST", "/v1/devices", json=body).json())
+        self.token = reply.token
         return reply
 
-    def task(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/task").json()
+    def task(self, default_wait: float = 2.0) -> TaskReply:
+        """What to do now; an action this device does not know reads as a wait."""
+        return parse_task(self._request("GET", "/v1/task").json(), default_wait)
 
     def heartbeat(self) -> None:
         """Tell the coordinator this device is alive (safe to call from another thread)."""
@@ -159,13 +170,14 @@ class CoordinatorClient:
         return load(reply.content)
 
     def upload(
-        self, path: str, tensors: dict[str, np.ndarray], metadata: dict[str, Any]
-    ) -> dict[str, Any]:
+        self, path: str, tensors: dict[str, np.ndarray], metadata: UploadMetadata | None
+    ) -> Accepted:
+        """POST a result: a training upload's metadata, or none (sBN statistics)."""
         body = save(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            metadata={k: json.dumps(v) for k, v in metadata.items()},
+            metadata=metadata.to_metadata() if metadata is not None else {},
         )
-        return self._request("POST", path, data=body).json()
+        return Accepted.model_validate(self._request("POST", path, data=body).json())
 
     def artifact(self, manifest_url: str, fmt: str) -> Path:
         """The level's artifact folder in the cache, downloaded and sha256-checked as needed."""

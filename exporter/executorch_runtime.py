@@ -22,7 +22,12 @@ import torch
 
 from exporter.executorch_backend import ExecuTorchTrainer, load_program
 from exporter.step import OptimizerSettings
-from heterofl_edge.device_runtime import LocalResult, merge_batch_statistics, training_batches
+from heterofl_edge.device_runtime import (
+    LocalResult,
+    TrainingRequest,
+    merge_batch_statistics,
+    training_batches,
+)
 
 __all__ = ["ExecuTorchLevel"]
 
@@ -40,17 +45,10 @@ class ExecuTorchLevel:
         h = self.manifest["hyperparameters"]
         return OptimizerSettings(h["momentum"], h["weight_decay"], h["clip_grad_norm"])
 
-    def train(
-        self,
-        weights: dict[str, np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        labels: list[int],
-        lr: float,
-        epochs: int,
-        batch_size: int,
-        seed: int,
-    ) -> LocalResult:
+    def train(self, request: TrainingRequest) -> LocalResult:
+        """E local epochs of the training program from ``request.weights``."""
+        weights, x, y, labels = request.weights, request.x, request.y, request.labels
+        lr, epochs, batch_size, seed = request.lr, request.epochs, request.batch_size, request.seed
         if batch_size != self.batch:
             raise ValueError(
                 f"the .pte program trains batches of {self.batch}, the task asks {batch_size}"

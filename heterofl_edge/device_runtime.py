@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,26 +25,13 @@ from heterofl_edge.masking import TokenMasker
 __all__ = [
     "LevelRuntime",
     "LocalResult",
-    "Runtime",
     "RuntimeFactory",
     "TrainingBatch",
+    "TrainingRequest",
     "merge_batch_statistics",
     "merge_moments",
     "training_batches",
 ]
-
-
-class Runtime(StrEnum):
-    """Every runtime a device may declare at registration."""
-
-    onnx = "onnx"  # Python onnxruntime (device_sim)
-    onnx_web = "onnx-web"  # onnxruntime-web in a browser (web/)
-    executorch = "executorch"  # ExecuTorch's training API (a native app, or device_sim)
-
-    @property
-    def artifact_format(self) -> str:
-        """The exported format it trains: onnx or executorch."""
-        return "executorch" if self is Runtime.executorch else "onnx"
 
 
 @dataclass(frozen=True)
@@ -55,6 +41,26 @@ class LocalResult:
     steps: int
     loss: float
     accuracy: float
+
+
+@dataclass(frozen=True)
+class TrainingRequest:
+    """One local session: what every runtime's ``train`` takes.
+
+    ``weights`` are the level's trainable tensors to start from, ``x`` and ``y``
+    the device's examples (for a masked language model, ``y`` holds the token
+    rows), ``labels`` the labels it holds (its label mask), and ``lr``,
+    ``epochs``, ``batch_size`` and ``seed`` (the batch order) come from the task.
+    """
+
+    weights: dict[str, np.ndarray]
+    x: np.ndarray
+    y: np.ndarray
+    labels: list[int]
+    lr: float
+    epochs: int
+    batch_size: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -104,17 +110,8 @@ class LevelRuntime(Protocol):
 
     manifest: dict[str, Any]
 
-    def train(
-        self,
-        weights: dict[str, np.ndarray],
-        x: np.ndarray,
-        y: np.ndarray,
-        labels: list[int],
-        lr: float,
-        epochs: int,
-        batch_size: int,
-        seed: int,
-    ) -> LocalResult: ...
+    def train(self, request: TrainingRequest) -> LocalResult:
+        """E local epochs from ``request.weights``; the trained weights and the metrics."""
 
     def statistics(
         self, weights: dict[str, np.ndarray], x: np.ndarray

@@ -6,6 +6,26 @@ from coordinator.process import free_port, start_coordinator, stop
 from device_sim.device import Device
 from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
 from device_sim.worker import WorkerConfig, run_worker
+from heterofl_edge.protocol import (
+    Accepted,
+    ArtifactRef,
+    Hyperparameters,
+    Registered,
+    TrainTask,
+    UploadMetadata,
+)
+
+TASK = TrainTask(
+    round=2, level="e", rate=0.0625, seed=1, lr=0.01,
+    hyperparameters=Hyperparameters(
+        epochs=1, batch_size=10, momentum=0.9, weight_decay=5e-4, clip_grad_norm=1.0
+    ),
+    artifact=ArtifactRef(
+        model="conv", level="e", manifest_url="/v1/artifacts/conv/e/manifest.json", formats=["onnx"]
+    ),
+    weights_url="/v1/rounds/2/weights", upload_url="/v1/rounds/2/update", deadline=0.0,
+    heartbeat_seconds=5.0,
+)  # fmt: skip
 
 
 def test_unreachable_coordinator_is_retried_with_backoff_then_reported(tmp_path):
@@ -46,10 +66,13 @@ def test_a_refused_token_raises_and_the_worker_exits_cleanly(
 
     def refuse(self, profile):
         self.token = "forged"
-        return {"device_id": "x", "level": None}
+        return Registered(
+            device_id="x", token="forged", level=None, rate=None, policy="dynamic",
+            poll_seconds=2.0, heartbeat_seconds=5.0,
+        )  # fmt: skip
 
     monkeypatch.setattr(CoordinatorClient, "register", refuse)
-    monkeypatch.setattr(Device, "profile", lambda self: {"step_ms": 1.0})
+    monkeypatch.setattr(Device, "profile", lambda self: None)
     code = run_worker(
         WorkerConfig(coordinator, mnist_dir, tmp_path / "cache", shard=0, clients=100)
     )
@@ -71,7 +94,7 @@ def test_a_late_upload_is_logged_and_the_device_carries_on():
     device = Device(
         LateClient(), np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]), log=lines.append
     )
-    assert device._deliver({"round": 2, "upload_url": "/v1/rounds/2/update"}, {}, {}) is False
+    assert device._deliver(TASK, {}, None) is False
     assert lines == [
         "round 2: too late, the coordinator moved on "
         "(HTTP 409: round 2 closed before your result arrived)"
@@ -85,7 +108,7 @@ def test_a_late_upload_is_logged_and_the_device_carries_on():
 
     with pytest.raises(ProtocolError, match="422"):
         Device(BrokenClient(), np.zeros((2, 1, 28, 28), np.float32), np.array([0, 1]))._deliver(
-            {"round": 2, "upload_url": "/v1/rounds/2/update"}, {}, {}
+            TASK, {}, None
         )
 
 
@@ -114,10 +137,8 @@ def test_a_server_fault_is_retried_with_backoff_and_the_device_goes_on(tmp_path)
         return replies.pop(0)
 
     client._session.request = request
-    assert client.upload("/v1/rounds/1/update", {}, {"num_samples": 1}) == {
-        "accepted": True,
-        "round": 1,
-    }
+    accepted = client.upload("/v1/rounds/1/update", {}, UploadMetadata(num_samples=1))
+    assert accepted == Accepted(accepted=True, round=1)
     assert len(sent) == 3 and len({s[2] for s in sent}) == 1  # the same body each time
     assert waits == [0.25, 0.5]
 
@@ -146,15 +167,20 @@ def test_data_that_does_not_fit_the_model_is_refused_before_training():
 
 
 def test_an_action_the_device_does_not_know_is_waited_out_not_polled_hot():
-    import numpy as np
+    import json
 
-    class FutureCoordinator:
+    import numpy as np
+    import requests
+
+    class FutureCoordinator(CoordinatorClient):
         def __init__(self):
             self.tasks = [{"action": "reticulate"}, {"action": "reticulate", "retry_after": 3}]
-            self.tasks += [{"action": "done"}]
+            self.tasks += [{"action": "done", "rounds": 1}]
 
-        def task(self):
-            return self.tasks.pop(0)
+        def _request(self, method, path, **kwargs):
+            reply = requests.Response()
+            reply.status_code, reply._content = 200, json.dumps(self.tasks.pop(0)).encode()
+            return reply
 
     waits, lines = [], []
     device = Device(

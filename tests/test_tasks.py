@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from heterofl_edge.device_runtime import TrainingRequest
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.loss import label_mask
 from heterofl_edge.masking import TokenMasker
@@ -147,8 +148,9 @@ def test_a_device_trains_the_language_model_as_the_simulation_does(
     start = {k: v.detach().clone() for k, v in model.named_parameters()}
     rows = wikitext2.train_x[:25]  # batches of 10, 10 and a short one of 5
     labels = sorted(np.unique(rows.numpy()).tolist())
+    weights = {k: v.numpy() for k, v in start.items()}
     device = level.train(
-        {k: v.numpy() for k, v in start.items()}, rows.numpy(), rows.numpy(), labels, 0.1, 2, 10, 5
+        TrainingRequest(weights, rows.numpy(), rows.numpy(), labels, 0.1, 2, 10, 5)
     )
     simulated = LanguageModelTask(33279).train_local(
         model, rows, rows, 0.1, LocalTrainingConfig(epochs=2), label_mask(labels, 33279), seed=5

@@ -12,6 +12,7 @@ import pytest
 from safetensors.numpy import load, save
 
 from device_sim.onnx_backend import OnnxLevel
+from heterofl_edge.device_runtime import TrainingRequest
 
 REPO = Path(__file__).resolve().parents[1]
 WEB = REPO / "web"
@@ -53,7 +54,7 @@ def test_browser_trainer_matches_python_onnxruntime(node, artifact_cache, tmp_pa
         timeout=300,
     )
 
-    expected = level.train(weights, x, y, labels, 0.05, 2, 8, task["seed"])
+    expected = level.train(TrainingRequest(weights, x, y, labels, 0.05, 2, 8, task["seed"]))
     stats = level.statistics(expected.weights, x)
     raw = outputs.read_bytes()
     got = load(raw)

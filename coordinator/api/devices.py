@@ -11,10 +11,10 @@ from coordinator.schemas import (
     SAFETENSORS,
     DemoDataQuery,
     DeviceList,
-    DeviceProfileIn,
+    DeviceProfile,
     Heartbeat,
     Registered,
-    TaskReply,
+    TaskMessage,
     safetensors_response,
 )
 
@@ -22,24 +22,26 @@ bp = APIBlueprint("devices", __name__, abp_tags=[tag("devices", "Registration an
 
 
 @bp.post("/v1/devices", responses={201: Registered, **errors(400, 401, 413, 429, 503)})
-def register(body: DeviceProfileIn) -> Any:
+def register(body: DeviceProfile) -> Any:
     """Register a device with its measured profile; the reply holds its token."""
     coordinator = service()
     coordinator.admission.admit_registration(request.remote_addr or "", body.enrollment_token)
-    return jsonify(coordinator.register(body.model_dump(exclude={"enrollment_token"}))), 201
+    registered = coordinator.register(body.model_dump(mode="json", exclude={"enrollment_token"}))
+    return jsonify(registered.model_dump()), 201
 
 
-@bp.get("/v1/task", security=BEARER, responses={200: TaskReply, **errors(401)})
+@bp.get("/v1/task", security=BEARER, responses={200: TaskMessage, **errors(401)})
 def task() -> Any:
     """What the calling device should do now: train, statistics, wait or done."""
-    return jsonify(service().board.task_for(device()))
+    return jsonify(service().board.task_for(device()).model_dump(mode="json"))
 
 
 @bp.post("/v1/heartbeat", security=BEARER, responses={200: Heartbeat, **errors(401)})
 def heartbeat() -> Any:
     """Tell the coordinator the device is still working on its task."""
     caller = device()
-    return jsonify(device_id=caller.id, state=service().device_state(caller.id).value)
+    state = service().device_state(caller.id).value
+    return jsonify(Heartbeat(device_id=caller.id, state=state).model_dump())
 
 
 @bp.get("/v1/devices", security=OPERATOR, responses={200: DeviceList, **errors(401)})

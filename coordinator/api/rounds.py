@@ -48,7 +48,7 @@ def update(path: RoundPath, raw: SafetensorsBody) -> Any:
     """Upload a trained sub-model (safetensors; metadata num_samples, labels, metrics)."""
     caller = device()
     body = request.get_data(cache=False)
-    return jsonify(service().board.accept_update(caller, path.number, body))
+    return jsonify(service().board.accept_update(caller, path.number, body).model_dump())
 
 
 @bp.post(
@@ -60,4 +60,4 @@ def statistics(path: RoundPath, raw: SafetensorsBody) -> Any:
     """Upload sBN statistics: LAYER.count, LAYER.mean, LAYER.var for every sBN layer."""
     caller = device()
     body = request.get_data(cache=False)
-    return jsonify(service().board.accept_statistics(caller, path.number, body))
+    return jsonify(service().board.accept_statistics(caller, path.number, body).model_dump())

@@ -1,0 +1,300 @@
+"""The device protocol's messages, typed once for the coordinator and every device.
+
+These pydantic models are the ``/v1`` wire format: the coordinator validates
+requests with them and writes its OpenAPI document from them
+(``coordinator.schemas``), the Python device parses replies into them and
+builds its requests from them (``device_sim.protocol``), and the browser's
+``web/protocol.js`` declares the fields it reads and sends, which a test
+checks against the served document. No torch: a device installs this.
+
+Replies a device reads ignore fields they do not know (a newer coordinator
+may add some); requests the coordinator reads are strict (no strings for
+numbers, finite numbers within bounds, unknown fields dropped). Tensors
+travel as safetensors bodies; what an upload says besides its tensors is
+``UploadMetadata``, carried as the body's JSON-string metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, Strict
+
+__all__ = [
+    "Accepted",
+    "ArtifactRef",
+    "DeviceProfile",
+    "DoneTask",
+    "ErrorCode",
+    "ErrorReply",
+    "Health",
+    "Heartbeat",
+    "Hyperparameters",
+    "Registered",
+    "Runtime",
+    "StatisticsTask",
+    "TaskMessage",
+    "TaskReply",
+    "TrainTask",
+    "UnknownTask",
+    "UploadMetadata",
+    "WaitTask",
+    "parse_task",
+]
+
+
+class ErrorCode(StrEnum):
+    """Every code an error reply can carry; a device decides on these, never on messages."""
+
+    invalid_request = "invalid_request"  # a path, query or JSON body that does not parse
+    bad_profile = "bad_profile"  # a registration profile out of bounds
+    unsupported_runtime = "unsupported_runtime"  # none of the device's runtimes is offered
+    bad_payload = "bad_payload"  # a body that is not a readable safetensors payload
+    bad_metadata = "bad_metadata"  # safetensors metadata missing, malformed or out of bounds
+    missing_token = "missing_token"
+    unknown_token = "unknown_token"
+    enrollment_required = "enrollment_required"  # registration needs the enrollment token
+    bad_enrollment_token = "bad_enrollment_token"
+    operator_token_required = "operator_token_required"  # the operator's views need its token
+    too_many_registrations = "too_many_registrations"  # per-address rate limit (Retry-After)
+    not_assigned = "not_assigned"  # the device has no such task in that round
+    unknown_round = "unknown_round"
+    not_found = "not_found"
+    method_not_allowed = "method_not_allowed"
+    request_timeout = "request_timeout"  # the request did not arrive in time
+    round_closed = "round_closed"  # the round (or its phase) closed before this arrived
+    duplicate_upload = "duplicate_upload"
+    payload_too_large = "payload_too_large"
+    wrong_tensors = "wrong_tensors"  # names do not match the level
+    bad_dtype = "bad_dtype"
+    bad_shape = "bad_shape"
+    not_finite = "not_finite"
+    bad_labels = "bad_labels"
+    bad_statistics = "bad_statistics"
+    not_ready = "not_ready"  # artifacts still being built (server side, retry later)
+    storage_error = "storage_error"  # the disk or database failed (server side)
+    too_many_connections = "too_many_connections"  # the address's connection cap (retry)
+    internal_error = "internal_error"  # a bug (server side)
+
+
+class Runtime(StrEnum):
+    """Every runtime a device may declare at registration."""
+
+    onnx = "onnx"  # Python onnxruntime (device_sim)
+    onnx_web = "onnx-web"  # onnxruntime-web in a browser (web/)
+    executorch = "executorch"  # ExecuTorch's training API (a native app, or device_sim)
+
+    @property
+    def artifact_format(self) -> str:
+        """The exported format it trains: onnx or executorch."""
+        return "executorch" if self is Runtime.executorch else "onnx"
+
+
+def _json_integer(value: Any) -> Any:
+    """JSON's integers: 2 and 2.0 alike (JSON Schema's rule); never strings or booleans."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
+
+
+class _Reply(BaseModel):
+    """A message the coordinator sends: a device ignores fields it does not know."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
+class ErrorReply(_Reply):
+    code: ErrorCode = Field(description="what went wrong, for programs: decide on this")
+    message: str = Field(description="what went wrong, for people")
+    hint: str = Field("", description="what to do about it")
+
+
+class Health(_Reply):
+    """The coordinator's status (``GET /v1/health``): what a device reads before registering."""
+
+    model: str
+    mode: str
+    policy: str
+    artifacts_ready: bool
+    done: bool
+    reference_level: str = Field(description="the level devices time to profile themselves")
+    reference_rate: float
+    demo_data: bool = Field(description="whether GET /v1/demo-data serves demo shards")
+
+
+# -- registration ---------------------------------------------------------------------
+
+
+class DeviceProfile(BaseModel):
+    """What a device measured about itself before registering (``POST /v1/devices``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    step_ms: float = Field(
+        gt=0,
+        le=1e7,
+        allow_inf_nan=False,
+        description="median time of one training step of the reference artifact",
+    )
+    reference_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
+    memory_mb: float = Field(gt=0, le=1e9, allow_inf_nan=False)
+    bandwidth_mbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
+    runtimes: list[Annotated[Runtime, Strict(False)]] = Field(
+        default_factory=lambda: [Runtime.onnx],
+        min_length=1,
+        max_length=len(Runtime),
+        description="runtimes the device can train on (onnx and onnx-web train the onnx "
+        "artifacts, executorch the executorch ones)",
+    )
+    num_examples: JsonInt | None = Field(
+        None, ge=1, le=10**9, description="examples the device trains on per epoch"
+    )
+    enrollment_token: str | None = Field(
+        None,
+        max_length=256,
+        description="the coordinator's enrollment token, where it requires one (never stored)",
+    )
+
+
+class Registered(_Reply):
+    device_id: str
+    token: str = Field(description="send as 'Authorization: Bearer TOKEN' from now on")
+    level: str | None = Field(description="the device's level under the profile policy")
+    rate: float | None
+    policy: str
+    poll_seconds: float = Field(description="how often to ask /v1/task while waiting")
+    heartbeat_seconds: float = Field(
+        description="how often to call /v1/heartbeat while working on a task"
+    )
+
+
+# -- tasks ---------------------------------------------------------------------------------
+
+
+class Hyperparameters(_Reply):
+    epochs: int
+    batch_size: int
+    momentum: float
+    weight_decay: float
+    clip_grad_norm: float | None
+
+
+class ArtifactRef(_Reply):
+    model: str
+    level: str
+    manifest_url: str
+    formats: list[str]
+
+
+class _Work(_Reply):
+    """What every task with work in it carries."""
+
+    round: int
+    level: str
+    rate: float
+    artifact: ArtifactRef
+    weights_url: str = Field(description="GET: the sub-model to start from (safetensors)")
+    upload_url: str = Field(description="POST: the result (safetensors)")
+    deadline: float = Field(description="seconds since the epoch (server clock)")
+    heartbeat_seconds: float = Field(
+        description="call /v1/heartbeat this often until the result is uploaded (a device "
+        "silent for the coordinator's device timeout is dropped)"
+    )
+
+
+class TrainTask(_Work):
+    """Train E local epochs from the round's weights, then upload them."""
+
+    action: Literal["train"] = "train"
+    seed: int = Field(description="seed of the local batch order")
+    lr: float
+    hyperparameters: Hyperparameters
+
+
+class StatisticsTask(_Work):
+    """Summarise every example with the global model's statistics program (sBN)."""
+
+    action: Literal["statistics"] = "statistics"
+    expected_count: int | None = Field(
+        description="the examples to summarise (each layer's count in the upload)"
+    )
+
+
+class WaitTask(_Reply):
+    action: Literal["wait"] = "wait"
+    retry_after: float = Field(description="seconds before asking again")
+
+
+class DoneTask(_Reply):
+    action: Literal["done"] = "done"
+    rounds: int = Field(description="rounds the run had")
+
+
+TaskReply = Annotated[
+    TrainTask | StatisticsTask | WaitTask | DoneTask, Field(discriminator="action")
+]
+
+
+class TaskMessage(RootModel[TaskReply]):
+    """What the device should do now (``GET /v1/task``), told apart by ``action``."""
+
+
+class UnknownTask(WaitTask):
+    """A task a device cannot do (a newer coordinator's action), read as a wait."""
+
+    asked: str = ""  # the action the coordinator asked for, to say so once
+
+
+def parse_task(data: Any, default_wait: float) -> TaskReply:
+    """A task reply read by a device; an action it does not know reads as a wait.
+
+    A newer coordinator may ask for work this device cannot do: it waits
+    ``retry_after`` (or ``default_wait``) and asks again, instead of failing
+    (``UnknownTask`` says which action it was).
+    """
+    known = ("train", "statistics", "wait", "done")
+    if isinstance(data, dict) and data.get("action") not in known:
+        pause = data.get("retry_after")
+        return UnknownTask(
+            retry_after=pause if isinstance(pause, int | float) else default_wait,
+            asked=str(data.get("action"))[:64],
+        )
+    return TaskMessage.model_validate(data).root
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+class Heartbeat(_Reply):
+    device_id: str
+    state: str
+
+
+class Accepted(_Reply):
+    accepted: bool
+    round: int
+
+
+class UploadMetadata(BaseModel):
+    """What a training upload says besides its tensors (the safetensors metadata)."""
+
+    num_samples: int = Field(ge=1, description="examples trained on (each epoch)")
+    labels: list[int] | None = Field(
+        None, description="the labels held (the classifier rows this update counts for)"
+    )
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="the session's loss, accuracy, steps (finite numbers)"
+    )
+
+    def to_metadata(self) -> dict[str, str]:
+        """The safetensors metadata: each field as a JSON string (absent ones left out)."""
+        return {
+            name: json.dumps(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }
