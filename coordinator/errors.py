@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     not_assigned = "not_assigned"  # the device has no such task in that round
     unknown_round = "unknown_round"
     not_found = "not_found"
+    demo_shard_too_large = "demo_shard_too_large"  # a demo shard above the served cap
     method_not_allowed = "method_not_allowed"
     request_timeout = "request_timeout"  # the body stopped arriving
     round_closed = "round_closed"  # the round (or its phase) closed before this arrived
@@ -48,6 +49,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.bad_profile: 400,
     ErrorCode.bad_payload: 400,
     ErrorCode.bad_metadata: 400,
+    ErrorCode.demo_shard_too_large: 400,
     ErrorCode.missing_token: 401,
     ErrorCode.unknown_token: 401,
     ErrorCode.not_assigned: 403,
