@@ -287,6 +287,10 @@ def test_bad_input_on_the_phone_gets_a_clear_message_and_starts_nothing(tmp_path
             assert f"https://phone.test:{port}/device/" in alert
             for control in ("#start", "#use-demo", "#use-files", "#images-file"):
                 assert page.is_disabled(control), control
+            box = page.locator("#alert").bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390  # fits
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "phone-insecure.png"))
             browser.close()
         devices = requests.get(f"{plain_url}/v1/devices", timeout=10).json()
     finally:

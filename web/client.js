@@ -42,7 +42,7 @@ export class FatalError extends Error {
 /** Everything the page shows and tests read (window.heterofl.state). */
 export function initialState() {
   return {
-    phase: 'idle', // idle | loading | profiling | registering | polling | waiting | training | statistics | uploading | backoff | stopped | done
+    phase: 'idle', // idle | starting | profiling | registering | polling | waiting | training | statistics | uploading | backoff | stopped | done
     deviceId: null,
     level: null,
     rate: null,

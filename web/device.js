@@ -76,6 +76,7 @@ function text(id, value) {
 const PHASES = {
   idle: 'Idle: pick data, then start.',
   loading: 'Loading data…',
+  starting: 'Starting the training worker…',
   profiling: 'Timing a few training steps…',
   registering: 'Registering with the coordinator…',
   polling: 'Asking the coordinator for a task…',
@@ -413,7 +414,7 @@ function start() {
     .catch(() => {}); // refused: the screen may sleep and the browser may pause the page
   healthTimer = setInterval(() => refreshHealth().catch(() => {}), HEALTH_MS);
   state.alert = null;
-  state.phase = 'loading';
+  state.phase = 'starting';
   running = startWorker(signal)
     .then((trainer) => {
       current.trainer = trainer;

@@ -11,7 +11,7 @@
 //   train       {level, data, weights: [[name, Float32Array]], labels, lr, epochs, batchSize, seed}
 //                                               -> {weights: [[name, Float32Array]], numExamples,
 //                                                   steps, loss, accuracy};  progress {epoch, step,
-//                                                   stepsPerEpoch, loss}
+//                                                   stepsPerEpoch, loss, at (the worker's clock, ms)}
 //   statistics  {level, data, weights}          -> {tensors: [[name, {dtype, shape, data}]]};
 //                                                   progress {batch, batches}
 //   profile     {level, data, warmup, steps}    -> {stepMs}
@@ -102,7 +102,7 @@ const OPERATIONS = {
       epochs,
       batchSize,
       seed,
-      onStep: progress,
+      onStep: (step) => progress({ ...step, at: performance.now() }),
     });
     const trained = [...result.weights];
     return [{ ...result, weights: trained }, transferables(trained.map(([, w]) => w))];
