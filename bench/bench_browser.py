@@ -1,18 +1,22 @@
-"""The browser device's training step against Python onnxruntime, in the same run.
+"""The browser device's local session against Python onnxruntime, in the same run.
 
-A coordinator exports conv levels a, c and e and serves the device page. For
-each level, a device's local session (600 real MNIST examples, batch 10, E 5
-epochs as in the paper's Table 6 for MNIST: 300 SGD steps in one ``train`` call,
-as a device trains) is timed step by step in headless Chromium (Debian's) on
-onnxruntime-web (wasm) with 1 and 2 threads, through the page's own trainer
-(``web/trainer.js``), and in Python onnxruntime with one thread. Reported per
-level: the browser's median step over the session's last epoch (steady state),
-its mean step over the whole session (warm-up included) and its first step.
-Ratios are browser / Python, steady state and session mean.
+A coordinator exports conv levels and serves the device page. For each level,
+a device's local session (600 real MNIST examples, batch 10, E 5 epochs as in
+the paper's Table 6 for MNIST: 300 SGD steps in one ``train`` call, as a device
+trains) is timed in headless Chromium (Debian's) on onnxruntime-web (wasm)
+with 1 and 2 threads, through the page's own code, two ways: ``main`` runs
+``web/trainer.js`` on the page's main thread (the page before the worker), and
+``worker`` runs it where the page now does, in the module Web Worker
+(``web/train_worker.js`` through ``web/remote_level.js``: the data posted once,
+one progress message per step). Python onnxruntime runs the same epochs with
+one thread. Reported per level and way: the browser's median step over the
+session's last epoch (steady state), its mean step over the whole session
+(warm-up and, for the worker, messages included) and its first step. Ratios
+are browser / Python, steady state and whole session.
 
 Why steady state: V8 runs WebAssembly first from its baseline compiler and tiers
 hot functions up to optimised code while they run; at level e the first
-epoch's steps are 2-4x slower than the last epoch's (the device's profile step
+70-100 steps are 2-4x slower than the last epoch's (the device's profile step
 warms up for the same reason). Python onnxruntime has no warm-up beyond its
 first step, so its figure is the mean step of whole epochs.
 
@@ -22,7 +26,8 @@ Python, one thread each, the median kernel time of every node over the last
 profiled steps) and reports both per operator type, with their ratio: where a
 level misses the target, this says which kernels are slower in wasm.
 
-Run: ``python bench/bench_browser.py`` (needs ``make web`` and /usr/bin/chromium).
+Run: ``python bench/bench_browser.py`` (needs ``make web`` and /usr/bin/chromium);
+``--runners main`` or ``--runners worker`` times one way only.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ from safetensors.numpy import load
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from coordinator.demo_data import Normalise  # noqa: E402
 from coordinator.process import start_coordinator, stop, wait_until_ready  # noqa: E402
 from device_sim.onnx_backend import OnnxLevel  # noqa: E402
+from heterofl_edge.device_runtime import TrainingRequest  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "browser.json"
 DATA = Path(os.environ.get("HETEROFL_DATA_DIR", ROOT.parent / "shared" / "datasets" / "mnist"))
@@ -55,11 +62,9 @@ EXAMPLES = 600  # one client's shard: 60 steps of batch 10 per epoch
 EPOCHS = 5  # a device's local session (Table 6, MNIST)
 
 BROWSER_TIMING = """
-async ([level, threads, epochs]) => {
-  const ort = await import('/device/ort/ort.wasm.min.mjs');
-  ort.env.wasm.numThreads = threads;
-  const { OnnxLevel } = await import('/device/trainer.js');
+async ([level, threads, epochs, runner]) => {
   const { parseSafetensors } = await import('/device/safetensors.js');
+  const { demoData, materialise } = await import('/device/data.js');
   const manifest = await (await fetch(`/v1/artifacts/conv/${level}/manifest.json`)).json();
   const files = {};
   for (const program of ['train_step', 'statistics']) {
@@ -67,26 +72,42 @@ async ([level, threads, epochs]) => {
     const reply = await fetch(`/v1/artifacts/conv/${level}/${file}`);
     files[file] = new Uint8Array(await reply.arrayBuffer());
   }
-  const trainer = await OnnxLevel.create(ort, manifest, files);
   const demo = parseSafetensors(new Uint8Array(await (await fetch(
     '/v1/demo-data?shard=0&clients=100&train_examples=60000')).arrayBuffer()));
-  const x = demo.tensors.get('x'), y = demo.tensors.get('y');
+  const compact = demoData(demo.tensors, demo.metadata);  // uint8 pixels and their rule
   const labels = [...Array(10).keys()];
-  const data = { x: x.data, y: y.data, n: x.shape[0], shape: x.shape, labels };
   const size = (shape) => shape.reduce((a, b) => a * b, 1);
   const value = (_, i) => ((i * 7919) % 200 - 100) / 1000;
   const weights = new Map(manifest.parameters.map(
     (p) => [p.name, Float32Array.from({ length: size(p.shape) }, value)]));
-  const stamps = [];
+  let trainer, data, isolated = crossOriginIsolated, worker = null;
+  if (runner === 'worker') {
+    const { TrainerWorker } = await import('/device/remote_level.js');
+    worker = new TrainerWorker(() => new Worker('/device/train_worker.js', { type: 'module' }));
+    isolated = (await worker.init(threads)).isolated;
+    trainer = await worker.level(level, manifest, files);
+    data = compact;
+    await worker.dataKey(data);  // posted (and standardised) before the clock starts
+  } else {
+    const ort = await import('/device/ort/ort.wasm.min.mjs');
+    ort.env.wasm.numThreads = threads;
+    const { OnnxLevel } = await import('/device/trainer.js');
+    trainer = await OnnxLevel.create(ort, manifest, files);
+    data = materialise(compact);
+  }
+  const arrivals = [], clock = [];  // main thread's arrival; the trainer's own clock
   const start = performance.now();
   await trainer.train({ weights, data, labels, lr: 0.01, epochs, batchSize: 10, seed: 0,
-                        onStep: () => { stamps.push(performance.now()); } });
-  const steps = stamps.map((s, i) => s - (i ? stamps[i - 1] : start));
-  const perEpoch = steps.length / epochs;
-  const last = steps.slice(steps.length - perEpoch).sort((a, b) => a - b);
-  return { steady_ms: last[Math.floor(last.length / 2)],
-           mean_ms: (stamps[stamps.length - 1] - start) / steps.length, first_ms: steps[0],
-           isolated: crossOriginIsolated, n: data.n, steps: steps.length };
+                        onStep: (p) => { const now = performance.now();
+                                         arrivals.push(now); clock.push(p?.at ?? now); } });
+  const end = performance.now();
+  worker?.terminate();
+  const steps = clock.map((s, i) => s - (i ? clock[i - 1] : start)).slice(1);
+  const perEpoch = clock.length / epochs;
+  const last = steps.slice(steps.length - perEpoch + 1).sort((a, b) => a - b);
+  return { steady_ms: last[Math.floor(last.length / 2)], mean_ms: (end - start) / clock.length,
+           first_ms: arrivals[0] - start, session_s: (end - start) / 1000,
+           isolated, n: data.n, steps: clock.length };
 }
 """
 
@@ -223,11 +244,13 @@ def python_step_ms(folder: Path, x: np.ndarray, y: np.ndarray) -> float:
         p["name"]: rng.uniform(-0.1, 0.1, p["shape"]).astype(np.float32)
         for p in level.manifest["parameters"]
     }
-    level.train(weights, x[:10], y[:10], list(range(10)), 0.01, 1, 10, 0)  # arena warm-up
+    level.train(
+        TrainingRequest(weights, x[:10], y[:10], list(range(10)), 0.01, 1, 10, 0)
+    )  # warm-up
     best = float("inf")
     for _ in range(3):  # mean step of a whole epoch; best of 3
         start = time.perf_counter()
-        result = level.train(weights, x, y, list(range(10)), 0.01, 1, 10, 0)
+        result = level.train(TrainingRequest(weights, x, y, list(range(10)), 0.01, 1, 10, 0))
         best = min(best, 1000 * (time.perf_counter() - start) / result.steps)
     return best
 
@@ -235,7 +258,9 @@ def python_step_ms(folder: Path, x: np.ndarray, y: np.ndarray) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-browser")
-    parser.add_argument("--levels", default="a,c,e")
+    parser.add_argument("--levels", default="a,c,d,e")
+    parser.add_argument("--runners", default="main,worker", help="main, worker or both")
+    parser.add_argument("--threads", default="1,2", help="wasm threads to time")
     parser.add_argument(
         "--profile-ops", default="a,e", help="levels to profile by operator ('' for none)"
     )
@@ -243,6 +268,10 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     levels = args.levels.split(",")
+    runners = args.runners.split(",")
+    if not set(runners) <= {"main", "worker"}:
+        raise SystemExit(f"--runners takes main and worker, not {args.runners}")
+    thread_counts = [int(t) for t in args.threads.split(",")]
     profiled = [level for level in args.profile_ops.split(",") if level]
     mode = "-".join(sorted(set(levels + profiled)))
     process, url = start_coordinator(
@@ -256,12 +285,14 @@ def main() -> None:
     profiles: list[dict[str, Any]] = []
     try:
         wait_until_ready(url)
-        demo = load(
-            requests.get(
-                f"{url}/v1/demo-data?shard=0&clients=100&train_examples=60000", timeout=60
-            ).content
-        )
-        x, y = demo["x"], demo["y"]
+        shard = requests.get(
+            f"{url}/v1/demo-data?shard=0&clients=100&train_examples=60000", timeout=60
+        ).content
+        demo = load(shard)
+        header = json.loads(shard[8 : 8 + int.from_bytes(shard[:8], "little")])
+        rule = json.loads(header["__metadata__"]["normalise"])
+        x = Normalise(rule["scale"], tuple(rule["mean"]), tuple(rule["std"])).apply(demo["x"])
+        y = demo["y"]
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(
                 executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, chromium_sandbox=False
@@ -269,20 +300,24 @@ def main() -> None:
             for level in levels:
                 folder = args.work / "state" / "artifacts" / f"conv-{level}"
                 python_ms = python_step_ms(folder, x, y)
-                row = {"level": level, "batch": 10, "python_onnxruntime_1_thread_ms": python_ms}
-                for threads in (1, 2):
-                    page = browser.new_page()
-                    page.goto(f"{url}/device/")
-                    measured = page.evaluate(BROWSER_TIMING, [level, threads, EPOCHS])
-                    page.close()
-                    assert measured["n"] == EXAMPLES, measured
-                    assert measured["steps"] == EPOCHS * EXAMPLES // 10, measured
-                    row[f"browser_{threads}_thread_ms"] = measured["steady_ms"]
-                    row[f"browser_{threads}_thread_session_mean_ms"] = measured["mean_ms"]
-                    row[f"browser_{threads}_thread_first_step_ms"] = measured["first_ms"]
-                    row[f"ratio_{threads}_thread"] = measured["steady_ms"] / python_ms
-                    row[f"ratio_{threads}_thread_session_mean"] = measured["mean_ms"] / python_ms
-                    row["cross_origin_isolated"] = measured["isolated"]
+                row: dict[str, Any] = {
+                    "level": level,
+                    "batch": 10,
+                    "python_onnxruntime_1_thread_ms": python_ms,
+                    "python_session_s": python_ms * EPOCHS * EXAMPLES / 10 / 1000,
+                    "browser": {},
+                }
+                for runner in runners:
+                    for threads in thread_counts:
+                        page = browser.new_page()
+                        page.goto(f"{url}/device/")
+                        measured = page.evaluate(BROWSER_TIMING, [level, threads, EPOCHS, runner])
+                        page.close()
+                        assert measured["n"] == EXAMPLES, measured
+                        assert measured["steps"] == EPOCHS * EXAMPLES // 10, measured
+                        measured["ratio_steady"] = measured["steady_ms"] / python_ms
+                        measured["ratio_session"] = measured["mean_ms"] / python_ms
+                        row["browser"][f"{runner}_{threads}_thread"] = measured
                 rows.append(row)
                 print(json.dumps(row))
             for level in profiled:
@@ -300,9 +335,11 @@ def main() -> None:
         "chromium": version,
         "protocol": f"a local session of {EPOCHS} epochs over 600 real MNIST examples at batch "
         "10 (SGD steps with momentum, weight decay, clipping, label mask) in one train call; "
-        "browser: median step of the last epoch (steady state), mean step of the session and "
-        "the first step; Python onnxruntime with 1 intra-op thread: mean step of an epoch, best "
-        "of 3; onnxruntime-web 1.30 wasm in headless Chromium through web/trainer.js",
+        "browser: web/trainer.js on onnxruntime-web 1.30 wasm in headless Chromium, on the "
+        "page's main thread ('main') or in the page's module Web Worker ('worker'); median "
+        "step of the last epoch (steady state), mean step of the whole session (session_s "
+        "over steps, messages included) and the first step; Python onnxruntime with 1 "
+        "intra-op thread: mean step of an epoch, best of 3",
         "levels": rows,
         "operator_profiles": {
             "protocol": f"onnxruntime's profiler, one thread, {PROFILE_STEPS} steps of batch 10 "

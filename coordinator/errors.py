@@ -21,6 +21,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.unsupported_runtime: 400,
     ErrorCode.bad_payload: 400,
     ErrorCode.bad_metadata: 400,
+    ErrorCode.demo_shard_too_large: 400,
     ErrorCode.missing_token: 401,
     ErrorCode.unknown_token: 401,
     ErrorCode.enrollment_required: 401,

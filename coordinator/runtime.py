@@ -427,14 +427,41 @@ class Coordinator:
             "reference_level": rate_label(min(self.mix.rates)),
             "reference_rate": min(self.mix.rates),
             "demo_data": self.demo_data is not None,
+            "evaluation": self._last_evaluation(),
             "problem": self.problem,
         }
 
-    def device_views(self) -> dict[str, Any]:
+    def _last_evaluation(self) -> dict[str, Any] | None:
+        """``{"round": N, **evaluation}`` of the last finished round, if it was evaluated."""
+        row = (
+            self.store.read()
+            .execute(
+                "SELECT number, result FROM rounds WHERE state = 'finished' "
+                "AND result IS NOT NULL ORDER BY number DESC LIMIT 1"
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        evaluation = _json_loads(row["result"]).get("evaluation")
+        if not isinstance(evaluation, dict) or not evaluation:
+            return None
+        return {"round": int(row["number"]), **evaluation}
+
+    def device_views(self, offset: int = 0, limit: int = 100) -> dict[str, Any]:
+        """Devices ``offset .. offset + limit - 1`` by position, with the list's ``total``.
+
+        ``level`` is the device's level in the open round, else (profile policy)
+        its profile level; ``trained_level`` is the level of the last training
+        task it uploaded (null before its first upload).
+        """
         now = self.clock()
         view = self.board.view()
+        everyone = self.registry.all()
+        page = everyone[offset : offset + limit]
+        trained = self._trained_levels([d.id for d in page])
         devices = []
-        for device in self.registry.all():
+        for device in page:
             task = view.tasks.get(device.id) if view is not None else None
             level = rate_label(task.rate) if task is not None and view is not None else None
             if level is None and self.config.profiled:
@@ -445,6 +472,7 @@ class Coordinator:
                     "position": device.position,
                     "state": self.board.device_state(device, now).value,
                     "level": level,
+                    "trained_level": trained.get(device.id),
                     "profile": device.profile,
                     "registered_at": device.registered_at,
                     "last_seen": device.last_seen,
@@ -456,7 +484,23 @@ class Coordinator:
             "policy": self.config.policy_name,
             "levels": self._level_shares(),
             "devices": devices,
+            "total": len(everyone),
+            "offset": offset,
+            "limit": limit,
         }
+
+    def _trained_levels(self, device_ids: list[str]) -> dict[str, str]:
+        """Level of each device's last uploaded training task (devices without one: absent)."""
+        if not device_ids:
+            return {}
+        marks = ",".join("?" * len(device_ids))
+        # SQLite returns the bare column (rate) from the row that holds MAX(round).
+        rows = self.store.read().execute(
+            f"SELECT device_id, rate, MAX(round) FROM tasks WHERE phase = ? "
+            f"AND status = 'uploaded' AND device_id IN ({marks}) GROUP BY device_id",
+            (Phase.training.value, *device_ids),
+        )
+        return {str(r["device_id"]): rate_label(float(r["rate"])) for r in rows}
 
     def _level_shares(self) -> dict[str, float]:
         if self.config.profiled:

@@ -32,10 +32,12 @@ __all__ = [
     "ArtifactFilePath",
     "ArtifactPath",
     "ArtifactRef",
+    "DemoDataInfo",
     "DemoDataQuery",
     "DeviceList",
     "DeviceProfile",
     "DeviceView",
+    "DevicesQuery",
     "ErrorReply",
     "Health",
     "Heartbeat",
@@ -78,6 +80,11 @@ class Health(DeviceHealth):
     rounds: int
     devices: int
     live_devices: int
+    evaluation: dict[str, Any] | None = Field(
+        None,
+        description="the last finished round's held-out evaluation: {round, global_accuracy, "
+        "global_loss, ...}; null before one (or without --data-dir)",
+    )
     problem: str | None = Field(None, description="the last server fault, if any")
 
 
@@ -126,6 +133,9 @@ class DeviceView(BaseModel):
     position: int
     state: str = Field(description="online | selected | training | late | offline")
     level: str | None = Field(description="its level in the open round, else its profile level")
+    trained_level: str | None = Field(
+        None, description="the level it last trained: of its last uploaded training task"
+    )
     profile: ProfileView
     registered_at: float
     last_seen: float
@@ -136,15 +146,43 @@ class DeviceView(BaseModel):
 class DeviceList(BaseModel):
     policy: str
     levels: dict[str, float] = Field(description="share of the devices at each level")
-    devices: list[DeviceView]
+    devices: list[DeviceView] = Field(description="the page of devices, by position")
+    total: int = Field(description="registered devices in all")
+    offset: int
+    limit: int
+
+
+class DevicesQuery(BaseModel):
+    offset: int = Field(0, ge=0, le=10**9, description="devices to skip, by position")
+    limit: int = Field(100, ge=1, le=500, description="devices per page")
 
 
 class DemoDataQuery(BaseModel):
-    shard: int = Field(0, ge=0, le=100_000)
-    clients: int = Field(1, ge=1, le=100_000)
+    shard: int = Field(0, ge=0, le=100_000, description="which shard, 0..clients-1")
+    clients: int = Field(
+        100, ge=1, le=100_000, description="shards the data set is split into (the paper's 100)"
+    )
     split: Literal["iid", "non-iid"] = "iid"
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    train_examples: int | None = Field(None, ge=1, le=60_000)
+    train_examples: int | None = Field(
+        None, ge=1, le=60_000, description="split only the first examples of a seeded draw"
+    )
+
+
+class DemoDataInfo(BaseModel):
+    """What GET /v1/demo-data with the same query sends, before it is downloaded."""
+
+    examples: int
+    bytes: int = Field(description="size of the safetensors reply")
+    shape: list[int] = Field(description="x's shape: [N, C, H, W]")
+    dtype: Literal["uint8", "float32"] = Field(
+        description="uint8 pixels (with metadata 'normalise') or float32 model inputs"
+    )
+    shard: int
+    clients: int
+    split: str
+    seed: int
+    source: str
 
 
 class RoundPath(BaseModel):

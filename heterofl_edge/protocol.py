@@ -62,6 +62,7 @@ class ErrorCode(StrEnum):
     not_assigned = "not_assigned"  # the device has no such task in that round
     unknown_round = "unknown_round"
     not_found = "not_found"
+    demo_shard_too_large = "demo_shard_too_large"  # a demo shard above the served cap
     method_not_allowed = "method_not_allowed"
     request_timeout = "request_timeout"  # the request did not arrive in time
     round_closed = "round_closed"  # the round (or its phase) closed before this arrived

@@ -18,10 +18,12 @@ import requests
 from safetensors.numpy import load
 from test_dashboard_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, chromium_or_skip
 
+from coordinator.demo_data import Normalise
 from coordinator.process import start_coordinator, stop, wait_until_ready
 from device_sim.device import Capabilities
 from device_sim.fleet import Fleet, FleetConfig
 from device_sim.onnx_backend import OnnxLevel
+from heterofl_edge.device_runtime import TrainingRequest
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +94,7 @@ def test_a_browser_device_trains_beside_python_devices(tmp_path, mnist_dir, arti
             ARTIFACTS.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "device-page.png"), full_page=True)
             browser.close()
-        demo = load(requests.get(f"{url}/v1/demo-data?shard=2&{query}", timeout=30).content)
+        shard = requests.get(f"{url}/v1/demo-data?shard=2&{query}", timeout=30).content
     finally:
         fleet.stop()
         stop(process)
@@ -111,9 +113,15 @@ def test_a_browser_device_trains_beside_python_devices(tmp_path, mnist_dir, arti
     initial = load_file(state / "checkpoints" / "round-0000-final.safetensors")
     weights = {k: v.numpy() for k, v in extract_submodel_state(initial, arch.spec, 0.0625).items()}
     level = OnnxLevel(state / "artifacts" / "conv-e")
+    demo = load(shard)  # uint8 pixels; the device standardises them with the shard's rule
+    header = json.loads(shard[8 : 8 + int.from_bytes(shard[:8], "little")])
+    rule = json.loads(header["__metadata__"]["normalise"])
+    x = Normalise(rule["scale"], tuple(rule["mean"]), tuple(rule["std"])).apply(demo["x"])
     labels = sorted(int(v) for v in np.unique(demo["y"]))
     expected = level.train(
-        weights, demo["x"], demo["y"], labels, 0.01, 1, 50, browser_state["lastUpload"]["seed"]
+        TrainingRequest(
+            weights, x, demo["y"], labels, 0.01, 1, 50, browser_state["lastUpload"]["seed"]
+        )
     )
     got = load(bytes(uploaded))
     assert set(got) == set(expected.weights)

@@ -37,3 +37,10 @@ def test_safetensors_files_hold_the_generators_tensors():
 def test_normalise_vectors_pin_the_float32_bits():
     bits = json.loads((VECTORS / "normalise.json").read_text())["bits"]
     assert normalise(np.arange(256, dtype=np.uint8)).view(np.uint32).tolist() == bits
+
+
+def test_the_standardise_vectors_hold_mnists_normalisation():
+    cases = json.loads((VECTORS / "standardise.json").read_text())["cases"]
+    mnist = next(c for c in cases if c["normalise"]["std"] == [float(np.float32(0.3081))])
+    expected = normalise(np.arange(256, dtype=np.uint8)).view(np.uint32).tolist()
+    assert mnist["bits"] == [expected]

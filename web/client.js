@@ -3,20 +3,46 @@
 //
 // Nothing stops silently: every failure is logged with its message and the loop goes on
 // after a backoff (FIRST_DELAY_MS doubling to MAX_DELAY_MS). Decisions read an ApiError's
-// `code` only: unknown_token -> register again; round_closed -> take the next task.
+// `code` only: unknown_token -> register again; round_closed -> take the next task;
+// enrollment_required / bad_enrollment_token -> stop with what to do (no retry cures them).
 // Nothing corrupt is uploaded: artifacts are sha256-checked where the browser can hash,
 // weights are checked against the manifest, and non-finite results are not sent.
+//
+// Liveness: while it works on a task (loading the artifact, training, statistics,
+// uploading) the device POSTs /v1/heartbeat every `heartbeat_seconds`, from the
+// registration reply or, for a device resuming with a stored token, the task reply
+// (DEFAULT_HEARTBEAT_SECONDS until one says). A failed beat is logged once and work goes on.
 
-import { ApiError, Codes, FIRST_DELAY_MS, IntegrityError, MAX_DELAY_MS, referenceLevel } from './protocol.js';
-import { profileStepMs } from './trainer.js';
+import {
+  ApiError,
+  Codes,
+  FATAL_CODES,
+  FIRST_DELAY_MS,
+  IntegrityError,
+  MAX_DELAY_MS,
+  referenceLevel,
+} from './protocol.js';
+import { STATS_BATCH } from './trainer.js';
 
 export const DEFAULT_MEMORY_MB = 2048;
 export const MIN_BANDWIDTH_MBPS = 1;
+export const DEFAULT_HEARTBEAT_SECONDS = 5;
+export const ENROLLMENT_MESSAGE =
+  'This coordinator needs the device link printed at its start-up: open that link ' +
+  '(it ends in #enroll=…) on this device, then start again.';
+
+/** A failure no retry cures (the coordinator refuses this device as it is): the run stops. */
+export class FatalError extends Error {
+  constructor(message, cause) {
+    super(message, { cause });
+    this.name = 'FatalError';
+  }
+}
 
 /** Everything the page shows and tests read (window.heterofl.state). */
 export function initialState() {
   return {
-    phase: 'idle', // idle | loading | profiling | registering | polling | waiting | training | statistics | uploading | backoff | stopped | done
+    phase: 'idle', // idle | starting | profiling | registering | polling | waiting | training | statistics | uploading | backoff | stopped | done
     deviceId: null,
     level: null,
     rate: null,
@@ -25,6 +51,11 @@ export function initialState() {
     epochs: null,
     step: null,
     stepsPerEpoch: null,
+    trainStartedAt: null, // Date.now() at the first finished step of the current session
+    stepAt: null, // Date.now() at the last finished step
+    statsBatch: null, // statistics: batches done of statsBatches (set once the computation starts)
+    statsBatches: null,
+    deadline: null, // the task's deadline, seconds since the epoch (coordinator's clock)
     loss: null,
     accuracy: null,
     uploads: 0,
@@ -35,6 +66,8 @@ export function initialState() {
     bytesReceived: 0,
     hashCheck: null, // 'sha256' | 'unavailable' (no crypto.subtle: plain HTTP off localhost)
     stepMs: null,
+    heartbeats: 0, // heartbeats the coordinator acknowledged
+    evaluation: null, // the coordinator's last evaluation: {round, global_accuracy, ...}
     alert: null,
     data: null, // {source: 'files' | 'demo', n, labels, description}
     messages: [],
@@ -70,12 +103,16 @@ export class DeviceClient {
    * @param {AbortSignal} options.signal
    * @param {() => Promise<void>} [options.breathe] awaited now and then while training
    * @param {{memoryMb?: number, bandwidthMbps?: number}} [options.device]
+   * @param {{setInterval: typeof setInterval, clearInterval: typeof clearInterval}} [options.timers]
+   *   the heartbeat's clock (a fake one in tests)
    */
   constructor(options) {
     Object.assign(this, options);
     this.changed = options.changed ?? (() => {});
     this.breathe = options.breathe ?? (async () => {});
     this.device = options.device ?? {};
+    this.timers = options.timers ?? globalThis;
+    this.heartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS;
     this.profile = null;
     /** The exact bytes of the last upload of each kind ('train', 'statistics'), for tests. */
     this.uploadBodies = {};
@@ -106,15 +143,16 @@ export class DeviceClient {
     const level = await this.loadLevel(`/v1/artifacts/${health.model}/${reference.label}/manifest.json`);
     const seconds = Math.max((performance.now() - started) / 1000, 1e-3);
     const measured = ((this.coordinator.bytesReceived - received) * 8) / seconds / 1e6;
-    const stepMs = await profileStepMs(level, this.data);
+    const stepMs = await level.profile(this.data);
     this.profile = {
-      step_ms: stepMs,
+      step_ms: Math.max(stepMs, 1e-3),
       reference_rate: reference.rate,
       memory_mb: this.device.memoryMb ?? DEFAULT_MEMORY_MB,
       bandwidth_mbps: this.device.bandwidthMbps ?? Math.max(MIN_BANDWIDTH_MBPS, measured),
+      num_examples: this.data.n,
     };
     this.set({ stepMs });
-    this.log(`profile: ${stepMs.toFixed(1)} ms per step of level ${reference.label}`);
+    this.log(`profile: ${stepMs.toFixed(1)} ms per step of level ${reference.label} (median)`);
     return this.profile;
   }
 
@@ -122,8 +160,48 @@ export class DeviceClient {
     const profile = this.profile ?? (await this.measure());
     this.set({ phase: 'registering' });
     const reply = await this.coordinator.register(profile);
+    this.useHeartbeatSeconds(reply.heartbeat_seconds);
     this.set({ deviceId: reply.device_id, level: reply.level ?? null, rate: reply.rate ?? null });
     this.log(`registered as ${reply.device_id} (level ${reply.level ?? 'per round'})`);
+  }
+
+  /** Take a coordinator's heartbeat interval (ignored unless a positive number). */
+  useHeartbeatSeconds(seconds) {
+    const value = Number(seconds);
+    if (seconds !== undefined && seconds !== null && Number.isFinite(value) && value > 0) {
+      this.heartbeatSeconds = value;
+    }
+  }
+
+  /**
+   * Run `work` while POSTing /v1/heartbeat every heartbeatSeconds; a failed beat is logged
+   * once (until one succeeds again) and never stops the work.
+   */
+  async beating(work) {
+    let failing = false;
+    let inFlight = false;
+    const beat = async () => {
+      if (inFlight || this.signal.aborted) return;
+      inFlight = true;
+      try {
+        await this.coordinator.heartbeat();
+        failing = false;
+        this.set({ heartbeats: this.state.heartbeats + 1 });
+      } catch (err) {
+        if (!failing && !this.signal.aborted) {
+          this.log(`heartbeat failed (${err.message}); the work goes on`, 'warn');
+        }
+        failing = true;
+      } finally {
+        inFlight = false;
+      }
+    };
+    const timer = this.timers.setInterval(beat, this.heartbeatSeconds * 1000);
+    try {
+      return await work();
+    } finally {
+      this.timers.clearInterval(timer);
+    }
   }
 
   /** Run until the coordinator says done (resolves) or the signal aborts (rejects). */
@@ -152,10 +230,12 @@ export class DeviceClient {
           await this.sleep(Math.max(0, seconds) * 1000, this.signal);
         } else if (task.action === 'train') {
           idle = 0;
-          await this.train(task);
+          this.useHeartbeatSeconds(task.heartbeat_seconds);
+          await this.beating(() => this.train(task));
         } else if (task.action === 'statistics') {
           idle = 0;
-          await this.statistics(task);
+          this.useHeartbeatSeconds(task.heartbeat_seconds);
+          await this.beating(() => this.statistics(task));
         } else {
           throw new Error(`the coordinator asked for an unknown action ${JSON.stringify(task.action)}`);
         }
@@ -180,6 +260,12 @@ export class DeviceClient {
       return true;
     } catch (err) {
       if (this.signal.aborted) throw this.signal.reason;
+      if (err instanceof ApiError && FATAL_CODES.has(err.code)) {
+        this.coordinator.forget();
+        this.set({ phase: 'stopped', alert: ENROLLMENT_MESSAGE });
+        this.log(`${ENROLLMENT_MESSAGE} (${err.code}: ${err.message})`, 'error');
+        throw new FatalError(ENROLLMENT_MESSAGE, err);
+      }
       if (err instanceof ApiError && err.code === Codes.roundClosed) {
         this.log(`round ${this.state.round ?? '?'}: too late, the coordinator moved on (${err.message})`, 'warn');
         return false;
@@ -225,6 +311,10 @@ export class DeviceClient {
       epoch: 0,
       epochs: hyper.epochs,
       step: 0,
+      stepsPerEpoch: Math.ceil(this.data.n / hyper.batch_size),
+      trainStartedAt: null,
+      stepAt: null,
+      deadline: task.deadline ?? null,
       loss: null,
     });
     const level = await this.loadLevel(task.artifact.manifest_url);
@@ -245,7 +335,8 @@ export class DeviceClient {
       seed: task.seed,
       signal: this.signal,
       onStep: async ({ epoch, step, stepsPerEpoch, loss }) => {
-        this.set({ epoch, step, stepsPerEpoch, loss });
+        const now = Date.now();
+        this.set({ epoch, step, stepsPerEpoch, loss, stepAt: now, trainStartedAt: this.state.trainStartedAt ?? now });
         if (performance.now() - last > 100) {
           await this.breathe();
           last = performance.now();
@@ -286,10 +377,13 @@ export class DeviceClient {
   }
 
   async statistics(task) {
-    this.set({ phase: 'statistics', round: task.round });
+    this.set({ phase: 'statistics', round: task.round, statsBatch: 0, statsBatches: null, deadline: task.deadline ?? null });
     const level = await this.loadLevel(task.artifact.manifest_url);
     const weights = await this.weights(task.weights_url, level);
-    const stats = await level.statistics(weights, this.data, this.signal);
+    this.set({ statsBatch: 0, statsBatches: Math.max(1, Math.ceil(this.data.n / STATS_BATCH)) }); // computing now
+    const stats = await level.statistics(weights, this.data, this.signal, ({ batch, batches }) => {
+      this.set({ statsBatch: batch, statsBatches: batches });
+    });
     if (!finite(stats)) throw new Error(`round ${task.round}: statistics are not finite; nothing uploaded`);
     this.set({ phase: 'uploading' });
     await this.coordinator.upload(task.upload_url, stats, {});

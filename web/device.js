@@ -1,38 +1,60 @@
-// The page: picks data, wires onnxruntime-web, the coordinator client and the device loop
-// to the DOM. Everything it shows lives in `state`, exposed as window.heterofl for tests.
+// The page: picks data, wires the training worker, the coordinator client and the device
+// loop to the DOM. Everything it shows lives in `state`, exposed as window.heterofl for tests.
+// The main thread only renders, talks HTTP and sends heartbeats; onnxruntime-web runs in a
+// module Web Worker (train_worker.js), so the page answers while the device trains.
 //
 // URL query parameters (all optional):
-//   data=demo           use the coordinator's demo data (GET /v1/demo-data) without a click
-//   shard, clients, split, seed, train_examples
-//                       forwarded as they are to GET /v1/demo-data (which shard of which split)
+//   data=demo           download the demo shard (GET /v1/demo-data) without a click
+//   shard, clients      which demo shard (default: the last choice on this device, else 0 of 100)
+//   split, seed, train_examples
+//                       forwarded as they are to GET /v1/demo-data (which split)
 //   autostart=1         start training as soon as the data is ready
-//   threads=N           wasm threads (default: up to 4 when cross-origin isolated, else 1)
+//   threads=N           wasm threads when cross-origin isolated (default: up to 4)
 //   fresh=1             forget the stored token and register as a new device
-
-import * as ort from './ort/ort.wasm.min.mjs';
+// URL fragment: #enroll=TOKEN (the coordinator's device link) is kept on this device and
+// sent with the registration; it is removed from the address bar.
 
 import { DeviceClient, KEPT_MESSAGES, addMessage, initialState } from './client.js';
+import { demoData } from './data.js';
 import { DataError, loadMnist } from './mnist.js';
 import { Coordinator, sha256Hex } from './protocol.js';
-import { OnnxLevel } from './trainer.js';
+import { TrainerWorker } from './remote_level.js';
 
-const DEMO_PARAMETERS = ['shard', 'clients', 'split', 'seed', 'train_examples'];
+const DEMO_PARAMETERS = ['split', 'seed', 'train_examples']; // forwarded from the page's URL
+const DEMO_KEY = 'heterofl-edge.demo'; // the last demo shard chosen on this device
+const ENROLL_KEY = 'heterofl-edge.enroll';
+const TOKEN_KEY = 'heterofl-edge.device';
+const HEALTH_MS = 10_000; // how often the page asks for the latest global accuracy while running
 const params = new URLSearchParams(location.search);
 const $ = (id) => document.getElementById(id);
 
 const state = initialState();
-const current = { data: null }; // the training data itself (state.data describes it)
+const current = { data: null, demoInfo: null, trainer: null, runner: null };
 let controller = null;
-let coordinator = null;
 let client = null; // the DeviceClient of the current (or last) run
 let running = null;
-const levels = new Map(); // manifest URL -> Promise<OnnxLevel>
+let loadingData = false;
+const artifacts = new Map(); // manifest URL -> Promise<{manifest, files, checked}>, across runs
 
+const secure = window.isSecureContext === true;
 const isolated = globalThis.crossOriginIsolated === true;
-const threads = Math.max(1, Number(params.get('threads')) || (isolated ? Math.min(4, navigator.hardwareConcurrency || 1) : 1));
-ort.env.wasm.numThreads = isolated ? threads : 1;
-ort.env.logLevel = 'warning';
+const threads = Math.max(1, Number(params.get('threads')) || Math.min(4, navigator.hardwareConcurrency || 1));
 state.hashCheck = globalThis.crypto?.subtle ? 'sha256' : 'unavailable';
+
+// ---------------------------------------------------------------- enrollment link
+
+function takeEnrollment() {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get('enroll');
+  if (token) {
+    localStorage.setItem(ENROLL_KEY, token);
+    fragment.delete('enroll');
+    const rest = fragment.toString();
+    history.replaceState(null, '', location.pathname + location.search + (rest ? `#${rest}` : ''));
+    log('kept the enrollment token of the device link');
+  }
+  return localStorage.getItem(ENROLL_KEY);
+}
 
 // ---------------------------------------------------------------- rendering
 
@@ -53,7 +75,8 @@ function text(id, value) {
 
 const PHASES = {
   idle: 'Idle: pick data, then start.',
-  loading: 'Loading…',
+  loading: 'Loading data…',
+  starting: 'Starting the training worker…',
   profiling: 'Timing a few training steps…',
   registering: 'Registering with the coordinator…',
   polling: 'Asking the coordinator for a task…',
@@ -64,44 +87,106 @@ const PHASES = {
   backoff: 'Retrying after an error.',
   stopped: 'Stopped.',
   done: 'Done: the coordinator has finished the run.',
+  blocked: 'Cannot train from this page.',
 };
+
+const clock = (ms) => new Date(ms).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+
+function duration(seconds) {
+  if (seconds < 60) return `${Math.max(1, Math.round(seconds))} s`;
+  const minutes = Math.round(seconds / 60);
+  return minutes < 60 ? `${minutes} min` : `${Math.floor(minutes / 60)} h ${minutes % 60} min`;
+}
+
+function phaseText() {
+  if (state.phase === 'idle' && loadingData) return PHASES.loading;
+  if (state.phase === 'idle' && state.data) {
+    return `Ready: ${state.data.n} examples loaded. Press Start training.`;
+  }
+  if (state.phase === 'training' && state.round !== null) return `Training round ${state.round}.`;
+  return PHASES[state.phase] ?? state.phase;
+}
+
+/** The progress bar's value (0..1) and its line, or null when nothing is in progress. */
+function progress() {
+  if (state.phase === 'training' && state.stepsPerEpoch && state.epochs) {
+    const total = state.stepsPerEpoch * state.epochs;
+    const step = state.step ?? 0;
+    let line = `epoch ${Math.max(1, state.epoch ?? 1)} of ${state.epochs} · step ${step} of ${total}`;
+    if (step > 1 && state.trainStartedAt !== null && state.stepAt !== null) {
+      const perStep = (state.stepAt - state.trainStartedAt) / (step - 1);
+      const left = (perStep * (total - step)) / 1000;
+      line += ` · about ${duration(left)} left (done ≈ ${clock(state.stepAt + left * 1000)})`;
+    }
+    return { value: step / total, line };
+  }
+  if (state.phase === 'statistics') {
+    const batches = state.statsBatches;
+    return batches
+      ? { value: state.statsBatch / batches, line: `sBN statistics: ${state.statsBatch} of ${batches} batch(es) done` }
+      : { value: 0, line: 'sBN statistics: fetching the global model' };
+  }
+  if (state.phase === 'uploading') return { value: 1, line: 'sending the result' };
+  return null;
+}
 
 function render() {
   renderQueued = false;
-  text('phase', PHASES[state.phase] ?? state.phase);
+  document.body.classList.toggle('blocked', state.phase === 'blocked');
+  text('phase', phaseText());
   const alert = $('alert');
   alert.hidden = !state.alert;
   text('alert', state.alert ?? '');
-  text('device-id', state.deviceId);
-  text('round', state.round);
+  const bar = progress();
+  $('progress-block').hidden = bar === null;
+  if (bar) {
+    $('progress').value = bar.value;
+    let line = bar.line;
+    if (state.deadline) line += ` · deadline ${clock(state.deadline * 1000)}`;
+    text('progress-text', line);
+  }
   text('level', state.level === null ? null : `${state.level}${state.rate ? ` (rate ${state.rate})` : ''}`);
+  text('round', state.round);
+  const evaluation = state.evaluation;
+  text(
+    'accuracy',
+    typeof evaluation?.global_accuracy === 'number'
+      ? `${(100 * evaluation.global_accuracy).toFixed(1)}% after round ${evaluation.round}`
+      : 'none yet',
+  );
+  text('device-id', state.deviceId);
   text('epoch', state.epoch === null ? null : `${state.epoch} of ${state.epochs}`);
   text('step', state.step === null ? null : `${state.step}${state.stepsPerEpoch ? ` (${state.stepsPerEpoch} per epoch)` : ''}`);
   text('loss', state.loss === null ? null : state.loss.toFixed(4));
+  text('step-ms', state.stepMs === null ? null : `${state.stepMs.toFixed(1)} ms (median)`);
   text('uploads', `${state.uploads} trained, ${state.statisticsUploads} statistics`);
+  text('heartbeats', String(state.heartbeats));
   text('bytes-received', formatBytes(state.bytesReceived));
   text('bytes-sent', formatBytes(state.bytesSent));
   text(
     'hash-check',
-    state.hashCheck === 'sha256'
-      ? 'sha256 of every artifact checked against its manifest'
-      : 'not checked: this page has no crypto.subtle (plain HTTP from another address); use HTTPS or localhost',
+    state.hashCheck === 'sha256' ? 'sha256 of every artifact checked against its manifest' : 'not available',
   );
+  text('runner', current.runner ?? 'a Web Worker (starts with training)');
   text(
     'threads',
-    isolated
-      ? `${ort.env.wasm.numThreads} (cross-origin isolated)`
-      : '1 (the page is not cross-origin isolated: no wasm threads)',
+    isolated ? `up to ${threads} (cross-origin isolated)` : '1 (the page is not cross-origin isolated: no wasm threads)',
   );
-  $('start').disabled = !state.data || running !== null;
-  $('stop').disabled = running === null;
+  const busy = running !== null;
+  const blocked = state.phase === 'blocked';
+  $('start').disabled = blocked || busy || loadingData || !current.data;
+  $('stop').disabled = !busy;
+  $('use-demo').disabled = blocked || busy || loadingData || !current.demoInfo;
+  $('use-files').disabled = blocked || busy || loadingData || !($('images-file').files[0] && $('labels-file').files[0]);
+  for (const id of ['demo-shard', 'demo-clients', 'images-file', 'labels-file']) $(id).disabled = blocked || busy || loadingData;
+  text('data-summary', state.data ? `${state.data.n} examples · ${state.data.description}` : '');
   const log = $('log');
   for (const m of state.messages) {
     if (shown.has(m)) continue;
     shown.add(m);
     const li = document.createElement('li');
     li.className = m.level;
-    li.textContent = `${m.time.slice(11, 19)} ${m.text}`;
+    li.textContent = `${clock(Date.parse(m.time))} ${m.text}`;
     log.prepend(li);
   }
   while (log.children.length > KEPT_MESSAGES) log.lastChild.remove();
@@ -118,15 +203,21 @@ function log(textValue, level = 'info') {
   changed();
 }
 
+function showError(message) {
+  state.alert = message;
+  log(message, 'error');
+}
+
 // ---------------------------------------------------------------- data
 
 function useData(data, source, description) {
   state.data = { source, n: data.n, labels: data.labels, description };
   current.data = data;
-  text('data-status', `${data.n} examples, labels ${data.labels.join(' ')} — ${description}`);
+  text('data-status', `${data.n} examples, labels ${data.labels.join(' ')}: ${description}`);
   const banner = $('demo-banner');
   banner.hidden = source !== 'demo';
   banner.textContent = source === 'demo' ? `DEMO DATA served by the coordinator: ${description}. Not data from this device.` : '';
+  state.alert = null;
   log(`data: ${data.n} examples from ${description}`);
   changed();
   if (params.get('autostart') === '1') start();
@@ -135,46 +226,89 @@ function useData(data, source, description) {
 async function useFiles() {
   const images = $('images-file').files[0];
   const labels = $('labels-file').files[0];
-  if (!images || !labels) return;
+  if (!images || !labels || running) return;
+  loadingData = true;
+  changed();
   try {
     const data = await loadMnist(images, labels);
     useData(data, 'files', `${images.name} and ${labels.name} on this device`);
   } catch (err) {
-    state.alert = err instanceof DataError ? err.message : `cannot read the files: ${err.message}`;
-    log(state.alert, 'error');
+    showError(err instanceof DataError ? err.message : `cannot read the files: ${err.message}`);
+  } finally {
+    loadingData = false;
+    changed();
+  }
+}
+
+/** The demo shard the inputs name, or an error message for inputs that name none. */
+function demoChoice() {
+  const shard = Number($('demo-shard').value);
+  const clients = Number($('demo-clients').value);
+  if (!Number.isInteger(clients) || clients < 1) return { error: 'the number of shards must be a whole number, at least 1' };
+  if (!Number.isInteger(shard) || shard < 0 || shard >= clients) {
+    return { error: `the shard must be a whole number from 0 to ${clients - 1}` };
+  }
+  const query = new URLSearchParams({ shard: String(shard), clients: String(clients) });
+  for (const key of DEMO_PARAMETERS) if (params.has(key)) query.set(key, params.get(key));
+  return { shard, clients, query };
+}
+
+let infoAsked = 0;
+
+/** GET /v1/demo-data/info for the inputs' shard: its size before any download. */
+async function describeDemo() {
+  const asked = ++infoAsked;
+  current.demoInfo = null;
+  const choice = demoChoice();
+  if (choice.error) {
+    text('demo-size', choice.error);
+    changed();
+    return null;
+  }
+  text('demo-size', `asking the coordinator for the size of shard ${choice.shard} of ${choice.clients}…`);
+  changed();
+  const api = new Coordinator({ storage: null, onRetry: retried });
+  try {
+    const info = await api.json(`/v1/demo-data/info?${choice.query}`);
+    if (asked !== infoAsked) return null; // the inputs changed meanwhile
+    current.demoInfo = { ...info, query: choice.query };
+    const kind = info.dtype === 'uint8' ? 'uint8 pixels' : 'float32';
+    text('demo-size', `${info.examples} examples, ${formatBytes(info.bytes)} to download (${kind}), from ${info.source}`);
+    $('use-demo').textContent = `Download demo shard ${info.shard} of ${info.clients} (${formatBytes(info.bytes)})`;
+    state.alert = null;
+    return current.demoInfo;
+  } catch (err) {
+    if (asked !== infoAsked) return null;
+    text('demo-size', `the coordinator refuses this shard: ${err.message}`);
+    $('use-demo').textContent = 'Download the demo shard';
+    return null;
+  } finally {
+    changed();
   }
 }
 
 async function useDemo() {
-  const query = new URLSearchParams();
-  for (const key of DEMO_PARAMETERS) if (params.has(key)) query.set(key, params.get(key));
-  const path = `/v1/demo-data${query.toString() ? `?${query}` : ''}`;
-  state.phase = 'loading';
+  if (running || loadingData) return;
+  const info = current.demoInfo ?? (await describeDemo());
+  if (!info) {
+    showError(`cannot load the demo data: ${$('demo-size').textContent}`);
+    changed();
+    return;
+  }
+  loadingData = true;
   changed();
   const api = new Coordinator({ storage: null, onRetry: retried });
   try {
-    const { tensors, metadata } = await api.tensors(path);
-    const x = tensors.get('x');
-    const y = tensors.get('y');
-    if (!x || !y || x.dtype !== 'F32' || y.dtype !== 'I64' || x.shape[0] !== y.shape[0]) {
-      throw new DataError('the demo data is not x float32 [N, ...] and y int64 [N]');
-    }
-    const held = new Set();
-    for (const v of y.data) held.add(Number(v));
-    const told = Object.entries(metadata ?? {}).map(([k, v]) => `${k} ${v}`);
-    const asked = [...query].map(([k, v]) => `${k}=${v}`);
-    const description = `demo data${told.length ? ` (${told.join(', ')})` : asked.length ? ` (${asked.join(', ')})` : ''}`;
-    state.phase = 'idle';
+    const { tensors, metadata } = await api.tensors(`/v1/demo-data?${info.query}`);
+    const data = demoData(tensors, metadata);
     state.bytesReceived += api.bytesReceived;
-    useData(
-      { x: x.data, y: y.data, n: x.shape[0], shape: x.shape, labels: [...held].sort((a, b) => a - b) },
-      'demo',
-      description,
-    );
+    localStorage.setItem(DEMO_KEY, JSON.stringify({ shard: info.shard, clients: info.clients }));
+    const split = [info.split, `seed ${info.seed}`].join(', ');
+    useData(data, 'demo', `demo shard ${info.shard} of ${info.clients} (${split}) of ${info.source}`);
   } catch (err) {
-    state.phase = 'idle';
-    state.alert = `cannot load the demo data: ${err.message}`;
-    log(state.alert, 'error');
+    showError(`cannot load the demo data: ${err.message}`);
+  } finally {
+    loadingData = false;
     changed();
   }
 }
@@ -188,18 +322,19 @@ function retried({ attempt, delayMs, reason, path }) {
 
 // ---------------------------------------------------------------- training
 
-function loadLevel(manifestUrl) {
-  if (!levels.has(manifestUrl)) {
-    const loading = (async () => {
-      const { manifest, files, checked } = await coordinator.artifact(manifestUrl);
-      if (!checked) state.hashCheck = 'unavailable';
-      log(`level ${manifest.level}: ${Object.keys(files).join(', ')} ${checked ? 'sha256-checked' : 'NOT checked (no crypto.subtle)'}`);
-      return OnnxLevel.create(ort, manifest, files);
-    })();
-    levels.set(manifestUrl, loading);
-    loading.catch(() => levels.delete(manifestUrl)); // a failed download is tried again
+/** A level's programs in the current worker (artifact bytes are downloaded once per page). */
+function loadLevel(coordinator, manifestUrl) {
+  if (!artifacts.has(manifestUrl)) {
+    const loading = coordinator.artifact(manifestUrl).then((artifact) => {
+      if (!artifact.checked) state.hashCheck = 'unavailable';
+      const files = Object.keys(artifact.files).join(', ');
+      log(`level ${artifact.manifest.level}: ${files} ${artifact.checked ? 'sha256-checked' : 'NOT checked (no crypto.subtle)'}`);
+      return artifact;
+    });
+    artifacts.set(manifestUrl, loading);
+    loading.catch(() => artifacts.delete(manifestUrl)); // a failed download is tried again
   }
-  return levels.get(manifestUrl);
+  return artifacts.get(manifestUrl).then(({ manifest, files }) => current.trainer.level(manifestUrl, manifest, files));
 }
 
 const sleep = (ms, signal) =>
@@ -212,31 +347,64 @@ const sleep = (ms, signal) =>
     }, { once: true });
   });
 
+/** A fresh training worker for a run; it ends when the run's signal aborts. */
+async function startWorker(signal) {
+  const trainer = new TrainerWorker(() => new Worker(new URL('train_worker.js', import.meta.url), { type: 'module' }), {
+    signal,
+  });
+  const taken = await trainer.init(isolated ? threads : 1);
+  current.runner = `a Web Worker, onnxruntime-web ${taken.version ?? ''} (wasm), ${taken.threads} thread(s)${
+    taken.isolated ? '' : ' (the worker is not cross-origin isolated)'
+  }`;
+  return trainer;
+}
+
+let healthTimer = null;
+let healthAsking = false;
+
+/**
+ * The coordinator's latest evaluation (GET /v1/health), for the status card. While training,
+ * one try each time (the next poll is the retry); at start-up, retried until it answers.
+ */
+async function refreshHealth({ retry = false } = {}) {
+  if (healthAsking) return null;
+  healthAsking = true;
+  const api = new Coordinator({ storage: null, onRetry: retried });
+  try {
+    const health = await api.health({ retry });
+    state.evaluation = health.evaluation ?? null;
+    changed();
+    return health;
+  } finally {
+    healthAsking = false;
+  }
+}
+
 function start() {
-  if (running || !current.data) return;
+  if (running || !current.data || state.phase === 'blocked') return;
   controller = new AbortController();
+  const signal = controller.signal;
   if (params.get('fresh') === '1' && !start.freshDone) {
-    localStorage.removeItem('heterofl-edge.device');
+    localStorage.removeItem(TOKEN_KEY);
     start.freshDone = true;
   }
-  coordinator = new Coordinator({ signal: controller.signal, onRetry: retried });
+  const coordinator = new Coordinator({ signal, onRetry: retried, enrollmentToken: localStorage.getItem(ENROLL_KEY) });
   coordinator.bytesReceived = state.bytesReceived; // totals go on from the page's earlier calls
   coordinator.bytesSent = state.bytesSent;
-  levels.clear();
   client = new DeviceClient({
     coordinator,
-    loadLevel,
+    loadLevel: (url) => loadLevel(coordinator, url),
     data: current.data,
     state,
     changed,
     sleep,
-    signal: controller.signal,
-    breathe: () => new Promise((resolve) => setTimeout(resolve, 0)),
+    signal,
     device: {
       memoryMb: navigator.deviceMemory ? navigator.deviceMemory * 1024 : undefined,
       bandwidthMbps: navigator.connection?.downlink || undefined,
     },
   });
+  $('data-section').open = false;
   let wakeLock = null; // keeps a phone's screen on while it trains (secure contexts only)
   navigator.wakeLock
     ?.request('screen')
@@ -244,21 +412,31 @@ function start() {
       wakeLock = lock;
     })
     .catch(() => {}); // refused: the screen may sleep and the browser may pause the page
-  running = client
-    .run()
+  healthTimer = setInterval(() => refreshHealth().catch(() => {}), HEALTH_MS);
+  state.alert = null;
+  state.phase = 'starting';
+  running = startWorker(signal)
+    .then((trainer) => {
+      current.trainer = trainer;
+      return client.run();
+    })
     .catch((err) => {
-      if (controller.signal.aborted) {
-        state.phase = 'stopped';
+      state.phase = 'stopped';
+      if (signal.aborted) {
         state.alert = null;
         log('stopped by the user');
+      } else if (err.name === 'FatalError') {
+        state.alert = err.message;
       } else {
-        state.phase = 'stopped';
-        state.alert = `stopped by an unexpected error: ${err.message}`;
-        log(state.alert, 'error');
+        showError(`stopped by an unexpected error: ${err.message}`);
       }
     })
     .finally(() => {
+      current.trainer?.terminate();
+      current.trainer = null;
       running = null;
+      clearInterval(healthTimer);
+      refreshHealth().catch(() => {});
       wakeLock?.release().catch(() => {});
       changed();
     });
@@ -276,42 +454,78 @@ window.heterofl = {
   start,
   stop,
   useDemo,
+  describeDemo,
   /** The exact bytes (safetensors) of the last upload of a kind: 'train' or 'statistics'. */
   lastUploadBody: (kind = 'train') => client?.uploadBodies[kind] ?? null,
-  /** The training data in use: {x: Float32Array, y: BigInt64Array, n, shape, labels}. */
+  /** The training data in use: {pixels + normalise | x, y: BigInt64Array, n, shape, labels}. */
   data: () => current.data,
   running: () => running,
   sha256Hex,
 };
 
+/** Not a secure context: say what is wrong and how to fix it; start nothing. */
+function block() {
+  state.phase = 'blocked';
+  state.alert =
+    `This page is not a secure context (${location.protocol}//${location.host} is plain HTTP from another ` +
+    'machine), so the browser withholds what a device needs (artifact hashes, wasm threads, a wake lock). ' +
+    'Nothing was started. Fix: start the coordinator with --tls-cert and --tls-key ' +
+    `(README, "Train on a phone") and open https://${location.host}/device/ instead.`;
+  log(state.alert, 'error');
+  text('environment', 'not a secure context: nothing started');
+  changed();
+}
+
+function initDemoInputs() {
+  let saved = {};
+  try {
+    saved = JSON.parse(localStorage.getItem(DEMO_KEY) ?? '{}') ?? {};
+  } catch {
+    saved = {};
+  }
+  $('demo-shard').value = params.get('shard') ?? String(saved.shard ?? 0);
+  $('demo-clients').value = params.get('clients') ?? String(saved.clients ?? 100);
+  let timer = null;
+  for (const id of ['demo-shard', 'demo-clients']) {
+    $(id).addEventListener('input', () => {
+      current.demoInfo = null;
+      changed();
+      clearTimeout(timer);
+      timer = setTimeout(describeDemo, 300);
+    });
+  }
+}
+
 async function init() {
-  $('images-file').addEventListener('change', () => {
-    $('use-files').disabled = !($('images-file').files[0] && $('labels-file').files[0]);
-  });
-  $('labels-file').addEventListener('change', () => {
-    $('use-files').disabled = !($('images-file').files[0] && $('labels-file').files[0]);
-  });
+  if (!secure) {
+    block();
+    return;
+  }
+  takeEnrollment();
+  for (const id of ['images-file', 'labels-file']) $(id).addEventListener('change', changed);
   $('use-files').addEventListener('click', useFiles);
   $('use-demo').addEventListener('click', useDemo);
   $('start').addEventListener('click', start);
   $('stop').addEventListener('click', stop);
-  text(
-    'environment',
-    `onnxruntime-web ${ort.env.versions?.web ?? ''} (wasm) · ${window.isSecureContext ? 'secure context' : 'not a secure context'}` +
-      ` · ${isolated ? 'cross-origin isolated' : 'not cross-origin isolated'}`,
-  );
+  initDemoInputs();
+  text('environment', `secure context · ${isolated ? 'cross-origin isolated' : 'not cross-origin isolated'}`);
   changed();
   try {
-    const api = new Coordinator({ storage: null, onRetry: retried });
-    const health = await api.health();
-    state.bytesReceived += api.bytesReceived;
+    const health = await refreshHealth({ retry: true });
     state.alert = null;
-    if (health.demo_data) $('use-demo').hidden = false;
     log(`coordinator: model ${health.model}, mode ${health.mode}${health.demo_data ? ', demo data offered' : ''}`);
-    if (params.get('data') === 'demo') await useDemo();
+    if (health.demo_data) {
+      $('demo-choice').hidden = false;
+      const info = await describeDemo();
+      if (params.get('data') === 'demo') {
+        if (info) await useDemo();
+        else showError(`cannot load the demo data: ${$('demo-size').textContent}`);
+      }
+    } else if (params.get('data') === 'demo') {
+      showError('cannot load the demo data: this coordinator serves none (start it with --demo-data DIR)');
+    }
   } catch (err) {
-    state.alert = `cannot reach the coordinator: ${err.message}`;
-    log(state.alert, 'error');
+    showError(`cannot reach the coordinator: ${err.message}`);
   }
   changed();
 }

@@ -1,29 +1,13 @@
 // MNIST idx files in the browser, normalised bit for bit as heterofl_edge/data/idx.py does:
 // x = float32(pixel) / float32(255); x = (x - float32(0.1307)) / float32(0.3081), every
-// operation rounded to float32. A double-precision +, -, / of two float32 values rounded
-// once to float32 is the correctly rounded float32 result, so Math.fround after each step
-// reproduces numpy's float32 arithmetic exactly; a 256-entry table holds the results.
+// operation rounded to float32 (data.js standardise with MNIST_RULE). The files load as
+// uint8 pixels plus that rule; the float32 inputs are made where training runs.
 
-export const MNIST_MEAN = 0.1307;
-export const MNIST_STD = 0.3081;
+import { DataError, MNIST_RULE, heldLabels, standardise } from './data.js';
 
-export class DataError extends Error {
-  constructor(message) {
-    super(message);
-    this.name = 'DataError';
-  }
-}
-
-const TABLE = (() => {
-  const mean = Math.fround(MNIST_MEAN);
-  const std = Math.fround(MNIST_STD);
-  const table = new Float32Array(256);
-  for (let p = 0; p < 256; p++) {
-    const x = Math.fround(p / 255);
-    table[p] = Math.fround(Math.fround(x - mean) / std);
-  }
-  return table;
-})();
+export { DataError };
+export const MNIST_MEAN = MNIST_RULE.mean[0];
+export const MNIST_STD = MNIST_RULE.std[0];
 
 /**
  * uint8 pixels -> float32 standardised with MNIST's mean and std (same bits as Python).
@@ -31,9 +15,7 @@ const TABLE = (() => {
  * @returns {Float32Array}
  */
 export function normalise(pixels) {
-  const out = new Float32Array(pixels.length);
-  for (let i = 0; i < pixels.length; i++) out[i] = TABLE[pixels[i]];
-  return out;
+  return standardise(pixels, [pixels.length, 1], MNIST_RULE);
 }
 
 /**
@@ -81,8 +63,8 @@ export async function readMaybeGzip(source) {
 
 /**
  * Training data from an images and a labels idx file (gzip or not).
- * @returns {Promise<{x: Float32Array, y: BigInt64Array, n: number, shape: number[],
- *                    labels: number[]}>} x is [n, 1, 28, 28] row-major, labels the classes held
+ * @returns {Promise<import('./data.js').Data>} pixels uint8 [n, 1, 28, 28] row-major with
+ *   MNIST's rule, y int64, the labels held
  */
 export async function loadMnist(imagesSource, labelsSource) {
   const images = parseIdx(await readMaybeGzip(imagesSource), 'the images file');
@@ -95,18 +77,17 @@ export async function loadMnist(imagesSource, labelsSource) {
   }
   const n = labels.shape[0];
   const y = new BigInt64Array(n);
-  const held = new Set();
   for (let i = 0; i < n; i++) {
     const v = labels.data[i];
     if (v > 9) throw new DataError(`labels go up to ${v}, expected 0..9`);
     y[i] = BigInt(v);
-    held.add(v);
   }
   return {
-    x: normalise(images.data),
+    pixels: images.data,
+    normalise: MNIST_RULE,
     y,
     n,
     shape: [n, 1, images.shape[1], images.shape[2]],
-    labels: [...held].sort((a, b) => a - b),
+    labels: heldLabels(y),
   };
 }

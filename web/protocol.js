@@ -19,7 +19,12 @@ const STORAGE_KEY = 'heterofl-edge.device';
 export const Codes = Object.freeze({
   unknownToken: 'unknown_token', // 401: register again
   roundClosed: 'round_closed', // 409: too late or a duplicate; take the next task
+  enrollmentRequired: 'enrollment_required', // 401: registration needs the coordinator's device link
+  badEnrollmentToken: 'bad_enrollment_token', // 401: the link's token is not this coordinator's
 });
+
+/** Codes no retry can cure: the device stops and says what to do. */
+export const FATAL_CODES = new Set([Codes.enrollmentRequired, Codes.badEnrollmentToken]);
 
 const CODE_BEFORE_CODES = { 401: Codes.unknownToken, 409: Codes.roundClosed };
 
@@ -93,6 +98,8 @@ export class Coordinator {
    * @param {AbortSignal} [options.signal] stops requests and retries
    * @param {(r: {attempt: number, delayMs: number, reason: string, path: string}) => void} [options.onRetry]
    * @param {(ms: number, signal?: AbortSignal) => Promise<void>} [options.sleep]
+   * @param {string | null} [options.enrollmentToken] sent with the registration (the
+   *   coordinator's device link, /device/#enroll=TOKEN)
    */
   constructor(options = {}) {
     this.base = options.base ?? '';
@@ -101,6 +108,7 @@ export class Coordinator {
     this.signal = options.signal;
     this.onRetry = options.onRetry ?? (() => {});
     this.sleep = options.sleep ?? abortableSleep;
+    this.enrollmentToken = options.enrollmentToken ?? null;
     this.bytesSent = 0;
     this.bytesReceived = 0;
     this.identity = this._load();
@@ -126,10 +134,11 @@ export class Coordinator {
   }
 
   /**
-   * One request; retried through network failures, 5xx and 429 until it gets another reply.
+   * One request; retried through network failures, 5xx and 429 until it gets another reply
+   * (with `retry: false`, the first failure is thrown).
    * @returns {Promise<Response>} a 2xx reply whose body has not been read
    */
-  async _request(method, path, { body, contentType } = {}) {
+  async _request(method, path, { body, contentType, retry = true } = {}) {
     let delay = FIRST_DELAY_MS;
     for (let attempt = 1; ; attempt++) {
       const headers = {};
@@ -147,9 +156,10 @@ export class Coordinator {
         const after = Number(reply.headers.get('Retry-After'));
         if (after > 0) wait = Math.min(after * 1000, MAX_DELAY_MS);
       } catch (err) {
-        if (err instanceof ApiError || this.signal?.aborted) throw err;
+        if (err instanceof ApiError || this.signal?.aborted || !retry) throw err;
         reason = `${err.name}: ${err.message}`; // fetch's TypeError: the coordinator is unreachable
       }
+      if (!retry) throw new Error(reason);
       this.onRetry({ attempt, delayMs: wait, reason, path });
       await this.sleep(wait, this.signal);
       delay = Math.min(delay * 2, MAX_DELAY_MS);
@@ -175,9 +185,9 @@ export class Coordinator {
     return new ApiError(reply.status, code, String(message), body.hint ? String(body.hint) : '');
   }
 
-  async _json(method, path, value) {
+  async _json(method, path, value, { retry = true } = {}) {
     const body = value === undefined ? undefined : new TextEncoder().encode(JSON.stringify(value));
-    const reply = await this._request(method, path, { body, contentType: body ? 'application/json' : undefined });
+    const reply = await this._request(method, path, { body, contentType: body ? 'application/json' : undefined, retry });
     return JSON.parse(new TextDecoder().decode(await this._count(reply)));
   }
 
@@ -185,17 +195,25 @@ export class Coordinator {
     return this._count(await this._request('GET', path));
   }
 
-  health() {
-    return this._json('GET', '/v1/health');
+  /** GET a JSON resource (retried as any request unless `retry` is false). */
+  json(path, { retry = true } = {}) {
+    return this._json('GET', path, undefined, { retry });
+  }
+
+  health(options) {
+    return this.json('/v1/health', options);
   }
 
   /**
    * POST /v1/devices; keeps the token (and device id, level) in storage.
-   * @param {{step_ms: number, reference_rate: number, memory_mb: number, bandwidth_mbps: number}} profile
+   * @param {{step_ms: number, reference_rate: number, memory_mb: number, bandwidth_mbps: number,
+   *          num_examples?: number}} profile
    */
   async register(profile) {
     this.forget();
-    const reply = await this._json('POST', '/v1/devices', { ...profile, runtimes: [RUNTIME] });
+    const body = { ...profile, runtimes: [RUNTIME] };
+    if (this.enrollmentToken) body.enrollment_token = this.enrollmentToken;
+    const reply = await this._json('POST', '/v1/devices', body);
     this.identity = {
       token: reply.token,
       device_id: reply.device_id,
@@ -209,6 +227,15 @@ export class Coordinator {
   /** GET /v1/task: {action: "train" | "statistics" | "wait" | "done", ...}. */
   task() {
     return this._json('GET', '/v1/task');
+  }
+
+  /**
+   * POST /v1/heartbeat once (no retries: the next beat is the retry).
+   * @returns {Promise<{device_id: string, state: string}>}
+   */
+  async heartbeat() {
+    const reply = await this._request('POST', '/v1/heartbeat', { retry: false });
+    return JSON.parse(new TextDecoder().decode(await this._count(reply)) || '{}');
   }
 
   /**

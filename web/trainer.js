@@ -11,8 +11,8 @@
 
 import { epochBatches, statsBatches } from './shuffle.js';
 
-export const PROFILE_STEPS = 5;
-export const PROFILE_WARMUP = 3;
+export const PROFILE_STEPS = 9; // timed steps; the profile is their median
+export const PROFILE_WARMUP = 100; // untimed steps first: V8 tiers WebAssembly up after ~70-100 steps (measured in Chromium)
 export const STATS_BATCH = 500;
 
 export class TrainingError extends Error {
@@ -130,10 +130,12 @@ export class OnnxLevel {
 
   /** The artifact's built-in hyperparameters that differ from the task's (names). */
   mismatchedHyperparameters(task) {
-    const built = this.manifest.hyperparameters ?? {};
-    return ['momentum', 'weight_decay', 'clip_grad_norm'].filter(
-      (k) => k in task && k in built && Math.abs(Number(task[k]) - Number(built[k])) > 1e-12,
-    );
+    return mismatchedHyperparameters(this.manifest, task);
+  }
+
+  /** Milliseconds per training step on `data` (profileStepMs). */
+  profile(data, options) {
+    return profileStepMs(this, data, options);
   }
 
   labelMask(labels) {
@@ -240,8 +242,9 @@ export class OnnxLevel {
    * @param {Map<string, Float32Array | {data: Float32Array}>} weights
    * @param {Data} data
    * @param {AbortSignal} [signal]
+   * @param {(p: {batch: number, batches: number}) => any} [onBatch] awaited after each batch
    */
-  async statistics(weights, data, signal) {
+  async statistics(weights, data, signal, onBatch) {
     const { Tensor } = this.ort;
     const session = this._session('statistics');
     const rowSize = this._checkData(data);
@@ -251,26 +254,53 @@ export class OnnxLevel {
       params[`param.${name}`] = new Tensor('float32', this._weight(weights, name), this.shapes.get(name));
     }
     const reports = [];
-    for (const [start, end] of statsBatches(data.n, STATS_BATCH)) {
+    const batches = [...statsBatches(data.n, STATS_BATCH)];
+    for (const [start, end] of batches) {
       signal?.throwIfAborted();
       const x = new Tensor('float32', data.x.subarray(start * rowSize, end * rowSize), [end - start, ...this.sampleShape]);
       const out = await session.run({ ...params, x });
       reports.push([end - start, outputs.map((name) => out[name])]);
+      if (onBatch) await onBatch({ batch: reports.length, batches: batches.length });
     }
     return mergeBatchStatistics(this.manifest.bn_layers, reports);
   }
 }
 
 /**
- * Milliseconds per training step of `level`: PROFILE_STEPS steps from zero weights at
- * learning rate 0 on the first min(10, n) examples, as device_sim/device.py profiles,
- * after PROFILE_WARMUP untimed steps. The warm-up matters in browsers: V8 first runs
+ * The artifact's built-in hyperparameters that differ from the task's (names).
+ * @param {object} manifest
+ * @param {Record<string, unknown>} task the task's hyperparameters
+ */
+export function mismatchedHyperparameters(manifest, task) {
+  const built = manifest.hyperparameters ?? {};
+  return ['momentum', 'weight_decay', 'clip_grad_norm'].filter(
+    (k) => k in task && k in built && Math.abs(Number(task[k]) - Number(built[k])) > 1e-12,
+  );
+}
+
+/** The median of numbers (the mean of the middle two for an even count). */
+export function median(values) {
+  const sorted = [...values].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  return sorted.length % 2 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+}
+
+/**
+ * Milliseconds per training step of `level`: the median of `steps` single steps from zero
+ * weights at learning rate 0 on the first min(10, n) examples, after `warmup` untimed ones,
+ * all in one session as a device trains. The warm-up matters in browsers: V8 first runs
  * WebAssembly from its baseline compiler and tiers up to optimised code while it runs, so
- * the first steps take several times as long as the steady ones (2-7x measured in node).
+ * the first steps take several times as long as the steady ones; the median keeps one
+ * stray slow step (a collection, another tab) out of the figure.
  * @param {OnnxLevel} level the reference (smallest) level in play
  * @param {Data} data
+ * @param {{warmup?: number, steps?: number, now?: () => number}} [options]
+ * @returns {Promise<number>}
  */
-export async function profileStepMs(level, data) {
+export async function profileStepMs(level, data, options = {}) {
+  const warmup = options.warmup ?? PROFILE_WARMUP;
+  const steps = options.steps ?? PROFILE_STEPS;
+  const now = options.now ?? (() => performance.now());
   const batch = Math.min(10, data.n);
   const rowSize = product(data.shape.slice(1));
   const head = {
@@ -280,10 +310,21 @@ export async function profileStepMs(level, data) {
     shape: [batch, ...data.shape.slice(1)],
   };
   const weights = new Map(level.manifest.parameters.map((p) => [p.name, new Float32Array(product(p.shape))]));
-  const run = (epochs) =>
-    level.train({ weights, data: head, labels: data.labels, lr: 0, epochs, batchSize: batch, seed: 0 });
-  await run(PROFILE_WARMUP);
-  const start = performance.now();
-  await run(PROFILE_STEPS);
-  return (performance.now() - start) / PROFILE_STEPS;
+  const stamps = [];
+  const start = now();
+  // One epoch of one batch per step: `warmup + steps` steps in one session.
+  await level.train({
+    weights,
+    data: head,
+    labels: data.labels,
+    lr: 0,
+    epochs: warmup + steps,
+    batchSize: batch,
+    seed: 0,
+    onStep: () => {
+      stamps.push(now());
+    },
+  });
+  const times = stamps.map((t, i) => t - (i ? stamps[i - 1] : start));
+  return median(times.slice(warmup));
 }

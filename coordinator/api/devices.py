@@ -6,12 +6,15 @@ from flask import Response, jsonify, request
 from flask_openapi3 import APIBlueprint
 
 from coordinator.api import BEARER, OPERATOR, device, errors, operator, service, tag
+from coordinator.demo_data import DemoData, ShardQuery
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.schemas import (
     SAFETENSORS,
+    DemoDataInfo,
     DemoDataQuery,
     DeviceList,
     DeviceProfile,
+    DevicesQuery,
     Heartbeat,
     Registered,
     TaskMessage,
@@ -44,19 +47,14 @@ def heartbeat() -> Any:
     return jsonify(Heartbeat(device_id=caller.id, state=state).model_dump())
 
 
-@bp.get("/v1/devices", security=OPERATOR, responses={200: DeviceList, **errors(401)})
-def devices() -> Any:
-    """Every registered device: state, level, profile, last seen, bytes (no tokens)."""
+@bp.get("/v1/devices", security=OPERATOR, responses={200: DeviceList, **errors(400, 401)})
+def devices(query: DevicesQuery) -> Any:
+    """Devices by position, a page at a time: state, levels, profile, bytes (no tokens)."""
     operator()
-    return jsonify(service().device_views())
+    return jsonify(service().device_views(query.offset, query.limit))
 
 
-@bp.get(
-    "/v1/demo-data",
-    responses={200: safetensors_response("x [N,1,28,28] float32, y [N] int64"), **errors(400, 404)},
-)
-def demo_data(query: DemoDataQuery) -> Response:
-    """A demo shard of MNIST for a browser device (only with ``serve --demo-data``)."""
+def _demo() -> DemoData:
     demo = service().demo_data
     if demo is None:
         raise ApiError(
@@ -64,5 +62,29 @@ def demo_data(query: DemoDataQuery) -> Response:
             "this coordinator serves no demo data",
             "use your own data, or start the coordinator with --demo-data DIR",
         )
-    payload = demo.shard(query.shard, query.clients, query.split, query.seed, query.train_examples)
-    return Response(payload, mimetype=SAFETENSORS)
+    return demo
+
+
+def _shard(query: DemoDataQuery) -> ShardQuery:
+    return ShardQuery(query.shard, query.clients, query.split, query.seed, query.train_examples)
+
+
+@bp.get(
+    "/v1/demo-data",
+    responses={
+        200: safetensors_response(
+            "x uint8 [N, C, H, W] raw pixels with metadata 'normalise' (or float32 model "
+            "inputs without it), y int64 [N]; metadata 'source' and 'shard'"
+        ),
+        **errors(400, 404),
+    },
+)
+def demo_data(query: DemoDataQuery) -> Response:
+    """A demo shard of the run's data set for a browser device (only with ``--demo-data``)."""
+    return Response(_demo().shard(_shard(query)), mimetype=SAFETENSORS)
+
+
+@bp.get("/v1/demo-data/info", responses={200: DemoDataInfo, **errors(400, 404)})
+def demo_data_info(query: DemoDataQuery) -> Any:
+    """The size and shape of the demo shard the same query downloads."""
+    return jsonify(_demo().info(_shard(query)))

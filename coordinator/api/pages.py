@@ -33,6 +33,14 @@ def dashboard() -> Response:
     return _send("dashboard", "index.html", max_age=0)
 
 
+@bp.get("/favicon.ico", doc_ui=False)
+def favicon() -> Response:
+    """The pages' icon (nested squares: the levels' upper-left sub-models)."""
+    response = _send("dashboard", "favicon.ico", max_age=86400)
+    response.headers["Cross-Origin-Resource-Policy"] = "same-origin"  # the device page's COEP
+    return response
+
+
 class StaticPath(BaseModel):
     folder: str
     name: str

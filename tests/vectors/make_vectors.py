@@ -5,6 +5,9 @@
   strings (JSON numbers lose them past 2**53 in JS).
 * ``normalise.json``: the float32 bits of ``heterofl_edge.data.idx.normalise`` for
   the 256 pixel values.
+* ``standardise.json``: the float32 bits a device computes from uint8 demo pixels and
+  the shard's ``normalise`` rule (``coordinator.demo_data.Normalise.apply``, the
+  arithmetic of ``heterofl_edge/data/image_arrays.py``), per channel, for a few rules.
 * ``safetensors/``: files written by Python's ``safetensors`` library and the
   values they hold (``expected.json``). The JS test writes the same tensors again,
   which must give the same bytes (up to the order of metadata keys, which Python
@@ -88,6 +91,36 @@ def normalise_vectors() -> dict[str, Any]:
     }
 
 
+STANDARDISE_RULES = [  # (mean, std) per channel, float32 values as image_arrays computes them
+    ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),  # CIFAR-10's usual statistics
+    ((0.5,), (1.0,)),  # std 1: an image folder of one colour
+    ((0.1307,), (0.3081,)),  # MNIST's
+]
+
+
+def standardise_vectors() -> dict[str, Any]:
+    from coordinator.demo_data import Normalise
+
+    cases = []
+    for mean, std in STANDARDISE_RULES:
+        mean32 = [float(np.float32(m)) for m in mean]
+        std32 = [float(np.float32(s)) for s in std]
+        rule = Normalise(255, tuple(mean32), tuple(std32))
+        pixels = np.tile(np.arange(256, dtype=np.uint8), (1, len(mean), 1))  # [1, C, 256]
+        bits = rule.apply(pixels).view(np.uint32)[0]
+        cases.append(
+            {
+                "normalise": json.loads(rule.to_json()),
+                "bits": [[int(b) for b in channel] for channel in bits],
+            }
+        )
+    return {
+        "about": "float32 bits (as uint32) of (p / scale - mean_c) / std_c in float32, "
+        "p = 0..255, per channel: the demo data's 'normalise' rule",
+        "cases": cases,
+    }
+
+
 def render(vectors: dict[str, Any]) -> str:
     return json.dumps(vectors, separators=(",", ":")) + "\n"
 
@@ -154,6 +187,7 @@ def json_files() -> dict[Path, str]:
     return {
         FOLDER / "shuffle.json": render(shuffle_vectors()),
         FOLDER / "normalise.json": render(normalise_vectors()),
+        FOLDER / "standardise.json": render(standardise_vectors()),
         SAFETENSORS / "expected.json": json.dumps(described, indent=1, ensure_ascii=False) + "\n",
     }
 

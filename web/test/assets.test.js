@@ -16,7 +16,7 @@ test('every file the page needs exists, and the pinned onnxruntime-web is the on
   assert.equal(installed.version, lock.packages['node_modules/onnxruntime-web'].version);
 });
 
-test('the page imports only files that are copied', () => {
+test('the page imports and starts only files that are copied', () => {
   const copied = new Set([...PAGE_FILES, ...ORT_FILES.map((n) => `ort/${n}`)]);
   for (const name of PAGE_FILES.filter((n) => n.endsWith('.js'))) {
     const source = readFileSync(new URL(name, web), 'utf8');
@@ -26,6 +26,11 @@ test('the page imports only files that are copied', () => {
   }
   const html = readFileSync(new URL('device.html', web), 'utf8');
   for (const [, path] of html.matchAll(/(?:src|href)="([^":]+)"/g)) {
+    if (path === '/favicon.ico') continue; // the coordinator's own route, shared with the live page
     assert.ok(copied.has(path), `device.html refers to ${path}`);
+  }
+  const page = readFileSync(new URL('device.js', web), 'utf8');
+  for (const [, path] of page.matchAll(/new URL\('([^']+)', import\.meta\.url\)/g)) {
+    assert.ok(copied.has(path), `device.js starts ${path}`);
   }
 });

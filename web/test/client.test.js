@@ -1,18 +1,24 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { DeviceClient, initialState } from '../client.js';
+import { DeviceClient, ENROLLMENT_MESSAGE, FatalError, initialState } from '../client.js';
 import { ApiError, IntegrityError } from '../protocol.js';
 
 const manifest = { level: 'e', parameters: [{ name: 'w', shape: [2] }] };
 
-function fakeLevel(result = [0.5, -0.5]) {
+function fakeLevel(result = [0.5, -0.5], { gate = null, entered = () => {} } = {}) {
   return {
     manifest,
     trained: [],
     mismatchedHyperparameters: () => [],
+    async profile(data) {
+      this.profiled = data;
+      return 4.5;
+    },
     async train(args) {
       this.trained.push(args);
+      entered();
+      if (gate) await gate;
       await args.onStep?.({ epoch: 1, step: 1, stepsPerEpoch: 1, loss: 0.7 });
       return { weights: new Map([['w', Float32Array.from(result)]]), numExamples: args.data.n, steps: 1, loss: 0.7, accuracy: 0.5 };
     },
@@ -43,6 +49,9 @@ function fakeCoordinator(tasks, uploads = []) {
     bytesReceived: 0,
     registered: 0,
     uploaded: [],
+    heartbeats: 0,
+    heartbeatReply: 5,
+    failHeartbeats: 0,
     get token() {
       return this.identity?.token ?? null;
     },
@@ -56,7 +65,13 @@ function fakeCoordinator(tasks, uploads = []) {
       this.registered += 1;
       this.profile = profile;
       this.identity = { token: `t${this.registered}`, device_id: `d${this.registered}`, level: null };
-      return { device_id: `d${this.registered}`, token: 't', level: null, rate: null };
+      if (this.refuseRegistration) throw this.refuseRegistration;
+      return { device_id: `d${this.registered}`, token: 't', level: null, rate: null, heartbeat_seconds: this.heartbeatReply };
+    },
+    async heartbeat() {
+      this.heartbeats += 1;
+      if (this.failHeartbeats-- > 0) throw new TypeError('Failed to fetch');
+      return { device_id: 'd1', state: 'training' };
     },
     async task() {
       const next = tasks.shift() ?? { action: 'done' };
@@ -75,7 +90,35 @@ function fakeCoordinator(tasks, uploads = []) {
   };
 }
 
-function device(coordinator, loadLevel) {
+/** setInterval / clearInterval on a clock the test moves (advance awaits each tick's work). */
+function fakeTimers() {
+  return {
+    now: 0,
+    timers: new Map(),
+    next: 1,
+    setInterval(fn, ms) {
+      const id = this.next++;
+      this.timers.set(id, { fn, ms, at: this.now + ms });
+      return id;
+    },
+    clearInterval(id) {
+      this.timers.delete(id);
+    },
+    async advance(ms) {
+      const end = this.now + ms;
+      for (;;) {
+        const due = [...this.timers.values()].filter((t) => t.at <= end).sort((a, b) => a.at - b.at)[0];
+        if (!due) break;
+        this.now = due.at;
+        due.at += due.ms;
+        await due.fn();
+      }
+      this.now = end;
+    },
+  };
+}
+
+function device(coordinator, loadLevel, timers = fakeTimers()) {
   const sleeps = [];
   const state = initialState();
   const client = new DeviceClient({
@@ -85,8 +128,18 @@ function device(coordinator, loadLevel) {
     state,
     sleep: async (ms) => sleeps.push(ms),
     signal: new AbortController().signal,
+    timers,
   });
-  return { client, state, sleeps };
+  return { client, state, sleeps, timers };
+}
+
+/** A promise and its resolve function. */
+function deferred() {
+  let resolve;
+  const promise = new Promise((r) => {
+    resolve = r;
+  });
+  return { promise, resolve };
 }
 
 test('profiles on the reference level, registers, trains, uploads and stops when done', async () => {
@@ -99,8 +152,14 @@ test('profiles on the reference level, registers, trains, uploads and stops when
   });
   await client.run();
   assert.equal(seenUrls[0], '/v1/artifacts/conv/e/manifest.json'); // smallest of c-e
-  assert.equal(coordinator.profile.reference_rate, 0.0625);
-  assert.ok(coordinator.profile.step_ms >= 0);
+  assert.deepEqual(coordinator.profile, {
+    step_ms: 4.5, // the level's own (median) profile
+    reference_rate: 0.0625,
+    memory_mb: 2048,
+    bandwidth_mbps: coordinator.profile.bandwidth_mbps,
+    num_examples: 2, // the examples it trains on: the policy plans its steps from them
+  });
+  assert.equal(level.profiled.n, 2);
   assert.deepEqual(sleeps, [2000]);
   assert.equal(level.trained.at(-1).seed, 7);
   assert.deepEqual(level.trained.at(-1).labels, [1, 3]);
@@ -155,4 +214,109 @@ test('non-finite weights are never uploaded', async () => {
   await client.run();
   assert.equal(coordinator.uploaded.length, 0);
   assert.match(state.messages.map((m) => m.text).join('\n'), /non-finite weights; nothing uploaded/);
+});
+
+test('heartbeats go out every heartbeat_seconds while a task is worked on, and stop after', async () => {
+  const gate = deferred();
+  const entered = deferred();
+  const level = fakeLevel([0.5, -0.5], { gate: gate.promise, entered: entered.resolve });
+  const coordinator = fakeCoordinator([trainTask(1), { action: 'wait', retry_after: 1 }]);
+  coordinator.heartbeatReply = 2; // the registration reply's interval
+  const { client, state, timers } = device(coordinator, async () => level);
+  const running = client.run();
+  await entered.promise; // training, blocked on the gate
+  assert.equal(coordinator.heartbeats, 0);
+  await timers.advance(10_000);
+  assert.equal(coordinator.heartbeats, 5);
+  assert.equal(state.heartbeats, 5);
+  gate.resolve();
+  await running;
+  assert.equal(timers.timers.size, 0); // the beat stopped with the task
+  await timers.advance(60_000);
+  assert.equal(coordinator.heartbeats, 5);
+  assert.equal(coordinator.uploaded.length, 1);
+});
+
+test('a task reply sets the interval for a device resuming with a stored token', async () => {
+  const gate = deferred();
+  const entered = deferred();
+  const level = fakeLevel([0.5, -0.5], { gate: gate.promise, entered: entered.resolve });
+  const coordinator = fakeCoordinator([{ ...trainTask(4), heartbeat_seconds: 3 }]);
+  coordinator.identity = { token: 'stored', device_id: 'd9', level: 'e', rate: 0.0625 };
+  const { client, timers } = device(coordinator, async () => level);
+  const running = client.run();
+  await entered.promise;
+  await timers.advance(9_000);
+  assert.equal(coordinator.registered, 0);
+  assert.equal(coordinator.heartbeats, 3);
+  gate.resolve();
+  await running;
+});
+
+test('without an interval from the coordinator a device beats every 5 s', async () => {
+  const gate = deferred();
+  const entered = deferred();
+  const level = fakeLevel([0.5, -0.5], { gate: gate.promise, entered: entered.resolve });
+  const coordinator = fakeCoordinator([trainTask(1)]);
+  coordinator.heartbeatReply = undefined;
+  const { client, timers } = device(coordinator, async () => level);
+  const running = client.run();
+  await entered.promise;
+  await timers.advance(14_999);
+  assert.equal(coordinator.heartbeats, 2);
+  gate.resolve();
+  await running;
+});
+
+test('failed heartbeats are logged once and the work goes on', async () => {
+  const gate = deferred();
+  const entered = deferred();
+  const level = fakeLevel([0.5, -0.5], { gate: gate.promise, entered: entered.resolve });
+  const coordinator = fakeCoordinator([trainTask(1)]);
+  coordinator.heartbeatReply = 1;
+  coordinator.failHeartbeats = 3;
+  const { client, state, timers } = device(coordinator, async () => level);
+  const running = client.run();
+  await entered.promise;
+  await timers.advance(5_000);
+  gate.resolve();
+  await running;
+  const failures = state.messages.filter((m) => m.text.startsWith('heartbeat failed'));
+  assert.equal(failures.length, 1);
+  assert.match(failures[0].text, /Failed to fetch/);
+  assert.equal(coordinator.heartbeats, 5);
+  assert.equal(state.heartbeats, 2); // acknowledged ones
+  assert.equal(coordinator.uploaded.length, 1);
+  assert.equal(state.phase, 'done');
+});
+
+test('a refused enrollment stops the device with what to do, without retrying', async () => {
+  for (const code of ['enrollment_required', 'bad_enrollment_token']) {
+    const coordinator = fakeCoordinator([trainTask(1)]);
+    coordinator.refuseRegistration = new ApiError(401, code, 'registration needs the device link', '');
+    const { client, state, sleeps } = device(coordinator, async () => fakeLevel());
+    await assert.rejects(client.run(), (err) => err instanceof FatalError && err.message === ENROLLMENT_MESSAGE);
+    assert.equal(coordinator.registered, 1);
+    assert.deepEqual(sleeps, []);
+    assert.equal(state.alert, ENROLLMENT_MESSAGE);
+    assert.equal(state.phase, 'stopped');
+    assert.equal(coordinator.uploaded.length, 0);
+  }
+});
+
+test('statistics progress is reported batch by batch', async () => {
+  const level = fakeLevel();
+  level.statistics = async (weights, data, signal, onBatch) => {
+    for (let batch = 1; batch <= 3; batch++) await onBatch({ batch, batches: 3 });
+    return new Map([['n.count', { dtype: 'F32', shape: [], data: Float32Array.of(2) }]]);
+  };
+  const coordinator = fakeCoordinator([
+    { action: 'statistics', round: 2, artifact: trainTask(2).artifact, weights_url: '/w', upload_url: '/s' },
+  ]);
+  const { client, state } = device(coordinator, async () => level);
+  const seen = [];
+  client.changed = () => state.phase === 'statistics' && seen.push(`${state.statsBatch}/${state.statsBatches}`);
+  await client.run();
+  assert.deepEqual([...new Set(seen)], ['0/null', '0/1', '1/3', '2/3', '3/3']); // 2 examples: 1 batch of 500 announced
+  assert.equal(state.statisticsUploads, 1);
 });

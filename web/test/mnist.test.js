@@ -3,6 +3,7 @@ import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 import { gzipSync } from 'node:zlib';
 
+import { MNIST_RULE, materialise } from '../data.js';
 import { DataError, loadMnist, normalise, parseIdx } from '../mnist.js';
 
 // float32 bits of Python's heterofl_edge.data.idx.normalise for pixels 0..255.
@@ -25,7 +26,7 @@ test('normalisation is bit-identical to Python for every pixel value', () => {
   assert.deepEqual(Array.from(got), bits);
 });
 
-test('idx files, plain and gzipped, load as normalised images and int64 labels', async () => {
+test('idx files, plain and gzipped, load as pixels with MNIST\'s rule and int64 labels', async () => {
   const pixels = Uint8Array.from({ length: 2 * 28 * 28 }, (_, i) => (i * 7) % 256);
   const images = idx([2, 28, 28], pixels);
   const labels = idx([2], [7, 3]);
@@ -39,7 +40,9 @@ test('idx files, plain and gzipped, load as normalised images and int64 labels',
     assert.deepEqual(data.shape, [2, 1, 28, 28]);
     assert.deepEqual(Array.from(data.y), [7n, 3n]);
     assert.deepEqual(data.labels, [3, 7]);
-    assert.deepEqual(data.x, normalise(pixels));
+    assert.deepEqual(data.pixels, pixels);
+    assert.equal(data.normalise, MNIST_RULE);
+    assert.deepEqual(materialise(data).x, normalise(pixels));
   }
 });
 

@@ -170,3 +170,42 @@ test('the reference level is the smallest of the mode', () => {
   assert.deepEqual(referenceLevel('0.3x2-a1'), { label: '0.3', rate: 0.3 });
   assert.throws(() => referenceLevel('a-z'));
 });
+
+test('registration carries the enrollment token of the device link; refusals keep their code', async () => {
+  const { coordinator, seen } = client(
+    [
+      [401, { code: 'bad_enrollment_token', message: 'not this coordinator', hint: 'open the link' }],
+      [201, { device_id: 'd1', token: 't', level: 'e', rate: 0.0625, policy: 'profile' }],
+    ],
+    { enrollmentToken: 'E-123' },
+  );
+  const profile = { step_ms: 3, reference_rate: 0.0625, memory_mb: 2048, bandwidth_mbps: 10, num_examples: 600 };
+  await assert.rejects(coordinator.register(profile), (err) => err instanceof ApiError && err.code === Codes.badEnrollmentToken);
+  await coordinator.register(profile);
+  for (const request of seen) {
+    const body = JSON.parse(new TextDecoder().decode(request.body));
+    assert.equal(body.enrollment_token, 'E-123');
+    assert.equal(body.num_examples, 600);
+  }
+  const { coordinator: plain, seen: plainSeen } = client([[201, { device_id: 'd2', token: 'u' }]]);
+  await plain.register(profile);
+  assert.equal('enrollment_token' in JSON.parse(new TextDecoder().decode(plainSeen[0].body)), false);
+});
+
+test('a heartbeat is one bearer POST with no retry; a failure is thrown to the caller', async () => {
+  const { coordinator, seen, sleeps, retries } = client([
+    [201, { device_id: 'd1', token: 'secret' }],
+    [200, { device_id: 'd1', state: 'training' }],
+    new TypeError('Failed to fetch'),
+    [503, { code: 'storage_error', message: 'disk' }],
+  ]);
+  await coordinator.register({ step_ms: 3, reference_rate: 1, memory_mb: 1, bandwidth_mbps: 1 });
+  assert.deepEqual(await coordinator.heartbeat(), { device_id: 'd1', state: 'training' });
+  assert.equal(seen[1].method, 'POST');
+  assert.equal(seen[1].url, '/v1/heartbeat');
+  assert.equal(seen[1].headers.Authorization, 'Bearer secret');
+  await assert.rejects(coordinator.heartbeat(), /Failed to fetch/);
+  await assert.rejects(coordinator.heartbeat(), /HTTP 503/);
+  assert.deepEqual(sleeps, []);
+  assert.deepEqual(retries, []);
+});

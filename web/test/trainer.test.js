@@ -2,66 +2,13 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { epochBatches } from '../shuffle.js';
-import { OnnxLevel, mergeBatchStatistics, mergeMoments } from '../trainer.js';
+import { OnnxLevel, median, mergeBatchStatistics, mergeMoments, profileStepMs } from '../trainer.js';
 
-// A stand-in for onnxruntime: Tensor records what it is given; the train_step "graph"
-// subtracts lr from every parameter, adds 1 to every momentum, reports the batch's first
-// label as its loss and every example as correct.
-class Tensor {
-  constructor(type, data, dims) {
-    Object.assign(this, { type, data, dims });
-  }
-}
+import { Tensor, data, manifest, statistics, trainStep } from './fake_ort.js';
 
 function fakeLevel() {
-  const manifest = {
-    num_classes: 4,
-    input: { shape: ['batch', 2] },
-    parameters: [
-      { name: 'w', shape: [2, 2] },
-      { name: 'b', shape: [2] },
-    ],
-    bn_layers: ['n0'],
-    hyperparameters: { momentum: 0.9, weight_decay: 0.0005, clip_grad_norm: 1.0 },
-  };
   const calls = [];
-  const trainStep = {
-    async run(feeds) {
-      calls.push(feeds);
-      const out = {
-        loss: new Tensor('float32', Float32Array.of(Number(feeds.y.data[0])), []),
-        correct: new Tensor('int64', BigInt64Array.of(BigInt(feeds.y.data.length)), []),
-      };
-      for (const name of ['w', 'b']) {
-        const lr = feeds.lr.data[0];
-        out[`updated.param.${name}`] = { data: feeds[`param.${name}`].data.map((v) => v - lr) };
-        out[`updated.momentum.${name}`] = { data: feeds[`momentum.${name}`].data.map((v) => v + 1) };
-      }
-      return out;
-    },
-  };
-  const statistics = {
-    async run(feeds) {
-      const x = feeds.x.data;
-      const n = feeds.x.dims[0];
-      let mean = 0;
-      for (let i = 0; i < n; i++) mean += x[2 * i];
-      mean /= n;
-      let v = 0;
-      for (let i = 0; i < n; i++) v += (x[2 * i] - mean) ** 2;
-      return {
-        'mean.n0': { data: Float32Array.of(mean), dims: [1] },
-        'var.n0': { data: Float32Array.of(v / n), dims: [1] },
-      };
-    },
-  };
-  return { level: new OnnxLevel({ Tensor }, manifest, { train_step: trainStep, statistics }), calls };
-}
-
-function data(n) {
-  const x = Float32Array.from({ length: 2 * n }, (_, i) => i);
-  const y = BigInt64Array.from({ length: n }, (_, i) => BigInt(i % 3));
-  return { x, y, n, shape: [n, 2], labels: [0, 1, 2] };
+  return { level: new OnnxLevel({ Tensor }, manifest, { train_step: trainStep(calls), statistics: statistics() }), calls };
 }
 
 test('train feeds every input by name and runs the shared batch order', async () => {
@@ -155,7 +102,31 @@ test('moments merge exactly (hand-worked) and statistics run over batches of 500
 
   const { level } = fakeLevel();
   const weights = new Map([['w', new Float32Array(4)], ['b', new Float32Array(2)]]);
-  const stats = await level.statistics(weights, data(1201));
+  const batches = [];
+  const stats = await level.statistics(weights, data(1201), undefined, (p) => batches.push(p));
+  assert.deepEqual(batches, [
+    { batch: 1, batches: 3 },
+    { batch: 2, batches: 3 },
+    { batch: 3, batches: 3 },
+  ]);
   assert.equal(stats.get('n0.count').data[0], 1201);
   assert.ok(Math.abs(stats.get('n0.mean').data[0] - 1200) < 1e-3); // x[2i] = 2i, mean 1200
+});
+
+test('the profile is the median of single timed steps after an untimed warm-up', async () => {
+  const { level, calls } = fakeLevel();
+  // A clock that reads 0 at the start, then each step took: 50 (warm-up), 40, 9, 7, 1000, 8 ms.
+  const durations = [50, 40, 9, 7, 1000, 8];
+  let clock = 0;
+  const readings = [0, ...durations.map((d) => (clock += d))];
+  const now = () => readings.shift();
+  const ms = await profileStepMs(level, data(25), { warmup: 2, steps: 4, now });
+  assert.equal(ms, median([9, 7, 1000, 8]));
+  assert.equal(ms, 8.5);
+  assert.equal(calls.length, 6); // warm-up and timed steps, one batch each
+  for (const feeds of calls) {
+    assert.deepEqual(feeds.x.dims, [10, 2]); // min(10, n) examples, the first ones
+    assert.equal(feeds.lr.data[0], 0);
+  }
+  assert.equal(median([3, 1, 2]), 2);
 });

@@ -23,9 +23,13 @@ export const PAGE_FILES = [
   'device.js',
   'client.js',
   'protocol.js',
+  'remote_level.js',
+  'train_worker.js',
+  'worker_host.js',
   'trainer.js',
   'shuffle.js',
   'safetensors.js',
+  'data.js',
   'mnist.js',
 ];
 export const ORT_FILES = ['ort.wasm.min.mjs', 'ort-wasm-simd-threaded.mjs', 'ort-wasm-simd-threaded.wasm'];

@@ -1,7 +1,18 @@
-// The coordinator's live page: polls /v1/health, /v1/devices and /v1/rounds and redraws.
-// Read-only; no dependencies; every value comes from the same JSON a script would read.
+// The coordinator's live page: polls /v1/health, /v1/devices (a page at a time) and
+// /v1/rounds and redraws. Read-only; no dependencies; every value comes from the same JSON
+// a script would read.
+//
+// URL fragment: #operator=TOKEN (the live-page link the coordinator prints at start-up) is
+// kept in sessionStorage, removed from the address bar and sent as a bearer token on
+// /v1/devices and /v1/rounds; a 401 `operator_token_required` says which link to open.
 
 const REFRESH_MS = 2000;
+const PAGE_SIZE = 100; // devices per page (GET /v1/devices?offset=&limit=)
+const OPERATOR_KEY = "heterofl-edge.operator";
+const BROWSER_RUNTIME = "onnx-web";
+
+let deviceOffset = 0;
+let lastRounds = [];
 
 function text(value, digits = 0) {
   if (value === null || value === undefined) return "–";
@@ -9,8 +20,10 @@ function text(value, digits = 0) {
   return String(value);
 }
 
-function cell(row, value, className) {
+/** A table cell whose label (for the card layout on phones) is its column's name. */
+function cell(row, label, value, className) {
   const td = document.createElement("td");
+  td.dataset.label = label;
   if (className) {
     const span = document.createElement("span");
     span.className = className;
@@ -20,6 +33,7 @@ function cell(row, value, className) {
     td.textContent = value;
   }
   row.appendChild(td);
+  return td;
 }
 
 function ago(seconds) {
@@ -41,9 +55,35 @@ export function accuracyPoints(rounds) {
     .map((r) => [r.round, r.metrics.evaluation.global_accuracy]);
 }
 
+/** Is this device a browser (the page's onnxruntime-web runtime)? */
+export function isBrowser(device) {
+  return (device.profile?.runtimes ?? []).includes(BROWSER_RUNTIME);
+}
+
+/** The operator token: from the URL fragment (then kept for the tab), else the kept one. */
+export function operatorToken(location, storage, history) {
+  const fragment = new URLSearchParams(location.hash.slice(1));
+  const token = fragment.get("operator");
+  if (token) {
+    storage?.setItem(OPERATOR_KEY, token);
+    fragment.delete("operator");
+    const rest = fragment.toString();
+    history?.replaceState(null, "", location.pathname + location.search + (rest ? `#${rest}` : ""));
+    return token;
+  }
+  return storage?.getItem(OPERATOR_KEY) ?? null;
+}
+
+/**
+ * The learning curve, drawn at the chart's own pixel size so that its labels stay legible
+ * on a phone (a fixed viewBox scaled to 390 px would shrink 11 px labels to 7 px).
+ */
 function drawCurve(svg, points) {
-  const w = 640, h = 240, left = 40, bottom = 24, top = 12, right = 12;
+  const w = Math.max(240, Math.round(svg.clientWidth || 640));
+  const h = w < 480 ? 200 : 240;
+  const left = 44, bottom = 28, top = 16, right = 16;
   const ns = "http://www.w3.org/2000/svg";
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
   svg.replaceChildren();
   const add = (name, attrs, content) => {
     const el = document.createElementNS(ns, name);
@@ -53,25 +93,90 @@ function drawCurve(svg, points) {
     return el;
   };
   add("line", { x1: left, y1: h - bottom, x2: w - right, y2: h - bottom, class: "axis" });
-  add("text", { x: w - right - 40, y: h - bottom - 6 }, "round");
+  add("text", { x: w - right, y: h - bottom - 6, "text-anchor": "end" }, "round");
   add("line", { x1: left, y1: top, x2: left, y2: h - bottom, class: "axis" });
   for (const y of [0, 0.5, 1]) {
     const py = h - bottom - y * (h - bottom - top);
-    add("text", { x: 4, y: py + 4 }, `${(100 * y).toFixed(0)}%`);
+    add("text", { x: left - 6, y: py + 4, "text-anchor": "end" }, `${(100 * y).toFixed(0)}%`);
   }
   svg.dataset.points = String(points.length);
   if (!points.length) {
     add("text", { x: left + 10, y: h / 2 }, "no evaluated round yet");
     return;
   }
-  const maxRound = Math.max(...points.map((p) => p[0]), 1);
-  const px = (r) => left + (r / maxRound) * (w - left - right);
+  const first = Math.min(...points.map((p) => p[0]));
+  const last = Math.max(...points.map((p) => p[0]));
+  const span = Math.max(last - first, 1);
+  // One point sits in the middle; more spread from the first round to the last.
+  const px = (r) => (points.length === 1 ? (left + w - right) / 2 : left + 12 + ((r - first) / span) * (w - left - right - 24));
   const py = (a) => h - bottom - a * (h - bottom - top);
-  add("polyline", { class: "line", points: points.map(([r, a]) => `${px(r)},${py(a)}`).join(" ") });
-  for (const [r, a] of points) {
-    add("circle", { class: "point", cx: px(r), cy: py(a), r: 3, "data-round": r });
-    add("text", { x: px(r) - 4, y: h - 8 }, String(r));
+  if (points.length > 1) {
+    add("polyline", { class: "line", points: points.map(([r, a]) => `${px(r)},${py(a)}`).join(" ") });
   }
+  const every = Math.ceil(points.length / Math.max(1, Math.floor((w - left - right) / 36)));
+  points.forEach(([r, a], i) => {
+    add("circle", { class: "point", cx: px(r), cy: py(a), r: 4, "data-round": r });
+    if (i % every === 0 || i === points.length - 1) {
+      add("text", { x: px(r), y: h - 8, "text-anchor": "middle" }, String(r));
+    }
+  });
+  const [r, a] = points[points.length - 1];
+  const label = add(
+    "text",
+    { x: px(r), y: Math.max(top + 10, py(a) - 10), "text-anchor": points.length === 1 ? "middle" : "end", class: "value" },
+    `round ${r}: ${(100 * a).toFixed(1)}%`,
+  );
+  label.dataset.value = String(a);
+}
+
+function deviceRow(d) {
+  const row = document.createElement("tr");
+  row.dataset.device = d.device_id;
+  row.dataset.state = d.state;
+  row.dataset.level = d.level ?? "";
+  row.dataset.trainedLevel = d.trained_level ?? "";
+  const browser = isBrowser(d);
+  row.dataset.browser = String(browser);
+  const id = cell(row, "device", "");
+  const name = document.createElement("span");
+  name.textContent = d.device_id;
+  if (browser) {
+    const badge = document.createElement("span");
+    badge.className = "badge";
+    badge.textContent = "browser";
+    badge.title = "a browser device (onnxruntime-web)";
+    name.append(" ", badge);
+  }
+  id.appendChild(name);
+  cell(row, "state", d.state, `state state-${d.state}`);
+  cell(row, "level", text(d.level));
+  cell(row, "trained", text(d.trained_level));
+  cell(row, "step (ms)", text(d.profile.step_ms, 1));
+  cell(row, "examples", text(d.profile.num_examples));
+  cell(row, "memory (MB)", text(d.profile.memory_mb));
+  cell(row, "link (Mbit/s)", text(d.profile.bandwidth_mbps));
+  cell(row, "last seen", ago(d.last_seen));
+  cell(row, "bytes in / out", `${bytes(d.bytes_in)} / ${bytes(d.bytes_out)}`);
+  return row;
+}
+
+function roundRow(r) {
+  const row = document.createElement("tr");
+  row.dataset.round = r.round;
+  row.dataset.state = r.state;
+  const levelCounts = {};
+  for (const a of r.assignments) levelCounts[a.level] = (levelCounts[a.level] || 0) + 1;
+  const accuracy = r.metrics && r.metrics.evaluation ? r.metrics.evaluation.global_accuracy : null;
+  const end = r.finished_at ?? Date.now() / 1000;
+  cell(row, "round", String(r.round));
+  cell(row, "state", r.state, `state state-${r.state}`);
+  cell(row, "selected", String(r.selected));
+  cell(row, "uploaded", String(r.uploads));
+  cell(row, "quorum", String(r.quorum));
+  cell(row, "levels", Object.entries(levelCounts).sort().map(([l, n]) => `${l}×${n}`).join(" ") || "–");
+  cell(row, "accuracy", accuracy === null || accuracy === undefined ? "–" : `${(100 * accuracy).toFixed(2)}%`);
+  cell(row, "duration", `${(end - r.opened_at).toFixed(1)} s`);
+  return row;
 }
 
 function render(health, devices, rounds) {
@@ -95,52 +200,64 @@ function render(health, devices, rounds) {
     return div;
   }));
 
-  const deviceRows = devices.devices.map((d) => {
-    const row = document.createElement("tr");
-    row.dataset.device = d.device_id;
-    row.dataset.state = d.state;
-    row.dataset.level = d.level ?? "";
-    cell(row, d.device_id);
-    cell(row, d.state, `state state-${d.state}`);
-    cell(row, text(d.level));
-    cell(row, text(d.profile.step_ms, 1));
-    cell(row, text(d.profile.memory_mb));
-    cell(row, text(d.profile.bandwidth_mbps));
-    cell(row, ago(d.last_seen));
-    cell(row, `${bytes(d.bytes_in)} / ${bytes(d.bytes_out)}`);
-    return row;
-  });
-  document.getElementById("devices").replaceChildren(...deviceRows);
-  document.getElementById("device-count").textContent = `(${devices.devices.length})`;
+  document.getElementById("devices").replaceChildren(...devices.devices.map(deviceRow));
+  const total = devices.total ?? devices.devices.length;
+  const offset = devices.offset ?? 0;
+  const shown = devices.devices.length;
+  document.getElementById("device-count").textContent =
+    total > shown ? `(${offset + 1}–${offset + shown} of ${total})` : `(${total})`;
+  const pager = document.getElementById("device-pager");
+  pager.hidden = total <= (devices.limit ?? PAGE_SIZE) && offset === 0;
+  document.getElementById("devices-previous").disabled = offset === 0;
+  document.getElementById("devices-next").disabled = offset + shown >= total;
 
-  const roundRows = rounds.slice().reverse().map((r) => {
-    const row = document.createElement("tr");
-    row.dataset.round = r.round;
-    row.dataset.state = r.state;
-    const levelCounts = {};
-    for (const a of r.assignments) levelCounts[a.level] = (levelCounts[a.level] || 0) + 1;
-    const accuracy = r.metrics && r.metrics.evaluation ? r.metrics.evaluation.global_accuracy : null;
-    const end = r.finished_at ?? Date.now() / 1000;
-    cell(row, String(r.round));
-    cell(row, r.state, `state state-${r.state}`);
-    cell(row, String(r.selected));
-    cell(row, String(r.uploads));
-    cell(row, String(r.quorum));
-    cell(row, Object.entries(levelCounts).sort().map(([l, n]) => `${l}×${n}`).join(" "));
-    cell(row, accuracy === null || accuracy === undefined ? "–" : `${(100 * accuracy).toFixed(2)}%`);
-    cell(row, `${(end - r.opened_at).toFixed(1)} s`);
-    return row;
-  });
-  document.getElementById("rounds").replaceChildren(...roundRows);
+  document.getElementById("rounds").replaceChildren(...rounds.slice().reverse().map(roundRow));
+  lastRounds = rounds;
   drawCurve(document.getElementById("curve"), accuracyPoints(rounds));
   document.body.dataset.updated = String(Date.now());
 }
 
-async function refresh() {
+/** An error reply's {code, message}, or null for a reply that is fine. */
+async function problemOf(reply) {
+  if (reply.ok) return null;
+  let body = {};
   try {
-    const [health, devices, rounds] = await Promise.all(
-      ["/v1/health", "/v1/devices", "/v1/rounds"].map((u) => fetch(u).then((r) => r.json())),
-    );
+    body = await reply.json();
+  } catch {
+    body = {};
+  }
+  return { status: reply.status, code: body.code ?? `http_${reply.status}`, message: body.message ?? `HTTP ${reply.status}` };
+}
+
+const token = typeof location === "undefined" ? null : operatorToken(location, globalThis.sessionStorage, history);
+
+async function refresh() {
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  const alert = document.getElementById("access");
+  try {
+    const replies = await Promise.all([
+      fetch("/v1/health"),
+      fetch(`/v1/devices?offset=${deviceOffset}&limit=${PAGE_SIZE}`, { headers }),
+      fetch("/v1/rounds", { headers }),
+    ]);
+    for (const reply of replies) {
+      const problem = await problemOf(reply.clone());
+      if (problem?.code === "operator_token_required") {
+        alert.hidden = false;
+        alert.textContent =
+          "This coordinator shows its devices and rounds to its operator only: open the live-page " +
+          "link printed at the coordinator's start-up (it ends in #operator=…).";
+        document.body.dataset.updated = String(Date.now());
+        return;
+      }
+      if (problem) throw new Error(`${reply.url}: ${problem.message}`);
+    }
+    alert.hidden = true;
+    const [health, devices, rounds] = await Promise.all(replies.map((r) => r.json()));
+    if (devices.devices.length === 0 && deviceOffset > 0 && devices.total > 0) {
+      deviceOffset = Math.max(0, devices.total - PAGE_SIZE); // the list shrank under this page
+      return refresh();
+    }
     render(health, devices, rounds.rounds);
   } catch (error) {
     document.getElementById("summary").textContent = `coordinator unreachable (${error}); retrying`;
@@ -148,6 +265,22 @@ async function refresh() {
 }
 
 if (typeof document !== "undefined") {
+  document.getElementById("devices-previous").addEventListener("click", () => {
+    deviceOffset = Math.max(0, deviceOffset - PAGE_SIZE);
+    refresh();
+  });
+  document.getElementById("devices-next").addEventListener("click", () => {
+    deviceOffset += PAGE_SIZE;
+    refresh();
+  });
+  let width = 0;
+  new ResizeObserver(() => {
+    const svg = document.getElementById("curve");
+    if (svg.clientWidth !== width) {
+      width = svg.clientWidth;
+      drawCurve(svg, accuracyPoints(lastRounds));
+    }
+  }).observe(document.getElementById("curve"));
   refresh();
   setInterval(refresh, REFRESH_MS);
 }
