@@ -116,7 +116,7 @@ def create_app(config: CoordinatorConfig, clock: Clock = time.time, start: bool 
 
     ``start`` runs its worker thread (exports, rounds); tests may start it later.
     """
-    coordinator = Coordinator(config, clock)
+    coordinator = Coordinator.open(config, clock)
     app = OpenAPI(
         "heterofl_edge.coordinator",
         info=Info(

@@ -102,7 +102,7 @@ class Waker:
             self._idle = False
             self._seen = self._asked
 
-    def settle(self, timeout: float = 60.0) -> bool:
+    def settle(self, timeout: float = 600.0) -> bool:
         with self._cond:
             self._asked += 1
             target = self._asked
@@ -333,11 +333,9 @@ class TaskBoard:
 
     @functools.cached_property
     def _bn_widths(self) -> dict[str, int]:
-        return {
-            name.removesuffix(".running_mean"): rule.dims[0].size(self.global_rate)
-            for name, rule in self.arch.spec.items()
-            if name.endswith(".running_mean")
-        }
+        from coordinator.bootstrap import sbn_widths
+
+        return sbn_widths(self.arch, self.global_rate)
 
     def bn_widths(self) -> dict[str, int]:
         """Channels of every sBN layer in the global model."""

@@ -14,7 +14,6 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from functools import cached_property
 from typing import Any
@@ -23,23 +22,21 @@ import torch
 
 from coordinator.admission import Admission
 from coordinator.artifacts import Artifacts, ExportStopped
-from coordinator.board import DeviceState, TaskBoard, TaskSettings, TaskStatus, Waker, encode_state
+from coordinator.board import TaskBoard, TaskSettings, Waker, encode_state
+from coordinator.bootstrap import OpenedState, open_state
 from coordinator.config import CoordinatorConfig
-from coordinator.demo_data import DemoData
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.evaluation import HeldOutEvaluation
-from coordinator.intake import parse_statistics, parse_update
 from coordinator.journal import StoreJournal
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_rate
 from coordinator.registry import DeviceRegistry
-from coordinator.store import StateError, Store
+from coordinator.views import ReadViews
 from heterofl_edge.complexity import measure_complexity
-from heterofl_edge.engine import Phase, RoundEngine, RoundResult, Stopped
-from heterofl_edge.errors import ConfigError
+from heterofl_edge.engine import RoundEngine, RoundResult, Stopped
 from heterofl_edge.federation import build_engine
 from heterofl_edge.levels import rate_label
-from heterofl_edge.models import get_architecture
+from heterofl_edge.models import Architecture, get_architecture
 from heterofl_edge.protocol import Registered, Runtime
 
 __all__ = ["Clock", "Coordinator"]
@@ -50,13 +47,27 @@ Clock = Callable[[], float]
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig, clock: Clock = time.time) -> None:
+    """The running coordinator; ``open`` it (start-up I/O), then ``start`` its worker."""
+
+    @classmethod
+    def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Coordinator:
+        """Open and check the state folder (``coordinator.bootstrap``), then assemble."""
+        arch = get_architecture(config.model)
+        return cls(config, arch, open_state(config, arch), clock)
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        arch: Architecture,
+        opened: OpenedState,
+        clock: Clock = time.time,
+    ) -> None:
         self.config = config  # validated in its constructor
         self.clock = clock
-        self.arch = get_architecture(config.model)
+        self.arch = arch
         self.mix = config.level_mix
-        self.store = Store(config.state_dir)
-        self._check_identity()
+        self.store = opened.store
+        self.demo_data = opened.demo_data
         self.metrics = CoordinatorMetrics()
         self.admission = Admission(config.admission, clock)
         self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
@@ -102,58 +113,28 @@ class Coordinator:
                 config.seed,
             )
         )
-        self.demo_data = (
-            None
-            if config.demo_data_dir is None
-            else DemoData(config.demo_data_dir, config.data_name, self.arch)
-        )
         self.problem: str | None = None
-        self._ended_views: dict[int, dict[str, Any]] = {}
         self._model_bytes = b""
         self._completed = 0
-        torch.manual_seed(config.seed)
-        model = self.arch.build(self.mix.global_rate, self.mix.global_rate)
-        initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        found = self.store.checkpoint()
-        if found is None:
-            self.store.point_at(self.store.write_checkpoint(0, "final", initial))
-        else:
-            self._check_checkpoint(found[0].file, found[1], initial)
         self.journal = StoreJournal(self.store, self.policy, self._round_finished, config.submodel)
         self.engine = self._make_engine()
-        self._check_open_round()
         self._publish_model(self.engine.global_state, self.engine.completed)
-        self.metrics.watch_devices(self._device_counts)
+        self.views = ReadViews(
+            config,
+            self.arch.name,
+            self.store,
+            self.registry,
+            self.board,
+            self.artifacts,
+            self.demo_data is not None,
+            clock,
+            lambda: self._completed,
+            lambda: self.problem,
+        )
+        self.metrics.watch_devices(self.views.device_counts)
         self._worker: threading.Thread | None = None
         self.activity = "starting"  # what the worker is doing, for the log when it stops
         self._announced = False
-
-    # -- set-up ---------------------------------------------------------------------
-    def _check_identity(self) -> None:
-        identity = f"{self.arch.name}|{self.mix.name}|{self.config.policy_name}"
-        stored = self.store.get_meta("identity")
-        if stored is None:
-            self.store.set_meta("identity", identity)
-        elif stored != identity:
-            raise ConfigError(
-                f"state dir {self.config.state_dir} holds a run of {stored.replace('|', ', ')}",
-                "use the same --model, --mode and --policy to resume, or a new --state-dir",
-            )
-
-    def _check_checkpoint(
-        self,
-        name: str,
-        state: dict[str, torch.Tensor],
-        reference: dict[str, torch.Tensor],
-    ) -> None:
-        """``StateError`` unless the model to resume is this run's: same tensors, finite."""
-        problem = checkpoint_problem(state, reference)
-        if problem is not None:
-            raise StateError(
-                f"checkpoint {name} in {self.config.state_dir} cannot be served: {problem}",
-                "run 'heterofl-edge coordinator repair --state-dir "
-                f"{self.config.state_dir}' to go back to the latest sound checkpoint",
-            )
 
     def _make_engine(self) -> RoundEngine:
         return build_engine(
@@ -168,32 +149,6 @@ class Coordinator:
             evaluate=self._evaluate if self.evaluation is not None else None,
             has_statistics=bool(self.board.bn_widths()),
         )
-
-    def _check_open_round(self) -> None:
-        """Refuse to start on stored results that no longer pass the checks (a damaged folder)."""
-        row = self.store.open_round_row()
-        if row is None:
-            return
-        number = int(row["number"])
-        training = {t.device_id: t for t in self.store.tasks(number, Phase.training)}
-        for phase in (Phase.training, Phase.statistics):
-            for task in self.store.uploaded(number, phase):
-                payload = self.store.payload(number, phase, task.device_id)
-                try:
-                    if payload is None:
-                        raise ApiError(ErrorCode.bad_payload, "its bytes are missing")
-                    if phase is Phase.training:
-                        parse_update(payload, self.arch.spec, task.rate, self.arch.num_classes)
-                    else:
-                        expected = int(training[task.device_id].num_samples or 0)
-                        parse_statistics(payload, self.board.bn_widths(), expected)
-                except ApiError as exc:
-                    raise StateError(
-                        f"round {number} holds a stored {phase.value} result of device "
-                        f"{task.device_id} that does not pass the checks ({exc.message})",
-                        f"run 'heterofl-edge coordinator repair --state-dir "
-                        f"{self.config.state_dir}' to discard the open round, then start again",
-                    ) from None
 
     @cached_property
     def level_costs(self) -> list[LevelCost]:
@@ -245,7 +200,7 @@ class Coordinator:
         finally:
             self.waker.close()
 
-    def settle(self, timeout: float = 60.0) -> bool:
+    def settle(self, timeout: float = 600.0) -> bool:
         """Wait until the worker has handled everything that happened so far (tests)."""
         return self.waker.settle(timeout)
 
@@ -399,212 +354,6 @@ class Coordinator:
     @property
     def completed_rounds(self) -> int:
         return self._completed
-
-    def health(self) -> dict[str, Any]:
-        view = self.board.view()
-        state = None
-        if view is not None:
-            state = self.store.round_state(view.round)
-        done = self._completed >= self.config.total_rounds
-        status = (
-            "ok" if self.artifacts.all_ready() or not self.config.build_artifacts else "starting"
-        )
-        if self.problem is not None and not done:
-            status = "degraded"
-        return {
-            "status": status,
-            "model": self.arch.name,
-            "mode": self.mix.name,
-            "policy": self.config.policy_name,
-            "round": None if view is None else view.round,
-            "round_state": state,
-            "completed_rounds": self._completed,
-            "rounds": self.config.total_rounds,
-            "done": done,
-            "devices": len(self.registry),
-            "live_devices": len(self.registry.live()),
-            "artifacts_ready": self.artifacts.all_ready(),
-            "reference_level": rate_label(min(self.mix.rates)),
-            "reference_rate": min(self.mix.rates),
-            "demo_data": self.demo_data is not None,
-            "evaluation": self._last_evaluation(),
-            "problem": self.problem,
-        }
-
-    def _last_evaluation(self) -> dict[str, Any] | None:
-        """``{"round": N, **evaluation}`` of the last finished round, if it was evaluated."""
-        row = (
-            self.store.read()
-            .execute(
-                "SELECT number, result FROM rounds WHERE state = 'finished' "
-                "AND result IS NOT NULL ORDER BY number DESC LIMIT 1"
-            )
-            .fetchone()
-        )
-        if row is None:
-            return None
-        evaluation = _json_loads(row["result"]).get("evaluation")
-        if not isinstance(evaluation, dict) or not evaluation:
-            return None
-        return {"round": int(row["number"]), **evaluation}
-
-    def device_views(self, offset: int = 0, limit: int = 100) -> dict[str, Any]:
-        """Devices ``offset .. offset + limit - 1`` by position, with the list's ``total``.
-
-        ``level`` is the device's level in the open round, else (profile policy)
-        its profile level; ``trained_level`` is the level of the last training
-        task it uploaded (null before its first upload).
-        """
-        now = self.clock()
-        view = self.board.view()
-        everyone = self.registry.all()
-        page = everyone[offset : offset + limit]
-        trained = self._trained_levels([d.id for d in page])
-        devices = []
-        for device in page:
-            task = view.tasks.get(device.id) if view is not None else None
-            level = rate_label(task.rate) if task is not None and view is not None else None
-            if level is None and self.config.profiled:
-                level = rate_label(device.rate)
-            devices.append(
-                {
-                    "device_id": device.id,
-                    "position": device.position,
-                    "state": self.board.device_state(device, now).value,
-                    "level": level,
-                    "trained_level": trained.get(device.id),
-                    "profile": device.profile,
-                    "registered_at": device.registered_at,
-                    "last_seen": device.last_seen,
-                    "bytes_in": device.bytes_in,
-                    "bytes_out": device.bytes_out,
-                }
-            )
-        return {
-            "policy": self.config.policy_name,
-            "levels": self._level_shares(),
-            "devices": devices,
-            "total": len(everyone),
-            "offset": offset,
-            "limit": limit,
-        }
-
-    def _trained_levels(self, device_ids: list[str]) -> dict[str, str]:
-        """Level of each device's last uploaded training task (devices without one: absent)."""
-        if not device_ids:
-            return {}
-        marks = ",".join("?" * len(device_ids))
-        # SQLite returns the bare column (rate) from the row that holds MAX(round).
-        rows = self.store.read().execute(
-            f"SELECT device_id, rate, MAX(round) FROM tasks WHERE phase = ? "
-            f"AND status = 'uploaded' AND device_id IN ({marks}) GROUP BY device_id",
-            (Phase.training.value, *device_ids),
-        )
-        return {str(r["device_id"]): rate_label(float(r["rate"])) for r in rows}
-
-    def _level_shares(self) -> dict[str, float]:
-        if self.config.profiled:
-            counts = Counter(rate_label(d.rate) for d in self.registry.all())
-            total = sum(counts.values())
-            return {k: v / total for k, v in sorted(counts.items())} if total else {}
-        total_weight = sum(self.mix.weights)
-        return {
-            rate_label(r): w / total_weight
-            for r, w in zip(self.mix.rates, self.mix.weights, strict=True)
-        }
-
-    def _device_counts(self) -> dict[tuple[str, str], int]:
-        now = self.clock()
-        view = self.board.view()
-        counts: Counter[tuple[str, str]] = Counter()
-        for device in self.registry.all():
-            task = view.tasks.get(device.id) if view is not None else None
-            rate = task.rate if task is not None else device.rate
-            counts[(self.board.device_state(device, now).value, rate_label(rate))] += 1
-        return dict(counts)
-
-    def history(self) -> list[dict[str, Any]]:
-        """Every round, the open one included, as the API shows it."""
-        view = self.board.view()
-        out = []
-        for row in self.store.rounds():
-            number = int(row["number"])
-            if number in self._ended_views:  # a round that ended never changes again
-                out.append(self._ended_views[number])
-                continue
-            tasks = self.store.tasks(number)
-            training = [t for t in tasks if t.phase is Phase.training]
-            stats = {
-                t.device_id: "asked" if t.status == "assigned" else t.status
-                for t in tasks
-                if t.phase is Phase.statistics
-            }
-            result = None if row["result"] is None else _json_loads(row["result"])
-            live_status = {}
-            if view is not None and view.round == number and view.phase is Phase.training:
-                live_status = {t.device_id: self.board.status_of(t.device_id) for t in training}
-            assignments = []
-            for t in training:
-                status = t.status
-                if live_status.get(t.device_id) is TaskStatus.training and status == "assigned":
-                    status = "training"
-                assignments.append(
-                    {
-                        "device_id": t.device_id,
-                        "level": rate_label(t.rate),
-                        "status": status,
-                        "statistics": stats.get(t.device_id, "none"),
-                        "num_samples": t.num_samples,
-                        "seconds": t.seconds,
-                        "metrics": t.metrics,
-                    }
-                )
-            state = str(row["state"])
-            summary = result or (_json_loads(row["summary"]) if row["summary"] else {})
-            entry = {
-                "round": number,
-                "state": state.removesuffix("-closed"),
-                "lr": row["lr"],
-                "opened_at": row["opened_at"],
-                "deadline": row["deadline"],
-                "closed_at": summary.get("closed_at"),
-                "finished_at": (result or {}).get("finished_at"),
-                "selected": len(training),
-                "uploads": sum(1 for t in training if t.status == "uploaded"),
-                "quorum": self.config.min_uploads,
-                "metrics": summary,
-                "assignments": assignments,
-            }
-            if state in ("finished", "failed"):
-                self._ended_views[number] = entry
-            out.append(entry)
-        return out
-
-    def device_state(self, device_id: str) -> DeviceState:
-        device = self.registry.get(device_id)
-        if device is None:
-            return DeviceState.offline
-        return self.board.device_state(device, self.clock())
-
-
-def checkpoint_problem(
-    state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]
-) -> str | None:
-    """What is wrong with a stored global model, or None: names, shapes, dtypes, finiteness."""
-    missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
-    if missing or extra:
-        return f"its tensors are not the model's (missing {missing[:3]}, unexpected {extra[:3]})"
-    for name, expected in reference.items():
-        got = state[name]
-        if got.shape != expected.shape or got.dtype != expected.dtype:
-            return (
-                f"{name} is {got.dtype} {tuple(got.shape)}, the model's is "
-                f"{expected.dtype} {tuple(expected.shape)}"
-            )
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            return f"{name} holds NaN or infinite values"
-    return None
 
 
 def device_kind(profile: dict[str, Any]) -> str:

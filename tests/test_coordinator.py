@@ -160,14 +160,14 @@ def test_deadline_with_quorum_closes_the_round_and_records_who_missed_it(
     client, coordinator, clock
 ):
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     assert upload(client, tokens[0], 1, constant_update(1.0, 1)).status_code == 200
     assert upload(client, tokens[1], 1, constant_update(0.25, 2)).status_code == 200
     client.get("/v1/task", headers=auth(tokens[2]))  # device e is alive, but slow
-    coordinator.settle()
+    assert coordinator.settle()
     assert client.get("/v1/rounds").json["rounds"][0]["state"] == "training"  # it waits for e
     clock.advance(61)
-    coordinator.settle()
+    assert coordinator.settle()
     late = upload(client, tokens[2], 1, constant_update(0.0625, 6))
     assert_error(late, 409, ErrorCode.round_closed)
     history = client.get("/v1/rounds").json["rounds"]
@@ -179,11 +179,11 @@ def test_deadline_with_quorum_closes_the_round_and_records_who_missed_it(
 
 def test_deadline_without_quorum_fails_the_round_and_keeps_the_model(client, coordinator, clock):
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     before = global_model(client)
     assert upload(client, tokens[0], 1, constant_update(1.0, 1)).status_code == 200
     clock.advance(61)
-    coordinator.settle()
+    assert coordinator.settle()
     history = client.get("/v1/rounds").json["rounds"]
     assert history[0]["state"] == "failed" and "quorum" in history[0]["metrics"]["reason"]
     after = global_model(client)
@@ -213,10 +213,10 @@ def test_polls_answer_while_the_round_closes(make_app, tmp_path, monkeypatch, he
         app.extensions["heterofl"].start()
     client, coordinator = app.test_client(), app.extensions["heterofl"]
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     train_round_with_known_updates(client, tokens)
     if held == "evaluation":
-        coordinator.settle()
+        assert coordinator.settle()
         report_statistics(client, tokens)
     assert entered.wait(60)
     try:
@@ -235,11 +235,11 @@ def test_a_silent_device_is_not_waited_for_and_not_selected(make_app, clock):
     app = make_app(device_timeout=30.0)
     client, coordinator = app.test_client(), app.extensions["heterofl"]
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     clock.advance(31)  # past the 30 s device timeout: the third device never polled again
     assert upload(client, tokens[0], 1, constant_update(1.0, 1)).status_code == 200
     assert upload(client, tokens[1], 1, constant_update(0.25, 2)).status_code == 200
-    coordinator.settle()
+    assert coordinator.settle()
     history = client.get("/v1/rounds").json["rounds"]
     assert history[0]["state"] in ("statistics", "finished")  # closed without the deadline
     assert history[0]["metrics"] == {} or history[0]["metrics"]["timed_out"] == 1
@@ -249,7 +249,7 @@ def test_a_silent_device_is_not_waited_for_and_not_selected(make_app, clock):
         task = client.get("/v1/task", headers=auth(token)).json
         if task["action"] == "statistics":
             client.post(task["upload_url"], data=statistics_body(600, 1.0), headers=auth(token))
-    coordinator.settle()
+    assert coordinator.settle()
     second = client.get("/v1/rounds").json["rounds"][1]
     assert second["state"] == "training"
     silent = next(i for i, s in devices.items() if s == "offline")
@@ -264,7 +264,7 @@ def test_a_device_that_keeps_beating_outlasts_the_timeout_and_a_silent_one_is_dr
     app = make_app(device_timeout=30.0, round_seconds=600.0)
     client, coordinator = app.test_client(), app.extensions["heterofl"]
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     tasks = tasks_of(client, tokens)
     assert {t["heartbeat_seconds"] for t in tasks} == {5.0}  # a sixth of the timeout
     for token, task in zip(tokens[:2], tasks[:2], strict=True):  # a and c start training
@@ -292,7 +292,7 @@ def test_a_late_device_takes_the_next_rounds_task(make_app, clock):
     app = make_app(device_timeout=30.0)
     client, coordinator = app.test_client(), app.extensions["heterofl"]
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     task = client.get("/v1/task", headers=auth(tokens[2])).json
     client.get(task["weights_url"], headers=auth(tokens[2]))
     upload(client, tokens[0], 1, constant_update(1.0, 1))
@@ -302,7 +302,7 @@ def test_a_late_device_takes_the_next_rounds_task(make_app, clock):
         for token in tokens:  # all alive; the third is still training
             client.get("/v1/task", headers=auth(token))
     clock.advance(21)  # the deadline passes
-    coordinator.settle()
+    assert coordinator.settle()
     late = upload(client, tokens[2], 1, constant_update(0.0625, 6))
     assert_error(late, 409, ErrorCode.round_closed)
     devices = {d["device_id"]: d["state"] for d in client.get("/v1/devices").json["devices"]}
@@ -310,7 +310,7 @@ def test_a_late_device_takes_the_next_rounds_task(make_app, clock):
     for token in tokens[:2]:
         stats_task = client.get("/v1/task", headers=auth(token)).json
         client.post(stats_task["upload_url"], data=statistics_body(600, 0.0), headers=auth(token))
-    coordinator.settle()
+    assert coordinator.settle()
     nxt = client.get("/v1/task", headers=auth(tokens[2])).json
     assert nxt["action"] == "train" and nxt["round"] == 2
 
@@ -321,11 +321,11 @@ def test_a_failing_evaluation_is_a_server_fault_and_the_run_goes_on(make_app, tm
     app = make_app(data_dir=empty)
     client, coordinator = app.test_client(), app.extensions["heterofl"]
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     train_round_with_known_updates(client, tokens)
-    coordinator.settle()
+    assert coordinator.settle()
     report_statistics(client, tokens)
-    coordinator.settle()
+    assert coordinator.settle()
     first = client.get("/v1/rounds").json["rounds"][0]
     assert first["state"] == "finished" and "evaluation failed" in first["metrics"]["reason"]
     assert torch.equal(global_model(client)["blocks.0.conv.bias"], EXPECTED_HIDDEN)
@@ -337,7 +337,7 @@ def test_a_storage_fault_is_a_503_and_nothing_is_kept(client, coordinator, monke
     from coordinator.store import Store
 
     tokens = register(client)
-    coordinator.settle()
+    assert coordinator.settle()
     accept = Store.accept
     calls = []
 
@@ -379,7 +379,7 @@ def test_profile_policy_relevels_devices_from_their_measured_round_times(make_ap
     fast = {**PROFILE, "step_ms": 0.05, "num_examples": 600}  # a: 0.05 * 200 * 300 = 3 s
     slow = {**PROFILE, "step_ms": 0.5, "num_examples": 600}  # a: 30 s > 30 s budget; c: 1.9 s
     tokens = [client.post("/v1/devices", json=p).json["token"] for p in (fast, slow)]
-    coordinator.settle()
+    assert coordinator.settle()
     levels = []
     for seconds in ((55, 1), (1, 1), (1, 1)):  # the fast device is slow once, then fast
         tasks = tasks_of(client, tokens)
@@ -394,11 +394,11 @@ def test_profile_policy_relevels_devices_from_their_measured_round_times(make_ap
             assert reply.status_code == 200, reply.json
             clock.advance(-took)  # both started at the same time
         clock.advance(max(seconds))
-        coordinator.settle()
+        assert coordinator.settle()
         for token in tokens:
             task = client.get("/v1/task", headers=auth(token)).json
             client.post(task["upload_url"], data=statistics_body(600, 0.0), headers=auth(token))
-        coordinator.settle()
+        assert coordinator.settle()
     # fast: a, then c (55 s > 0.8 x 60 s), then a again after two fast rounds at c
     # slow: c; 1 s at c projects to 16 s at a (< 30 s): a after two fast rounds
     assert levels == [["a", "c"], ["c", "c"], ["c", "a"]]

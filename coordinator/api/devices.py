@@ -43,7 +43,7 @@ def task() -> Any:
 def heartbeat() -> Any:
     """Tell the coordinator the device is still working on its task."""
     caller = device()
-    state = service().device_state(caller.id).value
+    state = service().views.device_state(caller.id).value
     return jsonify(Heartbeat(device_id=caller.id, state=state).model_dump())
 
 
@@ -51,7 +51,7 @@ def heartbeat() -> Any:
 def devices(query: DevicesQuery) -> Any:
     """Devices by position, a page at a time: state, levels, profile, bytes (no tokens)."""
     operator()
-    return jsonify(service().device_views(query.offset, query.limit))
+    return jsonify(service().views.device_views(query.offset, query.limit))
 
 
 def _demo() -> DemoData:

@@ -15,7 +15,7 @@ bp = APIBlueprint("health", __name__, abp_tags=[tag("health", "Status of the coo
 @bp.get("/v1/health", responses={200: Health, **errors()})
 def health() -> Any:
     """Round, devices, artifacts, and the last server fault if any."""
-    return jsonify(service().health())
+    return jsonify(service().views.health())
 
 
 @bp.get("/metrics", doc_ui=False)

@@ -22,7 +22,7 @@ bp = APIBlueprint("rounds", __name__, abp_tags=[tag("rounds", "Rounds, weights a
 def history() -> Any:
     """Every round: state, selected devices, uploads, result."""
     operator()
-    return jsonify(rounds=service().history())
+    return jsonify(rounds=service().views.history())
 
 
 @bp.get(
