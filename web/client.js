@@ -116,6 +116,7 @@ export class DeviceClient {
     this.profile = null;
     /** The exact bytes of the last upload of each kind ('train', 'statistics'), for tests. */
     this.uploadBodies = {};
+    this.unknownActions = new Set(); // actions of a newer coordinator, each logged once
   }
 
   log(text, level = 'info') {
@@ -226,6 +227,10 @@ export class DeviceClient {
         } else if (task.action === 'wait') {
           const seconds = Number(task.retry_after ?? 1);
           this.set({ phase: 'waiting', alert: null });
+          if (task.asked && !this.unknownActions.has(task.asked)) {
+            this.unknownActions.add(task.asked);
+            this.log(`the coordinator asks for ${JSON.stringify(task.asked)}, which this page cannot do`, 'warn');
+          }
           if (idle++ === 0) this.log(`waiting for a round (asked to come back in ${seconds} s)`);
           await this.sleep(Math.max(0, seconds) * 1000, this.signal);
         } else if (task.action === 'train') {
@@ -236,8 +241,6 @@ export class DeviceClient {
           idle = 0;
           this.useHeartbeatSeconds(task.heartbeat_seconds);
           await this.beating(() => this.statistics(task));
-        } else {
-          throw new Error(`the coordinator asked for an unknown action ${JSON.stringify(task.action)}`);
         }
       });
       if (finished) {

@@ -17,7 +17,7 @@
 import { DeviceClient, KEPT_MESSAGES, addMessage, initialState } from './client.js';
 import { demoData } from './data.js';
 import { DataError, loadMnist } from './mnist.js';
-import { Coordinator, sha256Hex } from './protocol.js';
+import { Coordinator, checkMessage, sha256Hex } from './protocol.js';
 import { TrainerWorker } from './remote_level.js';
 
 const DEMO_PARAMETERS = ['split', 'seed', 'train_examples']; // forwarded from the page's URL
@@ -269,7 +269,7 @@ async function describeDemo() {
   changed();
   const api = new Coordinator({ storage: null, onRetry: retried });
   try {
-    const info = await api.json(`/v1/demo-data/info?${choice.query}`);
+    const info = checkMessage('DemoDataInfo', await api.json(`/v1/demo-data/info?${choice.query}`));
     if (asked !== infoAsked) return null; // the inputs changed meanwhile
     current.demoInfo = { ...info, query: choice.query };
     const kind = info.dtype === 'uint8' ? 'uint8 pixels' : 'float32';

@@ -44,6 +44,124 @@ export class IntegrityError extends Error {
   }
 }
 
+/**
+ * The /v1 messages this page reads and sends, field by field, with their JSON types (a `?`
+ * suffix: may be absent or null). The component names are the coordinator's OpenAPI
+ * schemas (heterofl_edge/protocol.py): tests/test_web_protocol.py checks every field here
+ * against the served /v1/openapi.json, so a field renamed on either side fails that test.
+ * Every reply is checked against its message when it arrives (`checkMessage`), and a
+ * request carries only the fields its message declares.
+ */
+export const MESSAGES = Object.freeze({
+  Health: {
+    reads: {
+      model: 'string', mode: 'string', reference_level: 'string', reference_rate: 'number',
+      demo_data: 'boolean', evaluation: 'object?', done: 'boolean',
+    },
+  },
+  DeviceProfile: {
+    sends: {
+      step_ms: 'number', reference_rate: 'number', memory_mb: 'number', bandwidth_mbps: 'number',
+      runtimes: 'array', num_examples: 'integer?', enrollment_token: 'string?',
+    },
+  },
+  Registered: {
+    reads: {
+      device_id: 'string', token: 'string', level: 'string?', rate: 'number?',
+      poll_seconds: 'number', heartbeat_seconds: 'number',
+    },
+  },
+  TrainTask: {
+    action: 'train',
+    reads: {
+      action: 'string', round: 'integer', level: 'string', rate: 'number', seed: 'integer',
+      lr: 'number', hyperparameters: 'object', artifact: 'object', weights_url: 'string',
+      upload_url: 'string', deadline: 'number', heartbeat_seconds: 'number',
+    },
+  },
+  StatisticsTask: {
+    action: 'statistics',
+    reads: {
+      action: 'string', round: 'integer', level: 'string', artifact: 'object',
+      weights_url: 'string', upload_url: 'string', deadline: 'number',
+      heartbeat_seconds: 'number', expected_count: 'integer?',
+    },
+  },
+  WaitTask: { action: 'wait', reads: { action: 'string', retry_after: 'number' } },
+  DoneTask: { action: 'done', reads: { action: 'string', rounds: 'integer' } },
+  Hyperparameters: {
+    reads: {
+      epochs: 'integer', batch_size: 'integer', momentum: 'number', weight_decay: 'number',
+      clip_grad_norm: 'number?',
+    },
+  },
+  ArtifactRef: { reads: { model: 'string', level: 'string', manifest_url: 'string' } },
+  Heartbeat: { reads: { device_id: 'string', state: 'string' } },
+  Accepted: { reads: { accepted: 'boolean', round: 'integer' } },
+  ErrorReply: { reads: { code: 'string', message: 'string', hint: 'string?' } },
+  DemoDataInfo: {
+    reads: {
+      examples: 'integer', bytes: 'integer', shard: 'integer', clients: 'integer',
+      dtype: 'string', source: 'string',
+    },
+  },
+});
+
+/** The task messages by their `action` (the OpenAPI document's discriminator). */
+export const TASKS = Object.freeze(
+  Object.fromEntries(Object.entries(MESSAGES).filter(([, m]) => m.action).map(([name, m]) => [m.action, name])),
+);
+
+/** A reply that does not fit the message it should be (a coordinator of another version). */
+export class ProtocolError extends Error {
+  constructor(message) {
+    super(message);
+    this.name = 'ProtocolError';
+  }
+}
+
+function typeOf(value) {
+  if (value === null || value === undefined) return 'null';
+  if (Array.isArray(value)) return 'array';
+  if (Number.isInteger(value)) return 'integer';
+  return typeof value;
+}
+
+/**
+ * `value`, checked against message `name`'s `reads` (nested messages by their field names
+ * where declared: hyperparameters, artifact); throws ProtocolError naming the field.
+ */
+export function checkMessage(name, value) {
+  const fields = MESSAGES[name]?.reads;
+  if (!fields) throw new ProtocolError(`no message ${name}`);
+  if (typeOf(value) !== 'object') throw new ProtocolError(`${name} is not a JSON object`);
+  for (const [field, declared] of Object.entries(fields)) {
+    const optional = declared.endsWith('?');
+    const type = declared.replace('?', '');
+    const got = typeOf(value[field]);
+    if (got === 'null' && optional) continue;
+    const fits = got === type || (type === 'number' && got === 'integer');
+    if (!fits) throw new ProtocolError(`${name}.${field} should be ${declared}, got ${got}`);
+  }
+  return value;
+}
+
+/** A task reply checked against its kind's message; an action this page cannot do reads as wait. */
+export function checkTask(value) {
+  const name = TASKS[value?.action];
+  if (!name) return { action: 'wait', retry_after: Number(value?.retry_after ?? 2), asked: String(value?.action) };
+  checkMessage(name, value);
+  if (name === 'TrainTask') checkMessage('Hyperparameters', value.hyperparameters);
+  if (name === 'TrainTask' || name === 'StatisticsTask') checkMessage('ArtifactRef', value.artifact);
+  return value;
+}
+
+/** The fields of `value` that message `name` sends (none other goes on the wire). */
+export function outgoing(name, value) {
+  const fields = MESSAGES[name].sends;
+  return Object.fromEntries(Object.entries(value).filter(([k, v]) => k in fields && v !== undefined && v !== null));
+}
+
 const LEVEL_RATES = { a: 1, b: 0.5, c: 0.25, d: 0.125, e: 0.0625 };
 
 /**
@@ -200,8 +318,8 @@ export class Coordinator {
     return this._json('GET', path, undefined, { retry });
   }
 
-  health(options) {
-    return this.json('/v1/health', options);
+  async health(options) {
+    return checkMessage('Health', await this.json('/v1/health', options));
   }
 
   /**
@@ -211,9 +329,12 @@ export class Coordinator {
    */
   async register(profile) {
     this.forget();
-    const body = { ...profile, runtimes: [RUNTIME] };
-    if (this.enrollmentToken) body.enrollment_token = this.enrollmentToken;
-    const reply = await this._json('POST', '/v1/devices', body);
+    const body = outgoing('DeviceProfile', {
+      ...profile,
+      runtimes: [RUNTIME],
+      enrollment_token: this.enrollmentToken,
+    });
+    const reply = checkMessage('Registered', await this._json('POST', '/v1/devices', body));
     this.identity = {
       token: reply.token,
       device_id: reply.device_id,
@@ -224,9 +345,12 @@ export class Coordinator {
     return reply;
   }
 
-  /** GET /v1/task: {action: "train" | "statistics" | "wait" | "done", ...}. */
-  task() {
-    return this._json('GET', '/v1/task');
+  /**
+   * GET /v1/task: {action: "train" | "statistics" | "wait" | "done", ...}, checked; an action
+   * this page does not know reads as a wait ({action: "wait", retry_after, asked}).
+   */
+  async task() {
+    return checkTask(await this._json('GET', '/v1/task'));
   }
 
   /**
@@ -235,7 +359,7 @@ export class Coordinator {
    */
   async heartbeat() {
     const reply = await this._request('POST', '/v1/heartbeat', { retry: false });
-    return JSON.parse(new TextDecoder().decode(await this._count(reply)) || '{}');
+    return checkMessage('Heartbeat', JSON.parse(new TextDecoder().decode(await this._count(reply))));
   }
 
   /**
@@ -280,7 +404,6 @@ export class Coordinator {
     const body = serializeSafetensors(tensors, meta);
     this.lastUpload = { path, body }; // for tests: the exact bytes sent
     const reply = await this._request('POST', path, { body, contentType: 'application/octet-stream' });
-    const text = new TextDecoder().decode(await this._count(reply));
-    return text ? JSON.parse(text) : {};
+    return checkMessage('Accepted', JSON.parse(new TextDecoder().decode(await this._count(reply))));
   }
 }

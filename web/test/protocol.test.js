@@ -1,7 +1,16 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
-import { ApiError, Codes, Coordinator, IntegrityError, referenceLevel } from '../protocol.js';
+import {
+  ApiError,
+  Codes,
+  Coordinator,
+  IntegrityError,
+  TASKS,
+  checkTask,
+  outgoing,
+  referenceLevel,
+} from '../protocol.js';
 import { parseSafetensors } from '../safetensors.js';
 
 /** A scripted fetch: each entry answers one request ([status, body, headers] or an Error). */
@@ -34,6 +43,16 @@ class MemoryStorage {
   }
 }
 
+/** A registration reply with every field the Registered message declares. */
+function registered(fields) {
+  return { level: null, rate: null, policy: 'profile', poll_seconds: 2, heartbeat_seconds: 5, ...fields };
+}
+
+const HEALTH = {
+  status: 'ok', model: 'conv', mode: 'a-e', reference_level: 'e', reference_rate: 0.0625,
+  demo_data: false, evaluation: null, done: false,
+};
+
 function client(replies, extra = {}) {
   const { fetch, seen } = scripted(replies);
   const sleeps = [];
@@ -52,7 +71,7 @@ test('register sends the profile with runtimes and keeps the token for later cal
   const storage = new MemoryStorage();
   const { coordinator, seen } = client(
     [
-      [201, { device_id: 'd1', token: 'secret', level: 'c', rate: 0.25, policy: 'profile' }],
+      [201, registered({ device_id: 'd1', token: 'secret', level: 'c', rate: 0.25 })],
       [200, { action: 'wait', retry_after: 2 }],
     ],
     { storage },
@@ -84,9 +103,9 @@ test('network failures, 5xx and 429 are retried with capped exponential backoff'
     new TypeError('Failed to fetch'),
     new TypeError('Failed to fetch'),
     [429, { code: 'busy', message: 'slow down' }, { 'Retry-After': '1' }],
-    [200, { status: 'ok', mode: 'a-e' }],
+    [200, HEALTH],
   ]);
-  assert.deepEqual(await coordinator.health(), { status: 'ok', mode: 'a-e' });
+  assert.deepEqual(await coordinator.health(), HEALTH);
   assert.deepEqual(sleeps, [250, 500, 1000, 2000, 4000, 4000, 1000]);
   assert.equal(retries.length, 7);
   assert.match(retries[1].reason, /HTTP 503/);
@@ -133,14 +152,14 @@ test('artifacts are checked against the manifest sha256; a mismatch is refused',
 });
 
 test('uploads are safetensors with JSON-string metadata', async () => {
-  const { coordinator, seen } = client([[200, { accepted: true }]]);
+  const { coordinator, seen } = client([[200, { accepted: true, round: 3 }]]);
   const tensors = new Map([['w', { data: new Float32Array([1, 2]), shape: [2] }]]);
   const reply = await coordinator.upload('/v1/rounds/1/uploads', tensors, {
     num_samples: 2,
     labels: [0, 7],
     metrics: { loss: 0.5, accuracy: 1, steps: 1 },
   });
-  assert.deepEqual(reply, { accepted: true });
+  assert.deepEqual(reply, { accepted: true, round: 3 });
   assert.equal(seen[0].headers['Content-Type'], 'application/octet-stream');
   const { metadata, tensors: back } = parseSafetensors(seen[0].body);
   assert.deepEqual(metadata, {
@@ -175,7 +194,7 @@ test('registration carries the enrollment token of the device link; refusals kee
   const { coordinator, seen } = client(
     [
       [401, { code: 'bad_enrollment_token', message: 'not this coordinator', hint: 'open the link' }],
-      [201, { device_id: 'd1', token: 't', level: 'e', rate: 0.0625, policy: 'profile' }],
+      [201, registered({ device_id: 'd1', token: 't', level: 'e', rate: 0.0625 })],
     ],
     { enrollmentToken: 'E-123' },
   );
@@ -187,14 +206,14 @@ test('registration carries the enrollment token of the device link; refusals kee
     assert.equal(body.enrollment_token, 'E-123');
     assert.equal(body.num_examples, 600);
   }
-  const { coordinator: plain, seen: plainSeen } = client([[201, { device_id: 'd2', token: 'u' }]]);
+  const { coordinator: plain, seen: plainSeen } = client([[201, registered({ device_id: 'd2', token: 'u' })]]);
   await plain.register(profile);
   assert.equal('enrollment_token' in JSON.parse(new TextDecoder().decode(plainSeen[0].body)), false);
 });
 
 test('a heartbeat is one bearer POST with no retry; a failure is thrown to the caller', async () => {
   const { coordinator, seen, sleeps, retries } = client([
-    [201, { device_id: 'd1', token: 'secret' }],
+    [201, registered({ device_id: 'd1', token: 'secret' })],
     [200, { device_id: 'd1', state: 'training' }],
     new TypeError('Failed to fetch'),
     [503, { code: 'storage_error', message: 'disk' }],
@@ -208,4 +227,25 @@ test('a heartbeat is one bearer POST with no retry; a failure is thrown to the c
   await assert.rejects(coordinator.heartbeat(), /HTTP 503/);
   assert.deepEqual(sleeps, []);
   assert.deepEqual(retries, []);
+});
+
+test('replies are checked against their declared message; an unknown action reads as a wait', () => {
+  const task = {
+    action: 'statistics', round: 2, level: 'a', rate: 1, weights_url: '/w', upload_url: '/u',
+    deadline: 1, heartbeat_seconds: 5, expected_count: null,
+    artifact: { model: 'conv', level: 'a', manifest_url: '/m', formats: ['onnx'] },
+  };
+  assert.equal(checkTask(task), task);
+  assert.throws(() => checkTask({ ...task, weights_url: undefined }), {
+    name: 'ProtocolError',
+    message: 'StatisticsTask.weights_url should be string, got null',
+  });
+  assert.throws(() => checkTask({ ...task, artifact: { model: 'conv' } }), /ArtifactRef.level/);
+  assert.deepEqual(checkTask({ action: 'reticulate', retry_after: 3 }), {
+    action: 'wait',
+    retry_after: 3,
+    asked: 'reticulate',
+  });
+  assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'statistics', 'train', 'wait']);
+  assert.deepEqual(outgoing('DeviceProfile', { step_ms: 1, secret: 'x', num_examples: null }), { step_ms: 1 });
 });
