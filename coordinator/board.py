@@ -34,9 +34,11 @@ from coordinator.store import Store, TaskClosed
 from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
+from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
 from heterofl_edge.protocol import (
     Accepted,
     ArtifactRef,
+    DistributedNoise,
     DoneTask,
     Hyperparameters,
     StatisticsTask,
@@ -178,6 +180,10 @@ class TaskBoard:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # status changes from request threads
         self._shapes_by_rate: dict[float, dict[str, tuple[int, ...]]] = {}
+        # A private run's plan (heterofl_edge.privacy), set by the coordinator with its engine:
+        # tasks then ask for no labels, metrics or counts, and carry any device-side noise.
+        self.privacy: PrivacyPlan | None = None
+        self._noise: DistributedNoise | None = None
 
     # -- the engine's side (Transport) -----------------------------------------------
     def wait_for_clients(self, minimum: int) -> list[Client] | None:
@@ -217,8 +223,10 @@ class TaskBoard:
         expected: dict[str, int] = {}
         if phase is Phase.statistics:
             expected = self._expected_counts(round_number, tasks)
+        noise = self._distributed_noise(tasks) if phase is Phase.training else None
         closed = (self.store.round_state(round_number) or "").endswith("-closed")
         with self._lock:
+            self._noise = noise
             self._status = status
             self._started = {}
             self._folded = set()
@@ -241,6 +249,8 @@ class TaskBoard:
         What it trained on this round, else what its profile says it holds
         (``--statistics all``); a device with neither cannot answer.
         """
+        if self.privacy is not None:  # each report weighs as one client: no count released
+            return {task.client: 1 for task in tasks}
         trained = {r.device_id: r for r in self.store.tasks(round_number, Phase.training)}
         counts = {}
         for task in tasks:
@@ -253,6 +263,23 @@ class TaskBoard:
             if isinstance(held, int) and held > 0:
                 counts[task.client] = held
         return counts
+
+    def _distributed_noise(self, tasks: Sequence[Task]) -> DistributedNoise | None:
+        """The noise devices add themselves this round (distributed placement), else None."""
+        plan = self.privacy
+        if plan is None or plan.placement is not DpPlacement.distributed:
+            return None
+        rates = [t.rate for t in tasks]
+        shape = noise_shape(self.arch.spec, rates)
+        assert plan.noise_multiplier is not None  # solved when the round was admitted
+        return DistributedNoise(
+            clip=plan.clip,
+            noise_multiplier=plan.noise_multiplier,
+            reporting_fraction=plan.reporting_fraction,
+            round_rates=rates,
+            sizes=shape.sizes,
+            blocks=shape.blocks,
+        )
 
     def replies(self, round_number: int, phase: Phase) -> Iterator[Reply | None]:
         while True:
@@ -368,11 +395,13 @@ class TaskBoard:
             "deadline": view.deadline,
             "heartbeat_seconds": self.settings.heartbeat_seconds,
         }
+        private = self.privacy is not None
         if view.phase is Phase.statistics:
             return StatisticsTask(
                 **work,
                 upload_url=f"/v1/rounds/{number}/statistics",
                 expected_count=view.expected_counts.get(task.client),
+                private=private,
             )
         s = self.settings
         return TrainTask(
@@ -387,6 +416,8 @@ class TaskBoard:
                 clip_grad_norm=s.clip_grad_norm,
             ),
             upload_url=f"/v1/rounds/{number}/update",
+            private=private,
+            distributed_noise=self._noise,
         )
 
     def _open_task(
@@ -437,7 +468,12 @@ class TaskBoard:
     def accept_update(self, device: Device, number: int, body: bytes) -> Accepted:
         view, task = self._open_task(device, number, Phase.training)
         parsed = check_update(
-            body, self.arch.spec, task.rate, self.arch.num_classes, shapes=self._shapes(task.rate)
+            body,
+            self.arch.spec,
+            task.rate,
+            self.arch.num_classes,
+            shapes=self._shapes(task.rate),
+            private=self.privacy is not None,
         )
         now = self.clock()
         started = self._started.get(device.id, view.opened_at)
@@ -449,7 +485,7 @@ class TaskBoard:
             now - started,
             parsed.num_samples,
             parsed.labels,
-            parsed.metrics,
+            None if self.privacy is not None else parsed.metrics,  # a private run keeps none
         )
         self.on_result("update", len(body))
         return Accepted(accepted=True, round=number)

@@ -75,6 +75,7 @@ class CoordinatorConfig(FederationSpec):
         ):
             if not (seconds > 0 and not math.isnan(seconds)):
                 raise ConfigError(f"{name} must be positive, got {seconds}")
+        self.check_reachable(self.min_devices)  # the first round's pool, at least
         unknown = [f for f in self.artifact_formats if f not in ("onnx", "executorch")]
         if unknown or not self.artifact_formats:
             raise ConfigError(

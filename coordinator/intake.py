@@ -80,7 +80,7 @@ LIMITS = Limits()
 class UpdateFacts:
     """What an upload says besides its tensors."""
 
-    num_samples: int
+    num_samples: int | None  # None: a private run's (not released)
     labels: tuple[int, ...] | None
     metrics: dict[str, float]
 
@@ -146,6 +146,7 @@ def check_update(
     num_classes: int,
     limits: Limits = LIMITS,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    private: bool = False,
 ) -> UpdateFacts:
     """``parse_update``'s checks, without building tensors: for the request path.
 
@@ -175,7 +176,7 @@ def check_update(
             raise not_finite_error(culprit)
     except UpdateError as exc:
         raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
-    return _update_facts(metadata, num_classes, limits)
+    return _update_facts(metadata, num_classes, limits, private)
 
 
 def parse_update(
@@ -196,7 +197,16 @@ def parse_update(
     return ParsedUpdate(facts.num_samples, facts.labels, facts.metrics, tensors)
 
 
-def _update_facts(metadata: Mapping[str, str], num_classes: int, limits: Limits) -> UpdateFacts:
+def _update_facts(
+    metadata: Mapping[str, str], num_classes: int, limits: Limits, private: bool = False
+) -> UpdateFacts:
+    """What an upload says besides its tensors; a private run's keeps none of it.
+
+    In a private run a device releases only its update: its example count, labels
+    and metrics, if it sent them anyway, are dropped here, never stored.
+    """
+    if private:
+        return UpdateFacts(None, None, {})
     num_samples = _bounded_int(
         _metadata_json(metadata, "num_samples", None, limits), "num_samples", 1, limits.samples
     )

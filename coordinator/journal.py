@@ -48,9 +48,15 @@ class StoreJournal:
         pointer, state = found
         if self.policy is not None:
             self.policy.restore(self.store.get_meta("policy"))
+        history = tuple(
+            privacy
+            for r in self.store.rounds()
+            if r["result"] is not None
+            and (privacy := json.loads(r["result"]).get("privacy")) is not None
+        )
         row = self.store.open_round_row()
         if row is None:
-            return ResumePoint(pointer.completed_rounds, state)
+            return ResumePoint(pointer.completed_rounds, state, None, history)
         number = int(row["number"])
         phase = Phase.training if str(row["state"]).startswith("training") else Phase.statistics
         summary = json.loads(row["summary"]) if row["summary"] else {}
@@ -66,7 +72,7 @@ class StoreJournal:
             row["stats_deadline"],
             summary,
         )
-        return ResumePoint(pointer.completed_rounds, state, opened)
+        return ResumePoint(pointer.completed_rounds, state, opened, history)
 
     def round_opened(self, opened: RoundOpen) -> None:
         self.store.open_round(opened)

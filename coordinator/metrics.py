@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -64,6 +64,11 @@ class CoordinatorMetrics:
             "heterofl_aggregation_seconds",
             "Time to finalise a round's aggregate.",
             buckets=_WORK_BUCKETS,
+            registry=self.registry,
+        )
+        self.dp_epsilon = Gauge(
+            "heterofl_dp_epsilon",
+            "Differential privacy spent so far: epsilon at the run's delta (private runs only).",
             registry=self.registry,
         )
         self.evaluation_seconds = Histogram(

@@ -130,6 +130,7 @@ class Coordinator:
             clock,
             lambda: self._completed,
             lambda: self.problem,
+            self._privacy,
         )
         self.metrics.watch_devices(self.views.device_counts)
         self._worker: threading.Thread | None = None
@@ -137,7 +138,7 @@ class Coordinator:
         self._announced = False
 
     def _make_engine(self) -> RoundEngine:
-        return build_engine(
+        engine = build_engine(
             self.config,
             self.board,
             self.journal,
@@ -149,6 +150,8 @@ class Coordinator:
             evaluate=self._evaluate if self.evaluation is not None else None,
             has_statistics=bool(self.board.bn_widths()),
         )
+        self.board.privacy = engine.strategy.privacy  # tasks of a private run say so
+        return engine
 
     @cached_property
     def level_costs(self) -> list[LevelCost]:
@@ -180,8 +183,12 @@ class Coordinator:
                     self.activity = "running rounds"
                     self.engine.run()
                     if self.engine.done:
-                        self.board.finish(self.config.total_rounds)
-                        log.info("done: %d rounds finished", self.config.total_rounds)
+                        self.board.finish(self.engine.completed)
+                        if self.engine.exhausted is not None:
+                            self.problem = f"stopped early: {self.engine.exhausted}"
+                            log.warning("done early: %s", self.engine.exhausted)
+                        else:
+                            log.info("done: %d rounds finished", self.config.total_rounds)
                         return
                     if self.board.stopping():
                         return
@@ -267,6 +274,8 @@ class Coordinator:
         if "aggregation" in result.seconds:
             self.metrics.aggregation_seconds.observe(result.seconds["aggregation"])
         self._publish_model(state, result.round)
+        if result.privacy is not None:
+            self.metrics.dp_epsilon.set(result.privacy["epsilon"])
         scores = ", ".join(
             f"{name} {value:.4g}"
             for name, value in result.evaluation.items()
@@ -283,6 +292,30 @@ class Coordinator:
             f" ({result.reason})" if result.reason else "",
             extra={"round": result.round},
         )
+        if result.privacy is not None:
+            log.info(
+                "round %d: privacy spent so far epsilon %.4g at delta %g",
+                result.round,
+                result.privacy["epsilon"],
+                result.privacy["delta"],
+                extra={"round": result.round},
+            )
+
+    def _privacy(self) -> dict[str, Any] | None:
+        """A private run's budget: spent so far, its settings, and why it stopped (if it did)."""
+        plan = self.engine.strategy.privacy
+        if plan is None:
+            return None
+        return {
+            "epsilon": plan.epsilon(),
+            "delta": plan.delta,
+            "noise_multiplier": plan.noise_multiplier,
+            "clip": plan.clip,
+            "placement": plan.placement.value,
+            "max_epsilon": plan.max_epsilon,
+            "rounds_released": len(plan.releases),
+            "stopped": self.engine.exhausted,
+        }
 
     def _publish_model(self, state: dict[str, torch.Tensor], completed: int) -> None:
         self._model_bytes = encode_state(state, {"completed_rounds": str(completed)})

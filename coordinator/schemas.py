@@ -85,6 +85,11 @@ class Health(DeviceHealth):
         description="the last finished round's held-out evaluation: {round, global_accuracy, "
         "global_loss, ...}; null before one (or without --data-dir)",
     )
+    privacy: dict[str, Any] | None = Field(
+        None,
+        description="a differentially private run's budget: epsilon spent at delta, noise "
+        "multiplier, clip, placement, max_epsilon, rounds released, and why it stopped early",
+    )
     problem: str | None = Field(None, description="the last server fault, if any")
 
 

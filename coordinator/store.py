@@ -341,9 +341,16 @@ class Store:
     def open_round(self, opened: RoundOpen) -> None:
         def insert(db: sqlite3.Connection) -> None:
             db.execute(
-                "INSERT INTO rounds (number, state, lr, opened_at, deadline) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (opened.round, Phase.training.value, opened.lr, opened.opened_at, opened.deadline),
+                "INSERT INTO rounds (number, state, lr, opened_at, deadline, summary) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    opened.round,
+                    Phase.training.value,
+                    opened.lr,
+                    opened.opened_at,
+                    opened.deadline,
+                    json.dumps(opened.summary, allow_nan=False),  # the pool it was drawn from
+                ),
             )
             _insert_tasks(db, opened.round, Phase.training, opened.tasks)
 

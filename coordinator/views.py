@@ -37,6 +37,7 @@ class ReadViews:
         clock: Callable[[], float],
         completed: Callable[[], int],
         problem: Callable[[], str | None],
+        privacy: Callable[[], dict[str, Any] | None] = lambda: None,
     ) -> None:
         self.config = config
         self.mix = config.level_mix
@@ -49,6 +50,7 @@ class ReadViews:
         self.clock = clock
         self.completed = completed  # rounds the engine has completed
         self.problem = problem  # the last server fault, if any
+        self.privacy = privacy  # a private run's budget (None: not private)
         self._ended_views: dict[int, dict[str, Any]] = {}
 
     def health(self) -> dict[str, Any]:
@@ -56,7 +58,8 @@ class ReadViews:
         state = None
         if view is not None:
             state = self.store.round_state(view.round)
-        done = self.completed() >= self.config.total_rounds
+        privacy = self.privacy()
+        done = self.completed() >= self.config.total_rounds or bool(privacy and privacy["stopped"])
         status = (
             "ok" if self.artifacts.all_ready() or not self.config.build_artifacts else "starting"
         )
@@ -79,6 +82,7 @@ class ReadViews:
             "reference_rate": min(self.mix.rates),
             "demo_data": self.demo_data,
             "evaluation": self._last_evaluation(),
+            "privacy": privacy,
             "problem": self.problem(),
         }
 

@@ -20,10 +20,12 @@ from device_sim.protocol import CoordinatorClient, ProtocolError
 from device_sim.runtimes import get_runtime
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.device_runtime import LevelRuntime, TrainingRequest
+from heterofl_edge.dp_noise import add_distributed_noise
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.protocol import (
     DeviceProfile,
+    DistributedNoise,
     DoneTask,
     ErrorCode,
     Registered,
@@ -233,12 +235,19 @@ class Device:
             )
         )
         self._slow_down(time.perf_counter() - start)
-        metadata = UploadMetadata(
-            num_samples=result.num_examples,
-            labels=self.present,
-            metrics={"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps},
+        trained = result.weights
+        if task.distributed_noise is not None:  # this device's share of the DP noise
+            trained = self._noised(weights, trained, task.distributed_noise)
+        metadata = (
+            UploadMetadata()  # a private run: the update only, nothing about the data
+            if task.private
+            else UploadMetadata(
+                num_samples=result.num_examples,
+                labels=self.present,
+                metrics={"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps},
+            )
         )
-        if not self._deliver(task, result.weights, metadata):
+        if not self._deliver(task, trained, metadata):
             return
         down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
         self.log(
@@ -252,8 +261,29 @@ class Device:
         if weights is None:
             return
         stats = level.statistics(weights, self.images)
+        if task.private:  # each report weighs as one client: the count is not released
+            stats = {k: np.ones_like(v) if k.endswith(".count") else v for k, v in stats.items()}
         if self._deliver(task, stats, None):
             self.log(f"round {task.round}: sent sBN statistics")
+
+    def _noised(
+        self,
+        received: dict[str, np.ndarray],
+        trained: dict[str, np.ndarray],
+        noise: DistributedNoise,
+    ) -> dict[str, np.ndarray]:
+        """The received weights plus the clipped update with this device's noise share."""
+        update = {n: trained[n].astype(np.float64) - received[n] for n in trained}
+        noised = add_distributed_noise(
+            update,
+            noise.clip,
+            noise.noise_multiplier,
+            noise.reporting_fraction,
+            noise.sizes,
+            noise.blocks,
+            np.random.default_rng(),  # the operating system's entropy: noise nobody predicts
+        )
+        return {n: (received[n] + noised[n]).astype(np.float32) for n in trained}
 
     def _deliver(
         self,

@@ -25,7 +25,13 @@ from heterofl_edge.slicing import (
     trainable_names,
 )
 
-__all__ = ["HeteroFLAggregator", "check_layout", "not_finite_error", "validate_update"]
+__all__ = [
+    "HeteroFLAggregator",
+    "accumulate",
+    "check_layout",
+    "not_finite_error",
+    "validate_update",
+]
 
 
 def check_layout(
@@ -165,8 +171,8 @@ class HeteroFLAggregator:
                 if d.kind is DimKind.labels and label_index is not None:
                     positions[dim] = label_index
                     values = values.index_select(dim, label_index)
-            _accumulate(self._sums[name], positions, values)
-            _accumulate(self._counts[name], positions, torch.ones_like(values, dtype=torch.int32))
+            accumulate(self._sums[name], positions, values)
+            accumulate(self._counts[name], positions, torch.ones_like(values, dtype=torch.int32))
         self.num_updates += 1
 
     def finalize(self) -> dict[str, torch.Tensor]:
@@ -180,7 +186,7 @@ class HeteroFLAggregator:
         return new_state
 
 
-def _accumulate(target: torch.Tensor, positions: list[Positions], values: torch.Tensor) -> None:
+def accumulate(target: torch.Tensor, positions: list[Positions], values: torch.Tensor) -> None:
     """``target[positions] += values``: views for slices, ``index_add_`` for one index."""
     view = target
     indexed = []

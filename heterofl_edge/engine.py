@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
-from heterofl_edge.bn_stats import ChannelMoments, apply_statistics, combine_moments
+from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
 from heterofl_edge.errors import InternalError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.strategy import HeteroFLStrategy, RoundPlan
@@ -194,6 +194,9 @@ class ResumePoint:
     completed_rounds: int
     global_state: State
     open_round: RoundOpen | None = None
+    # What the finished rounds released (their results' ``privacy``), in order: a private
+    # run's accountant starts from them.
+    privacy_history: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,8 @@ class RoundResult:
     seconds: dict[str, float]  # training, aggregation, statistics, evaluation
     evaluation: dict[str, float | None] = field(default_factory=dict)
     reason: str | None = None  # why a round failed, or what went wrong on the server
+    pool: int = 0  # the live clients the round's were drawn from
+    privacy: dict[str, Any] | None = None  # a private run's release and epsilon so far
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -237,6 +242,8 @@ class RoundResult:
             "seconds": dict(self.seconds),
             "evaluation": dict(self.evaluation),
             "reason": self.reason,
+            "pool": self.pool,
+            "privacy": None if self.privacy is None else dict(self.privacy),
         }
 
 
@@ -323,6 +330,7 @@ class RoundEngine:
         self.evaluate = evaluate
         self.has_statistics = has_statistics
         self.on_round = on_round
+        self.exhausted: str | None = None  # why the run ended early (its privacy budget)
         resume = journal.resume()
         if resume is None:
             self.completed = 0
@@ -332,10 +340,19 @@ class RoundEngine:
             self.completed = resume.completed_rounds
             self.global_state = resume.global_state
             self._resume_open = resume.open_round
+            if strategy.privacy is not None:
+                strategy.privacy.restore(resume.privacy_history)
+                opened = resume.open_round
+                if opened is not None:  # admitted before the restart; solves a target's noise
+                    pool = int(opened.summary.get("pool", len(opened.tasks)))
+                    strategy.admit_round(
+                        opened.round, pool, len(opened.tasks), self._statistics_release()
+                    )
 
     @property
     def done(self) -> bool:
-        return self.completed >= self.settings.rounds
+        """Every round has run, or the run may run no more (``exhausted`` says why)."""
+        return self.completed >= self.settings.rounds or self.exhausted is not None
 
     # -- the loop -------------------------------------------------------------
     def run(self) -> None:
@@ -374,6 +391,13 @@ class RoundEngine:
             number, sorted(by_position), self.transport.population()
         )
         chosen = [by_position[task.client_id] for task in plan.tasks]
+        refusal = self.strategy.admit_round(
+            number, len(by_position), len(chosen), self._statistics_release()
+        )
+        if refusal is not None:
+            self.exhausted = refusal
+            log.warning("the run stops before round %d: %s", number, refusal)
+            return None
         rates = self.policy.rates(plan, chosen)
         tasks = tuple(
             Task(c.id, c.position, rate, plan.lr, task.seed, plan.offset)
@@ -381,10 +405,22 @@ class RoundEngine:
         )
         now = self.clock()
         opened = RoundOpen(
-            number, Phase.training, plan.lr, tasks, now, now + self.settings.round_seconds
+            number,
+            Phase.training,
+            plan.lr,
+            tasks,
+            now,
+            now + self.settings.round_seconds,
+            summary={"pool": len(by_position)},  # the live clients the round was drawn from
         )
         self.journal.round_opened(opened)
         return opened
+
+    def _statistics_release(self) -> str:
+        """Whose sBN statistics a round releases: sampled (its uploaders), all, or none."""
+        if not self.has_statistics or self.settings.statistics is StatisticsClients.none:
+            return "none"
+        return "all" if self.settings.statistics is StatisticsClients.all else "sampled"
 
     def _run_round(self, opened: RoundOpen) -> None:
         if opened.phase is Phase.training:
@@ -397,7 +433,7 @@ class RoundEngine:
     # -- training ---------------------------------------------------------------
     def _training_phase(self, opened: RoundOpen) -> RoundOpen | None:
         number = opened.round
-        aggregator = self.strategy.aggregator(self.global_state)
+        aggregator = self.strategy.aggregator(self.global_state, number)
         rates = {t.client: t.rate for t in opened.tasks}
         offsets = {t.client: t.offset for t in opened.tasks}
         self.transport.open_phase(
@@ -440,7 +476,7 @@ class RoundEngine:
             for t in opened.tasks
         ]
         self.policy.observe(number, outcomes)
-        summary = _training_summary(opened, uploads, closed_at)
+        summary = _training_summary(opened, uploads, closed_at, self.strategy.private)
         if len(uploads) < max(1, self.settings.min_uploads):
             result = RoundResult(
                 **summary,
@@ -507,6 +543,9 @@ class RoundEngine:
         summary["seconds"]["statistics"] = self.clock() - start
         evaluation, seconds, problem = self._evaluate()
         summary["seconds"]["evaluation"] = seconds
+        privacy = self.strategy.release(
+            summary["pool"], summary["selected"], self._statistics_release()
+        )
         result = RoundResult(
             **summary,
             state="finished",
@@ -514,6 +553,7 @@ class RoundEngine:
             finished_at=self.clock(),
             evaluation=dict(evaluation),
             reason=problem,
+            privacy=privacy,
         )
         self._record(result)
 
@@ -545,7 +585,8 @@ class RoundEngine:
         ordered = [reports[t.client] for t in tasks if t.client in reports]
         if not ordered:
             return self.global_state, 0
-        return apply_statistics(self.global_state, combine_moments(ordered)), len(ordered)
+        combined = self.strategy.combine_statistics(ordered, number)
+        return apply_statistics(self.global_state, combined), len(ordered)
 
     def _evaluate(self) -> tuple[Mapping[str, float | None], float, str | None]:
         if self.evaluate is None:
@@ -580,13 +621,19 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 def _training_summary(
-    opened: RoundOpen, uploads: Sequence[TrainReply], closed_at: float
+    opened: RoundOpen, uploads: Sequence[TrainReply], closed_at: float, private: bool = False
 ) -> dict[str, Any]:
+    """The training phase's part of a round's result.
+
+    A private run releases no client's own numbers: its losses, accuracies and
+    example counts are left out (None, 0).
+    """
     rates = {t.client: t.rate for t in opened.tasks}
     levels: dict[str, int] = {}
     for reply in uploads:
         label = rate_label(rates[reply.client])
         levels[label] = levels.get(label, 0) + 1
+    released = [] if private else list(uploads)
     return {
         "round": opened.round,
         "lr": opened.lr,
@@ -594,10 +641,11 @@ def _training_summary(
         "uploads": len(uploads),
         "timed_out": len(opened.tasks) - len(uploads),
         "levels": dict(sorted(levels.items())),
-        "train_loss": _mean([float(u.metrics.get("loss", math.nan)) for u in uploads]),
-        "train_accuracy": _mean([float(u.metrics.get("accuracy", math.nan)) for u in uploads]),
-        "train_samples": sum(u.num_samples for u in uploads),
+        "train_loss": _mean([float(u.metrics.get("loss", math.nan)) for u in released]),
+        "train_accuracy": _mean([float(u.metrics.get("accuracy", math.nan)) for u in released]),
+        "train_samples": sum(u.num_samples for u in released),
         "opened_at": opened.opened_at,
         "closed_at": closed_at,
         "seconds": {"training": closed_at - opened.opened_at},
+        "pool": int(opened.summary.get("pool", len(opened.tasks))),
     }

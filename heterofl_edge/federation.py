@@ -47,8 +47,14 @@ class Quorum:
     stats_seconds: float = math.inf  # sBN statistics deadline
 
 
-def build_strategy(spec: FederationSpec, population: int | None) -> HeteroFLStrategy:
-    """The spec's strategy; ``population``: a fixed client count, or None (a fleet)."""
+def build_strategy(
+    spec: FederationSpec, population: int | None, noise_seed: int | None = None
+) -> HeteroFLStrategy:
+    """The spec's strategy; ``population``: a fixed client count, or None (a fleet).
+
+    ``noise_seed`` seeds a private run's noise (a reproducible simulation); None
+    draws it from the operating system (a deployment: noise nobody can predict).
+    """
     arch = get_architecture(spec.model)
     return HeteroFLStrategy(
         arch.spec,
@@ -58,6 +64,7 @@ def build_strategy(spec: FederationSpec, population: int | None) -> HeteroFLStra
         spec.schedule,
         spec.seed,
         spec.submodel,
+        spec.privacy_plan(noise_seed),
     )
 
 
@@ -74,6 +81,7 @@ def build_engine(
     evaluate: Callable[[State], Mapping[str, float | None]] | None = None,
     has_statistics: bool = True,
     on_round: Callable[[RoundResult], None] | None = None,
+    noise_seed: int | None = None,
 ) -> RoundEngine:
     """The round engine that runs ``spec`` over ``transport`` (see the module docstring).
 
@@ -89,7 +97,7 @@ def build_engine(
         statistics=spec.statistics,
     )
     return RoundEngine(
-        build_strategy(spec, population),
+        build_strategy(spec, population, noise_seed),
         settings,
         transport,
         journal,

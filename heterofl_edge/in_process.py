@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from heterofl_edge.backends import SessionBackend, split_clients
+from heterofl_edge.dp_noise import add_distributed_noise
 from heterofl_edge.engine import (
     Client,
     Phase,
@@ -27,6 +29,7 @@ from heterofl_edge.engine import (
 )
 from heterofl_edge.models import Architecture
 from heterofl_edge.partition import Partition
+from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
 from heterofl_edge.sessions import StatsJob, TrainJob, moments_from, to_arrays, to_tensors
 from heterofl_edge.slicing import extract_submodel_state
 from heterofl_edge.training import LocalTrainingConfig
@@ -56,6 +59,9 @@ class SessionTransport:
         self.on_client = on_client
         self._tasks: tuple[Task, ...] = ()
         self._state: dict[str, torch.Tensor] = {}
+        # A private run's plan (set with the engine): clients add their DP noise share here.
+        self.privacy: PrivacyPlan | None = None
+        self.noise_seed = 0
 
     def wait_for_clients(self, minimum: int) -> list[Client]:
         return [Client(str(i), i) for i in range(self.parts.num_clients)]
@@ -80,9 +86,13 @@ class SessionTransport:
         jobs = [self._train_job(task) for task in self._tasks]
         for done, outcome in enumerate(self.backend.train(jobs), start=1):
             task = self._tasks[done - 1]
+            update = to_tensors(outcome.update)
+            plan = self.privacy
+            if plan is not None and plan.placement is DpPlacement.distributed:
+                update = self._noised(round_number, task, jobs[done - 1], update, plan)
             yield TrainReply(
                 outcome.client,
-                to_tensors(outcome.update),
+                update,
                 tuple(self.parts.labels[task.position]),
                 outcome.num_samples,
                 {"loss": outcome.loss, "accuracy": outcome.accuracy},
@@ -91,6 +101,31 @@ class SessionTransport:
             )
             if self.on_client:
                 self.on_client(done, len(jobs))
+
+    def _noised(
+        self,
+        round_number: int,
+        task: Task,
+        job: TrainJob,
+        trained: dict[str, torch.Tensor],
+        plan: PrivacyPlan,
+    ) -> dict[str, torch.Tensor]:
+        """A client's upload with its share of the DP noise, as a device adds it (seeded)."""
+        assert plan.noise_multiplier is not None  # solved when the round was admitted
+        shape = noise_shape(self.arch.spec, [t.rate for t in self._tasks])
+        received = job.state
+        update = {n: trained[n].double().numpy() - received[n] for n in trained}
+        seed = np.random.SeedSequence([self.noise_seed, round_number, task.position, 0xD15])
+        noised = add_distributed_noise(
+            update,
+            plan.clip,
+            plan.noise_multiplier,
+            plan.reporting_fraction,
+            shape.sizes,
+            shape.blocks,
+            np.random.default_rng(seed),
+        )
+        return {n: torch.from_numpy((received[n] + noised[n]).astype(np.float32)) for n in trained}
 
     def _train_job(self, task: Task) -> TrainJob:
         state = extract_submodel_state(

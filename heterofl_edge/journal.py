@@ -91,8 +91,12 @@ class FileJournal:
             return None
         state = self._load(self._data["checkpoint"])
         opened = self._data["open_round"]
+        history = tuple(r["privacy"] for r in self._data["results"] if r.get("privacy"))
         return ResumePoint(
-            int(self._data["completed"]), state, None if opened is None else _open(opened)
+            int(self._data["completed"]),
+            state,
+            None if opened is None else _open(opened),
+            history,
         )
 
     def round_opened(self, opened: RoundOpen) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "Accepted",
     "ArtifactRef",
     "DeviceProfile",
+    "DistributedNoise",
     "DoneTask",
     "ErrorCode",
     "ErrorReply",
@@ -208,6 +209,30 @@ class _Work(_Reply):
     )
 
 
+class DistributedNoise(_Reply):
+    """Differential privacy with the noise added on the devices (``--dp-placement distributed``).
+
+    Clip the update (trained minus received) to L2 norm ``clip`` over the whole
+    slice; then add to each element held by k clients this round N(0, (noise_multiplier
+    * clip)^2 / (reporting_fraction * k)). ``sizes`` gives, per trainable tensor and width
+    dimension, its size at each rate in ``round_rates`` (the rates of every client selected
+    this round, public): an element is held by the clients whose every width size exceeds its
+    index in that dimension.
+    """
+
+    clip: float
+    noise_multiplier: float
+    reporting_fraction: float
+    round_rates: list[float]
+    sizes: dict[str, list[list[int]]] = Field(
+        description="tensor -> per dimension, each selected client's size of one block of it "
+        "(a width dimension is one block, a per-head one a block per head; fixed: -1)"
+    )
+    blocks: dict[str, list[int]] = Field(
+        description="tensor -> per dimension, its number of equal blocks (0: fixed)"
+    )
+
+
 class TrainTask(_Work):
     """Train E local epochs from the round's weights, then upload them."""
 
@@ -215,15 +240,27 @@ class TrainTask(_Work):
     seed: int = Field(description="seed of the local batch order")
     lr: float
     hyperparameters: Hyperparameters
+    private: bool = Field(
+        False,
+        description="a differentially private run: upload no labels, metrics or example count",
+    )
+    distributed_noise: DistributedNoise | None = Field(
+        None, description="add this noise to the clipped update before uploading it"
+    )
 
 
 class StatisticsTask(_Work):
-    """Summarise every example with the global model's statistics program (sBN)."""
+    """Summarise every example with the global model's statistics program (sBN).
+
+    In a private run (``private``) each layer's ``count`` is 1: the report weighs as one
+    client, and the coordinator learns nothing of the example count.
+    """
 
     action: Literal["statistics"] = "statistics"
     expected_count: int | None = Field(
         description="the examples to summarise (each layer's count in the upload)"
     )
+    private: bool = Field(False, description="a differentially private run: count 1")
 
 
 class WaitTask(_Reply):
@@ -284,7 +321,9 @@ class Accepted(_Reply):
 class UploadMetadata(BaseModel):
     """What a training upload says besides its tensors (the safetensors metadata)."""
 
-    num_samples: int = Field(ge=1, description="examples trained on (each epoch)")
+    num_samples: int | None = Field(
+        None, ge=1, description="examples trained on (each epoch; none in a private run)"
+    )
     labels: list[int] | None = Field(
         None, description="the labels held (the classifier rows this update counts for)"
     )

@@ -104,6 +104,7 @@ class SimulationConfig(FederationSpec):
         super().__post_init__()
         if self.num_clients < 1:
             raise ConfigError(f"need at least one client, got {self.num_clients}")
+        self.check_reachable(self.num_clients)
         if self.policy is Policy.profile:
             raise ConfigError(
                 "simulate cannot place clients by a measured profile: simulated clients "
@@ -171,6 +172,7 @@ class RoundRecord:
     samples_per_second: float
     seconds: dict[str, float] = field(default_factory=dict)  # training, statistics, ...
     global_perplexity: float | None = None  # the language model's metric (None otherwise)
+    privacy: dict[str, Any] | None = None  # a private run's release and epsilon so far
 
 
 @dataclass
@@ -180,12 +182,15 @@ class SimulationResult:
     rounds: list[RoundRecord]
     global_state: dict[str, torch.Tensor]
     initial_perplexity: float | None = None
+    stopped: str | None = None  # why the run ended before its last round (its privacy budget)
 
     def to_json(self) -> dict[str, Any]:
         report: dict[str, Any] = {
             "config": self.config.to_json(),
             "initial_global_accuracy": self.initial_accuracy,
         }
+        if self.stopped is not None:
+            report["stopped"] = self.stopped
         if self.initial_perplexity is not None:
             report["initial_global_perplexity"] = self.initial_perplexity
         report["rounds"] = [asdict(r) for r in self.rounds]
@@ -329,6 +334,7 @@ def run_simulation(
             samples_per_second=samples / max(train_seconds, 1e-9),
             seconds=dict(result.seconds),
             global_perplexity=evaluation.get("global_perplexity"),
+            privacy=result.privacy,
         )
         records.append(entry)
         if on_round:
@@ -361,7 +367,9 @@ def run_simulation(
         evaluate=test,
         has_statistics=has_statistics,
         on_round=record,
+        noise_seed=config.seed,  # a simulation's DP noise is reproducible from its seed
     )
+    transport.privacy, transport.noise_seed = engine.strategy.privacy, config.seed
     # This process evaluates with as many threads as sessions run at once (one for --workers 1).
     try:
         with session_threads(max(1, min(backend.workers, available_cores()))):
@@ -378,4 +386,5 @@ def run_simulation(
         records,
         engine.global_state,
         initial.get("global_perplexity"),
+        engine.exhausted,
     )

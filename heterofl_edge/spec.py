@@ -33,6 +33,7 @@ from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import get_architecture
 from heterofl_edge.paper import PaperSettings, dataset_for, paper_settings
 from heterofl_edge.partition import Split
+from heterofl_edge.privacy import DpPlacement, DpSettings, PrivacyPlan
 from heterofl_edge.slicing import Submodel
 from heterofl_edge.strategy import MultiStepSchedule
 from heterofl_edge.task_kind import TaskKind
@@ -68,6 +69,15 @@ class FederationSpec:
     statistics: StatisticsClients = StatisticsClients.all  # who reports sBN statistics
     seed: int = 0  # selection, levels, initial weights, batch orders
     test_examples: int | None = None  # evaluate on this many test examples (None: all)
+    # Client-level differential privacy (heterofl_edge/privacy.py): on with dp_clip, then
+    # with a noise multiplier or a target epsilon (solved over the planned rounds).
+    dp_clip: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_target_epsilon: float | None = None
+    dp_delta: float = 1e-5
+    dp_max_epsilon: float | None = None  # stop before a round that would spend more
+    dp_statistics_clip: float = 50.0  # L2 bound of a client's sBN moment vector
+    dp_placement: DpPlacement = DpPlacement.server
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
@@ -96,6 +106,76 @@ class FederationSpec:
         if self.test_examples is not None and self.test_examples < 1:
             raise ConfigError(f"test examples must be at least 1, got {self.test_examples}")
         self.level_mix  # noqa: B018 - parsing the mode is the check
+        self._check_privacy()
+
+    def _check_privacy(self) -> None:
+        given = {
+            "--dp-noise-multiplier": self.dp_noise_multiplier,
+            "--dp-target-epsilon": self.dp_target_epsilon,
+            "--dp-max-epsilon": self.dp_max_epsilon,
+        }
+        if self.dp_clip is None:
+            named = [flag for flag, value in given.items() if value is not None]
+            if named or self.dp_placement is not DpPlacement.server:
+                raise ConfigError(
+                    f"{named[0] if named else '--dp-placement'} needs --dp-clip",
+                    "differential privacy is on with a clip norm: add --dp-clip C",
+                )
+            return
+        if (self.dp_noise_multiplier is None) == (self.dp_target_epsilon is None):
+            raise ConfigError(
+                "differential privacy needs --dp-noise-multiplier or --dp-target-epsilon "
+                "(one of them)",
+                "give the noise, or the epsilon to solve the noise for over the planned rounds",
+            )
+        if self.dp_target_epsilon is not None and not (
+            self.dp_target_epsilon > 0 and math.isfinite(self.dp_target_epsilon)
+        ):
+            raise ConfigError(f"--dp-target-epsilon must be positive, got {self.dp_target_epsilon}")
+        DpSettings(  # the mechanism's own checks (clip, noise, delta, statistics clip)
+            self.dp_clip,
+            self.dp_noise_multiplier if self.dp_noise_multiplier is not None else 1.0,
+            self.dp_delta,
+            self.dp_statistics_clip,
+            self.dp_placement,
+            self.dp_max_epsilon,
+        )
+
+    def check_reachable(self, pool: int) -> None:
+        """``ConfigError`` if no noise multiplier reaches the target epsilon for ``pool`` clients.
+
+        The planned rounds draw ``ceil(fraction * pool)`` of them each; the statistics
+        releases follow ``statistics``.
+        """
+        if self.dp_target_epsilon is None:
+            return
+        from heterofl_edge.privacy import RoundRelease, noise_multiplier_for
+
+        sampled = max(1, math.ceil(round(self.fraction * pool, 9)))
+        kind = {"all": "all", "round": "sampled"}.get(self.statistics.value, "none")
+        planned = [RoundRelease(pool, sampled, kind, 1.0)] * self.total_rounds
+        noise_multiplier_for(self.dp_target_epsilon, planned, self.dp_delta)
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is differentially private (``dp_clip`` given)."""
+        return self.dp_clip is not None
+
+    def privacy_plan(self, seed: int | None) -> PrivacyPlan | None:
+        """The run's privacy plan (None without DP); noise from ``seed``, or the OS if None."""
+        if self.dp_clip is None:
+            return None
+        return PrivacyPlan(
+            clip=self.dp_clip,
+            delta=self.dp_delta,
+            statistics_clip=self.dp_statistics_clip,
+            placement=self.dp_placement,
+            total_rounds=self.total_rounds,
+            noise_multiplier=self.dp_noise_multiplier,
+            target_epsilon=self.dp_target_epsilon,
+            max_epsilon=self.dp_max_epsilon,
+            seed=seed,
+        )
 
     # -- what is left unset, resolved ---------------------------------------------------
     @property
@@ -174,6 +254,7 @@ SPEC_KEYS: tuple[str, ...] = tuple(
 )
 
 _CONVERT: dict[str, Any] = {
+    "dp_placement": DpPlacement,
     "policy": Policy,
     "submodel": Submodel,
     "split": Split,

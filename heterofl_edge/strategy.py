@@ -11,13 +11,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from heterofl_edge.aggregation import HeteroFLAggregator
 from heterofl_edge.assignment import LevelMix
+from heterofl_edge.bn_stats import ChannelMoments, combine_moments
 from heterofl_edge.errors import ConfigError, InternalError
+from heterofl_edge.privacy import PrivacyPlan, PrivateAggregator, private_statistics
 from heterofl_edge.slicing import SlicingSpec, Submodel
 
 __all__ = ["ClientTask", "HeteroFLStrategy", "MultiStepSchedule", "RoundPlan", "client_seed"]
@@ -75,6 +78,7 @@ class HeteroFLStrategy:
         schedule: MultiStepSchedule,
         seed: int = 0,
         submodel: Submodel = Submodel.static,
+        privacy: PrivacyPlan | None = None,
     ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(
@@ -89,6 +93,7 @@ class HeteroFLStrategy:
         self.schedule = schedule
         self.seed = seed
         self.submodel = submodel
+        self.privacy = privacy  # client-level DP (heterofl_edge.privacy), or None
 
     def _population(self, population: int | None) -> int:
         total = self.num_clients if population is None else population
@@ -128,6 +133,48 @@ class HeteroFLStrategy:
             self.submodel.offset(round_number),
         )
 
-    def aggregator(self, global_state: Mapping[str, torch.Tensor]) -> HeteroFLAggregator:
-        """A fresh aggregate of one round's updates, starting from ``global_state``."""
-        return HeteroFLAggregator(global_state, self.spec, self.mix.global_rate)
+    @property
+    def private(self) -> bool:
+        """Whether rounds release only differentially private aggregates."""
+        return self.privacy is not None
+
+    def aggregator(
+        self, global_state: Mapping[str, torch.Tensor], round_number: int = 0
+    ) -> HeteroFLAggregator | PrivateAggregator:
+        """A fresh aggregate of one round's updates, starting from ``global_state``.
+
+        With DP, updates are clipped and the sums noised (``PrivateAggregator``).
+        """
+        if self.privacy is None:
+            return HeteroFLAggregator(global_state, self.spec, self.mix.global_rate)
+        return PrivateAggregator(
+            global_state,
+            self.spec,
+            self.mix.global_rate,
+            self.privacy.settings(),
+            self.privacy.generator(round_number, 1),
+        )
+
+    def combine_statistics(
+        self, reports: Sequence[Mapping[str, ChannelMoments]], round_number: int = 0
+    ) -> dict[str, ChannelMoments]:
+        """The global sBN moments from clients' reports: exact, or clipped and noised (DP)."""
+        if self.privacy is None:
+            return combine_moments(reports)
+        return private_statistics(
+            reports, self.privacy.settings(), self.privacy.generator(round_number, 2)
+        )
+
+    def admit_round(
+        self, round_number: int, pool: int, sampled: int, statistics: str
+    ) -> str | None:
+        """None if the round may run; else why not (its release would exceed the budget)."""
+        if self.privacy is None:
+            return None
+        return self.privacy.admit(round_number, pool, sampled, statistics)
+
+    def release(self, pool: int, sampled: int, statistics: str) -> dict[str, Any] | None:
+        """Record what a finished round released; its privacy report (None without DP)."""
+        if self.privacy is None:
+            return None
+        return self.privacy.release(pool, sampled, statistics)

@@ -22,6 +22,7 @@ import {
   MAX_DELAY_MS,
   referenceLevel,
 } from './protocol.js';
+import { addDistributedNoise } from './dp_noise.js';
 import { STATS_BATCH } from './trainer.js';
 
 export const DEFAULT_MEMORY_MB = 2048;
@@ -349,14 +350,19 @@ export class DeviceClient {
     if (!finite(result.weights)) {
       throw new Error(`round ${task.round}: training gave non-finite weights; nothing uploaded`);
     }
+    let trained = result.weights;
+    if (task.distributed_noise) trained = this.noised(level, weights, trained, task.distributed_noise);
     const tensors = new Map(
-      level.manifest.parameters.map((p) => [p.name, { dtype: 'F32', shape: p.shape, data: result.weights.get(p.name) }]),
+      level.manifest.parameters.map((p) => [p.name, { dtype: 'F32', shape: p.shape, data: trained.get(p.name) }]),
     );
-    const metadata = {
-      num_samples: result.numExamples,
-      labels: this.data.labels,
-      metrics: { loss: result.loss, accuracy: result.accuracy, steps: result.steps },
-    };
+    // A private run releases the update only: no example count, labels or metrics.
+    const metadata = task.private
+      ? {}
+      : {
+          num_samples: result.numExamples,
+          labels: this.data.labels,
+          metrics: { loss: result.loss, accuracy: result.accuracy, steps: result.steps },
+        };
     this.set({ phase: 'uploading', loss: result.loss, accuracy: result.accuracy });
     const sentBefore = this.coordinator.bytesSent;
     await this.coordinator.upload(task.upload_url, tensors, metadata);
@@ -379,6 +385,25 @@ export class DeviceClient {
     );
   }
 
+  /** Received weights plus the clipped update with this device's share of the DP noise. */
+  noised(level, received, trained, noise) {
+    const update = new Map();
+    const shapes = new Map();
+    for (const p of level.manifest.parameters) {
+      const before = received.get(p.name);
+      const after = trained.get(p.name);
+      update.set(p.name, Float64Array.from(after, (v, i) => v - before[i]));
+      shapes.set(p.name, p.shape);
+    }
+    const noisy = addDistributedNoise(update, shapes, noise);
+    return new Map(
+      [...noisy].map(([name, values]) => {
+        const before = received.get(name);
+        return [name, Float32Array.from(values, (v, i) => before[i] + v)];
+      }),
+    );
+  }
+
   async statistics(task) {
     this.set({ phase: 'statistics', round: task.round, statsBatch: 0, statsBatches: null, deadline: task.deadline ?? null });
     const level = await this.loadLevel(task.artifact.manifest_url);
@@ -388,6 +413,10 @@ export class DeviceClient {
       this.set({ statsBatch: batch, statsBatches: batches });
     });
     if (!finite(stats)) throw new Error(`round ${task.round}: statistics are not finite; nothing uploaded`);
+    if (task.private) {
+      // Each report weighs as one client: the example count is not released.
+      for (const [name, tensor] of stats) if (name.endsWith('.count')) tensor.data.fill(1);
+    }
     this.set({ phase: 'uploading' });
     await this.coordinator.upload(task.upload_url, stats, {});
     this.uploadBodies.statistics = this.coordinator.lastUpload?.body;

@@ -77,6 +77,7 @@ export const MESSAGES = Object.freeze({
       action: 'string', round: 'integer', level: 'string', rate: 'number', seed: 'integer',
       lr: 'number', hyperparameters: 'object', artifact: 'object', weights_url: 'string',
       upload_url: 'string', deadline: 'number', heartbeat_seconds: 'number',
+      private: 'boolean?', distributed_noise: 'object?',
     },
   },
   StatisticsTask: {
@@ -84,7 +85,7 @@ export const MESSAGES = Object.freeze({
     reads: {
       action: 'string', round: 'integer', level: 'string', artifact: 'object',
       weights_url: 'string', upload_url: 'string', deadline: 'number',
-      heartbeat_seconds: 'number', expected_count: 'integer?',
+      heartbeat_seconds: 'number', expected_count: 'integer?', private: 'boolean?',
     },
   },
   WaitTask: { action: 'wait', reads: { action: 'string', retry_after: 'number' } },
@@ -96,6 +97,12 @@ export const MESSAGES = Object.freeze({
     },
   },
   ArtifactRef: { reads: { model: 'string', level: 'string', manifest_url: 'string' } },
+  DistributedNoise: {
+    reads: {
+      clip: 'number', noise_multiplier: 'number', reporting_fraction: 'number',
+      round_rates: 'array', sizes: 'object', blocks: 'object',
+    },
+  },
   Heartbeat: { reads: { device_id: 'string', state: 'string' } },
   Accepted: { reads: { accepted: 'boolean', round: 'integer' } },
   ErrorReply: { reads: { code: 'string', message: 'string', hint: 'string?' } },
@@ -153,6 +160,7 @@ export function checkTask(value) {
   checkMessage(name, value);
   if (name === 'TrainTask') checkMessage('Hyperparameters', value.hyperparameters);
   if (name === 'TrainTask' || name === 'StatisticsTask') checkMessage('ArtifactRef', value.artifact);
+  if (name === 'TrainTask' && value.distributed_noise) checkMessage('DistributedNoise', value.distributed_noise);
   return value;
 }
 

@@ -18,6 +18,13 @@ from heterofl_edge.cli.spec_options import (
     BatchSizeSetting,
     ConfigFileOption,
     DataSetting,
+    DpClipSetting,
+    DpDeltaSetting,
+    DpMaxEpsilonSetting,
+    DpNoiseMultiplierSetting,
+    DpPlacementSetting,
+    DpStatisticsClipSetting,
+    DpTargetEpsilonSetting,
     FractionSetting,
     LocalEpochsSetting,
     LrFactorSetting,
@@ -66,6 +73,13 @@ def serve(
     statistics: StatisticsSetting = None,
     seed: SeedSetting = None,
     test_examples: TestExamplesSetting = None,
+    dp_clip: DpClipSetting = None,
+    dp_noise_multiplier: DpNoiseMultiplierSetting = None,
+    dp_target_epsilon: DpTargetEpsilonSetting = None,
+    dp_delta: DpDeltaSetting = None,
+    dp_max_epsilon: DpMaxEpsilonSetting = None,
+    dp_statistics_clip: DpStatisticsClipSetting = None,
+    dp_placement: DpPlacementSetting = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -218,6 +232,13 @@ def serve(
         statistics=statistics,
         seed=seed,
         test_examples=test_examples,
+        dp_clip=dp_clip,
+        dp_noise_multiplier=dp_noise_multiplier,
+        dp_target_epsilon=dp_target_epsilon,
+        dp_delta=dp_delta,
+        dp_max_epsilon=dp_max_epsilon,
+        dp_statistics_clip=dp_statistics_clip,
+        dp_placement=dp_placement,
     )
     settings.setdefault("policy", Policy.profile)  # devices measure themselves
     if not 0 < port < 65536:

@@ -18,6 +18,13 @@ from heterofl_edge.cli.spec_options import (
     BatchSizeSetting,
     ConfigFileOption,
     DataSetting,
+    DpClipSetting,
+    DpDeltaSetting,
+    DpMaxEpsilonSetting,
+    DpNoiseMultiplierSetting,
+    DpPlacementSetting,
+    DpStatisticsClipSetting,
+    DpTargetEpsilonSetting,
     FractionSetting,
     LocalEpochsSetting,
     LrFactorSetting,
@@ -61,6 +68,13 @@ def simulate(
     statistics: StatisticsSetting = None,
     seed: SeedSetting = None,
     test_examples: TestExamplesSetting = None,
+    dp_clip: DpClipSetting = None,
+    dp_noise_multiplier: DpNoiseMultiplierSetting = None,
+    dp_target_epsilon: DpTargetEpsilonSetting = None,
+    dp_delta: DpDeltaSetting = None,
+    dp_max_epsilon: DpMaxEpsilonSetting = None,
+    dp_statistics_clip: DpStatisticsClipSetting = None,
+    dp_placement: DpPlacementSetting = None,
     clients: Annotated[
         int,
         typer.Option(
@@ -147,6 +161,13 @@ def simulate(
         statistics=statistics,
         seed=seed,
         test_examples=test_examples,
+        dp_clip=dp_clip,
+        dp_noise_multiplier=dp_noise_multiplier,
+        dp_target_epsilon=dp_target_epsilon,
+        dp_delta=dp_delta,
+        dp_max_epsilon=dp_max_epsilon,
+        dp_statistics_clip=dp_statistics_clip,
+        dp_placement=dp_placement,
     )
     run = SimulationConfig(
         **settings, num_clients=clients, train_examples=train_examples
@@ -178,9 +199,15 @@ def simulate(
             if perplexity
             else f"global acc {record.global_accuracy:.4f}"
         )
+        private = ""
+        if record.privacy is not None:
+            private = (
+                f"  epsilon {record.privacy['epsilon']:.3g} at delta {record.privacy['delta']:g}"
+            )
+        loss = "private" if run.private else f"{record.train_loss:.4f}"
         typer.echo(
             f"round {record.round:>3}/{run.total_rounds}  lr {record.lr:g}  levels {levels}  "
-            f"train loss {record.train_loss:.4f}  {score}{local}  "
+            f"train loss {loss}  {score}{local}{private}  "
             f"({record.round_seconds:.1f} s, {record.samples_per_second:.0f} samples/s)"
         )
 
@@ -198,8 +225,13 @@ def simulate(
         journal_dir=out / "journal",
         resume=resume,
     )
+    if result.stopped is not None:
+        typer.echo(f"stopped early: {result.stopped}")
     write_json(out / "results.json", result.to_json())
     atomic_write_bytes(out / "model.safetensors", save_state(result.global_state))
+    if not result.rounds:  # a privacy budget that no round fits
+        typer.echo(f"no round ran; wrote results.json and the initial model.safetensors in {out}")
+        return
     final = result.rounds[-1]
     title = f"HeteroFL {run.model} {mix.name} {run.split.value}"
     if perplexity:

@@ -26,6 +26,13 @@ __all__ = [
     "BatchSizeSetting",
     "ConfigFileOption",
     "DataSetting",
+    "DpClipSetting",
+    "DpDeltaSetting",
+    "DpMaxEpsilonSetting",
+    "DpNoiseMultiplierSetting",
+    "DpPlacementSetting",
+    "DpStatisticsClipSetting",
+    "DpTargetEpsilonSetting",
     "FractionSetting",
     "LocalEpochsSetting",
     "LrFactorSetting",
@@ -188,6 +195,63 @@ TestExamplesSetting = Annotated[
         help="Evaluate on this many test examples, the same ones for the same --seed in "
         "simulate and serve (text: the first rows) [default: all].",
         rich_help_panel=_PANEL,
+    ),
+]
+
+
+_PRIVACY = "Differential privacy (also from --config)"
+
+DpClipSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Turn on client-level DP: clip each client's update (trained minus received, "
+        "over its slice) to this L2 norm C [default: off].",
+        rich_help_panel=_PRIVACY,
+    ),
+]
+DpNoiseMultiplierSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Noise of std z*C on every element's sum before the per-element average "
+        "(elements held by fewer clients get relatively more).",
+        rich_help_panel=_PRIVACY,
+    ),
+]
+DpTargetEpsilonSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Instead of --dp-noise-multiplier: the epsilon to reach at --dp-delta after the "
+        "planned rounds; the noise multiplier is solved for it at round 1.",
+        rich_help_panel=_PRIVACY,
+    ),
+]
+DpDeltaSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="The delta of (epsilon, delta)-DP [default: 1e-05].", rich_help_panel=_PRIVACY
+    ),
+]
+DpMaxEpsilonSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Stop before a round that would spend more than this epsilon [default: no limit].",
+        rich_help_panel=_PRIVACY,
+    ),
+]
+DpStatisticsClipSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="L2 bound of a client's sBN statistics (per-channel means and second moments, "
+        "all layers) [default: 50].",
+        rich_help_panel=_PRIVACY,
+    ),
+]
+DpPlacementSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="server (the aggregator clips and adds the noise) or distributed (each client "
+        "adds its share) [default: server].",
+        rich_help_panel=_PRIVACY,
     ),
 ]
 

@@ -249,3 +249,27 @@ test('replies are checked against their declared message; an unknown action read
   assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'statistics', 'train', 'wait']);
   assert.deepEqual(outgoing('DeviceProfile', { step_ms: 1, secret: 'x', num_examples: null }), { step_ms: 1 });
 });
+
+test('a distributed DP noise share: holders per element as in Python, and its variance', async () => {
+  const { holderCounts, addDistributedNoise, standardNormals } = await import('../dp_noise.js');
+  // The same hand-worked case as tests/test_privacy.py: widths 4x3 at sizes (4,3), (2,1), (2,1).
+  assert.deepEqual(Array.from(holderCounts([4, 3], [[4, 2, 2], [3, 1, 1]], [1, 1])), [3, 1, 1, 3, 1, 1, 1, 1, 1, 1, 1, 1]);
+  assert.deepEqual(Array.from(holderCounts([8], [[2, 1]], [2])), [2, 1, 0, 0, 2, 1, 0, 0]);
+  assert.deepEqual(Array.from(holderCounts([5], [[-1, -1]], [0])), [2, 2, 2, 2, 2]);
+  let state = 12345;
+  const random = (words) => {
+    for (let i = 0; i < words.length; i++) {
+      state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+      words[i] = state;
+    }
+    return words;
+  };
+  const draws = standardNormals(200000, random);
+  const mean = draws.reduce((a, b) => a + b, 0) / draws.length;
+  const variance = draws.reduce((a, b) => a + (b - mean) ** 2, 0) / draws.length;
+  assert.ok(Math.abs(mean) < 0.01 && Math.abs(variance - 1) < 0.02, `${mean} ${variance}`);
+  const noise = { clip: 2, noise_multiplier: 0, reporting_fraction: 1, sizes: { w: [[2]] }, blocks: { w: [1] } };
+  const clipped = addDistributedNoise(new Map([['w', Float64Array.of(3, 4)]]), new Map([['w', [2]]]), noise, random);
+  const got = Array.from(clipped.get('w'));
+  assert.ok(Math.abs(got[0] - 1.2) < 1e-12 && Math.abs(got[1] - 1.6) < 1e-12, String(got)); // norm 5 -> 2
+});

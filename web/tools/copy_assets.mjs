@@ -22,6 +22,7 @@ export const PAGE_FILES = [
   'device.css',
   'device.js',
   'client.js',
+  'dp_noise.js',
   'protocol.js',
   'remote_level.js',
   'train_worker.js',

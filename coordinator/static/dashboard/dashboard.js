@@ -179,13 +179,22 @@ function roundRow(r) {
   return row;
 }
 
+/** A private run's budget in words: "DP ε 3.2 (δ 1e-05) of 8 · z 1.1 · server". */
+export function privacyText(p) {
+  const limit = p.max_epsilon ? ` of ${p.max_epsilon}` : "";
+  const spent = Number.isFinite(p.epsilon) ? p.epsilon.toPrecision(3) : "∞";
+  const noise = p.noise_multiplier === null ? "" : ` · z ${Number(p.noise_multiplier).toPrecision(3)}`;
+  return `DP ε ${spent} (δ ${p.delta})${limit}${noise} · ${p.placement}` + (p.stopped ? " · budget reached" : "");
+}
+
 function render(health, devices, rounds) {
   document.getElementById("summary").textContent =
     `${health.model} · mode ${health.mode} · policy ${health.policy} · ` +
     `round ${text(health.round)} (${text(health.round_state)}) · ` +
     `${health.completed_rounds}/${health.rounds} rounds done · ` +
     `${health.live_devices}/${health.devices} devices live` +
-    (health.status === "starting" ? " · building artifacts" : "");
+    (health.status === "starting" ? " · building artifacts" : "") +
+    (health.privacy ? ` · ${privacyText(health.privacy)}` : "");
   const problem = document.getElementById("problem");
   problem.hidden = !health.problem;
   problem.textContent = health.problem ? `server fault: ${health.problem}` : "";
