@@ -33,7 +33,7 @@ import torch
 
 from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
 from heterofl_edge.errors import InternalError
-from heterofl_edge.levels import rate_label
+from heterofl_edge.levels import parse_rate, rate_label
 from heterofl_edge.strategy import HeteroFLStrategy, RoundPlan
 
 __all__ = [
@@ -543,8 +543,11 @@ class RoundEngine:
         summary["seconds"]["statistics"] = self.clock() - start
         evaluation, seconds, problem = self._evaluate()
         summary["seconds"]["evaluation"] = seconds
+        upload_rates = [
+            rate for level, n in summary["levels"].items() for rate in [parse_rate(level)] * n
+        ]
         privacy = self.strategy.release(
-            summary["pool"], summary["selected"], self._statistics_release()
+            summary["pool"], summary["selected"], self._statistics_release(), upload_rates
         )
         result = RoundResult(
             **summary,

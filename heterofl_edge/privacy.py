@@ -454,17 +454,32 @@ class PrivacyPlan:
             generator.manual_seed(int(state[0]))
         return generator
 
-    def release(self, pool: int, sampled: int, statistics: str) -> dict[str, Any]:
-        """Record a finished round's release; what the round's result reports of privacy."""
+    def release(
+        self,
+        pool: int,
+        sampled: int,
+        statistics: str,
+        upload_rates: Sequence[float] = (),
+        level_rates: Sequence[float] = (),
+    ) -> dict[str, Any]:
+        """Record a finished round's release; what the round's result reports of privacy.
+
+        ``effective_noise``: per level in play, the noise std on the averaged update of
+        an element that only that level and wider ones hold (``effective_noise``).
+        """
+        from heterofl_edge.levels import rate_label
+
         assert self.noise_multiplier is not None
         release = RoundRelease(pool, sampled, statistics, self.noise_multiplier)
         self.releases.append(release)
+        noise = effective_noise(self.settings(), upload_rates, level_rates)
         return {
             **release.to_json(),
             "epsilon": self.epsilon(),
             "delta": self.delta,
             "clip": self.clip,
             "placement": self.placement.value,
+            "effective_noise": {rate_label(r): std for r, std in noise.items()},
         }
 
 

@@ -173,8 +173,10 @@ class HeteroFLStrategy:
             return None
         return self.privacy.admit(round_number, pool, sampled, statistics)
 
-    def release(self, pool: int, sampled: int, statistics: str) -> dict[str, Any] | None:
+    def release(
+        self, pool: int, sampled: int, statistics: str, upload_rates: Sequence[float] = ()
+    ) -> dict[str, Any] | None:
         """Record what a finished round released; its privacy report (None without DP)."""
         if self.privacy is None:
             return None
-        return self.privacy.release(pool, sampled, statistics)
+        return self.privacy.release(pool, sampled, statistics, upload_rates, self.mix.rates)
