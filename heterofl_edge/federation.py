@@ -5,6 +5,10 @@
 spec means the same in both loops: the strategy (selection, levels, learning
 rate, sub-model rule, aggregation) comes from the spec alone, and the loops
 differ only in the transport, the journal and their quorum.
+
+``--aggregation buffered`` builds the ``BufferedEngine`` (FedBuff,
+``heterofl_edge.buffered_engine``) on the same strategy, policy and quorum; it
+needs a transport and a journal of its kind.
 """
 
 from __future__ import annotations
@@ -12,9 +16,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
+from heterofl_edge.buffered_engine import (
+    BufferedEngine,
+    BufferedJournal,
+    BufferedTransport,
+    BufferSettings,
+)
 from heterofl_edge.engine import (
     Clock,
     EngineSettings,
@@ -28,7 +39,7 @@ from heterofl_edge.models import get_architecture
 from heterofl_edge.spec import FederationSpec
 from heterofl_edge.strategy import HeteroFLStrategy
 
-__all__ = ["Quorum", "build_engine", "build_strategy"]
+__all__ = ["Quorum", "buffer_settings", "build_engine", "build_strategy"]
 
 State = dict[str, torch.Tensor]
 
@@ -68,10 +79,21 @@ def build_strategy(
     )
 
 
+def buffer_settings(spec: FederationSpec) -> BufferSettings:
+    """The spec's FedBuff settings (used when ``spec.aggregation`` is buffered)."""
+    return BufferSettings(
+        spec.buffer_size,
+        spec.staleness,
+        spec.server_lr,
+        spec.max_staleness,
+        spec.statistics_every,
+    )
+
+
 def build_engine(
     spec: FederationSpec,
-    transport: Transport,
-    journal: Journal,
+    transport: Transport | BufferedTransport,
+    journal: Journal | BufferedJournal,
     initial_state: Callable[[], State],
     clock: Clock,
     *,
@@ -86,7 +108,8 @@ def build_engine(
     """The round engine that runs ``spec`` over ``transport`` (see the module docstring).
 
     ``policy`` places clients at levels (None: the strategy's Fix or Dynamic draw);
-    ``evaluate`` scores the global model after each round.
+    ``evaluate`` scores the global model after each round. A buffered spec gets a
+    ``BufferedEngine``, whose transport and journal must be buffered ones.
     """
     settings = EngineSettings(
         rounds=spec.total_rounds,
@@ -96,11 +119,25 @@ def build_engine(
         stats_seconds=quorum.stats_seconds,
         statistics=spec.statistics,
     )
+    if spec.buffered:
+        return BufferedEngine(
+            build_strategy(spec, population, noise_seed),
+            settings,
+            buffer_settings(spec),
+            cast(BufferedTransport, transport),
+            cast(BufferedJournal, journal),
+            initial_state,
+            clock,
+            policy=policy,
+            evaluate=evaluate,
+            has_statistics=has_statistics,
+            on_round=on_round,
+        )
     return RoundEngine(
         build_strategy(spec, population, noise_seed),
         settings,
         transport,
-        journal,
+        cast(Journal, journal),
         initial_state,
         clock,
         policy=policy,

@@ -79,7 +79,7 @@ class SessionTransport:
     ) -> None:
         self._tasks, self._state = tuple(tasks), state
 
-    def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply]:
+    def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply | None]:
         if phase is Phase.statistics:
             yield from self._statistics()
             return

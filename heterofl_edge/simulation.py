@@ -17,6 +17,12 @@ computed with the new global model (the same workers, fresh every round), and
 the global model is evaluated on the test set (and, for non-IID splits, on
 each client's labels: local accuracy). With a ``FileJournal`` a killed run
 resumes from its last checkpoint and ends with the same model, bit for bit.
+
+With a ``SimulatedFleet`` (``simulate --simulated-time``) every client is a
+device with a speed and an on/off availability, the run is timed on a
+simulated clock (``heterofl_edge.timed_transport``) and the profile policy can
+place clients; ``--aggregation buffered`` runs the ``BufferedEngine`` on the
+same transport. Both report simulated wall-clock time per round or version.
 """
 
 from __future__ import annotations
@@ -37,15 +43,16 @@ from heterofl_edge.backends import (
     SessionBackend,
     available_cores,
 )
+from heterofl_edge.buffered_engine import BufferedJournal, BufferedResult, MemoryBufferedJournal
 from heterofl_edge.data.base import TaskData
 from heterofl_edge.data.registry import get_dataset
-from heterofl_edge.engine import RoundResult, StatisticsClients
+from heterofl_edge.engine import Journal, LevelPolicy, RoundEngine, RoundResult, StatisticsClients
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.federation import Quorum, build_engine
 from heterofl_edge.in_process import MemoryJournal, SessionTransport
 from heterofl_edge.journal import FileJournal
 from heterofl_edge.loss import label_mask
-from heterofl_edge.models import StaticBatchNorm2d, get_architecture
+from heterofl_edge.models import Architecture, StaticBatchNorm2d, get_architecture
 from heterofl_edge.paper import (
     PAPER_SETTINGS,
     PaperSettings,
@@ -53,7 +60,8 @@ from heterofl_edge.paper import (
     local_training,
     paper_settings,
 )
-from heterofl_edge.partition import Split
+from heterofl_edge.partition import Partition, Split
+from heterofl_edge.profile_policy import LevelTable, ProfileLevels, choose_rate, level_costs
 from heterofl_edge.sessions import (
     Accelerator,
     ClientArrays,
@@ -62,9 +70,11 @@ from heterofl_edge.sessions import (
     resolve_device,
     session_threads,
 )
+from heterofl_edge.simulated_time import SimulatedFleet, TimeModel
 from heterofl_edge.slicing import Submodel
 from heterofl_edge.spec import FederationSpec, Policy
 from heterofl_edge.tasks import check_compatible, task_for
+from heterofl_edge.timed_transport import TimedTransport
 
 __all__ = [
     "PAPER_SETTINGS",
@@ -98,6 +108,9 @@ class SimulationConfig(FederationSpec):
     num_clients: int = 100
     shards_per_client: int = 2  # non-IID: label shards per client (2: at most 2 classes)
     train_examples: int | None = None  # a random subset of the training examples
+    # The clients' devices (speed tiers, availability) on a simulated clock, or None:
+    # every client always there and timed by nothing but the machine.
+    fleet: SimulatedFleet | None = None
 
     def __post_init__(self) -> None:
         """The spec's checks, and what only a simulation can get wrong."""
@@ -105,12 +118,23 @@ class SimulationConfig(FederationSpec):
         if self.num_clients < 1:
             raise ConfigError(f"need at least one client, got {self.num_clients}")
         self.check_reachable(self.num_clients)
-        if self.policy is Policy.profile:
+        if self.policy is Policy.profile and self.fleet is None:
             raise ConfigError(
                 "simulate cannot place clients by a measured profile: simulated clients "
                 "time nothing",
-                "use --policy fix or dynamic (or leave it to the mode), or run devices "
+                "use --policy fix or dynamic (or leave it to the mode), add --simulated-time "
+                "(simulated devices with the profile policy's step-time model), or run devices "
                 "against 'coordinator serve'",
+            )
+        if self.buffered and self.buffer_size > self.num_clients:
+            raise ConfigError(
+                f"--buffer-size {self.buffer_size} exceeds the {self.num_clients} clients",
+                "a client delivers at most one update per version: use at most --clients",
+            )
+        if self.fleet is not None and self.private:
+            raise ConfigError(
+                "differential privacy is not available with --simulated-time",
+                "drop --simulated-time, or --dp-clip",
             )
 
     @property
@@ -125,6 +149,7 @@ class SimulationConfig(FederationSpec):
             num_clients=self.num_clients,
             shards_per_client=self.shards_per_client,
             train_examples=self.train_examples,
+            fleet=None if self.fleet is None else self.fleet.to_json(),
         )
         return data
 
@@ -173,6 +198,11 @@ class RoundRecord:
     seconds: dict[str, float] = field(default_factory=dict)  # training, statistics, ...
     global_perplexity: float | None = None  # the language model's metric (None otherwise)
     privacy: dict[str, Any] | None = None  # a private run's release and epsilon so far
+    # With --simulated-time (and buffered runs): the simulated wall-clock time, in seconds
+    # from the start, at which the round (version) was finished; the seconds above are then
+    # simulated seconds too.
+    simulated_time: float | None = None
+    buffer: dict[str, Any] | None = None  # a buffered version: staleness and weights folded
 
 
 @dataclass
@@ -246,6 +276,7 @@ def run_simulation(
     execution: Execution | None = None,
     journal_dir: Path | None = None,
     resume: bool = False,
+    on_model: Callable[[RoundRecord, dict[str, torch.Tensor]], None] | None = None,
 ) -> SimulationResult:
     """Run ``config`` on ``data`` and return every round's record and the final state.
 
@@ -255,9 +286,19 @@ def run_simulation(
     the records of the rounds already done); ``on_client`` gets (clients done,
     clients in the round) as a round progresses. With ``journal_dir``, every
     round is checkpointed there; ``resume`` continues the run found there.
+    ``on_model`` gets each round's (version's) record with its global model, as
+    it ends (benchmarks study the published models). Either callback may raise
+    ``heterofl_edge.engine.Stopped`` to end the run there: the result then holds
+    the rounds finished so far.
     """
     execution = execution or Execution()
     device = resolve_device(execution.accelerator)
+    timed = config.fleet is not None or config.buffered
+    if timed and resume:
+        raise ConfigError(
+            "--resume continues synchronous runs without --simulated-time only",
+            "start a buffered or time-modelled run again in a new --out (it is deterministic)",
+        )
     journal = (
         FileJournal(journal_dir, fingerprint(config, device), resume)
         if journal_dir is not None
@@ -314,6 +355,7 @@ def run_simulation(
         }
 
     records: list[RoundRecord] = []
+    running: list[RoundEngine] = []  # the engine, once built (for on_model)
 
     def record(result: RoundResult) -> None:
         evaluation = result.evaluation
@@ -335,8 +377,12 @@ def run_simulation(
             seconds=dict(result.seconds),
             global_perplexity=evaluation.get("global_perplexity"),
             privacy=result.privacy,
+            simulated_time=result.finished_at if timed else None,
+            buffer=dict(result.buffer) if isinstance(result, BufferedResult) else None,
         )
         records.append(entry)
+        if on_model is not None and running:
+            on_model(entry, running[0].global_state)
         if on_round:
             on_round(entry)
 
@@ -347,28 +393,46 @@ def run_simulation(
             record(done)
     arrays = ClientArrays(train_x.numpy(), train_y.numpy())
     backend = make_backend(execution, arrays, device)
-    transport = SessionTransport(
-        arch,
-        mix.global_rate,
-        backend,
-        train_parts,
-        data.num_classes,
-        config.local_training,
-        on_client,
-    )
-    engine = build_engine(
-        config,
-        transport,
-        journal if journal is not None else MemoryJournal(),
-        initial_state,
-        time.time,
-        population=config.num_clients,
-        quorum=Quorum(min_clients=config.num_clients),
-        evaluate=test,
-        has_statistics=has_statistics,
-        on_round=record,
-        noise_seed=config.seed,  # a simulation's DP noise is reproducible from its seed
-    )
+    transport: SessionTransport
+    engine: RoundEngine
+    if timed:
+        engine, transport = _timed_engine(
+            config,
+            arch,
+            backend,
+            train_parts,
+            data.num_classes,
+            on_client,
+            journal,
+            initial_state,
+            test,
+            has_statistics,
+            record,
+        )
+    else:
+        transport = SessionTransport(
+            arch,
+            mix.global_rate,
+            backend,
+            train_parts,
+            data.num_classes,
+            config.local_training,
+            on_client,
+        )
+        engine = build_engine(
+            config,
+            transport,
+            journal if journal is not None else MemoryJournal(),
+            initial_state,
+            time.time,
+            population=config.num_clients,
+            quorum=Quorum(min_clients=config.num_clients),
+            evaluate=test,
+            has_statistics=has_statistics,
+            on_round=record,
+            noise_seed=config.seed,  # a simulation's DP noise is reproducible from its seed
+        )
+    running.append(engine)
     transport.privacy, transport.noise_seed = engine.strategy.privacy, config.seed
     # This process evaluates with as many threads as sessions run at once (one for --workers 1).
     try:
@@ -388,3 +452,73 @@ def run_simulation(
         initial.get("global_perplexity"),
         engine.exhausted,
     )
+
+
+def _timed_engine(
+    config: SimulationConfig,
+    arch: Architecture,
+    backend: SessionBackend,
+    parts: Partition,
+    num_classes: int,
+    on_client: Callable[[int, int], None] | None,
+    journal: FileJournal | None,
+    initial_state: Callable[[], dict[str, torch.Tensor]],
+    evaluate: Callable[[dict[str, torch.Tensor]], Mapping[str, float | None]],
+    has_statistics: bool,
+    on_round: Callable[[RoundResult], None],
+) -> tuple[RoundEngine, TimedTransport]:
+    """The engine of a buffered or time-modelled run, on the simulated clock of its transport.
+
+    With a fleet, clients are devices of its tiers and availability, timed by the
+    profile policy's step-time model, which also places them under ``--policy profile``.
+    """
+    mix = config.level_mix
+    local = config.local_training
+    fleet = config.fleet
+    model: TimeModel | None = None
+    policy: LevelPolicy | None = None
+    if fleet is not None:
+        costs = level_costs(arch, mix.rates)
+        examples = [len(indices) for indices in parts.indices]
+        model = TimeModel(fleet, costs, examples, local.epochs, local.batch_size, config.seed)
+        if config.policy is Policy.profile:
+            table = LevelTable()
+            rates = {
+                str(i): choose_rate(
+                    model.profile(i),
+                    costs,
+                    table,
+                    fleet.round_seconds,
+                    local.epochs,
+                    local.batch_size,
+                )
+                for i in range(config.num_clients)
+            }
+            policy = ProfileLevels(costs, table, rates.__getitem__, rates.update)
+    transport = TimedTransport(
+        arch, mix.global_rate, backend, parts, num_classes, local, on_client, model
+    )
+    quorum = Quorum(
+        min_clients=1 if fleet is not None else config.num_clients,
+        round_seconds=fleet.round_seconds if fleet is not None else math.inf,
+    )
+    engine_journal: Journal | BufferedJournal
+    if config.buffered:
+        engine_journal = MemoryBufferedJournal()  # a buffered simulation does not resume
+    else:
+        engine_journal = journal if journal is not None else MemoryJournal()
+    engine = build_engine(
+        config,
+        transport,
+        engine_journal,
+        initial_state,
+        transport.clock,
+        population=config.num_clients,
+        quorum=quorum,
+        policy=policy,
+        evaluate=evaluate,
+        has_statistics=has_statistics,
+        on_round=on_round,
+        noise_seed=config.seed,
+    )
+    return engine, transport

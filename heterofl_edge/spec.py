@@ -22,12 +22,13 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from heterofl_edge.assignment import Assignment, LevelMix, parse_mode
+from heterofl_edge.buffered import Aggregation, StalenessRule, parse_staleness
 from heterofl_edge.engine import StatisticsClients
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import get_architecture
@@ -78,6 +79,15 @@ class FederationSpec:
     dp_max_epsilon: float | None = None  # stop before a round that would spend more
     dp_statistics_clip: float = 50.0  # L2 bound of a client's sBN moment vector
     dp_placement: DpPlacement = DpPlacement.server
+    # Buffered asynchronous aggregation (FedBuff, heterofl_edge/buffered.py): every
+    # buffer_size arriving updates become a new model version, each weighted by its
+    # staleness; `rounds` then counts published versions.
+    aggregation: Aggregation = Aggregation.sync
+    buffer_size: int = 10  # K: updates per published version
+    staleness: StalenessRule = field(default_factory=StalenessRule)  # polynomial:0.5
+    server_lr: float = 1.0  # eta: the version moves by eta x the weighted average update
+    max_staleness: int = 20  # updates that started more versions ago are refused
+    statistics_every: int = 1  # buffered: sBN statistics every this many versions
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
@@ -107,6 +117,28 @@ class FederationSpec:
             raise ConfigError(f"test examples must be at least 1, got {self.test_examples}")
         self.level_mix  # noqa: B018 - parsing the mode is the check
         self._check_privacy()
+        self._check_buffered()
+
+    def _check_buffered(self) -> None:
+        if self.buffer_size < 1:
+            raise ConfigError(f"--buffer-size must be at least 1, got {self.buffer_size}")
+        if not (self.server_lr > 0 and math.isfinite(self.server_lr)):
+            raise ConfigError(f"--server-lr must be positive, got {self.server_lr}")
+        if self.max_staleness < 0:
+            raise ConfigError(f"--max-staleness must be 0 or more, got {self.max_staleness}")
+        if self.statistics_every < 1:
+            raise ConfigError(f"--statistics-every must be at least 1, got {self.statistics_every}")
+        if self.aggregation is Aggregation.buffered and self.private:
+            raise ConfigError(
+                "differential privacy is not available with --aggregation buffered",
+                "its accounting assumes rounds of uniformly sampled clients; use "
+                "--aggregation sync with --dp-clip",
+            )
+
+    @property
+    def buffered(self) -> bool:
+        """Whether updates are buffered asynchronously (FedBuff) rather than in rounds."""
+        return self.aggregation is Aggregation.buffered
 
     def _check_privacy(self) -> None:
         given = {
@@ -237,6 +269,7 @@ class FederationSpec:
             if isinstance(value, StrEnum):
                 data[key] = value.value
         data.update(
+            staleness=str(self.staleness),
             data=self.data_name,
             rounds=self.total_rounds,
             lr=self.learning_rate,
@@ -254,6 +287,8 @@ SPEC_KEYS: tuple[str, ...] = tuple(
 )
 
 _CONVERT: dict[str, Any] = {
+    "aggregation": Aggregation,
+    "staleness": parse_staleness,  # a one-line ConfigError for text of no FedBuff form
     "dp_placement": DpPlacement,
     "policy": Policy,
     "submodel": Submodel,

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from heterofl_edge.cli.spec_options import (
+    AggregationSetting,
     BatchSizeSetting,
+    BufferSizeSetting,
     ConfigFileOption,
     DataSetting,
     DpClipSetting,
@@ -29,13 +31,17 @@ from heterofl_edge.cli.spec_options import (
     LocalEpochsSetting,
     LrFactorSetting,
     LrSetting,
+    MaxStalenessSetting,
     MilestonesSetting,
     ModelSetting,
     ModeSetting,
     PolicySetting,
     RoundsSetting,
     SeedSetting,
+    ServerLrSetting,
     SplitSetting,
+    StalenessSetting,
+    StatisticsEverySetting,
     StatisticsSetting,
     SubmodelSetting,
     TestExamplesSetting,
@@ -80,6 +86,12 @@ def serve(
     dp_max_epsilon: DpMaxEpsilonSetting = None,
     dp_statistics_clip: DpStatisticsClipSetting = None,
     dp_placement: DpPlacementSetting = None,
+    aggregation: AggregationSetting = None,
+    buffer_size: BufferSizeSetting = None,
+    staleness: StalenessSetting = None,
+    server_lr: ServerLrSetting = None,
+    max_staleness: MaxStalenessSetting = None,
+    statistics_every: StatisticsEverySetting = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -239,6 +251,12 @@ def serve(
         dp_max_epsilon=dp_max_epsilon,
         dp_statistics_clip=dp_statistics_clip,
         dp_placement=dp_placement,
+        aggregation=aggregation,
+        buffer_size=buffer_size,
+        staleness=staleness,
+        server_lr=server_lr,
+        max_staleness=max_staleness,
+        statistics_every=statistics_every,
     )
     settings.setdefault("policy", Policy.profile)  # devices measure themselves
     if not 0 < port < 65536:

@@ -8,14 +8,16 @@ folder, the transformer on WikiText-2, or ``package.module:factory`` on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
 from heterofl_edge.cli.options import parse_choice
 from heterofl_edge.cli.spec_options import (
+    AggregationSetting,
     BatchSizeSetting,
+    BufferSizeSetting,
     ConfigFileOption,
     DataSetting,
     DpClipSetting,
@@ -29,13 +31,17 @@ from heterofl_edge.cli.spec_options import (
     LocalEpochsSetting,
     LrFactorSetting,
     LrSetting,
+    MaxStalenessSetting,
     MilestonesSetting,
     ModelSetting,
     ModeSetting,
     PolicySetting,
     RoundsSetting,
     SeedSetting,
+    ServerLrSetting,
     SplitSetting,
+    StalenessSetting,
+    StatisticsEverySetting,
     StatisticsSetting,
     SubmodelSetting,
     TestExamplesSetting,
@@ -43,6 +49,9 @@ from heterofl_edge.cli.spec_options import (
 )
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
+
+if TYPE_CHECKING:
+    from heterofl_edge.simulated_time import SimulatedFleet
 
 
 def _perplexity(value: float | None) -> str:
@@ -75,6 +84,12 @@ def simulate(
     dp_max_epsilon: DpMaxEpsilonSetting = None,
     dp_statistics_clip: DpStatisticsClipSetting = None,
     dp_placement: DpPlacementSetting = None,
+    aggregation: AggregationSetting = None,
+    buffer_size: BufferSizeSetting = None,
+    staleness: StalenessSetting = None,
+    server_lr: ServerLrSetting = None,
+    max_staleness: MaxStalenessSetting = None,
+    statistics_every: StatisticsEverySetting = None,
     clients: Annotated[
         int,
         typer.Option(
@@ -108,6 +123,48 @@ def simulate(
         typer.Option(
             help="With --backend ray: the cluster to join, 'auto' or HOST:PORT "
             "[a private Ray on this machine]."
+        ),
+    ] = None,
+    simulated_time: Annotated[
+        bool,
+        typer.Option(
+            "--simulated-time",
+            help="Give every client a device: a speed tier (--tiers, timed by the profile "
+            "policy's step-time model) and an on/off availability (--availability); runs "
+            "then report simulated wall-clock time, the same for any --workers, and "
+            "--policy profile places clients.",
+            rich_help_panel="Simulated time",
+        ),
+    ] = False,
+    tiers: Annotated[
+        str | None,
+        typer.Option(
+            help="Device tiers dealt round-robin: slowdown[@Mbit/s[@MB]], comma-separated "
+            "[default: the demo's 1,3@50@1024,10@10@256].",
+            rich_help_panel="Simulated time",
+        ),
+    ] = None,
+    step_ms: Annotated[
+        float | None,
+        typer.Option(
+            help="A 1x device's training step at the smallest level in play, in ms [default: 5].",
+            rich_help_panel="Simulated time",
+        ),
+    ] = None,
+    availability: Annotated[
+        str | None,
+        typer.Option(
+            help="always, or ON,OFF: mean seconds of each client's online and offline "
+            "spells (exponential, seeded) [default: always].",
+            rich_help_panel="Simulated time",
+        ),
+    ] = None,
+    round_seconds: Annotated[
+        float | None,
+        typer.Option(
+            help="The synchronous round's deadline (stragglers miss it), the profile "
+            "policy's budget and its re-leveling deadline [default: 600].",
+            rich_help_panel="Simulated time",
         ),
     ] = None,
     resume: Annotated[
@@ -168,9 +225,16 @@ def simulate(
         dp_max_epsilon=dp_max_epsilon,
         dp_statistics_clip=dp_statistics_clip,
         dp_placement=dp_placement,
+        aggregation=aggregation,
+        buffer_size=buffer_size,
+        staleness=staleness,
+        server_lr=server_lr,
+        max_staleness=max_staleness,
+        statistics_every=statistics_every,
     )
+    fleet = simulated_fleet(simulated_time, tiers, step_ms, availability, round_seconds)
     run = SimulationConfig(
-        **settings, num_clients=clients, train_examples=train_examples
+        **settings, num_clients=clients, train_examples=train_examples, fleet=fleet
     )  # the config refuses impossible settings here, before any data is loaded
     if address is not None and chosen_backend is not Backend.ray:
         raise ConfigError("--address needs --backend ray", "add --backend ray, or drop --address")
@@ -188,6 +252,17 @@ def simulate(
         f"({mix.assignment.value}), {run.total_rounds} rounds, {run.num_clients} clients, "
         f"fraction {run.fraction:g}, {run.submodel.value} sub-models"
     )
+    if run.buffered:
+        typer.echo(
+            f"buffered: {run.total_rounds} versions of {run.buffer_size} updates, staleness "
+            f"{run.staleness}, server lr {run.server_lr:g}, max staleness {run.max_staleness}"
+        )
+    if run.fleet is not None:
+        typer.echo(
+            f"simulated time: tiers {', '.join(str(t) for t in run.fleet.tiers)}, step "
+            f"{run.fleet.step_ms:g} ms, availability {run.fleet.availability or 'always'}, "
+            f"deadline {run.fleet.round_seconds:g} s"
+        )
 
     perplexity = run.metric == "perplexity"
 
@@ -205,10 +280,15 @@ def simulate(
                 f"  epsilon {record.privacy['epsilon']:.3g} at delta {record.privacy['delta']:g}"
             )
         loss = "private" if run.private else f"{record.train_loss:.4f}"
+        name = "version" if run.buffered else "round"
+        timing = f"({record.round_seconds:.1f} s, {record.samples_per_second:.0f} samples/s)"
+        if record.simulated_time is not None:
+            timing = f"(simulated time {record.simulated_time:.0f} s)"
+        if record.buffer is not None:
+            timing = f"staleness {record.buffer['staleness']}  {timing}"
         typer.echo(
-            f"round {record.round:>3}/{run.total_rounds}  lr {record.lr:g}  levels {levels}  "
-            f"train loss {loss}  {score}{local}{private}  "
-            f"({record.round_seconds:.1f} s, {record.samples_per_second:.0f} samples/s)"
+            f"{name} {record.round:>3}/{run.total_rounds}  lr {record.lr:g}  levels {levels}  "
+            f"train loss {loss}  {score}{local}{private}  {timing}"
         )
 
     def on_client(done: int, total: int) -> None:
@@ -252,3 +332,33 @@ def simulate(
         summary = f"initial global accuracy {result.initial_accuracy:.4f} -> "
         summary += f"final {final.global_accuracy:.4f}"
     typer.echo(f"{summary}; wrote results.json, learning_curve.png and model.safetensors in {out}")
+
+
+def simulated_fleet(
+    enabled: bool,
+    tiers: str | None,
+    step_ms: float | None,
+    availability: str | None,
+    round_seconds: float | None,
+) -> SimulatedFleet | None:
+    """The ``--simulated-time`` options as a fleet (None without it); ``ConfigError``."""
+    from heterofl_edge.simulated_time import SimulatedFleet, parse_availability, parse_tiers
+
+    given = {
+        "--tiers": tiers,
+        "--step-ms": step_ms,
+        "--availability": availability,
+        "--round-seconds": round_seconds,
+    }
+    if not enabled:
+        named = [flag for flag, value in given.items() if value is not None]
+        if named:
+            raise ConfigError(f"{named[0]} needs --simulated-time", "add --simulated-time")
+        return None
+    defaults = SimulatedFleet()
+    return SimulatedFleet(
+        tiers=parse_tiers(tiers) if tiers is not None else defaults.tiers,
+        step_ms=step_ms if step_ms is not None else defaults.step_ms,
+        availability=parse_availability(availability) if availability is not None else None,
+        round_seconds=round_seconds if round_seconds is not None else defaults.round_seconds,
+    )

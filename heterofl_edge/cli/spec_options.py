@@ -23,7 +23,9 @@ from heterofl_edge.cli.options import check_data_name, check_model_name
 from heterofl_edge.errors import ConfigError
 
 __all__ = [
+    "AggregationSetting",
     "BatchSizeSetting",
+    "BufferSizeSetting",
     "ConfigFileOption",
     "DataSetting",
     "DpClipSetting",
@@ -37,13 +39,17 @@ __all__ = [
     "LocalEpochsSetting",
     "LrFactorSetting",
     "LrSetting",
+    "MaxStalenessSetting",
     "MilestonesSetting",
     "ModeSetting",
     "ModelSetting",
     "PolicySetting",
     "RoundsSetting",
     "SeedSetting",
+    "ServerLrSetting",
     "SplitSetting",
+    "StalenessSetting",
+    "StatisticsEverySetting",
     "StatisticsSetting",
     "SubmodelSetting",
     "TestExamplesSetting",
@@ -252,6 +258,60 @@ DpPlacementSetting = Annotated[
         help="server (the aggregator clips and adds the noise) or distributed (each client "
         "adds its share) [default: server].",
         rich_help_panel=_PRIVACY,
+    ),
+]
+
+
+_BUFFERED = "Buffered asynchronous aggregation (also from --config)"
+
+AggregationSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="sync (rounds: every selected client answers or misses, then one average) or "
+        "buffered (FedBuff: clients train whenever free on the newest model; every "
+        "--buffer-size updates, weighted by staleness, make a new version; --rounds then "
+        "counts versions) [default: sync].",
+        rich_help_panel=_BUFFERED,
+    ),
+]
+BufferSizeSetting = Annotated[
+    int | None,
+    typer.Option(
+        help="Buffered: K, the updates folded into each new model version [default: 10].",
+        rich_help_panel=_BUFFERED,
+    ),
+]
+StalenessSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Buffered: weight of an update that started tau versions ago: constant, "
+        "polynomial:a ((1+tau)^-a) or hinge:a,b (1 up to b, then 1/(a(tau-b)+1)) "
+        "[default: polynomial:0.5].",
+        rich_help_panel=_BUFFERED,
+    ),
+]
+ServerLrSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Buffered: eta, the new version is the current one plus eta x the per-element "
+        "weighted average update [default: 1].",
+        rich_help_panel=_BUFFERED,
+    ),
+]
+MaxStalenessSetting = Annotated[
+    int | None,
+    typer.Option(
+        help="Buffered: updates that started more versions ago than this are refused "
+        "(409 stale_update) and count as a miss for the level policy [default: 20].",
+        rich_help_panel=_BUFFERED,
+    ),
+]
+StatisticsEverySetting = Annotated[
+    int | None,
+    typer.Option(
+        help="Buffered: gather sBN statistics (from --statistics' clients) every this many "
+        "versions; versions between keep the last ones [default: 1].",
+        rich_help_panel=_BUFFERED,
     ),
 ]
 
