@@ -63,13 +63,16 @@ def sbn_widths(arch: Architecture, global_rate: float) -> dict[str, int]:
 
 def _check_identity(store: Store, config: CoordinatorConfig, arch: Architecture) -> None:
     identity = f"{arch.name}|{config.level_mix.name}|{config.policy_name}"
+    if config.buffered:  # versions, not rounds: a synchronous run's state cannot continue
+        identity += "|buffered"
     stored = store.get_meta("identity")
     if stored is None:
         store.set_meta("identity", identity)
     elif stored != identity:
         raise ConfigError(
             f"state dir {config.state_dir} holds a run of {stored.replace('|', ', ')}",
-            "use the same --model, --mode and --policy to resume, or a new --state-dir",
+            "use the same --model, --mode, --policy and --aggregation to resume, or a new "
+            "--state-dir",
         )
 
 

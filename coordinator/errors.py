@@ -34,6 +34,7 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.method_not_allowed: 405,
     ErrorCode.request_timeout: 408,
     ErrorCode.round_closed: 409,
+    ErrorCode.stale_update: 409,
     ErrorCode.duplicate_upload: 409,
     ErrorCode.payload_too_large: 413,
     ErrorCode.wrong_tensors: 422,

@@ -24,6 +24,8 @@ from coordinator.admission import Admission
 from coordinator.artifacts import Artifacts, ExportStopped
 from coordinator.board import TaskBoard, TaskSettings, Waker, encode_state
 from coordinator.bootstrap import OpenedState, open_state
+from coordinator.buffered_board import BufferedBoard
+from coordinator.buffered_journal import BufferedRecords, BufferedStoreJournal
 from coordinator.config import CoordinatorConfig
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.evaluation import HeldOutEvaluation
@@ -73,7 +75,7 @@ class Coordinator:
         self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
         self.waker = Waker()
         local = config.local_training
-        self.board = TaskBoard(
+        board_settings = (
             self.store,
             self.registry,
             self.arch,
@@ -90,8 +92,25 @@ class Coordinator:
             ),
             clock,
             self.waker,
-            on_result=lambda kind, size: self.metrics.uploads.labels(kind, "accepted").inc(),
         )
+
+        def on_result(kind: str, size: int) -> None:
+            self.metrics.uploads.labels(kind, "accepted").inc()
+
+        self.buffered_records: BufferedRecords | None = None
+        self.board: TaskBoard
+        if config.buffered:  # FedBuff: every device on its own task (coordinator/buffered_board)
+            self.buffered_records = BufferedRecords(self.store)
+            self.board = BufferedBoard(
+                *board_settings,
+                on_result=on_result,
+                records=self.buffered_records,
+                max_staleness=config.max_staleness,
+                task_seconds=config.round_seconds,
+                submodel=config.submodel,
+            )
+        else:
+            self.board = TaskBoard(*board_settings, on_result=on_result)
         self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
         self.policy: ProfileLevels | None = None
         if config.profiled:
@@ -116,7 +135,19 @@ class Coordinator:
         self.problem: str | None = None
         self._model_bytes = b""
         self._completed = 0
-        self.journal = StoreJournal(self.store, self.policy, self._round_finished, config.submodel)
+        self.journal: StoreJournal | BufferedStoreJournal
+        if self.buffered_records is not None:
+            self.journal = BufferedStoreJournal(
+                self.buffered_records,
+                self.policy,
+                self._round_finished,
+                config.submodel,
+                config.max_staleness,
+            )
+        else:
+            self.journal = StoreJournal(
+                self.store, self.policy, self._round_finished, config.submodel
+            )
         self.engine = self._make_engine()
         self._publish_model(self.engine.global_state, self.engine.completed)
         self.views = ReadViews(

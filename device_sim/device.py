@@ -44,6 +44,7 @@ PROFILE_STEPS = 5
 _TASK_GONE = frozenset(
     {
         ErrorCode.round_closed,
+        ErrorCode.stale_update,  # buffered: the update's version is too far behind
         ErrorCode.duplicate_upload,
         ErrorCode.not_assigned,
         ErrorCode.unknown_round,

@@ -67,6 +67,9 @@ class ErrorCode(StrEnum):
     method_not_allowed = "method_not_allowed"
     request_timeout = "request_timeout"  # the request did not arrive in time
     round_closed = "round_closed"  # the round (or its phase) closed before this arrived
+    # Buffered aggregation: the update started from a model version more than the
+    # staleness bound behind the newest one; like round_closed, take the next task.
+    stale_update = "stale_update"
     duplicate_upload = "duplicate_upload"
     payload_too_large = "payload_too_large"
     wrong_tensors = "wrong_tensors"  # names do not match the level

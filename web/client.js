@@ -21,6 +21,7 @@ import {
   IntegrityError,
   MAX_DELAY_MS,
   referenceLevel,
+  TASK_GONE_CODES,
 } from './protocol.js';
 import { addDistributedNoise } from './dp_noise.js';
 import { STATS_BATCH } from './trainer.js';
@@ -255,7 +256,7 @@ export class DeviceClient {
 
   /**
    * Run one piece of work; on failure log it, show it, back off, and return false.
-   * unknown_token forgets the token (the next turn registers); round_closed only logs.
+   * unknown_token forgets the token (the next turn registers); round_closed and stale_update only log.
    */
   async guard(work) {
     try {
@@ -270,7 +271,7 @@ export class DeviceClient {
         this.log(`${ENROLLMENT_MESSAGE} (${err.code}: ${err.message})`, 'error');
         throw new FatalError(ENROLLMENT_MESSAGE, err);
       }
-      if (err instanceof ApiError && err.code === Codes.roundClosed) {
+      if (err instanceof ApiError && TASK_GONE_CODES.has(err.code)) {
         this.log(`round ${this.state.round ?? '?'}: too late, the coordinator moved on (${err.message})`, 'warn');
         return false;
       }

@@ -19,9 +19,13 @@ const STORAGE_KEY = 'heterofl-edge.device';
 export const Codes = Object.freeze({
   unknownToken: 'unknown_token', // 401: register again
   roundClosed: 'round_closed', // 409: too late or a duplicate; take the next task
+  staleUpdate: 'stale_update', // 409 (buffered): the update's model version is too old; take the next task
   enrollmentRequired: 'enrollment_required', // 401: registration needs the coordinator's device link
   badEnrollmentToken: 'bad_enrollment_token', // 401: the link's token is not this coordinator's
 });
+
+/** Codes that mean "this task is over": the device logs it and asks for the next one. */
+export const TASK_GONE_CODES = new Set([Codes.roundClosed, Codes.staleUpdate]);
 
 /** Codes no retry can cure: the device stops and says what to do. */
 export const FATAL_CODES = new Set([Codes.enrollmentRequired, Codes.badEnrollmentToken]);
