@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from coordinator.buffered_journal import BufferedRecords
 from coordinator.config import CoordinatorConfig
 from coordinator.demo_data import DemoData
 from coordinator.errors import ApiError, ErrorCode
@@ -121,6 +122,8 @@ def _check_open_round(store: Store, config: CoordinatorConfig, arch: Architectur
     from their record afterwards; only here, at start-up, could a record have
     been damaged (an older defect, a disk) since.
     """
+    if config.buffered:
+        _check_unfolded_updates(store, config, arch)
     row = store.open_round_row()
     if row is None:
         return
@@ -128,7 +131,10 @@ def _check_open_round(store: Store, config: CoordinatorConfig, arch: Architectur
     widths = sbn_widths(arch, config.level_mix.global_rate)
     trained = {t.device_id: t.num_samples for t in store.tasks(number, Phase.training)}
     held = {d.id: d.profile.get("num_examples") for d in store.devices()}
-    for phase in (Phase.training, Phase.statistics):
+    # Buffered: an open version's training rows are updates already folded into it
+    # (their bytes dropped); the unfolded ones were checked above.
+    phases = (Phase.statistics,) if config.buffered else (Phase.training, Phase.statistics)
+    for phase in phases:
         for task in store.uploaded(number, phase):
             payload = store.payload(number, phase, task.device_id)
             try:
@@ -146,3 +152,25 @@ def _check_open_round(store: Store, config: CoordinatorConfig, arch: Architectur
                     f"run 'heterofl-edge coordinator repair --state-dir "
                     f"{config.state_dir}' to discard the open round, then start again",
                 ) from None
+
+
+def _check_unfolded_updates(store: Store, config: CoordinatorConfig, arch: Architecture) -> None:
+    """Buffered: refuse acknowledged updates not yet folded whose stored bytes fail the checks.
+
+    They are what a restart re-folds (``coordinator.buffered_journal``), from
+    any version a task started from.
+    """
+    records = BufferedRecords(store)
+    for _, task in records.arrivals_after(records.consumed()):
+        payload = store.payload(task.round, Phase.training, task.device_id)
+        try:
+            if payload is None:
+                raise ApiError(ErrorCode.bad_payload, "its bytes are missing")
+            parse_update(payload, arch.spec, task.rate, arch.num_classes)
+        except ApiError as exc:
+            raise StateError(
+                f"the acknowledged update of device {task.device_id} from version "
+                f"{task.round - 1} does not pass the checks ({exc.message})",
+                f"restore the state folder {config.state_dir} from a backup, or start a new "
+                "--state-dir",
+            ) from None

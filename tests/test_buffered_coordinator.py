@@ -157,3 +157,36 @@ def test_sbn_statistics_of_a_version_come_from_its_contributors(make_app, tmp_pa
     state = global_model(client)
     assert torch.allclose(state["blocks.2.norm.running_mean"], torch.full((256,), 2.0))
     assert client.get("/v1/health").json["done"]
+
+
+def test_a_restart_while_a_published_versions_statistics_are_open_continues_it(make_app, tmp_path):
+    from coordinator_helpers import statistics_body
+
+    config = buffered(tmp_path, statistics=StatisticsClients.round, rounds=2)
+    first_app = make_app(config)
+    first = first_app.test_client()
+    tokens = register(first)
+    assert first_app.extensions["heterofl"].settle()
+    assert upload(first, tokens[0], 1, constant_update(1.0, 1.0), ALL).status_code == 200
+    assert upload(first, tokens[2], 1, constant_update(0.0625, 2.0), ALL).status_code == 200
+    assert first_app.extensions["heterofl"].settle()
+    first_app.extensions["heterofl"].close()  # version 1 published, its statistics open
+
+    second_app = make_app(config)  # its folded updates' bytes are gone: it starts all the same
+    second = second_app.test_client()
+    coordinator = second_app.extensions["heterofl"]
+    assert coordinator.settle()
+    tasks = tasks_of(second, tokens)
+    assert [(t["action"], t["round"]) for t in tasks] == [
+        ("statistics", 1),
+        ("train", 1),
+        ("statistics", 1),
+    ]
+    for token, task in ((tokens[0], tasks[0]), (tokens[2], tasks[2])):
+        reply = second.post(task["upload_url"], data=statistics_body(600, 1.0), headers=auth(token))
+        assert reply.status_code == 200, reply.json
+    assert coordinator.settle()
+    history = second.get("/v1/rounds").json["rounds"]
+    assert history[0]["state"] == "finished" and history[0]["metrics"]["uploads"] == 2
+    # Units 0..3: the average of a's 1 and e's 2; the rest: a's alone.
+    assert torch.equal(global_model(second)[BIAS], torch.tensor([1.5] * 4 + [1.0] * 60))
