@@ -8,38 +8,14 @@ folder, the transformer on WikiText-2, or ``package.module:factory`` on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
 from heterofl_edge.cli.options import parse_choice
 from heterofl_edge.cli.spec_options import (
-    BatchSizeSetting,
-    ConfigFileOption,
-    DataSetting,
-    DpClipSetting,
-    DpDeltaSetting,
-    DpMaxEpsilonSetting,
-    DpNoiseMultiplierSetting,
-    DpPlacementSetting,
-    DpStatisticsClipSetting,
-    DpTargetEpsilonSetting,
-    FractionSetting,
-    LocalEpochsSetting,
-    LrFactorSetting,
-    LrSetting,
-    MilestonesSetting,
-    ModelSetting,
-    ModeSetting,
-    PolicySetting,
-    RoundsSetting,
-    SeedSetting,
-    SplitSetting,
-    StatisticsSetting,
-    SubmodelSetting,
-    TestExamplesSetting,
-    spec_settings,
+    federation_options,
 )
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
@@ -49,32 +25,9 @@ def _perplexity(value: float | None) -> str:
     return "inf" if value is None else f"{value:.2f}"  # the engine reports inf as None
 
 
+@federation_options
 def simulate(
     data_dir: AnyDataDirOption = None,
-    config: ConfigFileOption = None,
-    model: ModelSetting = None,
-    data: DataSetting = None,
-    mode: ModeSetting = None,
-    policy: PolicySetting = None,
-    submodel: SubmodelSetting = None,
-    split: SplitSetting = None,
-    rounds: RoundsSetting = None,
-    fraction: FractionSetting = None,
-    lr: LrSetting = None,
-    milestones: MilestonesSetting = None,
-    lr_factor: LrFactorSetting = None,
-    local_epochs: LocalEpochsSetting = None,
-    batch_size: BatchSizeSetting = None,
-    statistics: StatisticsSetting = None,
-    seed: SeedSetting = None,
-    test_examples: TestExamplesSetting = None,
-    dp_clip: DpClipSetting = None,
-    dp_noise_multiplier: DpNoiseMultiplierSetting = None,
-    dp_target_epsilon: DpTargetEpsilonSetting = None,
-    dp_delta: DpDeltaSetting = None,
-    dp_max_epsilon: DpMaxEpsilonSetting = None,
-    dp_statistics_clip: DpStatisticsClipSetting = None,
-    dp_placement: DpPlacementSetting = None,
     clients: Annotated[
         int,
         typer.Option(
@@ -121,6 +74,7 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option(help="Output folder [runs/simulate-MODEL-MODE-SPLIT-sSEED].")
     ] = None,
+    spec: dict[str, Any] | None = None,  # the federation options (federation_options)
 ) -> None:
     """Run HeteroFL; write per-round results as JSON, a learning curve and the model.
 
@@ -143,32 +97,7 @@ def simulate(
     )
 
     chosen_backend = parse_choice(Backend, backend, "backend")
-    settings = spec_settings(
-        config,
-        model=model,
-        data=data,
-        mode=mode,
-        policy=policy,
-        submodel=submodel,
-        split=split,
-        rounds=rounds,
-        fraction=fraction,
-        lr=lr,
-        milestones=milestones,
-        lr_factor=lr_factor,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        statistics=statistics,
-        seed=seed,
-        test_examples=test_examples,
-        dp_clip=dp_clip,
-        dp_noise_multiplier=dp_noise_multiplier,
-        dp_target_epsilon=dp_target_epsilon,
-        dp_delta=dp_delta,
-        dp_max_epsilon=dp_max_epsilon,
-        dp_statistics_clip=dp_statistics_clip,
-        dp_placement=dp_placement,
-    )
+    settings = dict(spec or {})
     run = SimulationConfig(
         **settings, num_clients=clients, train_examples=train_examples
     )  # the config refuses impossible settings here, before any data is loaded

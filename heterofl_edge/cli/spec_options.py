@@ -14,8 +14,11 @@ and follows the mode's own rule.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
@@ -23,6 +26,7 @@ from heterofl_edge.cli.options import check_data_name, check_model_name
 from heterofl_edge.errors import ConfigError
 
 __all__ = [
+    "FEDERATION_OPTIONS",
     "BatchSizeSetting",
     "ConfigFileOption",
     "DataSetting",
@@ -47,6 +51,7 @@ __all__ = [
     "StatisticsSetting",
     "SubmodelSetting",
     "TestExamplesSetting",
+    "federation_options",
     "spec_settings",
 ]
 
@@ -254,6 +259,63 @@ DpPlacementSetting = Annotated[
         rich_help_panel=_PRIVACY,
     ),
 ]
+
+
+# Every federation option by its parameter name, in the order --help lists them.
+FEDERATION_OPTIONS: dict[str, Any] = {
+    "config": ConfigFileOption,
+    "model": ModelSetting,
+    "data": DataSetting,
+    "mode": ModeSetting,
+    "policy": PolicySetting,
+    "submodel": SubmodelSetting,
+    "split": SplitSetting,
+    "rounds": RoundsSetting,
+    "fraction": FractionSetting,
+    "lr": LrSetting,
+    "milestones": MilestonesSetting,
+    "lr_factor": LrFactorSetting,
+    "local_epochs": LocalEpochsSetting,
+    "batch_size": BatchSizeSetting,
+    "statistics": StatisticsSetting,
+    "seed": SeedSetting,
+    "test_examples": TestExamplesSetting,
+    "dp_clip": DpClipSetting,
+    "dp_noise_multiplier": DpNoiseMultiplierSetting,
+    "dp_target_epsilon": DpTargetEpsilonSetting,
+    "dp_delta": DpDeltaSetting,
+    "dp_max_epsilon": DpMaxEpsilonSetting,
+    "dp_statistics_clip": DpStatisticsClipSetting,
+    "dp_placement": DpPlacementSetting,
+}
+
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def federation_options(command: Command) -> Command:
+    """Give ``command`` every federation option; it receives them merged as ``spec``.
+
+    ``spec`` holds the spec's constructor arguments (``spec_settings``: the
+    ``--config`` file's values, then the flags given), so that ``simulate`` and
+    ``serve`` declare the options once, here, and cannot drift apart.
+    """
+    signature = inspect.signature(command, eval_str=True)  # typer reads the objects
+    own = [p for p in signature.parameters.values() if p.name != "spec"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in FEDERATION_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_spec(*args: Any, **kwargs: Any) -> None:
+        flags = {name: kwargs.pop(name, None) for name in FEDERATION_OPTIONS}
+        config = flags.pop("config")
+        command(*args, spec=spec_settings(config, **flags), **kwargs)
+
+    with_spec.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+    hints = {k: v for k, v in command.__annotations__.items() if k != "spec"}
+    with_spec.__annotations__ = {**hints, **FEDERATION_OPTIONS}
+    return cast(Command, with_spec)
 
 
 def spec_settings(config_file: Path | None, **flags: Any) -> dict[str, Any]:
