@@ -18,6 +18,7 @@ __all__ = ["STATUS", "ApiError", "ErrorCode"]
 STATUS: dict[ErrorCode, int] = {
     ErrorCode.invalid_request: 400,
     ErrorCode.bad_profile: 400,
+    ErrorCode.insufficient_memory: 400,
     ErrorCode.unsupported_runtime: 400,
     ErrorCode.bad_payload: 400,
     ErrorCode.bad_metadata: 400,

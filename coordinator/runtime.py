@@ -29,7 +29,15 @@ from coordinator.errors import ApiError, ErrorCode
 from coordinator.evaluation import HeldOutEvaluation
 from coordinator.journal import StoreJournal
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_rate
+from coordinator.policy import (
+    DeviceProfile,
+    LevelCost,
+    MemoryCappedLevels,
+    ProfileLevels,
+    choose_rate,
+    memory_cap,
+    memory_needed_mb,
+)
 from coordinator.registry import DeviceRegistry
 from coordinator.views import ReadViews
 from heterofl_edge.complexity import measure_complexity
@@ -68,6 +76,7 @@ class Coordinator:
         self.mix = config.level_mix
         self.store = opened.store
         self.demo_data = opened.demo_data
+        self.run_id = opened.run_id
         self.metrics = CoordinatorMetrics()
         self.admission = Admission(config.admission, clock)
         self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
@@ -93,6 +102,7 @@ class Coordinator:
             on_result=lambda kind, size: self.metrics.uploads.labels(kind, "accepted").inc(),
         )
         self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
+        _ = self.level_costs  # measured once, at start-up, rather than on a request thread
         self.policy: ProfileLevels | None = None
         if config.profiled:
             self.policy = ProfileLevels(
@@ -100,6 +110,7 @@ class Coordinator:
                 config.level_table,
                 lambda device_id: self._device_rate(device_id),
                 self.registry.set_rates,
+                cap_of=self._memory_cap,
             )
         self.evaluation = (
             None
@@ -122,6 +133,7 @@ class Coordinator:
         self.views = ReadViews(
             config,
             self.arch.name,
+            self.run_id,
             self.store,
             self.registry,
             self.board,
@@ -146,7 +158,8 @@ class Coordinator:
             self.clock,
             population=None,  # the registered devices, counted every round
             quorum=self.config.quorum,
-            policy=self.policy,
+            # Fix and Dynamic: the strategy's draw, capped by each device's memory.
+            policy=self.policy if self.policy is not None else MemoryCappedLevels(self._memory_cap),
             evaluate=self._evaluate if self.evaluation is not None else None,
             has_statistics=bool(self.board.bn_widths()),
         )
@@ -158,8 +171,22 @@ class Coordinator:
         costs = []
         for rate in self.mix.rates:
             c = measure_complexity(self.arch, rate)
-            costs.append(LevelCost(rate, c.flops, 4 * c.parameters))
+            activations = _activation_elements(self.arch, rate, self.mix.global_rate)
+            costs.append(LevelCost(rate, c.flops, 4 * c.parameters, 4 * activations))
         return costs
+
+    def _memory_cap(self, device_id: str) -> float:
+        """The largest rate a registered device's memory trains (its profile, as registered)."""
+        device = self.registry.get(device_id)
+        if device is None:
+            return self.mix.global_rate
+        cap = memory_cap(
+            DeviceProfile.from_json(device.profile),
+            self.level_costs,
+            self.config.level_table,
+            self.config.local_training.batch_size,
+        )
+        return cap if cap is not None else min(self.mix.rates)  # registered before the check
 
     def _device_rate(self, device_id: str) -> float:
         device = self.registry.get(device_id)
@@ -324,7 +351,7 @@ class Coordinator:
     # -- what the API asks ------------------------------------------------------------------
     def register(self, profile: dict[str, Any]) -> Registered:
         """A new device for a profile the schema accepted; 400 if this run cannot use it."""
-        self._check_profile(profile)
+        cap = self._check_profile(profile)
         rate = self.mix.global_rate
         if self.policy is not None:
             local = self.config.local_training
@@ -354,12 +381,17 @@ class Coordinator:
             level=rate_label(rate) if profiled else None,
             rate=rate if profiled else None,
             policy=self.config.policy_name,
+            max_level=rate_label(cap),
+            max_rate=cap,
             poll_seconds=self.config.poll_seconds,
             heartbeat_seconds=self.config.heartbeat_interval,
         )
 
-    def _check_profile(self, profile: dict[str, Any]) -> None:
-        """``ApiError`` for a profile this run cannot place: another mode, another format."""
+    def _check_profile(self, profile: dict[str, Any]) -> float:
+        """The largest rate the device's memory trains, for a profile this run can place.
+
+        ``ApiError`` otherwise: another mode, another format, too little memory.
+        """
         reference = float(profile["reference_rate"])
         if not any(math.isclose(reference, r, rel_tol=1e-9) for r in self.mix.rates):
             accepted = ", ".join(f"{r:g} ({rate_label(r)})" for r in sorted(self.mix.rates))
@@ -380,6 +412,30 @@ class Coordinator:
                 "use a runtime of an offered format, or start the coordinator with "
                 "--formats onnx,executorch",
             )
+        return self._check_memory(DeviceProfile.from_json(profile))
+
+    def _check_memory(self, device: DeviceProfile) -> float:
+        """The largest rate whose training fits ``device``; 400 ``insufficient_memory`` if none."""
+        batch = self.config.local_training.batch_size
+        cap = memory_cap(device, self.level_costs, self.config.level_table, batch)
+        if cap is not None:
+            return cap
+        smallest = min(self.level_costs, key=lambda lv: lv.rate)
+        top = max(self.level_costs, key=lambda lv: lv.rate)
+        needed = memory_needed_mb(smallest, top, self.config.level_table, batch)
+        held = (
+            f" ({device.base_memory_mb:.0f} MB of it held by the device's process)"
+            if device.base_memory_mb
+            else ""
+        )
+        raise ApiError(
+            ErrorCode.insufficient_memory,
+            f"a memory limit of {device.memory_mb:g} MB{held} fits no level of mode "
+            f"{self.mix.name}: the smallest, {rate_label(smallest.rate)}, needs about "
+            f"{needed:.0f} MB more than the process",
+            f"raise the device's --max-memory-mb to at least "
+            f"{math.ceil(device.base_memory_mb + needed)}, or run smaller levels",
+        )
 
     def model_bytes(self) -> bytes:
         return self._model_bytes
@@ -387,6 +443,32 @@ class Coordinator:
     @property
     def completed_rounds(self) -> int:
         return self._completed
+
+
+def _activation_elements(arch: Architecture, rate: float, global_rate: float) -> int:
+    """Elements of every layer's output for one training example at ``rate``.
+
+    What a training step keeps for its backward pass scales with this; the
+    memory estimate (``coordinator.policy.training_memory_mb``) multiplies it.
+    """
+    model = arch.build(rate, global_rate)
+    total = 0
+
+    def count(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    model.train()
+    try:
+        with torch.no_grad():
+            model(arch.example_input(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 def device_kind(profile: dict[str, Any]) -> str:

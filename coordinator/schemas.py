@@ -128,6 +128,7 @@ class ProfileView(BaseModel):
     step_ms: float
     reference_rate: float
     memory_mb: float
+    base_memory_mb: float | None = None
     bandwidth_mbps: float
     runtimes: list[str]
     num_examples: int | None = None

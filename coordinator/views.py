@@ -29,6 +29,7 @@ class ReadViews:
         self,
         config: CoordinatorConfig,
         model_name: str,
+        run_id: str,
         store: Store,
         registry: DeviceRegistry,
         board: TaskBoard,
@@ -42,6 +43,7 @@ class ReadViews:
         self.config = config
         self.mix = config.level_mix
         self.model_name = model_name
+        self.run_id = run_id  # which run this is: a device's --state-dir is bound to one
         self.store = store
         self.registry = registry
         self.board = board
@@ -83,6 +85,7 @@ class ReadViews:
             "demo_data": self.demo_data,
             "evaluation": self._last_evaluation(),
             "privacy": privacy,
+            "run_id": self.run_id,
             "problem": self.problem(),
         }
 

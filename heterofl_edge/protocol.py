@@ -51,6 +51,7 @@ class ErrorCode(StrEnum):
 
     invalid_request = "invalid_request"  # a path, query or JSON body that does not parse
     bad_profile = "bad_profile"  # a registration profile out of bounds
+    insufficient_memory = "insufficient_memory"  # the device's memory limit fits no level
     unsupported_runtime = "unsupported_runtime"  # none of the device's runtimes is offered
     bad_payload = "bad_payload"  # a body that is not a readable safetensors payload
     bad_metadata = "bad_metadata"  # safetensors metadata missing, malformed or out of bounds
@@ -127,6 +128,11 @@ class Health(_Reply):
     reference_level: str = Field(description="the level devices time to profile themselves")
     reference_rate: float
     demo_data: bool = Field(description="whether GET /v1/demo-data serves demo shards")
+    run_id: str | None = Field(
+        None,
+        description="this run's identity, made once per state folder: a device that keeps its "
+        "registration (--state-dir) resumes it only with the run it registered with",
+    )
 
 
 # -- registration ---------------------------------------------------------------------
@@ -144,7 +150,20 @@ class DeviceProfile(BaseModel):
         description="median time of one training step of the reference artifact",
     )
     reference_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
-    memory_mb: float = Field(gt=0, le=1e9, allow_inf_nan=False)
+    memory_mb: float = Field(
+        gt=0,
+        le=1e9,
+        allow_inf_nan=False,
+        description="memory the device may use (a device with --max-memory-mb: that limit)",
+    )
+    base_memory_mb: float | None = Field(
+        None,
+        ge=0,
+        le=1e9,
+        allow_inf_nan=False,
+        description="memory the device's process holds before it loads a level (measured); a "
+        "level fits when this plus the level's training memory is within memory_mb",
+    )
     bandwidth_mbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     runtimes: list[Annotated[Runtime, Strict(False)]] = Field(
         default_factory=lambda: [Runtime.onnx],
@@ -169,6 +188,12 @@ class Registered(_Reply):
     level: str | None = Field(description="the device's level under the profile policy")
     rate: float | None
     policy: str
+    max_level: str | None = Field(
+        None, description="the largest level whose training fits the device's memory"
+    )
+    max_rate: float | None = Field(
+        None, description="that level's rate: the device is never given a larger one"
+    )
     poll_seconds: float = Field(description="how often to ask /v1/task while waiting")
     heartbeat_seconds: float = Field(
         description="how often to call /v1/heartbeat while working on a task"
