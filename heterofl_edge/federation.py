@@ -45,6 +45,7 @@ class Quorum:
     min_uploads: int = 1  # a round with fewer uploads fails and keeps the model
     round_seconds: float = math.inf  # training deadline
     stats_seconds: float = math.inf  # sBN statistics deadline
+    secure_stage_seconds: float = math.inf  # each secure aggregation stage's wait
 
 
 def build_strategy(
@@ -65,6 +66,8 @@ def build_strategy(
         spec.seed,
         spec.submodel,
         spec.privacy_plan(noise_seed),
+        spec.secure_settings,
+        arch.num_classes,
     )
 
 
@@ -95,6 +98,7 @@ def build_engine(
         round_seconds=quorum.round_seconds,
         stats_seconds=quorum.stats_seconds,
         statistics=spec.statistics,
+        secure_stage_seconds=quorum.secure_stage_seconds,
     )
     return RoundEngine(
         build_strategy(spec, population, noise_seed),

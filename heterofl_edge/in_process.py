@@ -11,7 +11,7 @@ keeps no checkpoints (a run without ``--out`` cannot resume).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from heterofl_edge.engine import (
     Phase,
     RoundOpen,
     RoundResult,
+    SecureInput,
+    StageReply,
+    StageRequest,
     StatsReply,
     Task,
     TrainReply,
@@ -30,6 +33,15 @@ from heterofl_edge.engine import (
 from heterofl_edge.models import Architecture
 from heterofl_edge.partition import Partition
 from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
+from heterofl_edge.secagg import (
+    SecAggClient,
+    ShareRequest,
+    Stage,
+    UnmaskRequest,
+    statistics_layout,
+    statistics_vector,
+    training_vector,
+)
 from heterofl_edge.sessions import StatsJob, TrainJob, moments_from, to_arrays, to_tensors
 from heterofl_edge.slicing import extract_submodel_state
 from heterofl_edge.training import LocalTrainingConfig
@@ -62,6 +74,10 @@ class SessionTransport:
         # A private run's plan (set with the engine): clients add their DP noise share here.
         self.privacy: PrivacyPlan | None = None
         self.noise_seed = 0
+        # Secure aggregation: each client's side of the protocol runs here, as a device's would.
+        self._secure: Mapping[str, SecureInput] | None = None
+        self._stage: tuple[Stage, Mapping[str, StageRequest]] | None = None
+        self._secagg: dict[str, SecAggClient] = {}
 
     def wait_for_clients(self, minimum: int) -> list[Client]:
         return [Client(str(i), i) for i in range(self.parts.num_clients)]
@@ -76,8 +92,50 @@ class SessionTransport:
         tasks: Sequence[Task],
         state: dict[str, torch.Tensor],
         deadline: float,
+        secure: Mapping[str, SecureInput] | None = None,
     ) -> None:
-        self._tasks, self._state = tuple(tasks), state
+        self._tasks, self._state, self._secure = tuple(tasks), state, secure
+
+    def open_stage(
+        self,
+        round_number: int,
+        phase: Phase,
+        stage: Stage,
+        requests: Mapping[str, StageRequest],
+        deadline: float,
+    ) -> None:
+        self._stage = (stage, requests)
+
+    def stage_replies(self, round_number: int, phase: Phase, stage: Stage) -> Iterator[StageReply]:
+        """Each client's answer, computed as a device computes it (``SecAggClient``)."""
+        assert self._stage is not None and self._stage[0] is stage
+        for client, request in self._stage[1].items():
+            if stage is Stage.advertise:
+                self._secagg[client] = SecAggClient(request.context, request.index)
+                yield StageReply(client, self._secagg[client].advertise())
+            elif isinstance(request.body, ShareRequest):
+                body = request.body
+                yield StageReply(
+                    client, self._secagg[client].share_keys(body.neighbours, body.threshold)
+                )
+            elif isinstance(request.body, UnmaskRequest):
+                answer = self._secagg[client].unmask(request.body.dropped, request.body.survivors)
+                yield StageReply(client, answer)
+
+    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
+        self._stage = None
+        return []
+
+    def _masked(
+        self, client: str, vector: np.ndarray, secure: SecureInput, rate: float
+    ) -> np.ndarray:
+        layout = (
+            secure.plan.layout(rate)
+            if secure.plan is not None
+            else statistics_layout(secure.layers)
+        )
+        request = secure.request
+        return self._secagg[client].mask(vector, layout, request.peers, request.ciphertexts)
 
     def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply]:
         if phase is Phase.statistics:
@@ -90,6 +148,11 @@ class SessionTransport:
             plan = self.privacy
             if plan is not None and plan.placement is DpPlacement.distributed:
                 update = self._noised(round_number, task, jobs[done - 1], update, plan)
+            if self._secure is not None:
+                yield self._secure_reply(task, jobs[done - 1], outcome.update, outcome.seconds)
+                if self.on_client:
+                    self.on_client(done, len(jobs))
+                continue
             yield TrainReply(
                 outcome.client,
                 update,
@@ -101,6 +164,20 @@ class SessionTransport:
             )
             if self.on_client:
                 self.on_client(done, len(jobs))
+
+    def _secure_reply(
+        self, task: Task, job: TrainJob, trained: Mapping[str, np.ndarray], seconds: float
+    ) -> TrainReply:
+        """A client's masked training vector: its update, label rows and label presence."""
+        assert self._secure is not None
+        secure = self._secure[task.client]
+        assert secure.plan is not None and secure.fixed is not None
+        update = {n: trained[n].astype(np.float64) - job.state[n] for n in secure.plan.names}
+        vector = training_vector(
+            update, secure.plan, task.rate, secure.fixed, self.parts.labels[task.position]
+        )
+        masked = self._masked(task.client, vector, secure, task.rate)
+        return TrainReply(task.client, {}, None, 0, {}, seconds, checked=True, masked=masked)
 
     def _noised(
         self,
@@ -163,7 +240,18 @@ class SessionTransport:
         ]
         for outcome in self.backend.statistics(jobs):
             for client, report in outcome:
-                yield StatsReply(client, moments_from(report))
+                if self._secure is None:
+                    yield StatsReply(client, moments_from(report))
+                    continue
+                secure = self._secure[client]
+                arrays = {
+                    f"{layer}.{part}": value
+                    for layer, (count, mean, var) in report.items()
+                    for part, value in (("count", np.array([count])), ("mean", mean), ("var", var))
+                }
+                vector = statistics_vector(arrays, secure.layers, secure.statistics_scale)
+                masked = self._masked(client, vector, secure, self.global_rate)
+                yield StatsReply(client, {}, masked)
 
     def all_silent(self, clients: Sequence[str]) -> bool:
         return not clients

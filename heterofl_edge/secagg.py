@@ -76,6 +76,7 @@ __all__ = [
     "Advertisement",
     "BelowThreshold",
     "FixedPoint",
+    "LayoutPlan",
     "SecAggClient",
     "SecAggRefusal",
     "SecAggServer",
@@ -94,7 +95,10 @@ __all__ = [
     "neighbour_graph",
     "prg",
     "split_secret",
+    "statistics_layout",
+    "statistics_vector",
     "threshold_for",
+    "training_vector",
     "unb64",
 ]
 
@@ -875,3 +879,107 @@ def check_unmask(request: UnmaskRequest, shares: Mapping[int, int]) -> None:
         raise SecAggRefusal(f"no shares of clients {missing[:5]}", code="bad_share")
     if any(not 0 <= value < PRIME for value in shares.values()):
         raise SecAggRefusal("a share lies outside the field", code="bad_share")
+
+
+# -- what a client's vector holds -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayoutPlan:
+    """How every client of a round lays out its training vector (public: the levels are).
+
+    ``names``: the trainable tensors in order; ``blocks``: per tensor and dimension
+    (``Segment.blocks``); ``shapes``: per rate in play, each tensor's slice shape;
+    ``label_dims``: the tensors whose rows are labels (the label split: a client
+    counts only for the rows of the labels it holds) and that dimension; ``tiers``:
+    the rates in play, increasing. With ``classes`` > 0 the vector ends with the
+    client's label presence (``classes`` zeros and ones) once per tier at or below
+    its rate: summed, tier t counts the clients of rate >= tier t holding each label,
+    which is what the classifier rows' counts need, and a smaller client's entries
+    are a prefix of a larger one's (the vectors stay nested).
+    """
+
+    names: tuple[str, ...]
+    blocks: Mapping[str, tuple[int, ...]]
+    shapes: Mapping[float, Mapping[str, tuple[int, ...]]]
+    label_dims: Mapping[str, int]
+    classes: int
+    tiers: tuple[float, ...]
+
+    def tiers_held(self, rate: float) -> int:
+        return sum(1 for t in self.tiers if t <= rate * (1 + 1e-12))
+
+    def layout(self, rate: float) -> VectorLayout:
+        shapes = self._shapes(rate)
+        segments = tuple(
+            Segment(name, tuple(shapes[name]), tuple(self.blocks[name])) for name in self.names
+        )
+        presence = self.classes * self.tiers_held(rate) if self.classes else 0
+        return VectorLayout(segments, presence)
+
+    def _shapes(self, rate: float) -> Mapping[str, tuple[int, ...]]:
+        for known, shapes in self.shapes.items():
+            if math.isclose(known, rate, rel_tol=1e-9):
+                return shapes
+        raise HeteroFLError(f"rate {rate:g} is not a level of this round's layout")
+
+
+def training_vector(
+    update: Mapping[str, np.ndarray],
+    plan: LayoutPlan,
+    rate: float,
+    fixed: FixedPoint,
+    labels: Sequence[int] | None,
+) -> np.ndarray:
+    """A client's update (trained minus received) as its vector in Z_{2^32}, before masking.
+
+    Each tensor's slice in fixed point, rows of labels it does not hold zeroed
+    (with ``plan.classes``: the label split), then its label presence per tier.
+    ``labels`` None: it holds every label.
+    """
+    layout = plan.layout(rate)
+    held = np.ones(max(plan.classes, 1), bool)
+    if labels is not None and plan.classes:
+        held[:] = False
+        held[np.asarray(list(labels), np.int64)] = True
+    parts = []
+    for segment in layout.segments:
+        values = np.asarray(update[segment.name], np.float64)
+        if values.shape != segment.shape:
+            raise HeteroFLError(
+                f"{segment.name} has shape {values.shape}, the layout {segment.shape}"
+            )
+        dim = plan.label_dims.get(segment.name)
+        if dim is not None and plan.classes:
+            axis = [-1 if d == dim else 1 for d in range(values.ndim)]
+            values = values * held[: values.shape[dim]].reshape(axis)
+        parts.append(fixed.encode(values.reshape(-1)))
+    if layout.presence:
+        parts.append(np.tile(held.astype(np.uint32), layout.presence // plan.classes))
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint32)
+
+
+def statistics_vector(
+    statistics: Mapping[str, np.ndarray], layers: Sequence[tuple[str, int]], scale: float
+) -> np.ndarray:
+    """The sBN statistics as sums, wide-encoded: per layer count, sum and sum of squares.
+
+    ``statistics`` holds LAYER.count, LAYER.mean and LAYER.var (biased), as a
+    device computes them; the sums are ``count``, ``count * mean`` and ``count *
+    (var + mean^2)`` per channel, in float64, in ``layers`` order.
+    """
+    values = []
+    for name, channels in layers:
+        count = float(np.asarray(statistics[f"{name}.count"], np.float64).reshape(-1)[0])
+        mean = np.asarray(statistics[f"{name}.mean"], np.float64).reshape(-1)
+        var = np.asarray(statistics[f"{name}.var"], np.float64).reshape(-1)
+        if mean.shape != (channels,) or var.shape != (channels,):
+            raise HeteroFLError(f"statistics of {name} must have {channels} channels")
+        values.append(np.concatenate([[count], count * mean, count * (var + mean**2)]))
+    return encode_wide(np.concatenate(values) if values else np.zeros(0), scale)
+
+
+def statistics_layout(layers: Sequence[tuple[str, int]]) -> VectorLayout:
+    """Every client's statistics vector: one segment, the same for all (the global level)."""
+    size = WIDE_DIGITS * sum(1 + 2 * channels for _, channels in layers)
+    return VectorLayout((Segment("statistics", (size,), (0,)),))

@@ -34,6 +34,7 @@ from heterofl_edge.models import get_architecture
 from heterofl_edge.paper import PaperSettings, dataset_for, paper_settings
 from heterofl_edge.partition import Split
 from heterofl_edge.privacy import DpPlacement, DpSettings, PrivacyPlan
+from heterofl_edge.secure_aggregation import SecureSettings
 from heterofl_edge.slicing import Submodel
 from heterofl_edge.strategy import MultiStepSchedule
 from heterofl_edge.task_kind import TaskKind
@@ -78,6 +79,13 @@ class FederationSpec:
     dp_max_epsilon: float | None = None  # stop before a round that would spend more
     dp_statistics_clip: float = 50.0  # L2 bound of a client's sBN moment vector
     dp_placement: DpPlacement = DpPlacement.server
+    # Secure aggregation (heterofl_edge/secagg.py, SecAgg+ over nested slices): the
+    # coordinator learns only per-element sums; updates are clipped element-wise to
+    # secure_aggregation_clip for the fixed point; a client's secrets need this share of its
+    # neighbours to survive.
+    secure_aggregation: bool = False
+    secure_aggregation_clip: float = 1.0
+    secure_aggregation_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
@@ -107,6 +115,31 @@ class FederationSpec:
             raise ConfigError(f"test examples must be at least 1, got {self.test_examples}")
         self.level_mix  # noqa: B018 - parsing the mode is the check
         self._check_privacy()
+        self._check_secure()
+
+    def _check_secure(self) -> None:
+        if not self.secure_aggregation:
+            return
+        self.secure_settings  # noqa: B018 - the settings' own checks
+        if self.submodel is not Submodel.static:
+            raise ConfigError(
+                "--secure-aggregation works with --submodel static only",
+                "rolling windows are not prefixes of each other in a client's own element "
+                "order, which the masks rely on; use --submodel static",
+            )
+        if self.private:
+            raise ConfigError(
+                "--secure-aggregation with differential privacy is not built yet",
+                "leave out --dp-clip, or --secure-aggregation (the server placement clips on "
+                "the server, which never sees an update under secure aggregation)",
+            )
+
+    @property
+    def secure_settings(self) -> SecureSettings | None:
+        """The run's secure aggregation (None when off)."""
+        if not self.secure_aggregation:
+            return None
+        return SecureSettings(self.secure_aggregation_clip, self.secure_aggregation_threshold)
 
     def _check_privacy(self) -> None:
         given = {

@@ -46,6 +46,9 @@ __all__ = [
     "ModelSetting",
     "PolicySetting",
     "RoundsSetting",
+    "SecureAggregationClipSetting",
+    "SecureAggregationSetting",
+    "SecureAggregationThresholdSetting",
     "SeedSetting",
     "SplitSetting",
     "StatisticsSetting",
@@ -261,6 +264,34 @@ DpPlacementSetting = Annotated[
 ]
 
 
+_SECURE = "Secure aggregation (also from --config)"
+
+SecureAggregationSetting = Annotated[
+    bool | None,
+    typer.Option(
+        help="SecAgg+ over mixed widths: devices mask their updates, labels and sBN "
+        "statistics so that the coordinator learns only their sums [default: off].",
+        rich_help_panel=_SECURE,
+    ),
+]
+SecureAggregationClipSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Each update element (trained minus received) is clipped to +- this before its "
+        "fixed-point encoding [default: 1].",
+        rich_help_panel=_SECURE,
+    ),
+]
+SecureAggregationThresholdSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="The share of a device's neighbours that must survive for its secrets to be "
+        "rebuilt; fewer at any stage abandons the round [default: 0.5].",
+        rich_help_panel=_SECURE,
+    ),
+]
+
+
 # Every federation option by its parameter name, in the order --help lists them.
 FEDERATION_OPTIONS: dict[str, Any] = {
     "config": ConfigFileOption,
@@ -287,6 +318,9 @@ FEDERATION_OPTIONS: dict[str, Any] = {
     "dp_max_epsilon": DpMaxEpsilonSetting,
     "dp_statistics_clip": DpStatisticsClipSetting,
     "dp_placement": DpPlacementSetting,
+    "secure_aggregation": SecureAggregationSetting,
+    "secure_aggregation_clip": SecureAggregationClipSetting,
+    "secure_aggregation_threshold": SecureAggregationThresholdSetting,
 }
 
 Command = TypeVar("Command", bound=Callable[..., None])
