@@ -76,6 +76,13 @@ class CoordinatorConfig(FederationSpec):
             if not (seconds > 0 and not math.isnan(seconds)):
                 raise ConfigError(f"{name} must be positive, got {seconds}")
         self.check_reachable(self.min_devices)  # the first round's pool, at least
+        if self.secure_aggregation:
+            # Refused rather than run in the clear: devices over HTTP do not speak the
+            # protocol's stages yet (the engine and simulate do; README, "Secure aggregation").
+            raise ConfigError(
+                "coordinator serve does not run --secure-aggregation yet",
+                "simulate --secure-aggregation runs the protocol in process; serve without it",
+            )
         unknown = [f for f in self.artifact_formats if f not in ("onnx", "executorch")]
         if unknown or not self.artifact_formats:
             raise ConfigError(

@@ -69,6 +69,7 @@ __all__ = [
     "RoundOpen",
     "RoundResult",
     "SecureInput",
+    "SecureTransport",
     "StageReply",
     "StageRequest",
     "StatisticsClients",
@@ -227,14 +228,42 @@ class Transport(Protocol):
     def open_phase(
         self, round_number: int, phase: Phase, tasks: Sequence[Task], state: State, deadline: float
     ) -> None:
-        """Publish ``tasks``; clients take sub-models of ``state`` at their task's rate.
-
-        With secure aggregation the engine also passes ``secure``, each client's
-        ``SecureInput``: its reply then carries a masked vector (``masked``).
-        """
+        """Publish ``tasks``; clients take sub-models of ``state`` at their task's rate."""
 
     def replies(self, round_number: int, phase: Phase) -> Iterator[Reply | None]:
         """Replies as they are accepted; ``None`` whenever the engine should look at the clock."""
+
+    def all_silent(self, clients: Sequence[str]) -> bool:
+        """Whether every one of ``clients`` has gone silent (the engine stops waiting for them).
+
+        Called after each reply while a phase is open: stop at the first live client, so
+        that a thousand outstanding devices cost one look, not a thousand.
+        """
+
+    def close_phase(self, round_number: int, phase: Phase) -> list[Reply]:
+        """Refuse further replies; return those accepted since ``replies`` last yielded."""
+
+    def stopping(self) -> bool:
+        """True once the run should stop at the next safe point."""
+
+
+class SecureTransport(Transport, Protocol):
+    """A transport whose clients speak secure aggregation (``heterofl_edge.secagg``).
+
+    Its ``open_phase`` takes ``secure``, each client's ``SecureInput``: the
+    replies then carry masked vectors (``masked``) and nothing else of the client's.
+    """
+
+    def open_phase(
+        self,
+        round_number: int,
+        phase: Phase,
+        tasks: Sequence[Task],
+        state: State,
+        deadline: float,
+        secure: Mapping[str, SecureInput] | None = None,
+    ) -> None:
+        """Publish ``tasks``; with ``secure``, each client masks what it sends."""
 
     def open_stage(
         self,
@@ -253,19 +282,6 @@ class Transport(Protocol):
 
     def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
         """Refuse further answers to the stage; return those accepted since the last yield."""
-
-    def all_silent(self, clients: Sequence[str]) -> bool:
-        """Whether every one of ``clients`` has gone silent (the engine stops waiting for them).
-
-        Called after each reply while a phase is open: stop at the first live client, so
-        that a thousand outstanding devices cost one look, not a thousand.
-        """
-
-    def close_phase(self, round_number: int, phase: Phase) -> list[Reply]:
-        """Refuse further replies; return those accepted since ``replies`` last yielded."""
-
-    def stopping(self) -> bool:
-        """True once the run should stop at the next safe point."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +445,8 @@ class RoundEngine:
         self.on_round = on_round
         self.exhausted: str | None = None  # why the run ended early (its privacy budget)
         self._statistics_problem: str | None = None  # why a round's statistics were kept
+        if strategy.secure is not None and not callable(getattr(transport, "open_stage", None)):
+            raise InternalError("secure aggregation needs a transport that runs its stages")
         resume = journal.resume()
         if resume is None:
             self.completed = 0
@@ -613,6 +631,11 @@ class RoundEngine:
         return closed
 
     @property
+    def _secure_transport(self) -> SecureTransport:
+        """The transport, which a secure run's clients reach through (checked at start)."""
+        return self.transport  # type: ignore[return-value]
+
+    @property
     def _releases_nothing(self) -> bool:
         """Whether rounds keep no client's own numbers (DP, or secure aggregation)."""
         return self.strategy.private or self.strategy.secure is not None
@@ -693,7 +716,7 @@ class RoundEngine:
                 for client, request in requests.items()
             }
             tasks = [t for t in opened.tasks if t.client in inputs]
-            self.transport.open_phase(  # type: ignore[call-arg]
+            self._secure_transport.open_phase(
                 number, Phase.training, tasks, self.global_state, opened.deadline, secure=inputs
             )
 
@@ -810,14 +833,15 @@ class RoundEngine:
         deadline: float,
     ) -> dict[str, Any] | None:
         """One stage: publish its requests, gather answers until all, silence or the deadline."""
-        self.transport.open_stage(number, phase, stage, requests, deadline)
+        transport = self._secure_transport
+        transport.open_stage(number, phase, stage, requests, deadline)
         got: dict[str, Any] = {}
 
         def keep(reply: StageReply) -> None:
             if reply.client in requests and reply.client not in got:
                 got[reply.client] = reply.body
 
-        for reply in self.transport.stage_replies(number, phase, stage):
+        for reply in transport.stage_replies(number, phase, stage):
             if reply is not None:
                 keep(reply)
             if self.transport.stopping():
@@ -827,7 +851,7 @@ class RoundEngine:
                 break
             if self.transport.all_silent(outstanding):
                 break
-        for reply in self.transport.close_stage(number, phase, stage):
+        for reply in transport.close_stage(number, phase, stage):
             keep(reply)
         return got
 
@@ -959,7 +983,7 @@ class RoundEngine:
                 for client, request in requests.items()
             }
             subset = [t for t in tasks if t.client in inputs]
-            self.transport.open_phase(  # type: ignore[call-arg]
+            self._secure_transport.open_phase(
                 number, Phase.statistics, subset, self.global_state, deadline, secure=inputs
             )
 
