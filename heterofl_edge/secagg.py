@@ -51,6 +51,7 @@ No torch: devices install this.
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import os
 import secrets
@@ -420,10 +421,12 @@ def _dim_map(small: int, large: int, blocks: int) -> np.ndarray:
     return (index // per_small) * per_large + index % per_small
 
 
+@functools.lru_cache(maxsize=64)
 def embedding(small: VectorLayout, large: VectorLayout) -> np.ndarray:
     """Each element of a ``small`` vector's position in a ``large`` one (nested slices).
 
-    Positions compose: embedding(a, c) == embedding(b, c)[embedding(a, b)].
+    Positions compose: embedding(a, c) == embedding(b, c)[embedding(a, b)]. The
+    array is read-only and cached (a round has a few layouts, used by every client).
     """
     if [s.name for s in small.segments] != [s.name for s in large.segments] or (
         small.presence > large.presence
@@ -439,7 +442,9 @@ def embedding(small: VectorLayout, large: VectorLayout) -> np.ndarray:
             flat = np.add.outer(flat, _dim_map(a.shape[d], b.shape[d], a.blocks[d]) * strides[d])
         parts.append(flat.reshape(-1) + start)
     parts.append(np.arange(small.presence, dtype=np.int64) + large.tensor_size)
-    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    positions = np.concatenate(parts)
+    positions.flags.writeable = False
+    return positions
 
 
 def _add_at(
@@ -493,6 +498,7 @@ class SecAggClient:
         self._neighbours: dict[int, Advertisement] = {}
         self._masked_with: set[int] | None = None
         self._ciphertexts: dict[int, bytes] = {}
+        self._share_keys: dict[int, bytes] = {}
         self._unmasked = False
         self.threshold = 0
 
@@ -519,6 +525,7 @@ class SecAggClient:
         out = {}
         for v in holders:
             key = derive_key(agree(self._c_key, neighbours[v].c_public), "shares", self.context)
+            self._share_keys[v] = key  # the same key decrypts v's shares for this client
             out[v] = encrypt_shares(key, self.context, self.index, v, sk_shares[v], b_shares[v])
         self._neighbours = dict(neighbours)
         self.threshold = threshold
@@ -591,11 +598,8 @@ class SecAggClient:
         self._unmasked = True
         out = {}
         for v in sorted(dropped | survivors):
-            key = derive_key(
-                agree(self._c_key, self._neighbours[v].c_public), "shares", self.context
-            )
             sk_share, b_share = decrypt_shares(
-                key, self.context, v, self.index, self._ciphertexts[v]
+                self._share_keys[v], self.context, v, self.index, self._ciphertexts[v]
             )
             out[v] = sk_share if v in dropped else b_share
         return out
@@ -736,7 +740,7 @@ class SecAggServer:
         if i in self.uploaded:
             raise SecAggRefusal("this client's masked input is in already", code="duplicate_upload")
         check_masked(vector, self.layout[i].size)
-        _add_at(self._sum, vector, embedding(self.layout[i], self.total), subtract=False)
+        _add_at(self._sum, vector, self._positions(self.layout[i]), subtract=False)
         self.uploaded.add(i)
 
     def close_masked(self) -> dict[str, UnmaskRequest]:
@@ -793,7 +797,7 @@ class SecAggServer:
         for i in sorted(survivors):
             seed = combine_shares(_first(collected[i], self.threshold)).to_bytes(32, "big")
             mask = prg(derive_key(seed, "self mask", self.context), self.layout[i].size)
-            _add_at(total, mask, embedding(self.layout[i], self.total), subtract=True)
+            _add_at(total, mask, self._positions(self.layout[i]), subtract=True)
         for v in sorted(dropped):
             secret = combine_shares(_first(collected[v], self.threshold))
             try:
@@ -807,11 +811,15 @@ class SecAggServer:
                 )
                 mask = prg(seed, small.size)
                 # w added +mask when w < v, else -mask: take back what w added.
-                _add_at(total, mask, embedding(small, self.total), subtract=w < v)
+                _add_at(total, mask, self._positions(small), subtract=w < v)
         self.stage = Stage.unmask
         return total
 
     # -- helpers --
+    def _positions(self, layout: VectorLayout) -> np.ndarray | None:
+        """Where a vector of ``layout`` sits in the sums; None: it is the whole of them."""
+        return None if layout == self.total else embedding(layout, self.total)
+
     def _participant(self, client: str, stage: Stage) -> int:
         i = self.index.get(client)
         if i is None:
