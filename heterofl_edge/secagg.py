@@ -40,8 +40,8 @@ Below the threshold at any stage the instance fails (``BelowThreshold``) and
 nothing more is asked of the clients.
 
 Primitives: ECDH P-256, HKDF-SHA256, AES-256-GCM and AES-256-CTR from
-``cryptography`` (the browser's WebCrypto has each; ``web/secagg.js`` is the
-same protocol, bit for bit on the masks: ``tests/vectors/secagg.json``).
+``cryptography``; the browser's WebCrypto has each (a browser client is not
+written yet).
 Shamir's scheme is over the prime field of p = 2^521 - 1 (a Mersenne prime
 above every 32-byte secret), written here (a few lines of modular arithmetic;
 no maintained Python and JavaScript pair of libraries shares a format).

@@ -20,9 +20,10 @@ from secagg_helpers import ProtocolClients
 
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.bn_stats import apply_statistics
-from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult
+from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult, StatisticsClients
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.in_process import MemoryJournal
+from heterofl_edge.journal import FileJournal
 from heterofl_edge.models import get_architecture
 from heterofl_edge.secagg import (
     PRIME,
@@ -64,7 +65,7 @@ def _initial_state() -> dict[str, torch.Tensor]:
 
 
 def _engine(
-    clients: ProtocolClients, rounds: int = 1, threshold: float = 0.5, results=None
+    clients: ProtocolClients, rounds: int = 1, threshold: float = 0.5, results=None, journal=None
 ) -> RoundEngine:
     arch = _arch()
     strategy = HeteroFLStrategy(
@@ -81,7 +82,7 @@ def _engine(
         strategy,
         EngineSettings(rounds=rounds),
         clients,
-        MemoryJournal(),
+        journal or MemoryJournal(),
         _initial_state,
         clock=lambda: 0.0,
         on_round=None if results is None else results.append,
@@ -478,3 +479,115 @@ def test_the_coordinator_refuses_secure_aggregation_rather_than_run_in_the_clear
         make_config(tmp_path, secure_aggregation=True)
     assert caught.value.code == "bad_config"
     make_config(tmp_path)  # the same settings without it are fine
+
+
+# -- a restart mid-round -------------------------------------------------------------------
+
+
+class _StopsAt(ProtocolClients):
+    """Protocol clients whose run stops when the engine opens ``stage`` of ``phase``."""
+
+    def __init__(self, phase: Phase, stage: Stage) -> None:
+        state = _initial_state()
+        super().__init__(_arch().spec, 1.0, LABELS, dict(sbn_layers(state)), seed=7)
+        self.stop_at = (phase, stage)
+        self.stopped = False
+
+    def open_stage(self, round_number, phase, stage, requests, deadline) -> None:
+        super().open_stage(round_number, phase, stage, requests, deadline)
+        self.stopped = self.stopped or (phase, stage) == self.stop_at
+
+    def stopping(self) -> bool:
+        return self.stopped
+
+
+def _journal_engine(clients, folder, resume: bool, results) -> RoundEngine:
+    journal = FileJournal(folder, {"test": "secagg"}, resume)
+    if not journal.started:
+        journal.start(_initial_state(), {})
+    return _engine(clients, rounds=2, results=results, journal=journal)
+
+
+@pytest.mark.parametrize(
+    ("phase", "expect"),
+    [
+        (Phase.training, "abandoned: the run restarted during secure aggregation"),
+        (Phase.statistics, "sBN statistics skipped: the run restarted"),
+    ],
+)
+def test_a_restart_mid_round_abandons_what_was_masked_and_unmasks_nothing(
+    tmp_path, phase, expect, caplog
+):
+    first = _StopsAt(phase, Stage.unmask)  # masked inputs are in, no share was revealed
+    _journal_engine(first, tmp_path, False, []).run()
+    assert first.stopped and first.masked[phase]  # it stopped with masked uploads held
+    saved = sorted(p.name for p in tmp_path.iterdir())
+    assert all(n == "journal.json" or n.endswith(".safetensors") for n in saved), saved
+    results: list[RoundResult] = []
+    clients = _clients()
+    recorder = _Recorder(clients)
+    with caplog.at_level(logging.WARNING, logger="heterofl_edge.engine"):
+        engine = _journal_engine(clients, tmp_path, True, results)
+        engine.run()
+    assert any(expect in r.getMessage() for r in caplog.records)
+    if phase is Phase.training:
+        assert [r.state for r in results] == ["failed", "finished"]
+        assert results[0].round == 1 and results[0].reason is not None
+        assert expect in results[0].reason
+        before, _ = recorder.before[2]
+        for name, value in _initial_state().items():  # round 1 changed nothing
+            assert torch.equal(before[name], value), name
+    else:  # training was aggregated before the stop: round 1 finishes on its old statistics
+        assert [r.state for r in results] == ["finished", "finished"]
+        assert results[0].statistics_reports == 0 and expect in (results[0].reason or "")
+        assert 1 not in recorder.before  # round 1's training was not run again
+    before, tasks = recorder.before[2]
+    everyone = [t.client for t in tasks]
+    plain = apply_statistics(
+        clients.plain_state(before, tasks, everyone), clients.plain_moments(everyone)
+    )
+    _assert_model_equal(engine.global_state, plain, SecureSettings().fixed_point(10).resolution)
+
+
+# -- simulate ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_simulate_with_secure_aggregation_trains_the_same_model_as_without(mnist, monkeypatch):
+    from heterofl_edge.simulation import SimulationConfig, Split, run_simulation
+    from heterofl_edge.training import LocalTrainingConfig
+
+    unmasked: list[int] = []  # the sizes of the sums the aggregator unmasked
+    finalize = SecAggServer.finalize
+
+    def counted(self):
+        sums = finalize(self)
+        unmasked.append(sums.size)
+        return sums
+
+    monkeypatch.setattr(SecAggServer, "finalize", counted)
+
+    settings = dict(
+        mode="a1-c1-e1",
+        split=Split.non_iid,  # two labels per client: the label split
+        rounds=1,
+        num_clients=10,
+        fraction=0.4,
+        local=LocalTrainingConfig(epochs=1),
+        train_examples=2000,
+        test_examples=500,
+        statistics=StatisticsClients.round,
+        seed=7,
+    )
+    plain = run_simulation(SimulationConfig(**settings), mnist)
+    assert not unmasked
+    secure = run_simulation(SimulationConfig(**settings, secure_aggregation=True), mnist)
+    # round 0's sBN statistics, round 1's training sums and its sBN statistics
+    assert len(unmasked) == 3 and unmasked[0] == unmasked[2] < unmasked[1]
+    assert secure.rounds[0].levels == plain.rounds[0].levels
+    resolution = SecureSettings().fixed_point(4).resolution
+    _assert_model_equal(secure.global_state, plain.global_state, resolution)
+    _assert_statistics_equal(secure.global_state, plain.global_state)
+    assert secure.rounds[0].global_accuracy == pytest.approx(
+        plain.rounds[0].global_accuracy, abs=0.01
+    )
