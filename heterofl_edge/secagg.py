@@ -40,8 +40,8 @@ Below the threshold at any stage the instance fails (``BelowThreshold``) and
 nothing more is asked of the clients.
 
 Primitives: ECDH P-256, HKDF-SHA256, AES-256-GCM and AES-256-CTR from
-``cryptography``; the browser's WebCrypto has each (a browser client is not
-written yet).
+``cryptography``; ``web/secagg.js`` is the same client on WebCrypto, byte for
+byte (``tests/vectors/secagg.json``).
 Shamir's scheme is over the prime field of p = 2^521 - 1 (a Mersenne prime
 above every 32-byte secret), written here (a few lines of modular arithmetic;
 no maintained Python and JavaScript pair of libraries shares a format).
@@ -301,10 +301,20 @@ def _share_aad(context: str, sender: int, receiver: int) -> bytes:
 
 
 def encrypt_shares(
-    key: bytes, context: str, sender: int, receiver: int, sk_share: int, b_share: int
+    key: bytes,
+    context: str,
+    sender: int,
+    receiver: int,
+    sk_share: int,
+    b_share: int,
+    random: Callable[[int], bytes] = os.urandom,
 ) -> bytes:
-    """The sender's two shares for the receiver: a 12-byte nonce, then AES-256-GCM."""
-    nonce = os.urandom(12)
+    """The sender's two shares for the receiver: a nonce, then their AES-256-GCM ciphertext.
+
+    The 12-byte nonce comes from ``random``; the plaintext is both shares,
+    big-endian, 66 bytes each.
+    """
+    nonce = random(12)
     plain = sk_share.to_bytes(SHARE_BYTES, "big") + b_share.to_bytes(SHARE_BYTES, "big")
     return nonce + AESGCM(key).encrypt(nonce, plain, _share_aad(context, sender, receiver))
 
@@ -487,13 +497,27 @@ class SecAggClient:
     """
 
     def __init__(
-        self, context: str, index: int, random: Callable[[int], bytes] = secrets.token_bytes
+        self,
+        context: str,
+        index: int,
+        random: Callable[[int], bytes] = secrets.token_bytes,
+        keys: tuple[int, int] | None = None,
     ) -> None:
+        """A client with fresh keys and a fresh self-mask seed.
+
+        ``random`` draws the seed, Shamir's coefficients and the nonces; ``keys``
+        (the ``c`` and ``s`` private scalars) and a deterministic ``random`` make a
+        reproducible client (the vectors shared with the browser's tests).
+        """
         self.context = context
         self.index = index
         self._random = random
-        self._c_key = ec.generate_private_key(ec.SECP256R1())
-        self._s_key = ec.generate_private_key(ec.SECP256R1())
+        if keys is None:
+            self._c_key = ec.generate_private_key(ec.SECP256R1())
+            self._s_key = ec.generate_private_key(ec.SECP256R1())
+        else:
+            self._c_key = ec.derive_private_key(keys[0], ec.SECP256R1())
+            self._s_key = ec.derive_private_key(keys[1], ec.SECP256R1())
         self._seed = random(32)
         self._neighbours: dict[int, Advertisement] = {}
         self._masked_with: set[int] | None = None
@@ -526,7 +550,9 @@ class SecAggClient:
         for v in holders:
             key = derive_key(agree(self._c_key, neighbours[v].c_public), "shares", self.context)
             self._share_keys[v] = key  # the same key decrypts v's shares for this client
-            out[v] = encrypt_shares(key, self.context, self.index, v, sk_shares[v], b_shares[v])
+            out[v] = encrypt_shares(
+                key, self.context, self.index, v, sk_shares[v], b_shares[v], self._random
+            )
         self._neighbours = dict(neighbours)
         self.threshold = threshold
         return out

@@ -8,6 +8,8 @@
 * ``standardise.json``: the float32 bits a device computes from uint8 demo pixels and
   the shard's ``normalise`` rule (``coordinator.demo_data.Normalise.apply``, the
   arithmetic of ``heterofl_edge/data/image_arrays.py``), per channel, for a few rules.
+* ``secagg.json``: secure aggregation's arithmetic and one whole instance of four
+  reproducible clients (``secagg_vectors.py``), for ``web/secagg.js``.
 * ``safetensors/``: files written by Python's ``safetensors`` library and the
   values they hold (``expected.json``). The JS test writes the same tensors again,
   which must give the same bytes (up to the order of metadata keys, which Python
@@ -33,6 +35,9 @@ from safetensors.numpy import load, save
 
 from heterofl_edge.batching import SplitMix64, epoch_batches
 from heterofl_edge.data.idx import normalise
+
+sys.path.insert(0, str(Path(__file__).parent))
+from secagg_vectors import secagg_vectors
 
 FOLDER = Path(__file__).parent
 SAFETENSORS = FOLDER / "safetensors"
@@ -188,6 +193,7 @@ def json_files() -> dict[Path, str]:
         FOLDER / "shuffle.json": render(shuffle_vectors()),
         FOLDER / "normalise.json": render(normalise_vectors()),
         FOLDER / "standardise.json": render(standardise_vectors()),
+        FOLDER / "secagg.json": render(secagg_vectors()),
         SAFETENSORS / "expected.json": json.dumps(described, indent=1, ensure_ascii=False) + "\n",
     }
 
