@@ -28,10 +28,20 @@ import torch
 from safetensors.torch import save
 
 from coordinator.errors import ApiError, ErrorCode
-from coordinator.intake import check_update, decode_payload, parse_statistics
+from coordinator.intake import check_update, decode_payload, parse_masked, parse_statistics
 from coordinator.registry import Device, DeviceRegistry
 from coordinator.store import Store, TaskClosed
-from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
+from heterofl_edge.engine import (
+    Client,
+    Phase,
+    Reply,
+    SecureInput,
+    StageReply,
+    StageRequest,
+    StatsReply,
+    Task,
+    TrainReply,
+)
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
 from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
@@ -41,10 +51,27 @@ from heterofl_edge.protocol import (
     DistributedNoise,
     DoneTask,
     Hyperparameters,
+    SecAggAnswer,
+    SecAggPeer,
+    SecAggTask,
+    SecureMasking,
     StatisticsTask,
     TaskReply,
     TrainTask,
     WaitTask,
+)
+from heterofl_edge.secagg import (
+    Advertisement,
+    SecAggRefusal,
+    ShareRequest,
+    Stage,
+    UnmaskRequest,
+    b64,
+    check_advertisement,
+    check_shares,
+    check_unmask,
+    statistics_layout,
+    unb64,
 )
 from heterofl_edge.slicing import extract_submodel_state, shapes_at
 
@@ -131,6 +158,27 @@ class PhaseView:
     tasks: Mapping[str, Task]
     weights: Mapping[float, bytes]  # rate -> safetensors of the sub-model
     expected_counts: Mapping[str, int] = field(default_factory=dict)  # statistics phase
+    secure: Mapping[str, SecureInput] | None = None  # secure aggregation: masked uploads
+
+
+@dataclass
+class StageView:
+    """One open secure aggregation stage: its requests and the answers accepted so far.
+
+    Kept in memory only: what a stage holds (public keys, encrypted shares,
+    unmasking shares) dies with the process, and the engine abandons a secure
+    round it finds open at start-up (nothing is ever unmasked from a partial record).
+    """
+
+    round: int
+    phase: Phase
+    stage: Stage
+    requests: Mapping[str, StageRequest]
+    deadline: float
+    answers: dict[str, object] = field(default_factory=dict)
+    handed: set[str] = field(default_factory=set)  # answers the engine has read
+    keys: set[bytes] = field(default_factory=set)  # every public key advertised
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -184,6 +232,7 @@ class TaskBoard:
         # tasks then ask for no labels, metrics or counts, and carry any device-side noise.
         self.privacy: PrivacyPlan | None = None
         self._noise: DistributedNoise | None = None
+        self._stage: StageView | None = None  # an open secure aggregation stage
 
     # -- the engine's side (Transport) -----------------------------------------------
     def wait_for_clients(self, minimum: int) -> list[Client] | None:
@@ -204,6 +253,7 @@ class TaskBoard:
         tasks: Sequence[Task],
         state: Mapping[str, torch.Tensor],
         deadline: float,
+        secure: Mapping[str, SecureInput] | None = None,
     ) -> None:
         offset = tasks[0].offset if tasks else 0  # one round's windows start together
         weights = {
@@ -241,6 +291,7 @@ class TaskBoard:
                 {t.client: t for t in tasks},
                 weights,
                 expected,
+                secure,
             )
 
     def _expected_counts(self, round_number: int, tasks: Sequence[Task]) -> dict[str, int]:
@@ -323,12 +374,69 @@ class TaskBoard:
         self._done_rounds = rounds
         self._done = True
 
+    # -- secure aggregation stages (the engine's SecureTransport side) -----------------------
+    def open_stage(
+        self,
+        round_number: int,
+        phase: Phase,
+        stage: Stage,
+        requests: Mapping[str, StageRequest],
+        deadline: float,
+    ) -> None:
+        with self._lock:
+            self._stage = StageView(round_number, phase, stage, dict(requests), deadline)
+        self.waker.poke()
+
+    def stage_replies(
+        self, round_number: int, phase: Phase, stage: Stage
+    ) -> Iterator[StageReply | None]:
+        while True:
+            found = self._stage_pending()
+            yield from found
+            yield None
+            if not found:
+                self.waker.sleep(self.tick_seconds)
+
+    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
+        with self._lock:
+            if self._stage is not None:
+                self._stage.closed = True
+        return self._stage_pending()
+
+    def _stage_pending(self) -> list[StageReply]:
+        with self._lock:
+            view = self._stage
+            if view is None:
+                return []
+            new = [c for c in view.answers if c not in view.handed]
+            view.handed.update(new)
+            return [StageReply(c, view.answers[c]) for c in new]
+
+    def _masked_length(self, view: PhaseView, device_id: str) -> int:
+        assert view.secure is not None
+        secure = view.secure[device_id]
+        if secure.plan is not None:
+            return secure.plan.layout(view.tasks[device_id].rate).size
+        return statistics_layout(secure.layers).size
+
     def _pending(self, round_number: int, phase: Phase) -> list[Reply]:
         found: list[Reply] = []
         for row in self.store.uploaded(round_number, phase, skip=self._folded):
             self._folded.add(row.device_id)
             payload = self.store.payload(round_number, phase, row.device_id)
             if payload is None:
+                continue
+            view = self._view
+            if view is not None and view.secure is not None:
+                secure = view.secure.get(row.device_id)
+                if secure is None:
+                    continue
+                masked = parse_masked(payload, self._masked_length(view, row.device_id))
+                found.append(
+                    TrainReply(row.device_id, {}, None, 0, {}, row.seconds, True, masked)
+                    if phase is Phase.training
+                    else StatsReply(row.device_id, {}, masked)
+                )
                 continue
             if phase is Phase.training:
                 tensors, _ = decode_payload(payload)
@@ -370,6 +478,14 @@ class TaskBoard:
 
     # -- the devices' side (request threads) -------------------------------------------
     def task_for(self, device: Device) -> TaskReply:
+        stage = self._stage
+        if (
+            stage is not None
+            and not stage.closed
+            and device.id in stage.requests
+            and device.id not in stage.answers
+        ):
+            return self._stage_task(stage, stage.requests[device.id])
         view = self._view
         if view is not None and not self._closed and device.id in view.tasks:
             status = self._status.get(device.id)
@@ -396,12 +512,14 @@ class TaskBoard:
             "heartbeat_seconds": self.settings.heartbeat_seconds,
         }
         private = self.privacy is not None
+        secure = None if view.secure is None else _masking(view.secure[task.client])
         if view.phase is Phase.statistics:
             return StatisticsTask(
                 **work,
                 upload_url=f"/v1/rounds/{number}/statistics",
                 expected_count=view.expected_counts.get(task.client),
                 private=private,
+                secure=secure,
             )
         s = self.settings
         return TrainTask(
@@ -418,7 +536,66 @@ class TaskBoard:
             upload_url=f"/v1/rounds/{number}/update",
             private=private,
             distributed_noise=self._noise,
+            secure=secure,
         )
+
+    def _stage_task(self, stage: StageView, request: StageRequest) -> SecAggTask:
+        body = request.body
+        extra: dict[str, object] = {}
+        if isinstance(body, ShareRequest):
+            extra["threshold"] = body.threshold
+            extra["neighbours"] = [
+                SecAggPeer(index=v, c_public=b64(a.c_public), s_public=b64(a.s_public))
+                for v, a in body.neighbours.items()
+            ]
+        elif isinstance(body, UnmaskRequest):
+            extra["dropped"], extra["survivors"] = list(body.dropped), list(body.survivors)
+        return SecAggTask(
+            round=stage.round,
+            phase=stage.phase.value,
+            stage=stage.stage.value,
+            context=request.context,
+            index=request.index,
+            answer_url=f"/v1/rounds/{stage.round}/secagg",
+            deadline=stage.deadline,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+            **extra,
+        )
+
+    def accept_secagg(self, device: Device, number: int, answer: SecAggAnswer) -> Accepted:
+        """Check a stage answer and keep it for the engine; refused with a code otherwise."""
+        stage = self._stage
+        if stage is None or stage.round != number or stage.closed:
+            raise ApiError(
+                ErrorCode.round_closed,
+                f"round {number} takes no secure aggregation answer now",
+                "ask /v1/task for your next task",
+            )
+        request = stage.requests.get(device.id)
+        if request is None:
+            raise ApiError(
+                ErrorCode.not_assigned,
+                f"device {device.id} takes no part in this aggregation",
+                "ask /v1/task what to do",
+            )
+        if answer.context != request.context or answer.stage != stage.stage.value:
+            raise ApiError(
+                ErrorCode.round_closed,
+                "this answer is for another aggregation or stage",
+                "ask /v1/task for your next task",
+            )
+        try:
+            value = _checked_answer(stage, request, device.id, answer)
+        except SecAggRefusal as refusal:
+            raise ApiError(ErrorCode(refusal.code), refusal.message, refusal.hint) from None
+        with self._lock:
+            if device.id in stage.answers:  # a second answer raced the first
+                raise ApiError(_DUPLICATE[stage.stage], "this stage was answered already")
+            stage.answers[device.id] = value
+            if isinstance(value, Advertisement):
+                stage.keys |= {value.c_public, value.s_public}
+        self.waker.poke()
+        return Accepted(accepted=True, round=number)
 
     def _open_task(
         self, device: Device, number: int, phase: Phase | None
@@ -467,6 +644,8 @@ class TaskBoard:
 
     def accept_update(self, device: Device, number: int, body: bytes) -> Accepted:
         view, task = self._open_task(device, number, Phase.training)
+        if view.secure is not None:
+            return self._accept_masked(device, view, number, body, "update")
         parsed = check_update(
             body,
             self.arch.spec,
@@ -490,8 +669,21 @@ class TaskBoard:
         self.on_result("update", len(body))
         return Accepted(accepted=True, round=number)
 
+    def _accept_masked(
+        self, device: Device, view: PhaseView, number: int, body: bytes, kind: str
+    ) -> Accepted:
+        """A masked vector of the device's layout, stored as sent (uniform mod 2^32)."""
+        parse_masked(body, self._masked_length(view, device.id))
+        now = self.clock()
+        started = self._started.get(device.id, view.opened_at)
+        self._store_result(device, view, body, now, now - started, None, None, None)
+        self.on_result(kind, len(body))
+        return Accepted(accepted=True, round=number)
+
     def accept_statistics(self, device: Device, number: int, body: bytes) -> Accepted:
         view, _ = self._open_task(device, number, Phase.statistics)
+        if view.secure is not None:
+            return self._accept_masked(device, view, number, body, "statistics")
         expected = view.expected_counts.get(device.id)
         if expected is None:
             raise ApiError(
@@ -564,3 +756,69 @@ class TaskBoard:
         if device.id in self._late:
             return DeviceState.late
         return DeviceState.online
+
+
+_DUPLICATE = {
+    Stage.advertise: ErrorCode.duplicate_advertisement,
+    Stage.share: ErrorCode.duplicate_upload,
+    Stage.unmask: ErrorCode.duplicate_unmask,
+}
+
+
+def _index(text: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise SecAggRefusal(f"{text[:20]!r} is not a client index", code="unknown_peer")
+    return int(text)
+
+
+def _checked_answer(
+    stage: StageView, request: StageRequest, device_id: str, answer: SecAggAnswer
+) -> object:
+    """The answer as the engine takes it, checked against the stage's request."""
+    if device_id in stage.answers:
+        raise SecAggRefusal("this stage was answered already", code=_DUPLICATE[stage.stage].value)
+    if stage.stage is Stage.advertise:
+        if answer.c_public is None or answer.s_public is None:
+            raise SecAggRefusal("an advertisement holds c_public and s_public", code="bad_key")
+        advertisement = Advertisement(
+            unb64(answer.c_public, "c_public"), unb64(answer.s_public, "s_public")
+        )
+        try:
+            check_advertisement(advertisement)
+        except SecAggRefusal as refusal:
+            raise SecAggRefusal(refusal.message, code="bad_key") from None
+        if {advertisement.c_public, advertisement.s_public} & stage.keys:
+            raise SecAggRefusal(
+                "a public key that was advertised before: keys are fresh every round",
+                code="replayed_key",
+            )
+        return advertisement
+    if stage.stage is Stage.share:
+        assert isinstance(request.body, ShareRequest)
+        shares = {_index(k): unb64(v, "a share") for k, v in (answer.shares or {}).items()}
+        check_shares(sorted(request.body.neighbours), shares)
+        return shares
+    assert isinstance(request.body, UnmaskRequest)
+    values: dict[int, int] = {}
+    for key, text in (answer.unmask or {}).items():
+        if not text.isdigit() or len(text) > 200:
+            raise SecAggRefusal("a share is a decimal integer", code="bad_share")
+        values[_index(key)] = int(text)
+    check_unmask(request.body, values)
+    return values
+
+
+def _masking(secure: SecureInput) -> SecureMasking:
+    """What a device needs to encode and mask its upload."""
+    request = secure.request
+    return SecureMasking(
+        context=secure.context,
+        index=secure.index,
+        peers={str(v): secure.rates.get(v, 0.0) for v in request.peers},
+        ciphertexts={str(v): b64(blob) for v, blob in request.ciphertexts.items()},
+        scale=None if secure.fixed is None else secure.fixed.scale,
+        clip=None if secure.fixed is None else secure.fixed.clip,
+        plan=None if secure.plan is None else secure.plan.to_json(),
+        layers=list(secure.layers),
+        statistics_scale=secure.statistics_scale or None,
+    )

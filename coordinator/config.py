@@ -76,13 +76,6 @@ class CoordinatorConfig(FederationSpec):
             if not (seconds > 0 and not math.isnan(seconds)):
                 raise ConfigError(f"{name} must be positive, got {seconds}")
         self.check_reachable(self.min_devices)  # the first round's pool, at least
-        if self.secure_aggregation:
-            # Refused rather than run in the clear: devices over HTTP do not speak the
-            # protocol's stages yet (the engine and simulate do; README, "Secure aggregation").
-            raise ConfigError(
-                "coordinator serve does not run --secure-aggregation yet",
-                "simulate --secure-aggregation runs the protocol in process; serve without it",
-            )
         unknown = [f for f in self.artifact_formats if f not in ("onnx", "executorch")]
         if unknown or not self.artifact_formats:
             raise ConfigError(
@@ -107,7 +100,15 @@ class CoordinatorConfig(FederationSpec):
     @property
     def quorum(self) -> Quorum:
         """When rounds open and close (the round engine's settings beside the spec's)."""
-        return Quorum(self.min_devices, self.min_uploads, self.round_seconds, self.stats_seconds)
+        # A secure aggregation stage (keys, shares, unmasking) waits at most the statistics
+        # deadline: devices answer it in milliseconds unless they are gone.
+        return Quorum(
+            self.min_devices,
+            self.min_uploads,
+            self.round_seconds,
+            self.stats_seconds,
+            self.stats_seconds,
+        )
 
     @property
     def profiled(self) -> bool:

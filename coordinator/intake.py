@@ -42,6 +42,7 @@ __all__ = [
     "UpdateFacts",
     "check_update",
     "decode_payload",
+    "parse_masked",
     "parse_statistics",
     "parse_update",
 ]
@@ -341,3 +342,37 @@ def _metrics(value: Any, limits: Limits) -> dict[str, float]:
             )
         metrics[name] = as_float
     return metrics
+
+
+def parse_masked(body: bytes, length: int, limits: Limits = LIMITS) -> np.ndarray:
+    """A secure upload's masked vector: one uint32 tensor ``masked`` of ``length`` elements.
+
+    ``bad_payload`` for a body that is not safetensors, ``wrong_tensors`` for
+    other tensor names, ``bad_modulus`` for elements that are not uint32 (Z_2^32),
+    ``wrong_length`` for another length: nothing of such an upload is kept.
+    """
+    _read_header(body, limits)
+    try:
+        entries = dict(safetensors.deserialize(body))
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise _invalid(exc) from None
+    if set(entries) != {"masked"}:
+        raise ApiError(
+            ErrorCode.wrong_tensors,
+            f"a secure upload holds one tensor 'masked', not {sorted(entries)[:5]}",
+            "upload the masked vector only",
+        )
+    entry = entries["masked"]
+    if str(entry["dtype"]).lower() not in ("u32", "uint32"):
+        raise ApiError(
+            ErrorCode.bad_modulus,
+            f"a masked vector holds uint32 elements (modulus 2^32), not {entry['dtype']}",
+            "mask in Z_2^32: uint32 arithmetic that wraps",
+        )
+    if list(entry["shape"]) != [length]:
+        raise ApiError(
+            ErrorCode.wrong_length,
+            f"the masked vector has shape {list(entry['shape'])}, the task's layout [{length}]",
+            "lay the vector out as the task's plan says",
+        )
+    return np.frombuffer(bytes(entry["data"]), dtype="<u4").astype(np.uint32)

@@ -390,8 +390,17 @@ class Coordinator:
     def _check_profile(self, profile: dict[str, Any]) -> float:
         """The largest rate the device's memory trains, for a profile this run can place.
 
-        ``ApiError`` otherwise: another mode, another format, too little memory.
+        ``ApiError`` otherwise: another mode, another format, too little memory, or a
+        device that cannot mask its uploads in a run with secure aggregation
+        (``secure_aggregation_unsupported``: it is never sent a task in the clear).
         """
+        if self.config.secure_aggregation and not profile.get("secure_aggregation"):
+            raise ApiError(
+                ErrorCode.secure_aggregation_unsupported,
+                "this coordinator runs secure aggregation; the device does not mask its uploads",
+                "use a device that speaks it (the Python device does), or a run without "
+                "--secure-aggregation",
+            )
         reference = float(profile["reference_rate"])
         if not any(math.isclose(reference, r, rel_tol=1e-9) for r in self.mix.rates):
             accepted = ", ".join(f"{r:g} ({rate_label(r)})" for r in sorted(self.mix.rates))

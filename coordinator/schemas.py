@@ -21,6 +21,7 @@ from heterofl_edge.protocol import (
     Heartbeat,
     Hyperparameters,
     Registered,
+    SecAggAnswer,
     TaskMessage,
 )
 from heterofl_edge.protocol import Health as DeviceHealth
@@ -47,6 +48,7 @@ __all__ = [
     "RoundPath",
     "RoundView",
     "SafetensorsBody",
+    "SecAggAnswer",
     "TaskMessage",
 ]  # the device's messages are heterofl_edge.protocol's, re-exported for the API modules
 

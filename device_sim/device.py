@@ -44,11 +44,27 @@ from heterofl_edge.protocol import (
     Health,
     Registered,
     Runtime,
+    SecAggAnswer,
+    SecAggTask,
+    SecureMasking,
     StatisticsTask,
     TrainTask,
     UnknownTask,
     UploadMetadata,
     WaitTask,
+)
+from heterofl_edge.secagg import (
+    Advertisement,
+    FixedPoint,
+    LayoutPlan,
+    SecAggClient,
+    SecAggRefusal,
+    VectorLayout,
+    b64,
+    statistics_layout,
+    statistics_vector,
+    training_vector,
+    unb64,
 )
 
 __all__ = ["LIMITED_STATISTICS_BATCH", "Capabilities", "Device", "chunked_statistics"]
@@ -114,6 +130,7 @@ class Device:
         self.health: Health | None = None  # the coordinator's, as read when profiling
         self._peak = PeakMemory()
         self._refused: set[int] = set()  # rounds whose task was over the memory limit
+        self._secagg: dict[str, SecAggClient] = {}  # secure aggregation instances, by context
 
     def _level(self, manifest_url: str) -> LevelRuntime:
         """The level's programs in this device's runtime (one level at a time under a limit)."""
@@ -169,6 +186,7 @@ class Device:
             bandwidth_mbps=self.capabilities.bandwidth_mbps or 1000.0,
             runtimes=[Runtime(self.capabilities.runtime)],
             num_examples=len(self.labels),
+            secure_aggregation=True,  # it masks its uploads when a run asks (secagg)
         )
 
     def _check_data(self, manifest: dict[str, Any], model: str) -> None:
@@ -275,6 +293,9 @@ class Device:
                 idle += task.retry_after
                 continue
             idle = 0.0
+            if isinstance(task, SecAggTask):
+                self.secagg(task)
+                continue
             if isinstance(task, TrainTask) and self._over_limit(task):
                 self._sleep(self.poll_seconds)  # the same task comes back until its round closes
                 continue
@@ -327,6 +348,11 @@ class Device:
         if task.distributed_noise is not None:  # this device's share of the DP noise
             trained = self._noised(weights, trained, task.distributed_noise)
         peak = self._peak.peak_mb()
+        if task.secure is not None:  # the masked update only: no labels, metrics or counts
+            masked = self._masked_update(task, task.secure, weights, trained)
+            if masked is not None and self._deliver(task, {"masked": masked}, None):
+                self.log(f"round {task.round}: sent the masked update of level {task.level}")
+            return
         metadata = (
             UploadMetadata()  # a private run: the update only, nothing about the data
             if task.private
@@ -378,9 +404,100 @@ class Device:
             stats = chunked_statistics(level, weights, self.images, step)
         if task.private:  # each report weighs as one client: the count is not released
             stats = {k: np.ones_like(v) if k.endswith(".count") else v for k, v in stats.items()}
+        if task.secure is not None:
+            layers = [(name, int(channels)) for name, channels in task.secure.layers]
+            layout = statistics_layout(layers)
+            vector = statistics_vector(stats, layers, float(task.secure.statistics_scale or 0))
+            masked = self._mask(task, task.secure, vector, layout, lambda rate: layout)
+            if masked is not None and self._deliver(task, {"masked": masked}, None):
+                self.log(f"round {task.round}: sent masked sBN statistics")
+            return
         if self._deliver(task, stats, None):
             self.log(f"round {task.round}: sent sBN statistics")
         self._check_peak(task, self._peak.peak_mb())
+
+    # -- secure aggregation -------------------------------------------------------------
+    def secagg(self, task: SecAggTask) -> None:
+        """Answer a secure aggregation stage (keys, encrypted shares, unmasking shares)."""
+        try:
+            answer = self._secagg_answer(task)
+        except SecAggRefusal as refusal:
+            self.log(f"round {task.round}: secure aggregation {task.stage}: {refusal.message}")
+            return
+        if answer is None:
+            return
+        body = answer.model_dump(mode="json", exclude_none=True)
+        self._skip(task, lambda: self.client.answer(task.answer_url, body))
+
+    def _secagg_answer(self, task: SecAggTask) -> SecAggAnswer | None:
+        if task.stage == "advertise":
+            client = SecAggClient(task.context, task.index)
+            while len(self._secagg) >= 4:  # the instances of the last two rounds at most
+                self._secagg.pop(next(iter(self._secagg)))
+            self._secagg[task.context] = client
+            keys = client.advertise()
+            return SecAggAnswer(
+                context=task.context,
+                stage="advertise",
+                c_public=b64(keys.c_public),
+                s_public=b64(keys.s_public),
+            )
+        held = self._secagg.get(task.context)
+        if held is None:
+            self.log(f"round {task.round}: no keys for this aggregation (restarted?); skipping")
+            return None
+        if task.stage == "share":
+            neighbours = {
+                p.index: Advertisement(unb64(p.c_public), unb64(p.s_public))
+                for p in task.neighbours
+            }
+            shares = held.share_keys(neighbours, int(task.threshold or 0))
+            return SecAggAnswer(
+                context=task.context,
+                stage="share",
+                shares={str(v): b64(blob) for v, blob in shares.items()},
+            )
+        values = held.unmask(task.dropped, task.survivors)
+        return SecAggAnswer(
+            context=task.context, stage="unmask", unmask={str(v): str(x) for v, x in values.items()}
+        )
+
+    def _masked_update(
+        self,
+        task: TrainTask,
+        secure: SecureMasking,
+        received: dict[str, np.ndarray],
+        trained: dict[str, np.ndarray],
+    ) -> np.ndarray | None:
+        """The update (trained minus received) in fixed point, masked (secure aggregation)."""
+        plan = LayoutPlan.from_json(secure.plan or {})
+        fixed = FixedPoint(float(secure.scale or 0), float(secure.clip or 0))
+        update = {
+            n: np.asarray(trained[n], np.float64) - np.asarray(received[n], np.float64)
+            for n in plan.names
+        }
+        vector = training_vector(update, plan, task.rate, fixed, self.present)
+        return self._mask(task, secure, vector, plan.layout(task.rate), plan.layout)
+
+    def _mask(
+        self,
+        task: TrainTask | StatisticsTask,
+        secure: SecureMasking,
+        vector: np.ndarray,
+        layout: VectorLayout,
+        layout_of: Callable[[float], VectorLayout],
+    ) -> np.ndarray | None:
+        client = self._secagg.get(secure.context)
+        if client is None:
+            self.log(f"round {task.round}: no keys for this aggregation (restarted?); skipping")
+            return None
+        peers = {int(v): layout_of(rate) for v, rate in secure.peers.items()}
+        ciphertexts = {int(v): unb64(blob) for v, blob in secure.ciphertexts.items()}
+        try:
+            return client.mask(vector, layout, peers, ciphertexts)
+        except SecAggRefusal as refusal:
+            self.log(f"round {task.round}: cannot mask: {refusal.message}")
+            return None
 
     def _noised(
         self,
@@ -413,7 +530,7 @@ class Device:
             is not None
         )
 
-    def _skip(self, task: TrainTask | StatisticsTask, call: Callable[[], Any]) -> Any:
+    def _skip(self, task: TrainTask | StatisticsTask | SecAggTask, call: Callable[[], Any]) -> Any:
         """``call()``, or None (logged) when the task is no longer open; decides on codes."""
         try:
             return call()

@@ -221,6 +221,10 @@ class CoordinatorClient:
         )
         return Accepted.model_validate(self._request("POST", path, data=body).json())
 
+    def answer(self, path: str, body: dict[str, Any]) -> Accepted:
+        """POST a secure aggregation stage's answer (JSON)."""
+        return Accepted.model_validate(self._request("POST", path, json=body).json())
+
     def artifact(self, manifest_url: str, fmt: str) -> Path:
         """The level's artifact folder in the cache, downloaded and sha256-checked as needed."""
         manifest_bytes = self._request("GET", manifest_url).content

@@ -214,6 +214,7 @@ class SecureInput:
     plan: LayoutPlan | None = None
     layers: tuple[tuple[str, int], ...] = ()
     statistics_scale: float = 0.0
+    rates: Mapping[int, float] = field(default_factory=dict)  # training: index -> level
 
 
 class Transport(Protocol):
@@ -711,7 +712,12 @@ class RoundEngine:
                 return None
             inputs = {
                 client: SecureInput(
-                    instance.context, instance.index[client], request, fixed=fixed, plan=plan
+                    instance.context,
+                    instance.index[client],
+                    request,
+                    fixed=fixed,
+                    plan=plan,
+                    rates={i: rates[c] for c, i in instance.index.items()},
                 )
                 for client, request in requests.items()
             }

@@ -35,6 +35,10 @@ __all__ = [
     "Hyperparameters",
     "Registered",
     "Runtime",
+    "SecAggAnswer",
+    "SecAggPeer",
+    "SecAggTask",
+    "SecureMasking",
     "StatisticsTask",
     "TaskMessage",
     "TaskReply",
@@ -80,6 +84,16 @@ class ErrorCode(StrEnum):
     storage_error = "storage_error"  # the disk or database failed (server side)
     too_many_connections = "too_many_connections"  # the address's connection cap (retry)
     internal_error = "internal_error"  # a bug (server side)
+    # secure aggregation (heterofl_edge.secagg): a message that does not fit the protocol
+    secure_aggregation_unsupported = "secure_aggregation_unsupported"  # a run that masks
+    replayed_key = "replayed_key"  # a public key advertised before in the instance
+    duplicate_advertisement = "duplicate_advertisement"
+    bad_key = "bad_key"  # not a P-256 point, or both keys equal
+    unknown_peer = "unknown_peer"  # a share for (or of) a client that is not a neighbour
+    bad_share = "bad_share"  # missing, malformed or outside the field
+    wrong_length = "wrong_length"  # a masked vector of another length than the layout's
+    bad_modulus = "bad_modulus"  # a masked vector not of uint32 (Z_2^32) elements
+    duplicate_unmask = "duplicate_unmask"  # a second unmasking answer
 
 
 class Runtime(StrEnum):
@@ -175,6 +189,11 @@ class DeviceProfile(BaseModel):
     num_examples: JsonInt | None = Field(
         None, ge=1, le=10**9, description="examples the device trains on per epoch"
     )
+    secure_aggregation: bool = Field(
+        False,
+        description="the device masks its uploads (SecAgg+); a run with secure aggregation "
+        "refuses a device without it",
+    )
     enrollment_token: str | None = Field(
         None,
         max_length=256,
@@ -258,6 +277,29 @@ class DistributedNoise(_Reply):
     )
 
 
+class SecureMasking(_Reply):
+    """How to encode and mask this task's upload (secure aggregation, ``heterofl_edge.secagg``).
+
+    Upload a safetensors body holding one uint32 tensor ``masked`` and no metadata.
+    Training: the update (trained minus received) in the fixed point ``scale``,
+    ``clip``, laid out by ``plan`` (``LayoutPlan.to_json``); statistics: count,
+    sum and sum of squares of ``layers`` wide-encoded at ``statistics_scale``.
+    ``peers``: neighbour index -> its rate (whose masks to add); ``ciphertexts``:
+    neighbour index -> its encrypted shares for this device (base64), kept for
+    the unmasking.
+    """
+
+    context: str
+    index: int
+    peers: dict[str, float]
+    ciphertexts: dict[str, str]
+    scale: float | None = None
+    clip: float | None = None
+    plan: dict[str, Any] | None = None
+    layers: list[tuple[str, int]] = Field(default_factory=list)
+    statistics_scale: float | None = None
+
+
 class TrainTask(_Work):
     """Train E local epochs from the round's weights, then upload them."""
 
@@ -271,6 +313,9 @@ class TrainTask(_Work):
     )
     distributed_noise: DistributedNoise | None = Field(
         None, description="add this noise to the clipped update before uploading it"
+    )
+    secure: SecureMasking | None = Field(
+        None, description="secure aggregation: upload the masked update only"
     )
 
 
@@ -286,6 +331,39 @@ class StatisticsTask(_Work):
         description="the examples to summarise (each layer's count in the upload)"
     )
     private: bool = Field(False, description="a differentially private run: count 1")
+    secure: SecureMasking | None = Field(
+        None, description="secure aggregation: upload the masked sums only"
+    )
+
+
+class SecAggPeer(_Reply):
+    index: int
+    c_public: str = Field(description="base64 of a 65-byte uncompressed P-256 point")
+    s_public: str
+
+
+class SecAggTask(_Reply):
+    """A secure aggregation stage (``heterofl_edge.secagg``): answer at ``answer_url``.
+
+    ``advertise``: make fresh keys for ``context`` and send both public keys;
+    ``share``: send Shamir shares of your secrets for each of ``neighbours``,
+    encrypted, at ``threshold``; ``unmask``: send your shares of the ``s`` keys of
+    ``dropped`` and of the self-mask seeds of ``survivors``.
+    """
+
+    action: Literal["secagg"] = "secagg"
+    round: int
+    phase: str = Field(description="training or statistics")
+    stage: Literal["advertise", "share", "unmask"]
+    context: str
+    index: int
+    answer_url: str
+    deadline: float
+    heartbeat_seconds: float
+    threshold: int | None = None
+    neighbours: list[SecAggPeer] = Field(default_factory=list)
+    dropped: list[int] = Field(default_factory=list)
+    survivors: list[int] = Field(default_factory=list)
 
 
 class WaitTask(_Reply):
@@ -299,7 +377,7 @@ class DoneTask(_Reply):
 
 
 TaskReply = Annotated[
-    TrainTask | StatisticsTask | WaitTask | DoneTask, Field(discriminator="action")
+    TrainTask | StatisticsTask | SecAggTask | WaitTask | DoneTask, Field(discriminator="action")
 ]
 
 
@@ -320,7 +398,7 @@ def parse_task(data: Any, default_wait: float) -> TaskReply:
     ``retry_after`` (or ``default_wait``) and asks again, instead of failing
     (``UnknownTask`` says which action it was).
     """
-    known = ("train", "statistics", "wait", "done")
+    known = ("train", "statistics", "secagg", "wait", "done")
     if isinstance(data, dict) and data.get("action") not in known:
         pause = data.get("retry_after")
         return UnknownTask(
@@ -331,6 +409,23 @@ def parse_task(data: Any, default_wait: float) -> TaskReply:
 
 
 # -- results ---------------------------------------------------------------------------------
+
+
+class SecAggAnswer(BaseModel):
+    """A device's answer to a ``SecAggTask`` (``POST answer_url``); base64 bytes, decimal shares.
+
+    advertise: ``c_public`` and ``s_public``; share: ``shares`` (neighbour index
+    -> ciphertext); unmask: ``unmask`` (client index -> share, a decimal integer).
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    context: str = Field(max_length=200)
+    stage: Literal["advertise", "share", "unmask"]
+    c_public: str | None = Field(None, max_length=200)
+    s_public: str | None = Field(None, max_length=200)
+    shares: dict[str, str] | None = Field(None, max_length=10_000)
+    unmask: dict[str, str] | None = Field(None, max_length=10_000)
 
 
 class Heartbeat(_Reply):

@@ -58,6 +58,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -939,6 +940,40 @@ class LayoutPlan:
     label_dims: Mapping[str, int]
     classes: int
     tiers: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON (a secure task carries it to the device)."""
+        return {
+            "names": list(self.names),
+            "blocks": {n: list(b) for n, b in self.blocks.items()},
+            "shapes": [
+                [rate, {n: list(s) for n, s in shapes.items()}]
+                for rate, shapes in self.shapes.items()
+            ],
+            "label_dims": dict(self.label_dims),
+            "classes": self.classes,
+            "tiers": list(self.tiers),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LayoutPlan:
+        """The plan ``to_json`` wrote; ``SecAggRefusal`` (``bad_share``) if it is not one."""
+        try:
+            return cls(
+                tuple(str(n) for n in data["names"]),
+                {str(n): tuple(int(x) for x in b) for n, b in data["blocks"].items()},
+                {
+                    float(rate): {str(n): tuple(int(x) for x in s) for n, s in shapes.items()}
+                    for rate, shapes in data["shapes"]
+                },
+                {str(n): int(d) for n, d in data["label_dims"].items()},
+                int(data["classes"]),
+                tuple(float(t) for t in data["tiers"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise SecAggRefusal(
+                "a secure task's layout plan is malformed", code="bad_share"
+            ) from None
 
     def tiers_held(self, rate: float) -> int:
         return sum(1 for t in self.tiers if t <= rate * (1 + 1e-12))

@@ -88,6 +88,9 @@ export const MESSAGES = Object.freeze({
       heartbeat_seconds: 'number', expected_count: 'integer?', private: 'boolean?',
     },
   },
+  // Secure aggregation's stages: this page does not speak them yet (a run with secure
+  // aggregation refuses it at registration), so it reads one as a wait (checkTask).
+  SecAggTask: { action: 'secagg', reads: { action: 'string', round: 'integer', stage: 'string' } },
   WaitTask: { action: 'wait', reads: { action: 'string', retry_after: 'number' } },
   DoneTask: { action: 'done', reads: { action: 'string', rounds: 'integer' } },
   Hyperparameters: {
@@ -156,7 +159,9 @@ export function checkMessage(name, value) {
 /** A task reply checked against its kind's message; an action this page cannot do reads as wait. */
 export function checkTask(value) {
   const name = TASKS[value?.action];
-  if (!name) return { action: 'wait', retry_after: Number(value?.retry_after ?? 2), asked: String(value?.action) };
+  if (!name || name === 'SecAggTask') {
+    return { action: 'wait', retry_after: Number(value?.retry_after ?? 2), asked: String(value?.action) };
+  }
   checkMessage(name, value);
   if (name === 'TrainTask') checkMessage('Hyperparameters', value.hyperparameters);
   if (name === 'TrainTask' || name === 'StatisticsTask') checkMessage('ArtifactRef', value.artifact);

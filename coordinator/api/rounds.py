@@ -12,6 +12,7 @@ from coordinator.schemas import (
     RoundList,
     RoundPath,
     SafetensorsBody,
+    SecAggAnswer,
     safetensors_response,
 )
 
@@ -61,3 +62,14 @@ def statistics(path: RoundPath, raw: SafetensorsBody) -> Any:
     caller = device()
     body = request.get_data(cache=False)
     return jsonify(service().board.accept_statistics(caller, path.number, body).model_dump())
+
+
+@bp.post(
+    "/v1/rounds/<int:number>/secagg",
+    security=BEARER,
+    responses={200: Accepted, **errors(400, 401, 403, 404, 409, 422)},
+)
+def secagg(path: RoundPath, body: SecAggAnswer) -> Any:
+    """Answer a secure aggregation stage: public keys, encrypted shares or unmasking shares."""
+    caller = device()
+    return jsonify(service().board.accept_secagg(caller, path.number, body).model_dump())

@@ -246,7 +246,14 @@ test('replies are checked against their declared message; an unknown action read
     retry_after: 3,
     asked: 'reticulate',
   });
-  assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'statistics', 'train', 'wait']);
+  // secure aggregation's stages are declared (the document has them) but this page does not
+  // speak them: one reads as a wait, like an unknown action
+  assert.deepEqual(checkTask({ action: 'secagg', round: 1, stage: 'advertise', retry_after: 3 }), {
+    action: 'wait',
+    retry_after: 3,
+    asked: 'secagg',
+  });
+  assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'secagg', 'statistics', 'train', 'wait']);
   assert.deepEqual(outgoing('DeviceProfile', { step_ms: 1, secret: 'x', num_examples: null }), { step_ms: 1 });
 });
 
