@@ -14,7 +14,6 @@ import secrets
 import numpy as np
 import pytest
 import torch
-from coordinator_helpers import make_config
 from scipy import stats
 from secagg_helpers import ProtocolClients
 
@@ -472,13 +471,6 @@ def test_the_spec_refuses_what_secure_aggregation_cannot_do():
     with pytest.raises(ConfigError, match="threshold"):
         FederationSpec(secure_aggregation=True, secure_aggregation_threshold=1.5)
     assert FederationSpec(secure_aggregation=True).secure_settings == SecureSettings()
-
-
-def test_the_coordinator_refuses_secure_aggregation_rather_than_run_in_the_clear(tmp_path):
-    with pytest.raises(ConfigError, match="does not run --secure-aggregation") as caught:
-        make_config(tmp_path, secure_aggregation=True)
-    assert caught.value.code == "bad_config"
-    make_config(tmp_path)  # the same settings without it are fine
 
 
 # -- a restart mid-round -------------------------------------------------------------------
