@@ -8,8 +8,8 @@ labels per device (the label split), sBN statistics from the round's devices
 (a second secure aggregation). Each size runs one plain round and one secure
 round with the same devices and updates, in one process on one core, through
 the same round engine that ``simulate`` and the coordinator use, over the
-in-process transport (no HTTP: the figures over loopback, against
-``coordinator serve``, are still to be measured).
+in-process transport (over loopback HTTP against ``coordinator serve``:
+``bench_secagg_http.py``).
 
 Figures per size:
 - ``plain_seconds``, ``secure_seconds``: the round's wall time, every device's
