@@ -91,6 +91,9 @@ class Coordinator:
             clock,
             self.waker,
             on_result=lambda kind, size: self.metrics.uploads.labels(kind, "accepted").inc(),
+            plan=config.encodings,
+            run_seed=config.seed,
+            on_transfer=self.metrics.count_payload,
         )
         self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
         self.policy: ProfileLevels | None = None

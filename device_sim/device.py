@@ -2,6 +2,13 @@
 
 Runs unchanged in a simulated fleet and on a Raspberry Pi: it needs numpy,
 onnxruntime, safetensors and requests, never torch.
+
+Transport encodings (``heterofl_edge.encoding``) are handled here, in numpy,
+for every runtime (the ExecuTorch runtime runs inside this device too): the
+device declares the encodings it can decode and encode at registration, decodes
+whatever weights it is sent, and uploads what the task's ``upload_encoding``
+says: the trained weights (fp32) or the update, with its error-feedback
+residual kept per level.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from device_sim.protocol import CoordinatorClient, ProtocolError
 from device_sim.runtimes import get_runtime
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.device_runtime import LevelRuntime, TrainingRequest
+from heterofl_edge.encoding import Encoding, UpdateEncoder
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.protocol import (
@@ -58,10 +66,14 @@ class Capabilities:
     memory_mb: float = 4096.0
     dropout: float = 0.0  # probability of vanishing in the middle of a round's training
     runtime: str = "onnx"  # a name in device_sim.runtimes: onnx, or executorch (extra)
+    # Transport encodings it declares (heterofl_edge.encoding); () declares none: fp32 only.
+    encodings: tuple[str, ...] = tuple(e.value for e in Encoding)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Capabilities:
         known = {k: data[k] for k in asdict(cls()) if k in data}
+        if "encodings" in known:
+            known["encodings"] = tuple(Encoding(e).value for e in known["encodings"])
         return cls(**known)
 
 
@@ -86,6 +98,8 @@ class Device:
         self._sleep = sleep
         self._runtime = get_runtime(capabilities.runtime)  # a ConfigError if unknown
         self._levels: dict[str, LevelRuntime] = {}
+        self.encoder = UpdateEncoder()  # lossy uploads and their error-feedback residual
+        self._notes: set[str] = set()  # encoding fallbacks the coordinator told, logged once
         self.heartbeat_seconds = 5.0
         self.poll_seconds = 2.0  # how long to wait when a task says neither what nor how long
 
@@ -128,6 +142,7 @@ class Device:
             bandwidth_mbps=self.capabilities.bandwidth_mbps or 1000.0,
             runtimes=[Runtime(self.capabilities.runtime)],
             num_examples=len(self.labels),
+            encodings=[Encoding(e) for e in self.capabilities.encodings] or None,
         )
 
     def _check_data(self, manifest: dict[str, Any], model: str) -> None:
@@ -212,9 +227,11 @@ class Device:
     def train(self, task: TrainTask) -> None:
         level = self._level(task.artifact.manifest_url)
         sent, received = self.client.bytes_sent, self.client.bytes_received
-        weights = self._skip(task, lambda: self.client.tensors(task.weights_url))
-        if weights is None:
+        self._note(task)
+        download = self._skip(task, lambda: self.client.tensors(task.weights_url))
+        if download is None:
             return
+        weights = download.arrays
         if self.capabilities.dropout and self.rng.random() < self.capabilities.dropout:
             self.log(f"round {task.round}: dropping out mid-round")
             os._exit(3)  # vanish like an unplugged device: no goodbye to the coordinator
@@ -222,7 +239,7 @@ class Device:
         start = time.perf_counter()
         result = level.train(
             TrainingRequest(
-                weights,
+                {name: array.copy() for name, array in weights.items()},
                 self.images,
                 self.labels,
                 self.present,
@@ -238,20 +255,38 @@ class Device:
             labels=self.present,
             metrics={"loss": result.loss, "accuracy": result.accuracy, "steps": result.steps},
         )
-        if not self._deliver(task, result.weights, metadata):
+        body = self.encoder.encode(
+            result.weights,
+            weights,
+            task.upload_encoding,
+            task.rounding_seed,
+            task.level,
+            task.error_feedback,
+            metadata.to_metadata(),
+        )
+        if self._skip(task, lambda: self.client.send(task.upload_url, body)) is None:
+            self.encoder.forget()  # the update was lost: so is what its residual refers to
             return
         down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
         self.log(
             f"round {task.round}: trained level {task.level}, loss {result.loss:.4f}, "
-            f"bytes down {down} up {up}"
+            f"bytes down {down} ({task.download_encoding.value}) "
+            f"up {up} ({task.upload_encoding.value})"
         )
+
+    def _note(self, task: TrainTask | StatisticsTask) -> None:
+        """Log, once, that the coordinator replaced an encoding this device did not declare."""
+        if task.encoding_note and task.encoding_note not in self._notes:
+            self._notes.add(task.encoding_note)
+            self.log(f"round {task.round}: {task.encoding_note}")
 
     def statistics(self, task: StatisticsTask) -> None:
         level = self._level(task.artifact.manifest_url)
-        weights = self._skip(task, lambda: self.client.tensors(task.weights_url))
-        if weights is None:
+        self._note(task)
+        download = self._skip(task, lambda: self.client.tensors(task.weights_url))
+        if download is None:
             return
-        stats = level.statistics(weights, self.images)
+        stats = level.statistics(download.arrays, self.images)
         if self._deliver(task, stats, None):
             self.log(f"round {task.round}: sent sBN statistics")
 

@@ -18,6 +18,8 @@ from heterofl_edge.cli.spec_options import (
     BatchSizeSetting,
     ConfigFileOption,
     DataSetting,
+    DownloadEncodingSetting,
+    ErrorFeedbackSetting,
     FractionSetting,
     LocalEpochsSetting,
     LrFactorSetting,
@@ -32,6 +34,7 @@ from heterofl_edge.cli.spec_options import (
     StatisticsSetting,
     SubmodelSetting,
     TestExamplesSetting,
+    UploadEncodingSetting,
     spec_settings,
 )
 from heterofl_edge.errors import ConfigError
@@ -66,6 +69,9 @@ def serve(
     statistics: StatisticsSetting = None,
     seed: SeedSetting = None,
     test_examples: TestExamplesSetting = None,
+    download_encoding: DownloadEncodingSetting = None,
+    upload_encoding: UploadEncodingSetting = None,
+    error_feedback: ErrorFeedbackSetting = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -218,6 +224,9 @@ def serve(
         statistics=statistics,
         seed=seed,
         test_examples=test_examples,
+        download_encoding=download_encoding,
+        upload_encoding=upload_encoding,
+        error_feedback=error_feedback,
     )
     settings.setdefault("policy", Policy.profile)  # devices measure themselves
     if not 0 < port < 65536:

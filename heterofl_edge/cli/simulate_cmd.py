@@ -18,6 +18,8 @@ from heterofl_edge.cli.spec_options import (
     BatchSizeSetting,
     ConfigFileOption,
     DataSetting,
+    DownloadEncodingSetting,
+    ErrorFeedbackSetting,
     FractionSetting,
     LocalEpochsSetting,
     LrFactorSetting,
@@ -32,6 +34,7 @@ from heterofl_edge.cli.spec_options import (
     StatisticsSetting,
     SubmodelSetting,
     TestExamplesSetting,
+    UploadEncodingSetting,
     spec_settings,
 )
 from heterofl_edge.errors import ConfigError
@@ -61,6 +64,9 @@ def simulate(
     statistics: StatisticsSetting = None,
     seed: SeedSetting = None,
     test_examples: TestExamplesSetting = None,
+    download_encoding: DownloadEncodingSetting = None,
+    upload_encoding: UploadEncodingSetting = None,
+    error_feedback: ErrorFeedbackSetting = None,
     clients: Annotated[
         int,
         typer.Option(
@@ -147,6 +153,9 @@ def simulate(
         statistics=statistics,
         seed=seed,
         test_examples=test_examples,
+        download_encoding=download_encoding,
+        upload_encoding=upload_encoding,
+        error_feedback=error_feedback,
     )
     run = SimulationConfig(
         **settings, num_clients=clients, train_examples=train_examples

@@ -26,6 +26,8 @@ __all__ = [
     "BatchSizeSetting",
     "ConfigFileOption",
     "DataSetting",
+    "DownloadEncodingSetting",
+    "ErrorFeedbackSetting",
     "FractionSetting",
     "LocalEpochsSetting",
     "LrFactorSetting",
@@ -40,6 +42,7 @@ __all__ = [
     "StatisticsSetting",
     "SubmodelSetting",
     "TestExamplesSetting",
+    "UploadEncodingSetting",
     "spec_settings",
 ]
 
@@ -187,6 +190,36 @@ TestExamplesSetting = Annotated[
     typer.Option(
         help="Evaluate on this many test examples, the same ones for the same --seed in "
         "simulate and serve (text: the first rows) [default: all].",
+        rich_help_panel=_PANEL,
+    ),
+]
+
+DownloadEncodingSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of the weights sent to devices: fp32, fp16, bf16 or int8 (per-channel "
+        "scales, stochastic rounding), for every level or per level as DEFAULT,LEVEL=ENC,... "
+        "(fp16,e=int8); a device gets fp32 where it did not declare the encoding "
+        "[default: fp32].",
+        rich_help_panel=_PANEL,
+    ),
+]
+UploadEncodingSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of what devices send back: fp32 (the trained weights) or fp16, bf16, "
+        "int8 (the update: trained minus received weights), as --download-encoding "
+        "(fp32,d=int8,e=int8: int8 at levels d and e only) [default: fp32].",
+        rich_help_panel=_PANEL,
+    ),
+]
+ErrorFeedbackSetting = Annotated[
+    bool | None,
+    typer.Option(
+        "--error-feedback/--no-error-feedback",
+        help="Carry what a lossy upload's quantization dropped into the device's next upload "
+        "at the same level (static sub-models only) [default: no].",
+        show_default=False,
         rich_help_panel=_PANEL,
     ),
 ]

@@ -29,6 +29,7 @@ export const PAGE_FILES = [
   'trainer.js',
   'shuffle.js',
   'safetensors.js',
+  'encoding.js',
   'data.js',
   'mnist.js',
 ];
