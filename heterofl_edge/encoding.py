@@ -57,7 +57,7 @@ from safetensors import SafetensorError, TensorSpec, deserialize, serialize
 
 from heterofl_edge.batching import SplitMix64
 from heterofl_edge.errors import ConfigError, HeteroFLError
-from heterofl_edge.levels import rate_label
+from heterofl_edge.levels import parse_rate, rate_label
 
 __all__ = [
     "Decoded",
@@ -68,14 +68,18 @@ __all__ = [
     "TransferLog",
     "UpdateEncoder",
     "apply_update",
+    "declared_encoding",
     "decode_payload",
     "decode_tensors",
     "download_seed",
     "encode_payload",
     "encode_tensors",
     "make_update",
+    "parse_encoding",
+    "parse_scales",
     "payload_metadata",
     "rows_of",
+    "training_bytes_per_device",
     "upload_seed",
 ]
 
@@ -112,10 +116,6 @@ class Encoding(StrEnum):
     def lossy(self) -> bool:
         """Whether it loses bits (an upload in it is an update, not weights)."""
         return self is not Encoding.fp32
-
-    @property
-    def bytes_per_value(self) -> int:
-        return {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}[self.value]
 
 
 def parse_encoding(value: str) -> Encoding:
@@ -160,7 +160,7 @@ class LevelEncodings:
                 raise ConfigError(
                     f"{part!r} in encoding {text!r} is not LEVEL=ENCODING", "e.g. d=int8"
                 )
-            label = _level_label(label.strip())
+            label = rate_label(parse_rate(label.strip()))
             if label in levels:
                 raise ConfigError(f"level {label} is given twice in encoding {text!r}")
             levels[label] = parse_encoding(name)
@@ -180,18 +180,8 @@ class LevelEncodings:
                 f"the levels in play are {', '.join(sorted(in_play))}",
             )
 
-    @property
-    def used(self) -> set[Encoding]:
-        return {self.default, *(e for _, e in self.levels)}
-
     def __str__(self) -> str:
         return ",".join([self.default.value, *(f"{k}={v.value}" for k, v in self.levels)])
-
-
-def _level_label(text: str) -> str:
-    from heterofl_edge.levels import parse_rate
-
-    return rate_label(parse_rate(text))
 
 
 @dataclass(frozen=True)
