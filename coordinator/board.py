@@ -24,6 +24,7 @@ an update, added back to the weights its device received when it is folded.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sqlite3
 import threading
@@ -49,7 +50,7 @@ from heterofl_edge.encoding import (
     upload_seed,
 )
 from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
-from heterofl_edge.errors import InternalError
+from heterofl_edge.errors import ConfigError, InternalError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
 from heterofl_edge.protocol import (
@@ -221,6 +222,38 @@ class TaskBoard:
         self._stop = threading.Event()
         self._lock = threading.Lock()  # status changes from request threads
         self._shapes_by_rate: dict[float, dict[str, tuple[int, ...]]] = {}
+        self._check_transport()
+
+    def _transport_key(self) -> str:
+        plan = self.plan
+        return json.dumps(
+            {
+                "download": str(plan.download),
+                "upload": str(plan.upload),
+                "error_feedback": plan.error_feedback,
+            },
+            sort_keys=True,
+        )
+
+    def _check_transport(self) -> None:
+        """``ConfigError`` if the open round was opened with other encodings than the run's now.
+
+        Its stored updates are additions to what its devices received: they can only be
+        read with the encodings they were sent under. Between rounds, encodings may change.
+        """
+        row = self.store.open_round_row()
+        stored = self.store.get_meta("transport")
+        if row is None or stored is None or stored == self._transport_key():
+            return
+        was = json.loads(stored)
+        raise ConfigError(
+            f"round {row['number']} was opened with --download-encoding {was['download']} "
+            f"--upload-encoding {was['upload']}"
+            + (" --error-feedback" if was["error_feedback"] else "")
+            + ", not with this run's encodings",
+            "restart with those encodings until the round ends, or run 'heterofl-edge "
+            "coordinator repair' to discard the open round",
+        )
 
     # -- the engine's side (Transport) -----------------------------------------------
     def wait_for_clients(self, minimum: int) -> list[Client] | None:
@@ -264,6 +297,8 @@ class TaskBoard:
                 decoded = decode_payload(body).arrays
                 names = trainable_names(self.arch.spec)
                 received[(rate, encoding)] = {n: decoded[n] for n in names}
+        if phase is Phase.training and self.store.get_meta("transport") != self._transport_key():
+            self.store.set_meta("transport", self._transport_key())  # what the round is sent in
         rows = {r.device_id: r for r in self.store.tasks(round_number)}
         status = {
             t.client: TaskStatus(rows[t.client].status)

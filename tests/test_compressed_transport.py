@@ -36,6 +36,7 @@ from heterofl_edge.encoding import (
     encode_payload,
     upload_seed,
 )
+from heterofl_edge.errors import ConfigError
 from heterofl_edge.protocol import UploadMetadata
 from heterofl_edge.slicing import trainable_names
 
@@ -293,3 +294,19 @@ def test_a_registration_declaring_unknown_or_too_many_encodings_is_refused(
 ):
     reply = client.post("/v1/devices", json={**PROFILE, "encodings": encodings})
     assert_error(reply, 400, ErrorCode.bad_profile)
+
+
+def test_an_open_round_resumes_only_with_the_encodings_it_was_opened_with(make_app, tmp_path):
+    config = make_config(tmp_path / "state", upload_encoding="int8", rounds=2)
+    app = make_app(config)
+    client, coordinator = app.test_client(), app.extensions["heterofl"]
+    for _ in range(3):
+        client.post("/v1/devices", json={**PROFILE, "encodings": EVERY})
+    coordinator.settle()  # round 1 is open, its updates to come in int8
+    coordinator.close()
+    changed = make_config(tmp_path / "state", upload_encoding="fp16", rounds=2)
+    with pytest.raises(ConfigError, match=r"round 1 was opened with .* --upload-encoding int8"):
+        make_app(changed)
+    again = make_app(config)  # the same encodings: the round goes on
+    again.extensions["heterofl"].settle()
+    assert again.test_client().get("/v1/health").json["round"] == 1

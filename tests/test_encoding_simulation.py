@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -88,3 +90,46 @@ def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_model(blo
         not torch.equal(without_feedback.global_state[n], t)
         for n, t in uninterrupted.global_state.items()
     )
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "heterofl_edge", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--upload-encoding", "fp8"], "unknown encoding 'fp8'"),
+        (["--mode", "a-e", "--download-encoding", "fp32,c=int8"], "names levels ['c']"),
+        (["--error-feedback", "--submodel", "rolling"], "use --submodel static"),
+    ],
+)
+def test_bad_encoding_flags_end_with_one_line_and_exit_code_2(flags, needle):
+    for command in (["simulate"], ["coordinator", "serve", "--state-dir", "/nonexistent/s"]):
+        out = run_cli(*command, *flags)
+        assert out.returncode == 2, out.stderr
+        assert needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_simulate_reports_bytes_per_device_round_in_its_encodings(blobs, tmp_path):
+    out = run_cli(
+        *("simulate", "--model", "tiny_mlp.model:build", "--data", "tiny_mlp.data:load"),
+        *("--data-dir", str(blobs), "--mode", "a-e", "--rounds", "1", "--clients", "4"),
+        *("--fraction", "1", "--workers", "1", "--upload-encoding", "fp32,e=int8"),
+        *("--download-encoding", "bf16", "--out", str(tmp_path / "run")),
+        cwd=EXAMPLE,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "MiB per device-round (bf16 down, fp32,e=int8 up)" in out.stdout
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["config"]["upload_encoding"] == "fp32,e=int8"
+    transfer = report["rounds"][0]["transfer"]
+    assert set(transfer["down"]["train"]) == {"bf16"}
+    assert set(transfer["up"]["train"]) <= {"fp32", "int8"}
+    assert report["transfer"]["bytes_per_device_round"]["total"] > 0
