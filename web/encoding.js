@@ -30,27 +30,15 @@ export class EncodingError extends Error {
 const GAMMA_HI = 0x9e3779b9;
 const GAMMA_LO = 0x7f4a7c15;
 
-/** The low and high 32 bits of a * b, for a, b < 2**32 (16-bit pieces keep doubles exact). */
-function mul32(a, b) {
+/** The high 32 bits of a * b, for a, b < 2**32 (16-bit pieces keep doubles exact). */
+function mulHigh(a, b) {
   const a0 = a & 0xffff;
   const a1 = a >>> 16;
   const b0 = b & 0xffff;
   const b1 = b >>> 16;
   const mid = a0 * b1 + a1 * b0; // < 2**33
   const low = a0 * b0 + (mid % 65536) * 65536; // < 2**33
-  const carry = Math.floor(low / 4294967296);
-  const hi = (a1 * b1 + Math.floor(mid / 65536) + carry) >>> 0;
-  return [low >>> 0, hi];
-}
-
-/** (hi, lo) * (bh, bl) mod 2**64. */
-function mul64(hi, lo, bh, bl) {
-  const [low, high] = mul32(lo, bl);
-  return [(high + Math.imul(hi, bl) + Math.imul(lo, bh)) >>> 0, low];
-}
-
-function xorShift(hi, lo, n) {
-  return [(hi ^ (hi >>> n)) >>> 0, (lo ^ ((lo >>> n) | (hi << (32 - n)))) >>> 0];
+  return (a1 * b1 + Math.floor(mid / 65536) + Math.floor(low / 4294967296)) >>> 0;
 }
 
 /** Uniform doubles in [0, 1) from SplitMix64 seeded with an integer in [0, 2**32). */
@@ -61,24 +49,42 @@ export class Uniforms {
     }
     this.hi = 0;
     this.lo = seed;
+    this.outHi = 0; // the last output's halves (next64)
+    this.outLo = 0;
+  }
+
+  /** Advance and mix: the next 64-bit output in outHi, outLo (no allocation per draw). */
+  step() {
+    const sum = this.lo + GAMMA_LO;
+    this.lo = sum >>> 0;
+    this.hi = (this.hi + GAMMA_HI + (sum > 0xffffffff ? 1 : 0)) >>> 0;
+    // z ^= z >> 30; z *= 0xBF58476D1CE4E5B9
+    let h = (this.hi ^ (this.hi >>> 30)) >>> 0;
+    let l = (this.lo ^ ((this.lo >>> 30) | (this.hi << 2))) >>> 0;
+    let mh = (mulHigh(l, 0x1ce4e5b9) + Math.imul(h, 0x1ce4e5b9) + Math.imul(l, 0xbf58476d)) >>> 0;
+    l = Math.imul(l, 0x1ce4e5b9) >>> 0;
+    h = mh;
+    // z ^= z >> 27; z *= 0x94D049BB133111EB
+    const l2 = (l ^ ((l >>> 27) | (h << 5))) >>> 0;
+    const h2 = (h ^ (h >>> 27)) >>> 0;
+    mh = (mulHigh(l2, 0x133111eb) + Math.imul(h2, 0x133111eb) + Math.imul(l2, 0x94d049bb)) >>> 0;
+    l = Math.imul(l2, 0x133111eb) >>> 0;
+    h = mh;
+    // z ^= z >> 31
+    this.outLo = (l ^ ((l >>> 31) | (h << 1))) >>> 0;
+    this.outHi = (h ^ (h >>> 31)) >>> 0;
   }
 
   /** [hi, lo] of the next 64-bit output. */
   next64() {
-    const lo = this.lo + GAMMA_LO;
-    this.lo = lo >>> 0;
-    this.hi = (this.hi + GAMMA_HI + (lo > 0xffffffff ? 1 : 0)) >>> 0;
-    let [h, l] = xorShift(this.hi, this.lo, 30);
-    [h, l] = mul64(h, l, 0xbf58476d, 0x1ce4e5b9);
-    [h, l] = xorShift(h, l, 27);
-    [h, l] = mul64(h, l, 0x94d049bb, 0x133111eb);
-    return xorShift(h, l, 31);
+    this.step();
+    return [this.outHi, this.outLo];
   }
 
   /** (next64 >> 11) * 2**-53. */
   next() {
-    const [h, l] = this.next64();
-    return h * 2 ** -32 + (l >>> 11) * 2 ** -53;
+    this.step();
+    return this.outHi * 2 ** -32 + (this.outLo >>> 11) * 2 ** -53;
   }
 }
 
@@ -121,6 +127,17 @@ export function fromHalfBits(bits) {
   if (exponent === 0) return sign * mantissa * 2 ** -24;
   if (exponent === 0x1f) return mantissa ? NaN : sign * Infinity;
   return sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
+}
+
+let HALVES = null;
+
+/** Every half's float32 value, by its bits (256 KiB, made once). */
+function halfTable() {
+  if (HALVES === null) {
+    HALVES = new Float32Array(65536);
+    for (let bits = 0; bits < 65536; bits++) HALVES[bits] = fromHalfBits(bits);
+  }
+  return HALVES;
 }
 
 /** bfloat16 bits of a finite float32 value, round to nearest even. */
@@ -275,7 +292,10 @@ export function decodeTensors(tensors, metadata) {
     }
     const values = new Float32Array(data.length);
     if (encoding === 'fp32') values.set(data);
-    else if (encoding === 'fp16') for (let i = 0; i < data.length; i++) values[i] = fromHalfBits(data[i]);
+    else if (encoding === 'fp16') {
+      const table = halfTable();
+      for (let i = 0; i < data.length; i++) values[i] = table[data[i]];
+    }
     else if (encoding === 'bf16') for (let i = 0; i < data.length; i++) values[i] = fromBf16Bits(data[i]);
     else {
       const rows = rowsOf(shape);
