@@ -241,7 +241,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--transformer", action="store_true", help="the transformer too")
     parser.add_argument("--out", type=Path, default=RESULTS / "compression.json")
+    parser.add_argument(
+        "--table", action="store_true", help="print the results in --out as markdown, run nothing"
+    )
     args = parser.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())))
+        return
     results: dict[str, Any] = {}
     if args.out.exists():
         results = json.loads(args.out.read_text())
@@ -273,6 +279,47 @@ def main() -> None:
     if "comparison" in results.get("conv", {}) and "fp32" in results["conv"]["runs"]:
         plot(results, args.out.with_suffix(".png"))
     print(json.dumps({k: v.get("comparison") for k, v in results.items() if k != "machine"}))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as the tables of bench/README.md."""
+    lines = []
+    for model, section in results.items():
+        if model == "machine" or "comparison" not in section:
+            continue
+        runs, comparison = section["runs"], section["comparison"]
+        metric = next(iter(runs.values()))["metric"]
+        score = "accuracy after" if metric == "accuracy" else "perplexity after"
+        rounds = section["protocol"]["rounds"]
+        lines += [
+            f"{model}:",
+            "",
+            f"| run (down / up) | bytes per device-round | down / fp32 | up / fp32 | "
+            f"total / fp32 | {score} {rounds} rounds | vs fp32 | target |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, run in runs.items():
+            ratios = comparison[name]["bytes_over_fp32"]
+            feedback = " + error feedback" if run["error_feedback"] else ""
+            if metric == "accuracy":
+                value = f"{100 * run['final']:.2f}%"
+                versus = f"{comparison[name]['accuracy_pp_vs_fp32']:+.2f} pp"
+            else:
+                value = f"{run['final']:.1f}"
+                versus = f"{comparison[name]['perplexity_vs_fp32']:.3f}x"
+            target = comparison[name].get("target")
+            verdict = "-"
+            if target is not None:
+                met = target["bytes_met"] and target["accuracy_met"]
+                verdict = f"{target['bytes']}, {target['accuracy']}: {'met' if met else 'missed'}"
+            total = run["bytes_per_device_round"]["total"]
+            lines.append(
+                f"| {name} ({run['download_encoding']} / {run['upload_encoding']}{feedback}) "
+                f"| {total / 2**20:.2f} MiB | {ratios['down']:.3f} | {ratios['up']:.3f} "
+                f"| {ratios['total']:.3f} | {value} | {versus} | {verdict} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
 
 
 def save(path: Path, results: dict[str, Any]) -> None:

@@ -17,7 +17,7 @@ Transport encodings (``heterofl_edge.encoding``): each task states the
 download and upload encoding for the device's level, never one the device did
 not declare at registration (fp32 instead, said in ``encoding_note``). A
 phase's downloads are encoded once per (level, encoding) with a seed of the run,
-round and level, so they are the same bytes after a restart; a lossy upload is
+round and level, so they are the same tensors after a restart; a lossy upload is
 an update, added back to the weights its device received when it is folded.
 """
 
@@ -137,7 +137,7 @@ class Waker:
 
 
 @dataclass(frozen=True)
-class Transport:
+class TaskEncodings:
     """How one device's task travels: the encodings down and up, and why if not the run's."""
 
     download: Encoding = Encoding.fp32
@@ -160,12 +160,12 @@ class PhaseView:
     tasks: Mapping[str, Task]
     weights: Mapping[WeightsKey, bytes]  # safetensors of the sub-model, encoded
     expected_counts: Mapping[str, int] = field(default_factory=dict)  # statistics phase
-    transport: Mapping[str, Transport] = field(default_factory=dict)  # by device
+    transport: Mapping[str, TaskEncodings] = field(default_factory=dict)  # by device
     # The trainable weights a device decoded from each download: lossy uploads add to them.
     received: Mapping[WeightsKey, Mapping[str, np.ndarray]] = field(default_factory=dict)
 
-    def transport_of(self, device_id: str) -> Transport:
-        return self.transport.get(device_id, Transport())
+    def transport_of(self, device_id: str) -> TaskEncodings:
+        return self.transport.get(device_id, TaskEncodings())
 
 
 @dataclass(frozen=True)
@@ -329,14 +329,14 @@ class TaskBoard:
                 received,
             )
 
-    def _transport(self, task: Task, phase: Phase) -> Transport:
+    def _transport(self, task: Task, phase: Phase) -> TaskEncodings:
         """The encodings of ``task``: the run's for its level, where its device declared them."""
         device = self.registry.get(task.client)
         declared = device.profile.get("encodings") if device is not None else None
         down, up, note = self.plan.choose(task.rate, declared)
         if phase is Phase.statistics:
             up = Encoding.fp32  # sBN moments are small, and travel as float32
-        return Transport(down, up, note)
+        return TaskEncodings(down, up, note)
 
     def _expected_counts(self, round_number: int, tasks: Sequence[Task]) -> dict[str, int]:
         """The examples each device summarises in a statistics phase.
