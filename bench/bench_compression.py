@@ -180,6 +180,19 @@ def compare(runs: dict[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {"bytes_over_fp32": ratios}
         if run["metric"] == "accuracy":
             entry["accuracy_pp_vs_fp32"] = 100 * (run["final"] - base["final"])
+            # Less noisy than one round: the mean over the last 5 rounds (fp32's own accuracy
+            # moves by ~0.1 pp from round to round there).
+            last = min(5, len(run["per_round"]), len(base["per_round"]))
+            entry["accuracy_pp_vs_fp32_last5"] = (
+                100
+                * sum(
+                    a - b
+                    for a, b in zip(
+                        run["per_round"][-last:], base["per_round"][-last:], strict=True
+                    )
+                )
+                / last
+            )
         else:
             entry["perplexity_vs_fp32"] = run["final"] / base["final"]
         target = TARGETS.get(name)
@@ -246,7 +259,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.table:
-        print(markdown(json.loads(args.out.read_text())))
+        results = json.loads(args.out.read_text())
+        for section in results.values():
+            if isinstance(section, dict) and "runs" in section:
+                section["comparison"] = compare(section["runs"])
+        print(markdown(results))
         return
     results: dict[str, Any] = {}
     if args.out.exists():
@@ -256,10 +273,9 @@ def main() -> None:
     if conv.get("protocol") != protocol:
         conv = {"protocol": protocol, "runs": {}}
     mnist = get_dataset("mnist", args.data_dir)
-    for name in args.runs.split(","):
-        if name in conv["runs"]:
-            continue
-        conv["runs"][name] = run_one(protocol, name, *RUNS[name], mnist)
+    for name in [n for n in args.runs.split(",") if n]:
+        if name not in conv["runs"]:
+            conv["runs"][name] = run_one(protocol, name, *RUNS[name], mnist)
         conv["comparison"] = compare(conv["runs"])
         results["conv"] = conv
         save(args.out, results)
@@ -269,9 +285,8 @@ def main() -> None:
             second = {"protocol": transformer_protocol(), "runs": {}}
         wikitext = get_dataset("wikitext2", args.wikitext_dir)
         for name in TRANSFORMER_RUNS:
-            if name in second["runs"]:
-                continue
-            second["runs"][name] = run_one(transformer_protocol(), name, *RUNS[name], wikitext)
+            if name not in second["runs"]:
+                second["runs"][name] = run_one(transformer_protocol(), name, *RUNS[name], wikitext)
             second["comparison"] = compare(second["runs"])
             results["transformer"] = second
             save(args.out, results)
@@ -295,8 +310,9 @@ def markdown(results: dict[str, Any]) -> str:
             f"{model}:",
             "",
             f"| run (down / up) | bytes per device-round | down / fp32 | up / fp32 | "
-            f"total / fp32 | {score} {rounds} rounds | vs fp32 | target |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            f"total / fp32 | {score} {rounds} rounds | vs fp32 | last 5 rounds vs fp32 "
+            "| target |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for name, run in runs.items():
             ratios = comparison[name]["bytes_over_fp32"]
@@ -304,9 +320,11 @@ def markdown(results: dict[str, Any]) -> str:
             if metric == "accuracy":
                 value = f"{100 * run['final']:.2f}%"
                 versus = f"{comparison[name]['accuracy_pp_vs_fp32']:+.2f} pp"
+                smoothed = f"{comparison[name]['accuracy_pp_vs_fp32_last5']:+.2f} pp"
             else:
                 value = f"{run['final']:.1f}"
                 versus = f"{comparison[name]['perplexity_vs_fp32']:.3f}x"
+                smoothed = "-"
             target = comparison[name].get("target")
             verdict = "-"
             if target is not None:
@@ -316,7 +334,7 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {name} ({run['download_encoding']} / {run['upload_encoding']}{feedback}) "
                 f"| {total / 2**20:.2f} MiB | {ratios['down']:.3f} | {ratios['up']:.3f} "
-                f"| {ratios['total']:.3f} | {value} | {versus} | {verdict} |"
+                f"| {ratios['total']:.3f} | {value} | {versus} | {smoothed} | {verdict} |"
             )
         lines.append("")
     return "\n".join(lines)
