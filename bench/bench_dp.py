@@ -122,20 +122,26 @@ def main() -> None:
     args = parser.parse_args()
     data = load_mnist(args.data_dir)
     noises: list[float | None] = ([] if args.no_baseline else [None]) + list(args.noise)
-    runs = [run(noise, args.clip, args.rounds, data, args.workers) for noise in noises]
-    write_json(
-        args.out,
-        {
-            "protocol": (
-                "MNIST conv mode a-e IID, 100 clients, fraction 0.1, E 5, B 10, lr 0.01, seed 0, "
-                f"{args.rounds} rounds, statistics round, 2000 test images; DP: clip "
-                f"{args.clip}, server placement, delta 1e-5, RDP accountant with fixed-size "
-                "sampling without replacement (replace-one adjacency)"
-            ),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()},
-            "runs": runs,
-        },
-    )
+    runs: list[dict[str, Any]] = []
+    for noise in noises:  # the results so far are written after each run
+        runs.append(run(noise, args.clip, args.rounds, data, args.workers))
+        write_json(
+            args.out,
+            {
+                "protocol": (
+                    "MNIST conv mode a-e IID, 100 clients, fraction 0.1, E 5, B 10, lr 0.01, "
+                    f"seed 0, {args.rounds} rounds, statistics round, 2000 test images; DP: "
+                    f"clip {args.clip}, server placement, delta 1e-5, RDP accountant with "
+                    "fixed-size sampling without replacement (replace-one adjacency)"
+                ),
+                "machine": {
+                    "cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(),
+                },
+                "complete": len(runs) == len(noises),
+                "runs": runs,
+            },
+        )
     plot(runs, args.out.with_suffix(".png"))
     for entry in runs:
         eps = entry["final_epsilon"]

@@ -43,6 +43,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.not_finite: 422,
     ErrorCode.bad_labels: 422,
     ErrorCode.bad_statistics: 422,
+    ErrorCode.wrong_encoding: 422,
+    ErrorCode.bad_scales: 422,
     ErrorCode.internal_error: 500,
     ErrorCode.not_ready: 503,
     ErrorCode.storage_error: 503,

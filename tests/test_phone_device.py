@@ -8,8 +8,8 @@ artifacts from the session's cache. The page runs at 390x844 with touch and a
 phone's user agent and is driven as a person would: choose demo shard 1 of 200
 (300 examples, 150 steps), download it, start. The browser's upload is
 accepted and the round finishes; while the browser computes sBN statistics in
-its worker, ``page.evaluate`` answers mid-pass and never after more than a tenth of
-the time watched. Screenshots of the
+its worker, ``page.evaluate`` answers in under a second, and otherwise never after
+more than a tenth of the time watched. Screenshots of the
 device page mid-training and of the live page go to the test artifacts folder
 (copied to docs/ for the README).
 """
@@ -136,12 +136,14 @@ def test_a_phone_trains_beside_a_python_device_on_the_defaults(tmp_path, mnist_d
     assert stop_check["error"] == "AbortError" and stop_check["steps"] == 20, stop_check
     assert stop_check["stopped_ms"] < stop_check["step_ms"], stop_check
     assert enrolment == ["link-token"]  # sent once with the registration, never retried
-    # The page answers all along: in the middle of the statistics pass (a main thread busy
-    # with it answers only once it is over), and never after a wait that is more than a
-    # small part of the time watched (a frozen page answers once, at the end). Relative,
-    # not a fixed budget in seconds, so that a loaded machine does not fail it.
+    # The page answers all along: in under a second in the middle of the statistics pass (a
+    # main thread busy with it answers only once it is over), and otherwise never after a wait
+    # that is more than a small part of the time watched (a frozen page answers once, at the
+    # end): encoding and sending the upload run on the main thread and took 1.07 s once on a
+    # loaded CI machine, so that bound is relative.
     computing = [seconds for phase, seconds in timings if phase == "computing statistics"]
     assert computing, f"no answer came while the browser computed statistics: {timings[-20:]}"
+    assert max(computing) < 1.0, max(computing)  # the issue's bound, while the worker computes
     longest_wait = max(seconds for _, seconds in timings)
     assert longest_wait < watched_for / 10, (longest_wait, watched_for)
 
