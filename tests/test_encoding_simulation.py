@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from heterofl_edge.privacy import DpPlacement
 from heterofl_edge.simulation import Execution, SimulationConfig, load_data, run_simulation
 from heterofl_edge.training import LocalTrainingConfig
 
@@ -70,6 +71,31 @@ def test_encodings_change_the_model_as_little_as_their_bounds_and_are_counted(bl
     )
     assert set(record["devices"]) == {"0", "1", "2", "3"}
     json.dumps(plain.to_json(), allow_nan=False)  # results.json stays strict JSON
+
+
+@pytest.mark.parametrize("placement", list(DpPlacement))
+def test_a_private_run_compresses_its_uploads_and_spends_the_same_epsilon(blobs, placement):
+    """DP and int8 uploads compose: the same noise and epsilon, the model within int8's error.
+
+    Server placement clips what the coordinator decodes; distributed placement adds
+    each client's (seeded) noise share before the update is encoded.
+    """
+    private = {"dp_clip": 1.0, "dp_noise_multiplier": 0.5, "dp_placement": placement}
+    plain = tiny(**private)
+    data = load_data(plain, blobs)
+    fp32 = run_simulation(plain, data, execution=ONE)
+    int8 = run_simulation(tiny(upload_encoding="int8", **private), data, execution=ONE)
+    assert [r.privacy for r in int8.rounds] == [r.privacy for r in fp32.rounds]
+    assert int8.rounds[-1].privacy is not None and int8.rounds[-1].privacy["epsilon"] > 0
+    sizes = [r.to_json()["transfer"]["bytes_per_device_round"] for r in (fp32, int8)]
+    assert sizes[1]["up"] / sizes[0]["up"] < 0.5
+    for name, tensor in fp32.global_state.items():
+        if not tensor.is_floating_point():
+            continue
+        moved = float((int8.global_state[name] - tensor).abs().max())
+        assert torch.isfinite(int8.global_state[name]).all(), name
+        # Noise of std z*C/k dominates; int8's error is a small part of it.
+        assert moved < 0.1 * (float(tensor.abs().max()) + 1e-3) + 0.05, (name, moved)
 
 
 def test_a_resumed_run_with_error_feedback_ends_with_the_uninterrupted_model(blobs, tmp_path):
