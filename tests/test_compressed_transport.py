@@ -21,6 +21,7 @@ from coordinator_helpers import (
     auth,
     global_model,
     make_config,
+    report_statistics,
     statistics_body,
 )
 from safetensors import deserialize
@@ -87,18 +88,6 @@ def sent_weights(body: bytes, received) -> dict[str, torch.Tensor]:
     decoded = decode_payload(body)
     arrays = apply_update(received, decoded.arrays) if decoded.encoding.lossy else decoded.arrays
     return {n: torch.from_numpy(np.array(a)) for n, a in arrays.items()}
-
-
-def report_statistics(client, coordinator, tokens):
-    coordinator.settle()
-    for token in tokens:
-        task = client.get("/v1/task", headers=auth(token)).json
-        if task["action"] == "statistics":
-            body = statistics_body(task["expected_count"], 0.0)
-            assert (
-                client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
-            )
-    coordinator.settle()
 
 
 def test_each_task_states_the_encodings_its_device_declared(make_app, tmp_path):
