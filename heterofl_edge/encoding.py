@@ -30,15 +30,17 @@ for int8, ``scales``: ``{tensor name: base64 of its scales as little-endian
 float32}``. The browser's ``web/encoding.js`` implements the same rules and
 agrees bit for bit on ``tests/vectors/encoding.json``.
 
-Where the other features plug in (not built here):
+With the other features:
 
-* **Differential privacy** clips the update *before* it is quantized: in
-  ``UpdateEncoder.encode`` between ``make_update`` and the residual, so that
-  the clipped update is what the noise and the quantization see.
-* **Secure aggregation** masks the int8 integers ``q``; every device of a level
-  must then share one scale per row (a round-wide bound, e.g. DP's clip norm,
-  instead of ``max|row|``), and the masked sums need ``8 + ceil(log2 n)`` bits
-  for n devices.
+* **Differential privacy** (``heterofl_edge.privacy``): in the server
+  placement the aggregator clips what the coordinator decodes (the received
+  weights plus the decoded update), so quantization error is inside the clipped,
+  noised contribution; in the distributed placement a device adds its noise
+  share to its clipped update and then encodes it.
+* **Secure aggregation** (not combined here) would mask the int8 integers
+  ``q``; every device of a level must then share one scale per row (a
+  round-wide bound, e.g. DP's clip norm, instead of ``max|row|``), and the
+  masked sums need ``8 + ceil(log2 n)`` bits for n devices.
 """
 
 from __future__ import annotations
