@@ -12,11 +12,19 @@ it durably (``Store.accept``, which refuses a result whose task is closed in
 the same transaction), updates the device's status and wakes the engine.
 The engine folds each result into the aggregate from its stored record, so
 what is in the model is exactly what was acknowledged, also after a restart.
+
+Transport encodings (``heterofl_edge.encoding``): each task states the
+download and upload encoding for the device's level, never one the device did
+not declare at registration (fp32 instead, said in ``encoding_note``). A
+phase's downloads are encoded once per (level, encoding) with a seed of the run,
+round and level, so they are the same tensors after a restart; a lossy upload is
+an update, added back to the weights its device received when it is folded.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sqlite3
 import threading
@@ -24,13 +32,23 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
 from coordinator.errors import ApiError, ErrorCode
-from coordinator.intake import check_update, decode_payload, parse_masked, parse_statistics
+from coordinator.intake import check_update, decode_update, parse_masked, parse_statistics
 from coordinator.registry import Device, DeviceRegistry
 from coordinator.store import Store, TaskClosed
+from heterofl_edge.encoding import (
+    Encoding,
+    EncodingPlan,
+    TransferLog,
+    decode_payload,
+    download_seed,
+    encode_payload,
+    upload_seed,
+)
 from heterofl_edge.engine import (
     Client,
     Phase,
@@ -42,6 +60,7 @@ from heterofl_edge.engine import (
     Task,
     TrainReply,
 )
+from heterofl_edge.errors import ConfigError, InternalError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
 from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
@@ -73,7 +92,7 @@ from heterofl_edge.secagg import (
     statistics_layout,
     unb64,
 )
-from heterofl_edge.slicing import extract_submodel_state, shapes_at
+from heterofl_edge.slicing import extract_submodel_state, shapes_at, trainable_names
 
 __all__ = ["DeviceState", "TaskBoard", "TaskStatus", "Waker", "encode_state"]
 
@@ -147,6 +166,18 @@ class Waker:
 
 
 @dataclass(frozen=True)
+class TaskEncodings:
+    """How one device's task travels: the encodings down and up, and why if not the run's."""
+
+    download: Encoding = Encoding.fp32
+    upload: Encoding = Encoding.fp32
+    note: str | None = None
+
+
+WeightsKey = tuple[float, Encoding]  # (rate, download encoding)
+
+
+@dataclass(frozen=True)
 class PhaseView:
     """One published phase: read by request threads without locks."""
 
@@ -156,9 +187,15 @@ class PhaseView:
     opened_at: float
     deadline: float
     tasks: Mapping[str, Task]
-    weights: Mapping[float, bytes]  # rate -> safetensors of the sub-model
+    weights: Mapping[WeightsKey, bytes]  # safetensors of the sub-model, encoded
     expected_counts: Mapping[str, int] = field(default_factory=dict)  # statistics phase
+    transport: Mapping[str, TaskEncodings] = field(default_factory=dict)  # by device
+    # The trainable weights a device decoded from each download: lossy uploads add to them.
+    received: Mapping[WeightsKey, Mapping[str, np.ndarray]] = field(default_factory=dict)
     secure: Mapping[str, SecureInput] | None = None  # secure aggregation: masked uploads
+
+    def transport_of(self, device_id: str) -> TaskEncodings:
+        return self.transport.get(device_id, TaskEncodings())
 
 
 @dataclass
@@ -207,6 +244,9 @@ class TaskBoard:
         waker: Waker,
         tick_seconds: float = 0.5,
         on_result: Callable[[str, int], None] = lambda kind, size: None,
+        plan: EncodingPlan | None = None,
+        run_seed: int = 0,
+        on_transfer: Callable[[str, str, str, int], None] = lambda d, k, e, size: None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -217,6 +257,10 @@ class TaskBoard:
         self.waker = waker
         self.tick_seconds = tick_seconds
         self.on_result = on_result
+        self.plan = plan or EncodingPlan()
+        self.run_seed = run_seed
+        self.on_transfer = on_transfer  # (direction, kind, encoding, bytes) of every payload
+        self.transfer = TransferLog()  # bytes per round and device, since start-up
         self._view: PhaseView | None = None
         self._status: dict[str, TaskStatus] = {}
         self._started: dict[str, float] = {}
@@ -233,6 +277,38 @@ class TaskBoard:
         self.privacy: PrivacyPlan | None = None
         self._noise: DistributedNoise | None = None
         self._stage: StageView | None = None  # an open secure aggregation stage
+        self._check_transport()
+
+    def _transport_key(self) -> str:
+        plan = self.plan
+        return json.dumps(
+            {
+                "download": str(plan.download),
+                "upload": str(plan.upload),
+                "error_feedback": plan.error_feedback,
+            },
+            sort_keys=True,
+        )
+
+    def _check_transport(self) -> None:
+        """``ConfigError`` if the open round was opened with other encodings than the run's now.
+
+        Its stored updates are additions to what its devices received: they can only be
+        read with the encodings they were sent under. Between rounds, encodings may change.
+        """
+        row = self.store.open_round_row()
+        stored = self.store.get_meta("transport")
+        if row is None or stored is None or stored == self._transport_key():
+            return
+        was = json.loads(stored)
+        raise ConfigError(
+            f"round {row['number']} was opened with --download-encoding {was['download']} "
+            f"--upload-encoding {was['upload']}"
+            + (" --error-feedback" if was["error_feedback"] else "")
+            + ", not with this run's encodings",
+            "restart with those encodings until the round ends, or run 'heterofl-edge "
+            "coordinator repair' to discard the open round",
+        )
 
     # -- the engine's side (Transport) -----------------------------------------------
     def wait_for_clients(self, minimum: int) -> list[Client] | None:
@@ -256,13 +332,29 @@ class TaskBoard:
         secure: Mapping[str, SecureInput] | None = None,
     ) -> None:
         offset = tasks[0].offset if tasks else 0  # one round's windows start together
-        weights = {
-            rate: encode_state(
-                extract_submodel_state(state, self.arch.spec, rate, self.global_rate, offset),
+        transport = {t.client: self._transport(t, phase) for t in tasks}
+        updated = {
+            (t.rate, transport[t.client].download)
+            for t in tasks
+            if transport[t.client].upload.lossy
+        }
+        weights: dict[WeightsKey, bytes] = {}
+        received: dict[WeightsKey, dict[str, np.ndarray]] = {}
+        for rate, encoding in sorted({(t.rate, transport[t.client].download) for t in tasks}):
+            sub = extract_submodel_state(state, self.arch.spec, rate, self.global_rate, offset)
+            body = encode_payload(
+                {k: v.detach().cpu().numpy() for k, v in sub.items()},
+                encoding,
+                download_seed(self.run_seed, round_number, rate, phase.value),
                 {"round": str(round_number), "rate": repr(rate)},
             )
-            for rate in sorted({t.rate for t in tasks})
-        }
+            weights[(rate, encoding)] = body
+            if (rate, encoding) in updated:  # a lossy upload is added back to these
+                decoded = decode_payload(body).arrays
+                names = trainable_names(self.arch.spec)
+                received[(rate, encoding)] = {n: decoded[n] for n in names}
+        if phase is Phase.training and self.store.get_meta("transport") != self._transport_key():
+            self.store.set_meta("transport", self._transport_key())  # what the round is sent in
         rows = {r.device_id: r for r in self.store.tasks(round_number)}
         status = {
             t.client: TaskStatus(rows[t.client].status)
@@ -291,8 +383,19 @@ class TaskBoard:
                 {t.client: t for t in tasks},
                 weights,
                 expected,
+                transport,
+                received,
                 secure,
             )
+
+    def _transport(self, task: Task, phase: Phase) -> TaskEncodings:
+        """The encodings of ``task``: the run's for its level, where its device declared them."""
+        device = self.registry.get(task.client)
+        declared = device.profile.get("encodings") if device is not None else None
+        down, up, note = self.plan.choose(task.rate, declared)
+        if phase is Phase.statistics:
+            up = Encoding.fp32  # sBN moments are small, and travel as float32
+        return TaskEncodings(down, up, note)
 
     def _expected_counts(self, round_number: int, tasks: Sequence[Task]) -> dict[str, int]:
         """The examples each device summarises in a statistics phase.
@@ -439,7 +542,7 @@ class TaskBoard:
                 )
                 continue
             if phase is Phase.training:
-                tensors, _ = decode_payload(payload)
+                tensors = self._weights_of(row.device_id, payload)
                 found.append(
                     TrainReply(
                         row.device_id,
@@ -459,6 +562,16 @@ class TaskBoard:
                 moments = parse_statistics(payload, self.bn_widths(), expected)
                 found.append(StatsReply(row.device_id, moments))
         return found
+
+    def _weights_of(self, device_id: str, payload: bytes) -> dict[str, torch.Tensor]:
+        """The weights a stored training upload stands for (an update is added back)."""
+        view = self._view
+        if view is None:
+            raise InternalError("a training upload is read back without a published phase")
+        task, carried = view.tasks[device_id], view.transport_of(device_id)
+        received = view.received.get((task.rate, carried.download))
+        arrays = decode_update(payload, carried.upload, received)
+        return {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
 
     def _shapes(self, rate: float) -> dict[str, tuple[int, ...]]:
         shapes = self._shapes_by_rate.get(rate)
@@ -513,6 +626,9 @@ class TaskBoard:
         }
         private = self.privacy is not None
         secure = None if view.secure is None else _masking(view.secure[task.client])
+        carried = view.transport_of(task.client)
+        work["download_encoding"] = carried.download
+        work["encoding_note"] = carried.note
         if view.phase is Phase.statistics:
             return StatisticsTask(
                 **work,
@@ -537,6 +653,9 @@ class TaskBoard:
             private=private,
             distributed_noise=self._noise,
             secure=secure,
+            upload_encoding=carried.upload,
+            rounding_seed=upload_seed(task.seed),
+            error_feedback=self.plan.error_feedback and carried.upload.lossy,
         )
 
     def _stage_task(self, stage: StageView, request: StageRequest) -> SecAggTask:
@@ -640,12 +759,23 @@ class TaskBoard:
             self._started.setdefault(device.id, self.clock())
             if self._status.get(device.id) is TaskStatus.assigned:
                 self._status[device.id] = TaskStatus.training
-        return view.weights[task.rate]
+        encoding = view.transport_of(device.id).download
+        body = view.weights[(task.rate, encoding)]
+        self._count(view, device.id, "down", encoding, len(body))
+        return body
+
+    def _count(
+        self, view: PhaseView, device_id: str, direction: str, encoding: Encoding, size: int
+    ) -> None:
+        kind = "train" if view.phase is Phase.training else "statistics"
+        self.transfer.add(view.round, direction, kind, encoding.value, size, device_id)
+        self.on_transfer(direction, kind, encoding.value, size)
 
     def accept_update(self, device: Device, number: int, body: bytes) -> Accepted:
         view, task = self._open_task(device, number, Phase.training)
         if view.secure is not None:
             return self._accept_masked(device, view, number, body, "update")
+        carried = view.transport_of(device.id)
         parsed = check_update(
             body,
             self.arch.spec,
@@ -653,6 +783,8 @@ class TaskBoard:
             self.arch.num_classes,
             shapes=self._shapes(task.rate),
             private=self.privacy is not None,
+            encoding=carried.upload,
+            received=view.received.get((task.rate, carried.download)),
         )
         now = self.clock()
         started = self._started.get(device.id, view.opened_at)
@@ -667,6 +799,7 @@ class TaskBoard:
             None if self.privacy is not None else parsed.metrics,  # a private run keeps none
         )
         self.on_result("update", len(body))
+        self._count(view, device.id, "up", carried.upload, len(body))
         return Accepted(accepted=True, round=number)
 
     def _accept_masked(
@@ -678,6 +811,7 @@ class TaskBoard:
         started = self._started.get(device.id, view.opened_at)
         self._store_result(device, view, body, now, now - started, None, None, None)
         self.on_result(kind, len(body))
+        self._count(view, device.id, "up", Encoding.fp32, len(body))
         return Accepted(accepted=True, round=number)
 
     def accept_statistics(self, device: Device, number: int, body: bytes) -> Accepted:
@@ -694,6 +828,7 @@ class TaskBoard:
         parse_statistics(body, self.bn_widths(), expected)
         self._store_result(device, view, body, self.clock(), None, None, None, None)
         self.on_result("statistics", len(body))
+        self._count(view, device.id, "up", Encoding.fp32, len(body))
         return Accepted(accepted=True, round=number)
 
     def _store_result(

@@ -52,6 +52,8 @@ STATUS: dict[ErrorCode, int] = {
     ErrorCode.replayed_key: 409,
     ErrorCode.duplicate_advertisement: 409,
     ErrorCode.duplicate_unmask: 409,
+    ErrorCode.wrong_encoding: 422,
+    ErrorCode.bad_scales: 422,
     ErrorCode.internal_error: 500,
     ErrorCode.not_ready: 503,
     ErrorCode.storage_error: 503,

@@ -61,7 +61,12 @@ class Coordinator:
     def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Coordinator:
         """Open and check the state folder (``coordinator.bootstrap``), then assemble."""
         arch = get_architecture(config.model)
-        return cls(config, arch, open_state(config, arch), clock)
+        opened = open_state(config, arch)
+        try:
+            return cls(config, arch, opened, clock)
+        except BaseException:  # refused while assembling (e.g. the open round's encodings)
+            opened.store.close()
+            raise
 
     def __init__(
         self,
@@ -100,6 +105,9 @@ class Coordinator:
             clock,
             self.waker,
             on_result=lambda kind, size: self.metrics.uploads.labels(kind, "accepted").inc(),
+            plan=config.encodings,
+            run_seed=config.seed,
+            on_transfer=self.metrics.count_payload,
         )
         self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
         _ = self.level_costs  # measured once, at start-up, rather than on a request thread
@@ -248,15 +256,19 @@ class Coordinator:
                 "ready: levels %s served; all %d rounds are done", levels, self.config.total_rounds
             )
             return
+        plan = self.config.encodings
         log.info(
             "ready: levels %s served; %d of %d rounds done; round %d opens once %d devices "
-            "are live (%d registered)",
+            "are live (%d registered); weights down in %s, results up in %s%s",
             levels,
             self.engine.completed,
             self.config.total_rounds,
             self.engine.completed + 1,
             self.config.min_devices if self.engine.completed == 0 else self.config.min_uploads,
             len(self.registry),
+            plan.download,
+            plan.upload,
+            ", with error feedback" if plan.error_feedback else "",
         )
 
     def close(self) -> None:

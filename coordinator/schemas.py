@@ -103,6 +103,16 @@ class AssignmentView(BaseModel):
     num_samples: int | None
     seconds: float | None
     metrics: dict[str, float] | None
+    download_encoding: str = Field(description="fp32 | fp16 | bf16 | int8: its weights")
+    upload_encoding: str = Field(description="fp32 (weights) | fp16 | bf16 | int8 (update)")
+    bytes_down: int | None = Field(
+        None, description="bytes of weights it fetched in this round (training and statistics)"
+    )
+    bytes_up: int | None = Field(
+        None,
+        description="bytes of its accepted results in this round (null: none, or the "
+        "round ran before the coordinator's last start)",
+    )
 
 
 class RoundView(BaseModel):
@@ -119,6 +129,10 @@ class RoundView(BaseModel):
     metrics: dict[str, Any] = Field(
         description="the round's result once it ends: losses, evaluation, durations"
     )
+    transfer: dict[str, Any] = Field(
+        description="payload bytes since the coordinator started: {down, up: {train, "
+        "statistics: {encoding: {bytes, payloads}}}, devices: {id: {down, up}}}"
+    )
     assignments: list[AssignmentView]
 
 
@@ -134,6 +148,7 @@ class ProfileView(BaseModel):
     bandwidth_mbps: float
     runtimes: list[str]
     num_examples: int | None = None
+    encodings: list[str] | None = Field(None, description="what it declared (null: fp32 only)")
 
 
 class DeviceView(BaseModel):

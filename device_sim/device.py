@@ -13,6 +13,13 @@ examples at a time instead of 500, and refuses a training task above that
 level (a coordinator that ignored the limit) instead of running out of
 memory. Every training task's peak resident memory is logged and sent with
 the upload's metrics (``peak_memory_mb``).
+
+Transport encodings (``heterofl_edge.encoding``) are handled here, in numpy,
+for every runtime (the ExecuTorch runtime runs inside this device too): the
+device declares the encodings it can decode and encode at registration, decodes
+whatever weights it is sent, and uploads what the task's ``upload_encoding``
+says: the trained weights (fp32) or the update, with its error-feedback
+residual kept per level.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from device_sim.state import DeviceIdentity
 from heterofl_edge.assignment import parse_mode
 from heterofl_edge.device_runtime import LevelRuntime, TrainingRequest, merge_batch_statistics
 from heterofl_edge.dp_noise import add_distributed_noise
+from heterofl_edge.encoding import Encoding, UpdateEncoder
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.protocol import (
@@ -93,10 +101,14 @@ class Capabilities:
     memory_mb: float = 4096.0
     dropout: float = 0.0  # probability of vanishing in the middle of a round's training
     runtime: str = "onnx"  # a name in device_sim.runtimes: onnx, or executorch (extra)
+    # Transport encodings it declares (heterofl_edge.encoding); () declares none: fp32 only.
+    encodings: tuple[str, ...] = tuple(e.value for e in Encoding)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Capabilities:
         known = {k: data[k] for k in asdict(cls()) if k in data}
+        if "encodings" in known:
+            known["encodings"] = tuple(Encoding(e).value for e in known["encodings"])
         return cls(**known)
 
 
@@ -122,6 +134,8 @@ class Device:
         self._sleep = sleep
         self._runtime = get_runtime(capabilities.runtime)  # a ConfigError if unknown
         self._levels: dict[str, LevelRuntime] = {}
+        self.encoder = UpdateEncoder()  # lossy uploads and their error-feedback residual
+        self._notes: set[str] = set()  # encoding fallbacks the coordinator told, logged once
         self.heartbeat_seconds = 5.0
         self.poll_seconds = 2.0  # how long to wait when a task says neither what nor how long
         self.memory_limit_mb = memory_limit_mb
@@ -187,6 +201,7 @@ class Device:
             runtimes=[Runtime(self.capabilities.runtime)],
             num_examples=len(self.labels),
             secure_aggregation=True,  # it masks its uploads when a run asks (secagg)
+            encodings=[Encoding(e) for e in self.capabilities.encodings] or None,
         )
 
     def _check_data(self, manifest: dict[str, Any], model: str) -> None:
@@ -323,9 +338,11 @@ class Device:
         self._peak.mark()
         level = self._level(task.artifact.manifest_url)
         sent, received = self.client.bytes_sent, self.client.bytes_received
-        weights = self._skip(task, lambda: self.client.tensors(task.weights_url))
-        if weights is None:
+        self._note(task)
+        download = self._skip(task, lambda: self.client.tensors(task.weights_url))
+        if download is None:
             return
+        weights = download.arrays
         if self.capabilities.dropout and self.rng.random() < self.capabilities.dropout:
             self.log(f"round {task.round}: dropping out mid-round")
             os._exit(3)  # vanish like an unplugged device: no goodbye to the coordinator
@@ -333,7 +350,7 @@ class Device:
         start = time.perf_counter()
         result = level.train(
             TrainingRequest(
-                weights,
+                {name: array.copy() for name, array in weights.items()},
                 self.images,
                 self.labels,
                 self.present,
@@ -367,12 +384,23 @@ class Device:
                 },
             )
         )
-        if not self._deliver(task, trained, metadata):
+        body = self.encoder.encode(
+            trained,
+            weights,
+            task.upload_encoding,
+            task.rounding_seed,
+            task.level,
+            task.error_feedback,
+            metadata.to_metadata(),
+        )
+        if self._skip(task, lambda: self.client.send(task.upload_url, body)) is None:
+            self.encoder.forget()  # the update was lost: so is what its residual refers to
             return
         down, up = self.client.bytes_received - received, self.client.bytes_sent - sent
         self.log(
             f"round {task.round}: trained level {task.level}, loss {result.loss:.4f}, "
-            f"bytes down {down} up {up}, peak memory {peak:.0f} MB"
+            f"bytes down {down} ({task.download_encoding.value}) "
+            f"up {up} ({task.upload_encoding.value}), peak memory {peak:.0f} MB"
         )
         self._check_peak(task, peak)
 
@@ -384,6 +412,12 @@ class Device:
                 f"over --max-memory-mb {self.memory_limit_mb:g}"
             )
 
+    def _note(self, task: TrainTask | StatisticsTask) -> None:
+        """Log, once, that the coordinator replaced an encoding this device did not declare."""
+        if task.encoding_note and task.encoding_note not in self._notes:
+            self._notes.add(task.encoding_note)
+            self.log(f"round {task.round}: {task.encoding_note}")
+
     def statistics(self, task: StatisticsTask) -> None:
         """The global model's sBN statistics over every example, uploaded.
 
@@ -393,9 +427,11 @@ class Device:
         """
         self._peak.mark()
         level = self._level(task.artifact.manifest_url)
-        weights = self._skip(task, lambda: self.client.tensors(task.weights_url))
-        if weights is None:
+        self._note(task)
+        download = self._skip(task, lambda: self.client.tensors(task.weights_url))
+        if download is None:
             return
+        weights = download.arrays
         if self.memory_limit_mb is None:
             stats = level.statistics(weights, self.images)
         else:

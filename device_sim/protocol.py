@@ -23,9 +23,10 @@ from typing import Any
 
 import numpy as np
 import requests
-from safetensors.numpy import load, save
+from safetensors.numpy import save
 
 from device_sim.backoff import Backoff
+from heterofl_edge.encoding import Decoded, EncodingError, decode_payload
 from heterofl_edge.errors import HeteroFLError
 from heterofl_edge.protocol import (
     Accepted,
@@ -207,18 +208,30 @@ class CoordinatorClient:
                 timeout=10,
             )
 
-    def tensors(self, path: str) -> dict[str, np.ndarray]:
+    def tensors(self, path: str) -> Decoded:
+        """GET weights: float32 arrays whatever their encoding (the payload's metadata says)."""
         reply = self._request("GET", path)
-        return load(reply.content)
+        try:
+            return decode_payload(reply.content)
+        except EncodingError as exc:
+            raise ProtocolError(
+                f"the weights from {path} do not decode: {exc.message}",
+                "the coordinator sent a damaged payload; retry",
+                code=exc.code,
+            ) from None
 
     def upload(
         self, path: str, tensors: dict[str, np.ndarray], metadata: UploadMetadata | None
     ) -> Accepted:
-        """POST a result: a training upload's metadata, or none (sBN statistics)."""
+        """POST a result as float32: a training upload's metadata, or none (sBN statistics)."""
         body = save(
             {k: np.ascontiguousarray(v) for k, v in tensors.items()},
             metadata=metadata.to_metadata() if metadata is not None else {},
         )
+        return self.send(path, body)
+
+    def send(self, path: str, body: bytes) -> Accepted:
+        """POST a result already encoded (``heterofl_edge.encoding``)."""
         return Accepted.model_validate(self._request("POST", path, data=body).json())
 
     def answer(self, path: str, body: dict[str, Any]) -> Accepted:

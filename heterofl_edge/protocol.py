@@ -22,12 +22,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, Strict
 
+from heterofl_edge.encoding import Encoding
+
 __all__ = [
     "Accepted",
     "ArtifactRef",
     "DeviceProfile",
     "DistributedNoise",
     "DoneTask",
+    "Encoding",
     "ErrorCode",
     "ErrorReply",
     "Health",
@@ -80,6 +83,8 @@ class ErrorCode(StrEnum):
     not_finite = "not_finite"
     bad_labels = "bad_labels"
     bad_statistics = "bad_statistics"
+    wrong_encoding = "wrong_encoding"  # an upload in another encoding than its task's
+    bad_scales = "bad_scales"  # int8 scales missing, miscounted, NaN, zero or negative
     not_ready = "not_ready"  # artifacts still being built (server side, retry later)
     storage_error = "storage_error"  # the disk or database failed (server side)
     too_many_connections = "too_many_connections"  # the address's connection cap (retry)
@@ -194,6 +199,12 @@ class DeviceProfile(BaseModel):
         description="the device masks its uploads (SecAgg+); a run with secure aggregation "
         "refuses a device without it",
     )
+    encodings: list[Annotated[Encoding, Strict(False)]] | None = Field(
+        None,
+        max_length=2 * len(Encoding),
+        description="encodings the device can decode (weights) and encode (updates); absent: "
+        "fp32 only. A task never uses one the device did not declare",
+    )
     enrollment_token: str | None = Field(
         None,
         max_length=256,
@@ -251,6 +262,15 @@ class _Work(_Reply):
         description="call /v1/heartbeat this often until the result is uploaded (a device "
         "silent for the coordinator's device timeout is dropped)"
     )
+    download_encoding: Encoding = Field(
+        Encoding.fp32,
+        description="how weights_url's tensors are encoded (its metadata says so too)",
+    )
+    encoding_note: str | None = Field(
+        None,
+        description="set when the run's encoding for this level was replaced by fp32 because "
+        "the device did not declare it",
+    )
 
 
 class DistributedNoise(_Reply):
@@ -301,7 +321,7 @@ class SecureMasking(_Reply):
 
 
 class TrainTask(_Work):
-    """Train E local epochs from the round's weights, then upload them."""
+    """Train E local epochs from the round's weights, then upload them (or their update)."""
 
     action: Literal["train"] = "train"
     seed: int = Field(description="seed of the local batch order")
@@ -316,6 +336,18 @@ class TrainTask(_Work):
     )
     secure: SecureMasking | None = Field(
         None, description="secure aggregation: upload the masked update only"
+    )
+    upload_encoding: Encoding = Field(
+        Encoding.fp32,
+        description="fp32: upload the trained weights; fp16, bf16, int8: upload the update "
+        "(trained minus the weights received), in that encoding, with metadata 'encoding'",
+    )
+    rounding_seed: int = Field(
+        0, description="SplitMix64 seed of int8 stochastic rounding (in [0, 2**32))"
+    )
+    error_feedback: bool = Field(
+        False,
+        description="add what the last lossy upload at this level lost to this update",
     )
 
 
@@ -439,7 +471,11 @@ class Accepted(_Reply):
 
 
 class UploadMetadata(BaseModel):
-    """What a training upload says besides its tensors (the safetensors metadata)."""
+    """What a training upload says besides its tensors (the safetensors metadata).
+
+    A lossy upload (the task's ``upload_encoding``) adds ``encoding`` and, for
+    int8, ``scales`` (``heterofl_edge.encoding.payload_metadata``).
+    """
 
     num_samples: int | None = Field(
         None, ge=1, description="examples trained on (each epoch; none in a private run)"

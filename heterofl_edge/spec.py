@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from heterofl_edge.assignment import Assignment, LevelMix, parse_mode
+from heterofl_edge.encoding import EncodingPlan, LevelEncodings
 from heterofl_edge.engine import StatisticsClients
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import get_architecture
@@ -86,6 +87,11 @@ class FederationSpec:
     secure_aggregation: bool = False
     secure_aggregation_clip: float = 1.0
     secure_aggregation_threshold: float = 0.5
+    # Compressed transport (heterofl_edge.encoding): DEFAULT[,LEVEL=ENCODING...] each way;
+    # lossy uploads are updates, and error feedback carries what quantization dropped.
+    download_encoding: str = "fp32"
+    upload_encoding: str = "fp32"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
@@ -113,7 +119,7 @@ class FederationSpec:
             raise ConfigError(f"milestones must be rounds from 1, got {list(self.lr_milestones)}")
         if self.test_examples is not None and self.test_examples < 1:
             raise ConfigError(f"test examples must be at least 1, got {self.test_examples}")
-        self.level_mix  # noqa: B018 - parsing the mode is the check
+        self._check_encodings()
         self._check_privacy()
         self._check_secure()
 
@@ -133,6 +139,12 @@ class FederationSpec:
                 "leave out --dp-clip, or --secure-aggregation (the server placement clips on "
                 "the server, which never sees an update under secure aggregation)",
             )
+        if str(LevelEncodings.parse(self.upload_encoding)) != "fp32":
+            raise ConfigError(
+                f"--secure-aggregation with --upload-encoding {self.upload_encoding} is not built",
+                "a secure upload is its masked fixed-point vector; leave --upload-encoding at "
+                "fp32 (--download-encoding may compress)",
+            )
 
     @property
     def secure_settings(self) -> SecureSettings | None:
@@ -140,6 +152,21 @@ class FederationSpec:
         if not self.secure_aggregation:
             return None
         return SecureSettings(self.secure_aggregation_clip, self.secure_aggregation_threshold)
+
+    def _check_encodings(self) -> None:
+        rates = self.level_mix.rates  # parsing the mode is the check
+        for name in ("download_encoding", "upload_encoding"):
+            parsed = LevelEncodings.parse(getattr(self, name))
+            parsed.check_levels(rates, f"--{name.replace('_', '-')} {getattr(self, name)!r}")
+            object.__setattr__(self, name, str(parsed))  # one spelling: fp32,d=int8
+        if not isinstance(self.error_feedback, bool):
+            raise ConfigError(f"error feedback must be true or false, got {self.error_feedback!r}")
+        if self.error_feedback and self.submodel == Submodel.rolling:
+            raise ConfigError(
+                "error feedback keeps each device's residual at its sub-model's positions, "
+                "which rolling sub-models move every round",
+                "use --submodel static with --error-feedback",
+            )
 
     def _check_privacy(self) -> None:
         given = {
@@ -240,6 +267,15 @@ class FederationSpec:
         """The levels in play and, unless the policy is ``profile``, how they are drawn."""
         rule = None if self.policy in (None, Policy.profile) else Assignment(self.policy.value)
         return parse_mode(self.mode, rule)
+
+    @property
+    def encodings(self) -> EncodingPlan:
+        """The transport's encodings down and up, per level, and error feedback."""
+        return EncodingPlan(
+            LevelEncodings.parse(self.download_encoding),
+            LevelEncodings.parse(self.upload_encoding),
+            self.error_feedback,
+        )
 
     @property
     def schedule(self) -> MultiStepSchedule:

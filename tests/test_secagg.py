@@ -583,3 +583,11 @@ def test_simulate_with_secure_aggregation_trains_the_same_model_as_without(mnist
     assert secure.rounds[0].global_accuracy == pytest.approx(
         plain.rounds[0].global_accuracy, abs=0.01
     )
+
+
+def test_secure_aggregation_refuses_lossy_uploads_and_takes_compressed_downloads():
+    with pytest.raises(ConfigError, match="upload-encoding") as caught:
+        FederationSpec(secure_aggregation=True, upload_encoding="fp32,e=int8")
+    assert caught.value.code == "bad_config"
+    spec = FederationSpec(secure_aggregation=True, download_encoding="fp16")
+    assert spec.secure_settings == SecureSettings()

@@ -180,4 +180,10 @@ def simulate(
         write_learning_curve(out / "learning_curve.png", title, curves)
         summary = f"initial global accuracy {result.initial_accuracy:.4f} -> "
         summary += f"final {final.global_accuracy:.4f}"
+    moved = result.to_json()["transfer"]["bytes_per_device_round"]
+    if moved["total"] is not None:
+        summary += (
+            f"; {moved['total'] / 2**20:.2f} MiB per device-round "
+            f"({run.download_encoding} down, {run.upload_encoding} up)"
+        )
     typer.echo(f"{summary}; wrote results.json, learning_curve.png and model.safetensors in {out}")

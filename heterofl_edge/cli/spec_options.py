@@ -30,6 +30,7 @@ __all__ = [
     "BatchSizeSetting",
     "ConfigFileOption",
     "DataSetting",
+    "DownloadEncodingSetting",
     "DpClipSetting",
     "DpDeltaSetting",
     "DpMaxEpsilonSetting",
@@ -37,6 +38,7 @@ __all__ = [
     "DpPlacementSetting",
     "DpStatisticsClipSetting",
     "DpTargetEpsilonSetting",
+    "ErrorFeedbackSetting",
     "FractionSetting",
     "LocalEpochsSetting",
     "LrFactorSetting",
@@ -54,6 +56,7 @@ __all__ = [
     "StatisticsSetting",
     "SubmodelSetting",
     "TestExamplesSetting",
+    "UploadEncodingSetting",
     "federation_options",
     "spec_settings",
 ]
@@ -206,6 +209,36 @@ TestExamplesSetting = Annotated[
     ),
 ]
 
+DownloadEncodingSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of the weights sent to devices: fp32, fp16, bf16 or int8 (per-channel "
+        "scales, stochastic rounding), for every level or per level as DEFAULT,LEVEL=ENC,... "
+        "(fp16,e=int8); a device gets fp32 where it did not declare the encoding "
+        "[default: fp32].",
+        rich_help_panel=_PANEL,
+    ),
+]
+UploadEncodingSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of what devices send back: fp32 (the trained weights) or fp16, bf16, "
+        "int8 (the update: trained minus received weights), as --download-encoding "
+        "(fp32,d=int8,e=int8: int8 at levels d and e only) [default: fp32].",
+        rich_help_panel=_PANEL,
+    ),
+]
+ErrorFeedbackSetting = Annotated[
+    bool | None,
+    typer.Option(
+        "--error-feedback/--no-error-feedback",
+        help="Carry what a lossy upload's quantization dropped into the device's next upload "
+        "at the same level (static sub-models only) [default: no].",
+        show_default=False,
+        rich_help_panel=_PANEL,
+    ),
+]
+
 
 _PRIVACY = "Differential privacy (also from --config)"
 
@@ -311,6 +344,9 @@ FEDERATION_OPTIONS: dict[str, Any] = {
     "statistics": StatisticsSetting,
     "seed": SeedSetting,
     "test_examples": TestExamplesSetting,
+    "download_encoding": DownloadEncodingSetting,
+    "upload_encoding": UploadEncodingSetting,
+    "error_feedback": ErrorFeedbackSetting,
     "dp_clip": DpClipSetting,
     "dp_noise_multiplier": DpNoiseMultiplierSetting,
     "dp_target_epsilon": DpTargetEpsilonSetting,

@@ -67,7 +67,7 @@ function client(replies, extra = {}) {
   return { coordinator, seen, sleeps, retries };
 }
 
-test('register sends the profile with runtimes and keeps the token for later calls', async () => {
+test('register sends the profile with runtimes and encodings and keeps the token', async () => {
   const storage = new MemoryStorage();
   const { coordinator, seen } = client(
     [
@@ -86,6 +86,7 @@ test('register sends the profile with runtimes and keeps the token for later cal
     memory_mb: 2048,
     bandwidth_mbps: 10,
     runtimes: ['onnx-web'],
+    encodings: ['fp32', 'fp16', 'bf16', 'int8'],
   });
   assert.deepEqual(await coordinator.task(), { action: 'wait', retry_after: 2 });
   assert.equal(seen[1].headers.Authorization, 'Bearer secret');
