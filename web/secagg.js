@@ -185,6 +185,75 @@ export function embedding(small, large) {
   return Int32Array.from(positions);
 }
 
+/** A client's vector layout at `rate` from a task's plan (`LayoutPlan.to_json` in Python). */
+export function planLayout(plan, rate) {
+  const match = plan.shapes.find(([r]) => Math.abs(r - rate) <= 1e-9 * Math.max(Math.abs(r), Math.abs(rate)));
+  if (!match) throw new Error(`rate ${rate} is not a level of this round's layout`);
+  const shapes = match[1];
+  const held = plan.tiers.filter((t) => t <= rate * (1 + 1e-12)).length;
+  return {
+    segments: plan.names.map((name) => ({ name, shape: shapes[name], blocks: plan.blocks[name] })),
+    presence: plan.classes ? plan.classes * held : 0,
+  };
+}
+
+/**
+ * A client's update (trained minus received: name -> row-major values of its slice) as its
+ * vector in Z_2^32 before masking: each tensor in fixed point with the rows of labels it does
+ * not hold zeroed (the label split), then its label presence once per tier at or below its
+ * level. `labels` null: it holds every label.
+ */
+export function trainingVector(update, plan, rate, scale, clip, labels) {
+  const layout = planLayout(plan, rate);
+  const held = new Array(Math.max(plan.classes, 1)).fill(true);
+  if (labels !== null && plan.classes) {
+    held.fill(false);
+    for (const label of labels) held[label] = true;
+  }
+  const parts = [];
+  for (const segment of layout.segments) {
+    const values = Float64Array.from(update[segment.name]);
+    if (values.length !== product(segment.shape)) throw new Error(`${segment.name}: wrong size`);
+    const dim = plan.label_dims[segment.name];
+    if (dim !== undefined && plan.classes) {
+      const stride = product(segment.shape.slice(dim + 1));
+      for (let i = 0; i < values.length; i++) {
+        const row = Math.floor(i / stride) % segment.shape[dim];
+        values[i] = values[i] * (held[row] ? 1 : 0);
+      }
+    }
+    parts.push(encodeFixed(values, scale, clip));
+  }
+  if (layout.presence) {
+    const tiers = layout.presence / plan.classes;
+    const presence = new Uint32Array(layout.presence);
+    for (let t = 0; t < tiers; t++) for (let c = 0; c < plan.classes; c++) presence[t * plan.classes + c] = held[c] ? 1 : 0;
+    parts.push(presence);
+  }
+  const out = new Uint32Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
+
+/** The sBN statistics as wide-encoded sums: per layer count, sum and sum of squares. */
+export function statisticsVector(stats, layers, scale) {
+  const values = [];
+  for (const [name, channels] of layers) {
+    const count = Number(stats[`${name}.count`][0]);
+    const mean = Array.from(stats[`${name}.mean`]);
+    const variance = Array.from(stats[`${name}.var`]);
+    if (mean.length !== channels || variance.length !== channels) {
+      throw new Error(`statistics of ${name} must have ${channels} channels`);
+    }
+    values.push(count, ...mean.map((m) => count * m), ...mean.map((m, i) => count * (variance[i] + m * m)));
+  }
+  return encodeWide(values, scale);
+}
+
 function addAt(target, values, positions, subtract) {
   for (let i = 0; i < values.length; i++) {
     const at = positions === null ? i : positions[i];

@@ -17,6 +17,7 @@ import numpy as np
 from heterofl_edge.secagg import (
     SALT,
     FixedPoint,
+    LayoutPlan,
     SecAggClient,
     SecAggServer,
     Segment,
@@ -27,6 +28,8 @@ from heterofl_edge.secagg import (
     encode_wide,
     prg,
     split_secret,
+    statistics_vector,
+    training_vector,
 )
 
 
@@ -125,6 +128,7 @@ def secagg_vectors() -> dict[str, Any]:
     }
     assert combine_shares({x: shares[x] for x in (2, 5, 8)}) == secret
     return {
+        "vectors": vector_cases(),
         "salt": SALT.decode(),
         "prg": prg_cases,
         "hkdf": hkdf,
@@ -204,4 +208,48 @@ def protocol_vectors() -> dict[str, Any]:
             for n in layouts
         },
         "sum": total.tolist(),
+    }
+
+
+def vector_cases() -> dict[str, Any]:
+    """A training vector (label split, presence tiers) and a statistics vector."""
+    plan = LayoutPlan(
+        names=("w", "cls"),
+        blocks={"w": (1, 0), "cls": (0, 1)},
+        shapes={
+            0.5: {"w": (2, 3), "cls": (4, 2)},
+            1.0: {"w": (4, 3), "cls": (4, 4)},
+        },
+        label_dims={"cls": 0},
+        classes=4,
+        tiers=(0.5, 1.0),
+    )
+    rng = np.random.default_rng(5)
+    update = {
+        "w": rng.normal(0, 0.7, (2, 3)),
+        "cls": rng.normal(0, 0.7, (4, 2)).astype(np.float32).astype(np.float64),
+    }
+    update["w"][0, 0] = 1.5  # clipped
+    fixed = FixedPoint(2.0**20, 1.0)
+    layers = [("n0", 2), ("n1", 3)]
+    stats = {
+        "n0.count": np.array([37.0]),
+        "n0.mean": np.array([0.25, -1.5]),
+        "n0.var": np.array([2.0, 0.125]),
+        "n1.count": np.array([37.0]),
+        "n1.mean": rng.normal(0, 1, 3).astype(np.float32).astype(np.float64),
+        "n1.var": rng.uniform(0.1, 2, 3).astype(np.float32).astype(np.float64),
+    }
+    return {
+        "plan": plan.to_json(),
+        "rate": 0.5,
+        "scale": fixed.scale,
+        "clip": fixed.clip,
+        "labels": [1, 3],
+        "update": {n: [float(x) for x in v.reshape(-1)] for n, v in update.items()},
+        "training": training_vector(update, plan, 0.5, fixed, [1, 3]).tolist(),
+        "layers": [list(x) for x in layers],
+        "statistics": {k: [float(x) for x in v] for k, v in stats.items()},
+        "statistics_scale": 2.0**16,
+        "statistics_vector": statistics_vector(stats, layers, 2.0**16).tolist(),
     }

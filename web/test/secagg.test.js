@@ -11,8 +11,11 @@ import {
   encodeFixed,
   encodeWide,
   hex,
+  planLayout,
   prg,
   splitSecret,
+  statisticsVector,
+  trainingVector,
   unhex,
 } from '../secagg.js';
 
@@ -60,6 +63,14 @@ test('fixed point and wide encodings match, ties to even included', () => {
   assert.deepEqual(Array.from(encodeFixed(f.values, f.scale, f.clip)), f.encoded);
   const w = vectors.wide;
   assert.deepEqual(Array.from(encodeWide(w.values, w.scale)), w.digits);
+});
+
+test('training and statistics vectors match: label split, presence tiers, wide sums', () => {
+  const v = vectors.vectors;
+  const got = trainingVector(v.update, v.plan, v.rate, v.scale, v.clip, v.labels);
+  assert.deepEqual(Array.from(got), v.training);
+  assert.equal(got.length, planLayout(v.plan, v.rate).segments.reduce((n, s) => n + s.shape[0] * s.shape[1], 0) + 4);
+  assert.deepEqual(Array.from(statisticsVector(v.statistics, v.layers, v.statistics_scale)), v.statistics_vector);
 });
 
 test('nested-slice embeddings match', () => {
