@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 from coordinator_helpers import ARCH, PROFILE, assert_error, auth, global_model, register
-from safetensors.numpy import save
+from safetensors.numpy import load, save
+from scipy.stats import chisquare
 
 from coordinator.errors import ErrorCode
 from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
+from heterofl_edge.engine import Phase
 from heterofl_edge.secagg import (
     Advertisement,
     FixedPoint,
@@ -46,6 +48,7 @@ class Devices:
     def __init__(self, client, tokens) -> None:
         self.client, self.tokens = client, tokens
         self.secagg: dict[tuple[str, str], SecAggClient] = {}
+        self.vectors: dict[str, np.ndarray] = {}  # token -> its last vector before masking
 
     def task(self, token):
         return self.client.get("/v1/task", headers=auth(token)).json
@@ -85,6 +88,7 @@ class Devices:
         }
 
     def masked(self, token, task, vector, layout, layout_of):
+        self.vectors[token] = vector
         secure = task["secure"]
         client = self.secagg[(token, secure["context"])]
         peers = {int(v): layout_of(rate) for v, rate in secure["peers"].items()}
@@ -182,6 +186,23 @@ def test_a_secure_round_over_the_api_gives_the_plain_average_and_statistics(secu
     _stage(devices, coordinator, "advertise")
     _stage(devices, coordinator, "share")
     _upload(devices, coordinator, "train")
+    # what the coordinator stored for each device (its database, while the round is open):
+    # uniform modulo 2^32 and uncorrelated with the device's true vector
+    ids = {row.device_id for row in coordinator.store.uploaded(1, Phase.training)}
+    assert len(ids) == 3
+    by_device = {}
+    for row in coordinator.store.uploaded(1, Phase.training):
+        stored = load(coordinator.store.payload(1, Phase.training, row.device_id))["masked"]
+        by_device[row.device_id] = stored
+    stored_vectors = sorted(by_device.values(), key=len)
+    true_vectors = sorted(devices.vectors.values(), key=len)
+    for stored, true in zip(stored_vectors, true_vectors, strict=True):
+        assert stored.dtype == np.uint32 and stored.shape == true.shape
+        if stored.size >= 4096:
+            counts = np.bincount((stored >> np.uint32(24)).astype(np.int64), minlength=256)
+            assert chisquare(counts).pvalue > 1e-6
+        r = np.corrcoef(stored.astype(np.float64), true.view(np.int32).astype(np.float64))[0, 1]
+        assert abs(r) < 5 / np.sqrt(true.size), r
     _stage(devices, coordinator, "unmask")
     _stage(devices, coordinator, "advertise")  # the sBN statistics' own aggregation
     _stage(devices, coordinator, "share")
