@@ -80,6 +80,8 @@ bench: install
 	$(BIN)/python bench/bench_load.py
 	$(BIN)/python bench/bench_browser.py
 	$(BIN)/python bench/bench_transformer.py --modes a,b,c,d,e,a-e
+	$(BIN)/python bench/bench_secagg.py
+	$(BIN)/python bench/bench_secagg_http.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache .import_linter_cache web/node_modules coordinator/static/device

@@ -12,11 +12,19 @@ it durably (``Store.accept``, which refuses a result whose task is closed in
 the same transaction), updates the device's status and wakes the engine.
 The engine folds each result into the aggregate from its stored record, so
 what is in the model is exactly what was acknowledged, also after a restart.
+
+Transport encodings (``heterofl_edge.encoding``): each task states the
+download and upload encoding for the device's level, never one the device did
+not declare at registration (fp32 instead, said in ``encoding_note``). A
+phase's downloads are encoded once per (level, encoding) with a seed of the run,
+round and level, so they are the same tensors after a restart; a lossy upload is
+an update, added back to the weights its device received when it is folded.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import sqlite3
 import threading
@@ -24,14 +32,35 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
 import torch
 from safetensors.torch import save
 
 from coordinator.errors import ApiError, ErrorCode
-from coordinator.intake import check_update, decode_payload, parse_statistics
+from coordinator.intake import check_update, decode_update, parse_masked, parse_statistics
 from coordinator.registry import Device, DeviceRegistry
 from coordinator.store import Store, TaskClosed
-from heterofl_edge.engine import Client, Phase, Reply, StatsReply, Task, TrainReply
+from heterofl_edge.encoding import (
+    Encoding,
+    EncodingPlan,
+    TransferLog,
+    decode_payload,
+    download_seed,
+    encode_payload,
+    upload_seed,
+)
+from heterofl_edge.engine import (
+    Client,
+    Phase,
+    Reply,
+    SecureInput,
+    StageReply,
+    StageRequest,
+    StatsReply,
+    Task,
+    TrainReply,
+)
+from heterofl_edge.errors import ConfigError, InternalError
 from heterofl_edge.levels import rate_label
 from heterofl_edge.models import Architecture
 from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
@@ -41,12 +70,29 @@ from heterofl_edge.protocol import (
     DistributedNoise,
     DoneTask,
     Hyperparameters,
+    SecAggAnswer,
+    SecAggPeer,
+    SecAggTask,
+    SecureMasking,
     StatisticsTask,
     TaskReply,
     TrainTask,
     WaitTask,
 )
-from heterofl_edge.slicing import extract_submodel_state, shapes_at
+from heterofl_edge.secagg import (
+    Advertisement,
+    SecAggRefusal,
+    ShareRequest,
+    Stage,
+    UnmaskRequest,
+    b64,
+    check_advertisement,
+    check_shares,
+    check_unmask,
+    statistics_layout,
+    unb64,
+)
+from heterofl_edge.slicing import extract_submodel_state, shapes_at, trainable_names
 
 __all__ = ["DeviceState", "TaskBoard", "TaskStatus", "Waker", "encode_state"]
 
@@ -120,6 +166,18 @@ class Waker:
 
 
 @dataclass(frozen=True)
+class TaskEncodings:
+    """How one device's task travels: the encodings down and up, and why if not the run's."""
+
+    download: Encoding = Encoding.fp32
+    upload: Encoding = Encoding.fp32
+    note: str | None = None
+
+
+WeightsKey = tuple[float, Encoding]  # (rate, download encoding)
+
+
+@dataclass(frozen=True)
 class PhaseView:
     """One published phase: read by request threads without locks."""
 
@@ -129,8 +187,35 @@ class PhaseView:
     opened_at: float
     deadline: float
     tasks: Mapping[str, Task]
-    weights: Mapping[float, bytes]  # rate -> safetensors of the sub-model
+    weights: Mapping[WeightsKey, bytes]  # safetensors of the sub-model, encoded
     expected_counts: Mapping[str, int] = field(default_factory=dict)  # statistics phase
+    transport: Mapping[str, TaskEncodings] = field(default_factory=dict)  # by device
+    # The trainable weights a device decoded from each download: lossy uploads add to them.
+    received: Mapping[WeightsKey, Mapping[str, np.ndarray]] = field(default_factory=dict)
+    secure: Mapping[str, SecureInput] | None = None  # secure aggregation: masked uploads
+
+    def transport_of(self, device_id: str) -> TaskEncodings:
+        return self.transport.get(device_id, TaskEncodings())
+
+
+@dataclass
+class StageView:
+    """One open secure aggregation stage: its requests and the answers accepted so far.
+
+    Kept in memory only: what a stage holds (public keys, encrypted shares,
+    unmasking shares) dies with the process, and the engine abandons a secure
+    round it finds open at start-up (nothing is ever unmasked from a partial record).
+    """
+
+    round: int
+    phase: Phase
+    stage: Stage
+    requests: Mapping[str, StageRequest]
+    deadline: float
+    answers: dict[str, object] = field(default_factory=dict)
+    handed: set[str] = field(default_factory=set)  # answers the engine has read
+    keys: set[bytes] = field(default_factory=set)  # every public key advertised
+    closed: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +244,9 @@ class TaskBoard:
         waker: Waker,
         tick_seconds: float = 0.5,
         on_result: Callable[[str, int], None] = lambda kind, size: None,
+        plan: EncodingPlan | None = None,
+        run_seed: int = 0,
+        on_transfer: Callable[[str, str, str, int], None] = lambda d, k, e, size: None,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -169,6 +257,10 @@ class TaskBoard:
         self.waker = waker
         self.tick_seconds = tick_seconds
         self.on_result = on_result
+        self.plan = plan or EncodingPlan()
+        self.run_seed = run_seed
+        self.on_transfer = on_transfer  # (direction, kind, encoding, bytes) of every payload
+        self.transfer = TransferLog()  # bytes per round and device, since start-up
         self._view: PhaseView | None = None
         self._status: dict[str, TaskStatus] = {}
         self._started: dict[str, float] = {}
@@ -184,6 +276,39 @@ class TaskBoard:
         # tasks then ask for no labels, metrics or counts, and carry any device-side noise.
         self.privacy: PrivacyPlan | None = None
         self._noise: DistributedNoise | None = None
+        self._stage: StageView | None = None  # an open secure aggregation stage
+        self._check_transport()
+
+    def _transport_key(self) -> str:
+        plan = self.plan
+        return json.dumps(
+            {
+                "download": str(plan.download),
+                "upload": str(plan.upload),
+                "error_feedback": plan.error_feedback,
+            },
+            sort_keys=True,
+        )
+
+    def _check_transport(self) -> None:
+        """``ConfigError`` if the open round was opened with other encodings than the run's now.
+
+        Its stored updates are additions to what its devices received: they can only be
+        read with the encodings they were sent under. Between rounds, encodings may change.
+        """
+        row = self.store.open_round_row()
+        stored = self.store.get_meta("transport")
+        if row is None or stored is None or stored == self._transport_key():
+            return
+        was = json.loads(stored)
+        raise ConfigError(
+            f"round {row['number']} was opened with --download-encoding {was['download']} "
+            f"--upload-encoding {was['upload']}"
+            + (" --error-feedback" if was["error_feedback"] else "")
+            + ", not with this run's encodings",
+            "restart with those encodings until the round ends, or run 'heterofl-edge "
+            "coordinator repair' to discard the open round",
+        )
 
     # -- the engine's side (Transport) -----------------------------------------------
     def wait_for_clients(self, minimum: int) -> list[Client] | None:
@@ -204,15 +329,32 @@ class TaskBoard:
         tasks: Sequence[Task],
         state: Mapping[str, torch.Tensor],
         deadline: float,
+        secure: Mapping[str, SecureInput] | None = None,
     ) -> None:
         offset = tasks[0].offset if tasks else 0  # one round's windows start together
-        weights = {
-            rate: encode_state(
-                extract_submodel_state(state, self.arch.spec, rate, self.global_rate, offset),
+        transport = {t.client: self._transport(t, phase) for t in tasks}
+        updated = {
+            (t.rate, transport[t.client].download)
+            for t in tasks
+            if transport[t.client].upload.lossy
+        }
+        weights: dict[WeightsKey, bytes] = {}
+        received: dict[WeightsKey, dict[str, np.ndarray]] = {}
+        for rate, encoding in sorted({(t.rate, transport[t.client].download) for t in tasks}):
+            sub = extract_submodel_state(state, self.arch.spec, rate, self.global_rate, offset)
+            body = encode_payload(
+                {k: v.detach().cpu().numpy() for k, v in sub.items()},
+                encoding,
+                download_seed(self.run_seed, round_number, rate, phase.value),
                 {"round": str(round_number), "rate": repr(rate)},
             )
-            for rate in sorted({t.rate for t in tasks})
-        }
+            weights[(rate, encoding)] = body
+            if (rate, encoding) in updated:  # a lossy upload is added back to these
+                decoded = decode_payload(body).arrays
+                names = trainable_names(self.arch.spec)
+                received[(rate, encoding)] = {n: decoded[n] for n in names}
+        if phase is Phase.training and self.store.get_meta("transport") != self._transport_key():
+            self.store.set_meta("transport", self._transport_key())  # what the round is sent in
         rows = {r.device_id: r for r in self.store.tasks(round_number)}
         status = {
             t.client: TaskStatus(rows[t.client].status)
@@ -241,7 +383,19 @@ class TaskBoard:
                 {t.client: t for t in tasks},
                 weights,
                 expected,
+                transport,
+                received,
+                secure,
             )
+
+    def _transport(self, task: Task, phase: Phase) -> TaskEncodings:
+        """The encodings of ``task``: the run's for its level, where its device declared them."""
+        device = self.registry.get(task.client)
+        declared = device.profile.get("encodings") if device is not None else None
+        down, up, note = self.plan.choose(task.rate, declared)
+        if phase is Phase.statistics:
+            up = Encoding.fp32  # sBN moments are small, and travel as float32
+        return TaskEncodings(down, up, note)
 
     def _expected_counts(self, round_number: int, tasks: Sequence[Task]) -> dict[str, int]:
         """The examples each device summarises in a statistics phase.
@@ -323,6 +477,51 @@ class TaskBoard:
         self._done_rounds = rounds
         self._done = True
 
+    # -- secure aggregation stages (the engine's SecureTransport side) -----------------------
+    def open_stage(
+        self,
+        round_number: int,
+        phase: Phase,
+        stage: Stage,
+        requests: Mapping[str, StageRequest],
+        deadline: float,
+    ) -> None:
+        with self._lock:
+            self._stage = StageView(round_number, phase, stage, dict(requests), deadline)
+        self.waker.poke()
+
+    def stage_replies(
+        self, round_number: int, phase: Phase, stage: Stage
+    ) -> Iterator[StageReply | None]:
+        while True:
+            found = self._stage_pending()
+            yield from found
+            yield None
+            if not found:
+                self.waker.sleep(self.tick_seconds)
+
+    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
+        with self._lock:
+            if self._stage is not None:
+                self._stage.closed = True
+        return self._stage_pending()
+
+    def _stage_pending(self) -> list[StageReply]:
+        with self._lock:
+            view = self._stage
+            if view is None:
+                return []
+            new = [c for c in view.answers if c not in view.handed]
+            view.handed.update(new)
+            return [StageReply(c, view.answers[c]) for c in new]
+
+    def _masked_length(self, view: PhaseView, device_id: str) -> int:
+        assert view.secure is not None
+        secure = view.secure[device_id]
+        if secure.plan is not None:
+            return secure.plan.layout(view.tasks[device_id].rate).size
+        return statistics_layout(secure.layers).size
+
     def _pending(self, round_number: int, phase: Phase) -> list[Reply]:
         found: list[Reply] = []
         for row in self.store.uploaded(round_number, phase, skip=self._folded):
@@ -330,8 +529,20 @@ class TaskBoard:
             payload = self.store.payload(round_number, phase, row.device_id)
             if payload is None:
                 continue
+            view = self._view
+            if view is not None and view.secure is not None:
+                secure = view.secure.get(row.device_id)
+                if secure is None:
+                    continue
+                masked = parse_masked(payload, self._masked_length(view, row.device_id))
+                found.append(
+                    TrainReply(row.device_id, {}, None, 0, {}, row.seconds, True, masked)
+                    if phase is Phase.training
+                    else StatsReply(row.device_id, {}, masked)
+                )
+                continue
             if phase is Phase.training:
-                tensors, _ = decode_payload(payload)
+                tensors = self._weights_of(row.device_id, payload)
                 found.append(
                     TrainReply(
                         row.device_id,
@@ -352,6 +563,16 @@ class TaskBoard:
                 found.append(StatsReply(row.device_id, moments))
         return found
 
+    def _weights_of(self, device_id: str, payload: bytes) -> dict[str, torch.Tensor]:
+        """The weights a stored training upload stands for (an update is added back)."""
+        view = self._view
+        if view is None:
+            raise InternalError("a training upload is read back without a published phase")
+        task, carried = view.tasks[device_id], view.transport_of(device_id)
+        received = view.received.get((task.rate, carried.download))
+        arrays = decode_update(payload, carried.upload, received)
+        return {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
+
     def _shapes(self, rate: float) -> dict[str, tuple[int, ...]]:
         shapes = self._shapes_by_rate.get(rate)
         if shapes is None:
@@ -370,6 +591,14 @@ class TaskBoard:
 
     # -- the devices' side (request threads) -------------------------------------------
     def task_for(self, device: Device) -> TaskReply:
+        stage = self._stage
+        if (
+            stage is not None
+            and not stage.closed
+            and device.id in stage.requests
+            and device.id not in stage.answers
+        ):
+            return self._stage_task(stage, stage.requests[device.id])
         view = self._view
         if view is not None and not self._closed and device.id in view.tasks:
             status = self._status.get(device.id)
@@ -396,12 +625,17 @@ class TaskBoard:
             "heartbeat_seconds": self.settings.heartbeat_seconds,
         }
         private = self.privacy is not None
+        secure = None if view.secure is None else _masking(view.secure[task.client])
+        carried = view.transport_of(task.client)
+        work["download_encoding"] = carried.download
+        work["encoding_note"] = carried.note
         if view.phase is Phase.statistics:
             return StatisticsTask(
                 **work,
                 upload_url=f"/v1/rounds/{number}/statistics",
                 expected_count=view.expected_counts.get(task.client),
                 private=private,
+                secure=secure,
             )
         s = self.settings
         return TrainTask(
@@ -418,7 +652,69 @@ class TaskBoard:
             upload_url=f"/v1/rounds/{number}/update",
             private=private,
             distributed_noise=self._noise,
+            secure=secure,
+            upload_encoding=carried.upload,
+            rounding_seed=upload_seed(task.seed),
+            error_feedback=self.plan.error_feedback and carried.upload.lossy,
         )
+
+    def _stage_task(self, stage: StageView, request: StageRequest) -> SecAggTask:
+        body = request.body
+        extra: dict[str, object] = {}
+        if isinstance(body, ShareRequest):
+            extra["threshold"] = body.threshold
+            extra["neighbours"] = [
+                SecAggPeer(index=v, c_public=b64(a.c_public), s_public=b64(a.s_public))
+                for v, a in body.neighbours.items()
+            ]
+        elif isinstance(body, UnmaskRequest):
+            extra["dropped"], extra["survivors"] = list(body.dropped), list(body.survivors)
+        return SecAggTask(
+            round=stage.round,
+            phase=stage.phase.value,
+            stage=stage.stage.value,
+            context=request.context,
+            index=request.index,
+            answer_url=f"/v1/rounds/{stage.round}/secagg",
+            deadline=stage.deadline,
+            heartbeat_seconds=self.settings.heartbeat_seconds,
+            **extra,
+        )
+
+    def accept_secagg(self, device: Device, number: int, answer: SecAggAnswer) -> Accepted:
+        """Check a stage answer and keep it for the engine; refused with a code otherwise."""
+        stage = self._stage
+        if stage is None or stage.round != number or stage.closed:
+            raise ApiError(
+                ErrorCode.round_closed,
+                f"round {number} takes no secure aggregation answer now",
+                "ask /v1/task for your next task",
+            )
+        request = stage.requests.get(device.id)
+        if request is None:
+            raise ApiError(
+                ErrorCode.not_assigned,
+                f"device {device.id} takes no part in this aggregation",
+                "ask /v1/task what to do",
+            )
+        if answer.context != request.context or answer.stage != stage.stage.value:
+            raise ApiError(
+                ErrorCode.round_closed,
+                "this answer is for another aggregation or stage",
+                "ask /v1/task for your next task",
+            )
+        try:
+            value = _checked_answer(stage, request, device.id, answer)
+        except SecAggRefusal as refusal:
+            raise ApiError(ErrorCode(refusal.code), refusal.message, refusal.hint) from None
+        with self._lock:
+            if device.id in stage.answers:  # a second answer raced the first
+                raise ApiError(_DUPLICATE[stage.stage], "this stage was answered already")
+            stage.answers[device.id] = value
+            if isinstance(value, Advertisement):
+                stage.keys |= {value.c_public, value.s_public}
+        self.waker.poke()
+        return Accepted(accepted=True, round=number)
 
     def _open_task(
         self, device: Device, number: int, phase: Phase | None
@@ -463,10 +759,23 @@ class TaskBoard:
             self._started.setdefault(device.id, self.clock())
             if self._status.get(device.id) is TaskStatus.assigned:
                 self._status[device.id] = TaskStatus.training
-        return view.weights[task.rate]
+        encoding = view.transport_of(device.id).download
+        body = view.weights[(task.rate, encoding)]
+        self._count(view, device.id, "down", encoding, len(body))
+        return body
+
+    def _count(
+        self, view: PhaseView, device_id: str, direction: str, encoding: Encoding, size: int
+    ) -> None:
+        kind = "train" if view.phase is Phase.training else "statistics"
+        self.transfer.add(view.round, direction, kind, encoding.value, size, device_id)
+        self.on_transfer(direction, kind, encoding.value, size)
 
     def accept_update(self, device: Device, number: int, body: bytes) -> Accepted:
         view, task = self._open_task(device, number, Phase.training)
+        if view.secure is not None:
+            return self._accept_masked(device, view, number, body, "update")
+        carried = view.transport_of(device.id)
         parsed = check_update(
             body,
             self.arch.spec,
@@ -474,6 +783,8 @@ class TaskBoard:
             self.arch.num_classes,
             shapes=self._shapes(task.rate),
             private=self.privacy is not None,
+            encoding=carried.upload,
+            received=view.received.get((task.rate, carried.download)),
         )
         now = self.clock()
         started = self._started.get(device.id, view.opened_at)
@@ -488,10 +799,25 @@ class TaskBoard:
             None if self.privacy is not None else parsed.metrics,  # a private run keeps none
         )
         self.on_result("update", len(body))
+        self._count(view, device.id, "up", carried.upload, len(body))
+        return Accepted(accepted=True, round=number)
+
+    def _accept_masked(
+        self, device: Device, view: PhaseView, number: int, body: bytes, kind: str
+    ) -> Accepted:
+        """A masked vector of the device's layout, stored as sent (uniform mod 2^32)."""
+        parse_masked(body, self._masked_length(view, device.id))
+        now = self.clock()
+        started = self._started.get(device.id, view.opened_at)
+        self._store_result(device, view, body, now, now - started, None, None, None)
+        self.on_result(kind, len(body))
+        self._count(view, device.id, "up", Encoding.fp32, len(body))
         return Accepted(accepted=True, round=number)
 
     def accept_statistics(self, device: Device, number: int, body: bytes) -> Accepted:
         view, _ = self._open_task(device, number, Phase.statistics)
+        if view.secure is not None:
+            return self._accept_masked(device, view, number, body, "statistics")
         expected = view.expected_counts.get(device.id)
         if expected is None:
             raise ApiError(
@@ -502,6 +828,7 @@ class TaskBoard:
         parse_statistics(body, self.bn_widths(), expected)
         self._store_result(device, view, body, self.clock(), None, None, None, None)
         self.on_result("statistics", len(body))
+        self._count(view, device.id, "up", Encoding.fp32, len(body))
         return Accepted(accepted=True, round=number)
 
     def _store_result(
@@ -564,3 +891,69 @@ class TaskBoard:
         if device.id in self._late:
             return DeviceState.late
         return DeviceState.online
+
+
+_DUPLICATE = {
+    Stage.advertise: ErrorCode.duplicate_advertisement,
+    Stage.share: ErrorCode.duplicate_upload,
+    Stage.unmask: ErrorCode.duplicate_unmask,
+}
+
+
+def _index(text: str) -> int:
+    if not text.isdigit() or len(text) > 9:
+        raise SecAggRefusal(f"{text[:20]!r} is not a client index", code="unknown_peer")
+    return int(text)
+
+
+def _checked_answer(
+    stage: StageView, request: StageRequest, device_id: str, answer: SecAggAnswer
+) -> object:
+    """The answer as the engine takes it, checked against the stage's request."""
+    if device_id in stage.answers:
+        raise SecAggRefusal("this stage was answered already", code=_DUPLICATE[stage.stage].value)
+    if stage.stage is Stage.advertise:
+        if answer.c_public is None or answer.s_public is None:
+            raise SecAggRefusal("an advertisement holds c_public and s_public", code="bad_key")
+        advertisement = Advertisement(
+            unb64(answer.c_public, "c_public"), unb64(answer.s_public, "s_public")
+        )
+        try:
+            check_advertisement(advertisement)
+        except SecAggRefusal as refusal:
+            raise SecAggRefusal(refusal.message, code="bad_key") from None
+        if {advertisement.c_public, advertisement.s_public} & stage.keys:
+            raise SecAggRefusal(
+                "a public key that was advertised before: keys are fresh every round",
+                code="replayed_key",
+            )
+        return advertisement
+    if stage.stage is Stage.share:
+        assert isinstance(request.body, ShareRequest)
+        shares = {_index(k): unb64(v, "a share") for k, v in (answer.shares or {}).items()}
+        check_shares(sorted(request.body.neighbours), shares)
+        return shares
+    assert isinstance(request.body, UnmaskRequest)
+    values: dict[int, int] = {}
+    for key, text in (answer.unmask or {}).items():
+        if not text.isdigit() or len(text) > 200:
+            raise SecAggRefusal("a share is a decimal integer", code="bad_share")
+        values[_index(key)] = int(text)
+    check_unmask(request.body, values)
+    return values
+
+
+def _masking(secure: SecureInput) -> SecureMasking:
+    """What a device needs to encode and mask its upload."""
+    request = secure.request
+    return SecureMasking(
+        context=secure.context,
+        index=secure.index,
+        peers={str(v): secure.rates.get(v, 0.0) for v in request.peers},
+        ciphertexts={str(v): b64(blob) for v, blob in request.ciphertexts.items()},
+        scale=None if secure.fixed is None else secure.fixed.scale,
+        clip=None if secure.fixed is None else secure.fixed.clip,
+        plan=None if secure.plan is None else secure.plan.to_json(),
+        layers=list(secure.layers),
+        statistics_scale=secure.statistics_scale or None,
+    )

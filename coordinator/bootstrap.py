@@ -10,7 +10,10 @@ assembles the parts from what this returns.
 
 from __future__ import annotations
 
+import re
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,16 +26,19 @@ from coordinator.store import StateError, Store
 from heterofl_edge.engine import Phase
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import Architecture
+from heterofl_edge.report import atomic_write_bytes
 
 __all__ = ["OpenedState", "checkpoint_problem", "open_state", "sbn_widths"]
 
 State = dict[str, torch.Tensor]
+RUN_ID_FILE = "run-id"  # beside the database: 'coordinator repair' keeps it, a new folder has none
 
 
 @dataclass(frozen=True)
 class OpenedState:
     store: Store
     demo_data: DemoData | None
+    run_id: str  # which run this folder holds; devices with a --state-dir check it
 
 
 def open_state(config: CoordinatorConfig, arch: Architecture) -> OpenedState:
@@ -42,6 +48,7 @@ def open_state(config: CoordinatorConfig, arch: Architecture) -> OpenedState:
         _check_identity(store, config, arch)
         _ensure_checkpoint(store, config, arch)
         _check_open_round(store, config, arch)
+        run_id = _run_id(config.state_dir)
         demo = (
             None
             if config.demo_data_dir is None
@@ -50,7 +57,31 @@ def open_state(config: CoordinatorConfig, arch: Architecture) -> OpenedState:
     except BaseException:
         store.close()
         raise
-    return OpenedState(store, demo)
+    return OpenedState(store, demo, run_id)
+
+
+def _run_id(state_dir: Path) -> str:
+    """The run's identity: made at its first start, kept in STATE/run-id for good.
+
+    A file beside the database rather than a row in it, so that a database that
+    'coordinator repair' rebuilds keeps the run's identity and its devices.
+    """
+    path = state_dir / RUN_ID_FILE
+    try:
+        found = path.read_text().strip()
+    except FileNotFoundError:
+        found = ""
+    if re.fullmatch(r"[0-9a-f]{32}", found):
+        return found
+    if found:
+        raise StateError(
+            f"{path} does not hold a run id (32 hexadecimal digits)",
+            f"remove {path}: the coordinator makes a new one (devices with a --state-dir "
+            "then register again)",
+        )
+    made = secrets.token_hex(16)
+    atomic_write_bytes(path, f"{made}\n".encode())
+    return made
 
 
 def sbn_widths(arch: Architecture, global_rate: float) -> dict[str, int]:
@@ -120,12 +151,17 @@ def _check_open_round(store: Store, config: CoordinatorConfig, arch: Architectur
 
     Results are checked on the request path before they are stored and trusted
     from their record afterwards; only here, at start-up, could a record have
-    been damaged (an older defect, a disk) since.
+    been damaged (an older defect, a disk) since. A secure run's open round is
+    abandoned whatever it holds, so nothing of it is checked.
     """
     if config.buffered:
         _check_unfolded_updates(store, config, arch)
     row = store.open_round_row()
     if row is None:
+        return
+    if config.secure_aggregation:
+        # Masked vectors, uniform mod 2^32: nothing in them to check. The engine abandons
+        # a secure round it finds open (its keys died with the last process) and folds none.
         return
     number = int(row["number"])
     widths = sbn_widths(arch, config.level_mix.global_rate)

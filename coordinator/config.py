@@ -100,7 +100,15 @@ class CoordinatorConfig(FederationSpec):
     @property
     def quorum(self) -> Quorum:
         """When rounds open and close (the round engine's settings beside the spec's)."""
-        return Quorum(self.min_devices, self.min_uploads, self.round_seconds, self.stats_seconds)
+        # A secure aggregation stage (keys, shares, unmasking) waits at most the statistics
+        # deadline: devices answer it in milliseconds unless they are gone.
+        return Quorum(
+            self.min_devices,
+            self.min_uploads,
+            self.round_seconds,
+            self.stats_seconds,
+            self.stats_seconds,
+        )
 
     @property
     def profiled(self) -> bool:

@@ -5,7 +5,9 @@ payload that passes here can be stored, folded into the aggregate and served
 back as strict JSON without any later step failing on it:
 
 * tensors: safetensors only (never pickle), the exact names, shapes and dtype
-  (float32) of the device's level, every value finite;
+  of the device's level in its task's encoding (float32; or float16, bfloat16,
+  int8 with one finite positive scale per output channel: an update), every
+  value finite, and for an update every weight it stands for finite as well;
 * metadata: JSON strings with bounded length, integers within bounds,
   metrics as a small map of finite numbers;
 * sBN statistics: one integer ``count`` per layer equal to the examples the
@@ -30,10 +32,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load
 
 from coordinator.errors import ApiError, ErrorCode
-from heterofl_edge.aggregation import check_layout, not_finite_error, validate_update
+from heterofl_edge.aggregation import check_layout, not_finite_error
 from heterofl_edge.bn_stats import ChannelMoments
+from heterofl_edge.encoding import (
+    Encoding,
+    EncodingError,
+    apply_update,
+    declared_encoding,
+    decode_tensors,
+)
 from heterofl_edge.errors import UpdateError
-from heterofl_edge.slicing import SlicingSpec
+from heterofl_edge.slicing import SlicingSpec, trainable_names
 
 __all__ = [
     "LIMITS",
@@ -42,6 +51,8 @@ __all__ = [
     "UpdateFacts",
     "check_update",
     "decode_payload",
+    "decode_update",
+    "parse_masked",
     "parse_statistics",
     "parse_update",
 ]
@@ -87,7 +98,8 @@ class UpdateFacts:
 
 @dataclass(frozen=True)
 class ParsedUpdate(UpdateFacts):
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]  # as sent: the weights (fp32), else the update
+    encoding: Encoding = Encoding.fp32
 
 
 def _read_header(body: bytes, limits: Limits) -> tuple[int, dict[str, str]]:
@@ -147,34 +159,37 @@ def check_update(
     limits: Limits = LIMITS,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
     private: bool = False,
+    encoding: Encoding | None = None,
+    received: Mapping[str, np.ndarray] | None = None,
 ) -> UpdateFacts:
     """``parse_update``'s checks, without building tensors: for the request path.
 
-    safetensors (Rust) checks the layout, names, dtypes and shapes are read from
-    it, and the values are checked finite in one pass over the body's data,
-    which is all float32 once the dtypes are. (safetensors still copies each
-    tensor's bytes out; a 28 kB upload is checked in a third of the time.)
+    ``encoding`` is the task's upload encoding (None: whatever the payload
+    declares); ``received``, the weights the device was sent, makes an update's
+    weights checked finite too. safetensors (Rust) checks the layout, names,
+    dtypes and shapes are read from it, and float32 values are checked finite in
+    one pass over the body's data. (safetensors still copies each tensor's bytes
+    out; a 28 kB upload is checked in a third of the time.)
     """
     header_length, metadata = _read_header(body, limits)
+    entries = _entries(body)
+    declared = _declared(metadata, encoding)
     try:
-        entries = safetensors.deserialize(body)
-    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
-        raise _invalid(exc) from None
-    layout = {
-        name: (_DTYPE_NAMES.get(info["dtype"], str(info["dtype"])), tuple(info["shape"]))
-        for name, info in entries
-    }
-    try:
-        check_layout(layout, spec, rate, shapes)
-        data = np.frombuffer(body, dtype="<f4", offset=8 + header_length)  # safetensors: LE
-        if not np.isfinite(data).all():
-            culprit = next(
-                name
-                for name, info in entries
-                if not np.isfinite(np.frombuffer(info["data"], dtype="<f4")).all()
-            )
-            raise not_finite_error(culprit)
-    except UpdateError as exc:
+        _check_layout(entries, spec, rate, shapes, declared)
+        if declared is Encoding.fp32:
+            data = np.frombuffer(body, dtype="<f4", offset=8 + header_length)  # safetensors: LE
+            if not np.isfinite(data).all():
+                culprit = next(
+                    name
+                    for name, info in entries
+                    if not np.isfinite(np.frombuffer(info["data"], dtype="<f4")).all()
+                )
+                raise not_finite_error(culprit)
+        else:
+            update = decode_tensors(entries, declared, metadata, trainable_names(spec))
+            if received is not None:
+                _check_weights(apply_update(received, update))
+    except (UpdateError, EncodingError) as exc:
         raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
     return _update_facts(metadata, num_classes, limits, private)
 
@@ -186,15 +201,102 @@ def parse_update(
     num_classes: int,
     limits: Limits = LIMITS,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    encoding: Encoding | None = None,
 ) -> ParsedUpdate:
-    """A trained sub-model of width ``rate`` with its metadata, every part checked."""
-    tensors, metadata = decode_payload(body, limits)
+    """A trained sub-model of width ``rate`` (or its update) with its metadata, all checked.
+
+    ``encoding`` as for ``check_update``; the tensors are decoded to float32.
+    """
+    _, metadata = _read_header(body, limits)
+    entries = _entries(body)
+    declared = _declared(metadata, encoding)
     try:
-        validate_update(tensors, spec, rate, shapes)
-    except UpdateError as exc:
+        _check_layout(entries, spec, rate, shapes, declared)
+        arrays = decode_tensors(entries, declared, metadata, trainable_names(spec))
+    except (UpdateError, EncodingError) as exc:
         raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
     facts = _update_facts(metadata, num_classes, limits)
-    return ParsedUpdate(facts.num_samples, facts.labels, facts.metrics, tensors)
+    tensors = {name: torch.from_numpy(np.array(a, np.float32)) for name, a in arrays.items()}
+    return ParsedUpdate(facts.num_samples, facts.labels, facts.metrics, tensors, declared)
+
+
+def decode_update(
+    body: bytes, encoding: Encoding, received: Mapping[str, np.ndarray] | None
+) -> dict[str, np.ndarray]:
+    """The float32 weights a stored upload (checked by ``check_update``) stands for.
+
+    fp32: the weights themselves; a lossy encoding: ``received`` plus the update.
+    """
+    _, metadata = _read_header(body, LIMITS)
+    decoded = decode_tensors(_entries(body), encoding, metadata)
+    if not encoding.lossy:
+        return decoded
+    if received is None:
+        raise ApiError(ErrorCode.internal_error, "an update arrived without its round's weights")
+    return apply_update(received, decoded)
+
+
+def _entries(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        return list(safetensors.deserialize(body))
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise _invalid(exc) from None
+
+
+def _declared(metadata: Mapping[str, str], expected: Encoding | None) -> Encoding:
+    """The payload's encoding; ``wrong_encoding`` if it is not the task's."""
+    try:
+        declared = declared_encoding(metadata)
+    except EncodingError as exc:
+        raise ApiError(ErrorCode(exc.code), exc.message, exc.hint) from None
+    if expected is not None and declared is not expected:
+        raise ApiError(
+            ErrorCode.wrong_encoding,
+            f"the upload is {declared.value}, the task asks for {expected.value}",
+            "encode the upload as the task's upload_encoding says (metadata 'encoding')",
+        )
+    return declared
+
+
+def _check_layout(
+    entries: list[tuple[str, dict[str, Any]]],
+    spec: SlicingSpec,
+    rate: float,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+    encoding: Encoding,
+) -> None:
+    """Names and shapes of the level's tensors, each in ``encoding``'s dtype (``UpdateError``)."""
+    wanted = _DTYPE_NAMES[encoding.dtype]
+    layout = {
+        name: (_DTYPE_NAMES.get(info["dtype"], str(info["dtype"])), tuple(info["shape"]))
+        for name, info in entries
+    }
+    # check_layout knows float32 only: the encoding's dtype stands in for it.
+    as_float32 = {
+        n: ("float32" if d == wanted else f"not {wanted}", shape)
+        for n, (d, shape) in layout.items()
+    }
+    try:
+        check_layout(as_float32, spec, rate, shapes)
+    except UpdateError as exc:
+        if exc.code != "bad_dtype":
+            raise
+        culprit = next(n for n in trainable_names(spec) if layout[n][0] != wanted)
+        raise UpdateError(
+            f"{culprit} has dtype {layout[culprit][0]}, expected {wanted}"
+            + ("" if encoding is Encoding.fp32 else f" (encoding {encoding.value})"),
+            code="bad_dtype",
+        ) from None
+
+
+def _check_weights(weights: Mapping[str, np.ndarray]) -> None:
+    for name, values in weights.items():
+        if not np.isfinite(values).all():
+            raise UpdateError(
+                f"{name} plus the weights it was sent is not finite",
+                "check the client's training",
+                code="not_finite",
+            )
 
 
 def _update_facts(
@@ -341,3 +443,37 @@ def _metrics(value: Any, limits: Limits) -> dict[str, float]:
             )
         metrics[name] = as_float
     return metrics
+
+
+def parse_masked(body: bytes, length: int, limits: Limits = LIMITS) -> np.ndarray:
+    """A secure upload's masked vector: one uint32 tensor ``masked`` of ``length`` elements.
+
+    ``bad_payload`` for a body that is not safetensors, ``wrong_tensors`` for
+    other tensor names, ``bad_modulus`` for elements that are not uint32 (Z_2^32),
+    ``wrong_length`` for another length: nothing of such an upload is kept.
+    """
+    _read_header(body, limits)
+    try:
+        entries = dict(safetensors.deserialize(body))
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise _invalid(exc) from None
+    if set(entries) != {"masked"}:
+        raise ApiError(
+            ErrorCode.wrong_tensors,
+            f"a secure upload holds one tensor 'masked', not {sorted(entries)[:5]}",
+            "upload the masked vector only",
+        )
+    entry = entries["masked"]
+    if str(entry["dtype"]).lower() not in ("u32", "uint32"):
+        raise ApiError(
+            ErrorCode.bad_modulus,
+            f"a masked vector holds uint32 elements (modulus 2^32), not {entry['dtype']}",
+            "mask in Z_2^32: uint32 arithmetic that wraps",
+        )
+    if list(entry["shape"]) != [length]:
+        raise ApiError(
+            ErrorCode.wrong_length,
+            f"the masked vector has shape {list(entry['shape'])}, the task's layout [{length}]",
+            "lay the vector out as the task's plan says",
+        )
+    return np.frombuffer(bytes(entry["data"]), dtype="<u4").astype(np.uint32)

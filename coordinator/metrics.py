@@ -1,7 +1,7 @@
 """Prometheus metrics of one coordinator, served at ``/metrics`` (prometheus-client).
 
 Names end in a unit or ``_total``; labels are bounded sets (endpoint, method,
-kind, code, state, level), never device ids. Each coordinator has its own
+kind, code, state, level, direction, encoding), never device ids. Each coordinator has its own
 registry, so that several apps in one process (tests) do not share counters.
 """
 
@@ -53,6 +53,20 @@ class CoordinatorMetrics:
             ["direction"],
             registry=self.registry,
         )
+        self.payload_bytes = Counter(
+            "heterofl_payload_bytes_total",
+            "Bytes of tensor payloads: weights sent down, results received up, by kind "
+            "(train, statistics) and encoding (fp32, fp16, bf16, int8).",
+            ["direction", "kind", "encoding"],
+            registry=self.registry,
+        )
+        self.payloads = Counter(
+            "heterofl_payloads_total",
+            "Tensor payloads, as heterofl_payload_bytes_total: bytes per device-round is "
+            "their ratio.",
+            ["direction", "kind", "encoding"],
+            registry=self.registry,
+        )
         self.request_seconds = Histogram(
             "heterofl_request_seconds",
             "Time to answer a request, by endpoint and method.",
@@ -77,6 +91,11 @@ class CoordinatorMetrics:
             buckets=_WORK_BUCKETS,
             registry=self.registry,
         )
+
+    def count_payload(self, direction: str, kind: str, encoding: str, size: int) -> None:
+        """One payload on the wire: weights served (down) or a result accepted (up)."""
+        self.payload_bytes.labels(direction, kind, encoding).inc(size)
+        self.payloads.labels(direction, kind, encoding).inc()
 
     def watch_devices(self, count: Callable[[], dict[tuple[str, str], int]]) -> None:
         """Report devices by (state, level) at every scrape."""

@@ -31,7 +31,15 @@ from coordinator.errors import ApiError, ErrorCode
 from coordinator.evaluation import HeldOutEvaluation
 from coordinator.journal import StoreJournal
 from coordinator.metrics import CoordinatorMetrics
-from coordinator.policy import DeviceProfile, LevelCost, ProfileLevels, choose_rate
+from coordinator.policy import (
+    DeviceProfile,
+    LevelCost,
+    MemoryCappedLevels,
+    ProfileLevels,
+    choose_rate,
+    memory_cap,
+    memory_needed_mb,
+)
 from coordinator.registry import DeviceRegistry
 from coordinator.views import ReadViews
 from heterofl_edge.complexity import measure_complexity
@@ -55,7 +63,12 @@ class Coordinator:
     def open(cls, config: CoordinatorConfig, clock: Clock = time.time) -> Coordinator:
         """Open and check the state folder (``coordinator.bootstrap``), then assemble."""
         arch = get_architecture(config.model)
-        return cls(config, arch, open_state(config, arch), clock)
+        opened = open_state(config, arch)
+        try:
+            return cls(config, arch, opened, clock)
+        except BaseException:  # refused while assembling (e.g. the open round's encodings)
+            opened.store.close()
+            raise
 
     def __init__(
         self,
@@ -70,6 +83,7 @@ class Coordinator:
         self.mix = config.level_mix
         self.store = opened.store
         self.demo_data = opened.demo_data
+        self.run_id = opened.run_id
         self.metrics = CoordinatorMetrics()
         self.admission = Admission(config.admission, clock)
         self.registry = DeviceRegistry(self.store, clock, config.device_timeout)
@@ -97,21 +111,29 @@ class Coordinator:
         def on_result(kind: str, size: int) -> None:
             self.metrics.uploads.labels(kind, "accepted").inc()
 
+        board_options: dict[str, Any] = dict(
+            on_result=on_result,
+            plan=config.encodings,
+            run_seed=config.seed,
+            on_transfer=self.metrics.count_payload,
+        )
+
         self.buffered_records: BufferedRecords | None = None
         self.board: TaskBoard
         if config.buffered:  # FedBuff: every device on its own task (coordinator/buffered_board)
             self.buffered_records = BufferedRecords(self.store)
             self.board = BufferedBoard(
                 *board_settings,
-                on_result=on_result,
+                **board_options,
                 records=self.buffered_records,
                 max_staleness=config.max_staleness,
                 task_seconds=config.round_seconds,
                 submodel=config.submodel,
             )
         else:
-            self.board = TaskBoard(*board_settings, on_result=on_result)
+            self.board = TaskBoard(*board_settings, **board_options)
         self.artifacts = Artifacts(config, self.arch, self.mix.rates, self.mix.global_rate)
+        _ = self.level_costs  # measured once, at start-up, rather than on a request thread
         self.policy: ProfileLevels | None = None
         if config.profiled:
             self.policy = ProfileLevels(
@@ -119,6 +141,7 @@ class Coordinator:
                 config.level_table,
                 lambda device_id: self._device_rate(device_id),
                 self.registry.set_rates,
+                cap_of=self._memory_cap,
             )
         self.evaluation = (
             None
@@ -153,6 +176,7 @@ class Coordinator:
         self.views = ReadViews(
             config,
             self.arch.name,
+            self.run_id,
             self.store,
             self.registry,
             self.board,
@@ -177,7 +201,8 @@ class Coordinator:
             self.clock,
             population=None,  # the registered devices, counted every round
             quorum=self.config.quorum,
-            policy=self.policy,
+            # Fix and Dynamic: the strategy's draw, capped by each device's memory.
+            policy=self.policy if self.policy is not None else MemoryCappedLevels(self._memory_cap),
             evaluate=self._evaluate if self.evaluation is not None else None,
             has_statistics=bool(self.board.bn_widths()),
         )
@@ -189,8 +214,22 @@ class Coordinator:
         costs = []
         for rate in self.mix.rates:
             c = measure_complexity(self.arch, rate)
-            costs.append(LevelCost(rate, c.flops, 4 * c.parameters))
+            activations = _activation_elements(self.arch, rate, self.mix.global_rate)
+            costs.append(LevelCost(rate, c.flops, 4 * c.parameters, 4 * activations))
         return costs
+
+    def _memory_cap(self, device_id: str) -> float:
+        """The largest rate a registered device's memory trains (its profile, as registered)."""
+        device = self.registry.get(device_id)
+        if device is None:
+            return self.mix.global_rate
+        cap = memory_cap(
+            DeviceProfile.from_json(device.profile),
+            self.level_costs,
+            self.config.level_table,
+            self.config.local_training.batch_size,
+        )
+        return cap if cap is not None else min(self.mix.rates)  # registered before the check
 
     def _device_rate(self, device_id: str) -> float:
         device = self.registry.get(device_id)
@@ -252,15 +291,19 @@ class Coordinator:
                 "ready: levels %s served; all %d rounds are done", levels, self.config.total_rounds
             )
             return
+        plan = self.config.encodings
         log.info(
             "ready: levels %s served; %d of %d rounds done; round %d opens once %d devices "
-            "are live (%d registered)",
+            "are live (%d registered); weights down in %s, results up in %s%s",
             levels,
             self.engine.completed,
             self.config.total_rounds,
             self.engine.completed + 1,
             self.config.min_devices if self.engine.completed == 0 else self.config.min_uploads,
             len(self.registry),
+            plan.download,
+            plan.upload,
+            ", with error feedback" if plan.error_feedback else "",
         )
 
     def close(self) -> None:
@@ -355,7 +398,7 @@ class Coordinator:
     # -- what the API asks ------------------------------------------------------------------
     def register(self, profile: dict[str, Any]) -> Registered:
         """A new device for a profile the schema accepted; 400 if this run cannot use it."""
-        self._check_profile(profile)
+        cap = self._check_profile(profile)
         rate = self.mix.global_rate
         if self.policy is not None:
             local = self.config.local_training
@@ -385,12 +428,26 @@ class Coordinator:
             level=rate_label(rate) if profiled else None,
             rate=rate if profiled else None,
             policy=self.config.policy_name,
+            max_level=rate_label(cap),
+            max_rate=cap,
             poll_seconds=self.config.poll_seconds,
             heartbeat_seconds=self.config.heartbeat_interval,
         )
 
-    def _check_profile(self, profile: dict[str, Any]) -> None:
-        """``ApiError`` for a profile this run cannot place: another mode, another format."""
+    def _check_profile(self, profile: dict[str, Any]) -> float:
+        """The largest rate the device's memory trains, for a profile this run can place.
+
+        ``ApiError`` otherwise: another mode, another format, too little memory, or a
+        device that cannot mask its uploads in a run with secure aggregation
+        (``secure_aggregation_unsupported``: it is never sent a task in the clear).
+        """
+        if self.config.secure_aggregation and not profile.get("secure_aggregation"):
+            raise ApiError(
+                ErrorCode.secure_aggregation_unsupported,
+                "this coordinator runs secure aggregation; the device does not mask its uploads",
+                "use a device that speaks it (the Python device does), or a run without "
+                "--secure-aggregation",
+            )
         reference = float(profile["reference_rate"])
         if not any(math.isclose(reference, r, rel_tol=1e-9) for r in self.mix.rates):
             accepted = ", ".join(f"{r:g} ({rate_label(r)})" for r in sorted(self.mix.rates))
@@ -411,6 +468,30 @@ class Coordinator:
                 "use a runtime of an offered format, or start the coordinator with "
                 "--formats onnx,executorch",
             )
+        return self._check_memory(DeviceProfile.from_json(profile))
+
+    def _check_memory(self, device: DeviceProfile) -> float:
+        """The largest rate whose training fits ``device``; 400 ``insufficient_memory`` if none."""
+        batch = self.config.local_training.batch_size
+        cap = memory_cap(device, self.level_costs, self.config.level_table, batch)
+        if cap is not None:
+            return cap
+        smallest = min(self.level_costs, key=lambda lv: lv.rate)
+        top = max(self.level_costs, key=lambda lv: lv.rate)
+        needed = memory_needed_mb(smallest, top, self.config.level_table, batch)
+        held = (
+            f" ({device.base_memory_mb:.0f} MB of it held by the device's process)"
+            if device.base_memory_mb
+            else ""
+        )
+        raise ApiError(
+            ErrorCode.insufficient_memory,
+            f"a memory limit of {device.memory_mb:g} MB{held} fits no level of mode "
+            f"{self.mix.name}: the smallest, {rate_label(smallest.rate)}, needs about "
+            f"{needed:.0f} MB more than the process",
+            f"raise the device's --max-memory-mb to at least "
+            f"{math.ceil(device.base_memory_mb + needed)}, or run smaller levels",
+        )
 
     def model_bytes(self) -> bytes:
         return self._model_bytes
@@ -418,6 +499,32 @@ class Coordinator:
     @property
     def completed_rounds(self) -> int:
         return self._completed
+
+
+def _activation_elements(arch: Architecture, rate: float, global_rate: float) -> int:
+    """Elements of every layer's output for one training example at ``rate``.
+
+    What a training step keeps for its backward pass scales with this; the
+    memory estimate (``coordinator.policy.training_memory_mb``) multiplies it.
+    """
+    model = arch.build(rate, global_rate)
+    total = 0
+
+    def count(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(count) for m in leaves]
+    model.train()
+    try:
+        with torch.no_grad():
+            model(arch.example_input(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 def device_kind(profile: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from heterofl_edge.protocol import (
     Heartbeat,
     Hyperparameters,
     Registered,
+    SecAggAnswer,
     TaskMessage,
 )
 from heterofl_edge.protocol import Health as DeviceHealth
@@ -47,6 +48,7 @@ __all__ = [
     "RoundPath",
     "RoundView",
     "SafetensorsBody",
+    "SecAggAnswer",
     "TaskMessage",
 ]  # the device's messages are heterofl_edge.protocol's, re-exported for the API modules
 
@@ -101,6 +103,16 @@ class AssignmentView(BaseModel):
     num_samples: int | None
     seconds: float | None
     metrics: dict[str, float] | None
+    download_encoding: str = Field(description="fp32 | fp16 | bf16 | int8: its weights")
+    upload_encoding: str = Field(description="fp32 (weights) | fp16 | bf16 | int8 (update)")
+    bytes_down: int | None = Field(
+        None, description="bytes of weights it fetched in this round (training and statistics)"
+    )
+    bytes_up: int | None = Field(
+        None,
+        description="bytes of its accepted results in this round (null: none, or the "
+        "round ran before the coordinator's last start)",
+    )
 
 
 class RoundView(BaseModel):
@@ -117,6 +129,10 @@ class RoundView(BaseModel):
     metrics: dict[str, Any] = Field(
         description="the round's result once it ends: losses, evaluation, durations"
     )
+    transfer: dict[str, Any] = Field(
+        description="payload bytes since the coordinator started: {down, up: {train, "
+        "statistics: {encoding: {bytes, payloads}}}, devices: {id: {down, up}}}"
+    )
     assignments: list[AssignmentView]
 
 
@@ -128,9 +144,11 @@ class ProfileView(BaseModel):
     step_ms: float
     reference_rate: float
     memory_mb: float
+    base_memory_mb: float | None = None
     bandwidth_mbps: float
     runtimes: list[str]
     num_examples: int | None = None
+    encodings: list[str] | None = Field(None, description="what it declared (null: fp32 only)")
 
 
 class DeviceView(BaseModel):

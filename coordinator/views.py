@@ -29,6 +29,7 @@ class ReadViews:
         self,
         config: CoordinatorConfig,
         model_name: str,
+        run_id: str,
         store: Store,
         registry: DeviceRegistry,
         board: TaskBoard,
@@ -42,6 +43,7 @@ class ReadViews:
         self.config = config
         self.mix = config.level_mix
         self.model_name = model_name
+        self.run_id = run_id  # which run this is: a device's --state-dir is bound to one
         self.store = store
         self.registry = registry
         self.board = board
@@ -83,6 +85,7 @@ class ReadViews:
             "demo_data": self.demo_data,
             "evaluation": self._last_evaluation(),
             "privacy": privacy,
+            "run_id": self.run_id,
             "problem": self.problem(),
         }
 
@@ -204,6 +207,11 @@ class ReadViews:
                 status = t.status
                 if live_status.get(t.device_id) is TaskStatus.training and status == "assigned":
                     status = "training"
+                device = self.registry.get(t.device_id)
+                down, up, _ = self.config.encodings.choose(
+                    t.rate, device.profile.get("encodings") if device is not None else None
+                )
+                moved = self.board.transfer.device(number, t.device_id) or {}
                 assignments.append(
                     {
                         "device_id": t.device_id,
@@ -213,6 +221,10 @@ class ReadViews:
                         "num_samples": t.num_samples,
                         "seconds": t.seconds,
                         "metrics": t.metrics,
+                        "download_encoding": down.value,
+                        "upload_encoding": up.value,
+                        "bytes_down": moved.get("down"),
+                        "bytes_up": moved.get("up"),
                     }
                 )
             state = str(row["state"])
@@ -229,6 +241,7 @@ class ReadViews:
                 "uploads": sum(1 for t in training if t.status == "uploaded"),
                 "quorum": self.config.min_uploads,
                 "metrics": summary,
+                "transfer": self.board.transfer.round(number),
                 "assignments": assignments,
             }
             if state in ("finished", "failed"):

@@ -24,16 +24,36 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
 from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
 from heterofl_edge.errors import InternalError
 from heterofl_edge.levels import parse_rate, rate_label
+from heterofl_edge.secagg import (
+    BelowThreshold,
+    FixedPoint,
+    LayoutPlan,
+    MaskRequest,
+    SecAggRefusal,
+    SecAggServer,
+    ShareRequest,
+    Stage,
+    UnmaskRequest,
+    statistics_layout,
+)
+from heterofl_edge.secure_aggregation import (
+    instance_context,
+    sbn_layers,
+    state_from_sums,
+    statistics_from_sums,
+)
 from heterofl_edge.strategy import HeteroFLStrategy, RoundPlan
 
 __all__ = [
@@ -48,6 +68,10 @@ __all__ = [
     "RoundEngine",
     "RoundOpen",
     "RoundResult",
+    "SecureInput",
+    "SecureTransport",
+    "StageReply",
+    "StageRequest",
     "StatisticsClients",
     "StatsReply",
     "Stopped",
@@ -132,15 +156,65 @@ class TrainReply:
     metrics: Mapping[str, float] = field(default_factory=dict)
     seconds: float | None = None  # how long the client took, from task to reply
     checked: bool = False
+    masked: np.ndarray | None = None  # secure aggregation: the masked vector (no update)
 
 
 @dataclass(frozen=True)
 class StatsReply:
+    """An accepted statistics report: moments, or (secure aggregation) a masked vector."""
+
     client: str
     moments: Mapping[str, ChannelMoments]
+    masked: np.ndarray | None = None
 
 
 Reply = TrainReply | StatsReply
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """One client's part of a secure aggregation stage (``heterofl_edge.secagg``).
+
+    ``context`` names the aggregation (its keys and masks are bound to it),
+    ``index`` is the client's number in it; ``body`` is the stage's request:
+    None (advertise your keys), a ``ShareRequest`` or an ``UnmaskRequest``.
+    """
+
+    context: str
+    index: int
+    body: ShareRequest | UnmaskRequest | None = None
+
+
+@dataclass(frozen=True)
+class StageReply:
+    """A client's accepted answer to a stage.
+
+    An ``Advertisement``, its encrypted shares (neighbour index -> bytes), or its
+    unmasking shares (client index -> field element).
+    """
+
+    client: str
+    body: Any
+
+
+@dataclass(frozen=True)
+class SecureInput:
+    """What a client needs to mask its training or statistics upload.
+
+    ``request``: the neighbours that shared keys (their layouts) and their
+    encrypted shares for this client; training: ``fixed`` and ``plan`` (the
+    round's fixed point and vector layout); statistics: ``layers`` and
+    ``statistics_scale`` (the wide encoding of the sums).
+    """
+
+    context: str
+    index: int
+    request: MaskRequest
+    fixed: FixedPoint | None = None
+    plan: LayoutPlan | None = None
+    layers: tuple[tuple[str, int], ...] = ()
+    statistics_scale: float = 0.0
+    rates: Mapping[int, float] = field(default_factory=dict)  # training: index -> level
 
 
 class Transport(Protocol):
@@ -172,6 +246,43 @@ class Transport(Protocol):
 
     def stopping(self) -> bool:
         """True once the run should stop at the next safe point."""
+
+
+class SecureTransport(Transport, Protocol):
+    """A transport whose clients speak secure aggregation (``heterofl_edge.secagg``).
+
+    Its ``open_phase`` takes ``secure``, each client's ``SecureInput``: the
+    replies then carry masked vectors (``masked``) and nothing else of the client's.
+    """
+
+    def open_phase(
+        self,
+        round_number: int,
+        phase: Phase,
+        tasks: Sequence[Task],
+        state: State,
+        deadline: float,
+        secure: Mapping[str, SecureInput] | None = None,
+    ) -> None:
+        """Publish ``tasks``; with ``secure``, each client masks what it sends."""
+
+    def open_stage(
+        self,
+        round_number: int,
+        phase: Phase,
+        stage: Stage,
+        requests: Mapping[str, StageRequest],
+        deadline: float,
+    ) -> None:
+        """Publish one secure aggregation stage (advertise, share, unmask) to its clients."""
+
+    def stage_replies(
+        self, round_number: int, phase: Phase, stage: Stage
+    ) -> Iterator[StageReply | None]:
+        """A stage's accepted answers as they come; ``None`` whenever to look at the clock."""
+
+    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
+        """Refuse further answers to the stage; return those accepted since the last yield."""
 
 
 @dataclass(frozen=True)
@@ -299,6 +410,9 @@ class EngineSettings:
     round_seconds: float = math.inf  # training deadline
     stats_seconds: float = math.inf  # statistics deadline
     statistics: StatisticsClients = StatisticsClients.round
+    # Secure aggregation: how long its key advertisement, key sharing and unmasking stages
+    # each wait for answers (clients answer them in milliseconds; training has its deadline).
+    secure_stage_seconds: float = math.inf
 
 
 Evaluator = Callable[[State], Mapping[str, float | None]]
@@ -331,6 +445,9 @@ class RoundEngine:
         self.has_statistics = has_statistics
         self.on_round = on_round
         self.exhausted: str | None = None  # why the run ended early (its privacy budget)
+        self._statistics_problem: str | None = None  # why a round's statistics were kept
+        if strategy.secure is not None and not callable(getattr(transport, "open_stage", None)):
+            raise InternalError("secure aggregation needs a transport that runs its stages")
         resume = journal.resume()
         if resume is None:
             self.completed = 0
@@ -359,13 +476,43 @@ class RoundEngine:
         """Run every round still to run, or until the transport says stop."""
         try:
             while not self.done and not self.transport.stopping():
-                opened = self._resume_open or self._open_round(self.completed + 1)
+                resumed = self._resume_open
+                opened = resumed or self._open_round(self.completed + 1)
                 self._resume_open = None
                 if opened is None:
                     return
+                if resumed is not None and self.strategy.secure is not None:
+                    opened = self._abandon_secure(resumed)
+                    if opened is None:
+                        continue
                 self._run_round(opened)
         except Stopped:
             return
+
+    def _abandon_secure(self, opened: RoundOpen) -> RoundOpen | None:
+        """A secure round found open at start-up: its keys and masks died with the last run.
+
+        Nothing of it is unmasked now: a round still training fails (the model
+        stays); a round in its statistics phase finishes without new statistics.
+        """
+        if opened.phase is Phase.training:
+            reason = (
+                "abandoned: the run restarted during secure aggregation (the clients' keys "
+                "for this round are gone; nothing was unmasked)"
+            )
+            log.warning("round %d %s", opened.round, reason)
+            now = self.clock()
+            summary = _training_summary(opened, [], now, private=True)
+            result = RoundResult(
+                **summary, state="failed", statistics_reports=0, finished_at=now, reason=reason
+            )
+            self._record(result)
+            return None
+        self._statistics_problem = (
+            "sBN statistics skipped: the run restarted during their secure aggregation"
+        )
+        log.warning("round %d: %s", opened.round, self._statistics_problem)
+        return replace(opened, stats_tasks=())
 
     def initial_statistics(self, clients: Sequence[Client]) -> Mapping[str, float | None]:
         """SBN statistics from ``clients`` and an evaluation, before any training (round 0).
@@ -433,6 +580,72 @@ class RoundEngine:
     # -- training ---------------------------------------------------------------
     def _training_phase(self, opened: RoundOpen) -> RoundOpen | None:
         number = opened.round
+        gathered = (
+            self._plain_training(opened)
+            if self.strategy.secure is None
+            else self._secure_training(opened)
+        )
+        if gathered is None:
+            return None  # stopped
+        replies, finalize, failure = gathered
+        closed_at = self.clock()
+        uploads = [replies[t.client] for t in opened.tasks if t.client in replies]
+        outcomes = [
+            Outcome(
+                t.client,
+                t.rate,
+                replies[t.client].seconds if t.client in replies else None,
+                opened.deadline - opened.opened_at,
+            )
+            for t in opened.tasks
+        ]
+        self.policy.observe(number, outcomes)
+        summary = _training_summary(opened, uploads, closed_at, self._releases_nothing)
+        if len(uploads) < max(1, self.settings.min_uploads) or failure is not None:
+            reason = failure or (
+                f"{len(uploads)} uploads, fewer than the quorum {self.settings.min_uploads}"
+            )
+            result = RoundResult(
+                **summary,
+                state="failed",
+                statistics_reports=0,
+                finished_at=closed_at,
+                reason=reason,
+            )
+            self._record(result)
+            return None
+        start = self.clock()
+        self.global_state = finalize()
+        summary["seconds"]["aggregation"] = self.clock() - start
+        stats_tasks: tuple[Task, ...] = ()
+        if self.has_statistics and self.settings.statistics is not StatisticsClients.none:
+            stats_tasks = self._statistics_tasks(opened, uploads)
+        now = self.clock()
+        closed = replace(
+            opened,
+            phase=Phase.statistics,
+            stats_tasks=stats_tasks,
+            stats_deadline=now + self.settings.stats_seconds,
+            summary=summary,
+        )
+        self.journal.training_closed(closed, self.global_state)
+        return closed
+
+    @property
+    def _secure_transport(self) -> SecureTransport:
+        """The transport, which a secure run's clients reach through (checked at start)."""
+        return self.transport  # type: ignore[return-value]
+
+    @property
+    def _releases_nothing(self) -> bool:
+        """Whether rounds keep no client's own numbers (DP, or secure aggregation)."""
+        return self.strategy.private or self.strategy.secure is not None
+
+    def _plain_training(
+        self, opened: RoundOpen
+    ) -> tuple[dict[str, TrainReply], Callable[[], State], str | None] | None:
+        """Every reply folded into the strategy's aggregator as it comes; None if stopped."""
+        number = opened.round
         aggregator = self.strategy.aggregator(self.global_state, number)
         rates = {t.client: t.rate for t in opened.tasks}
         offsets = {t.client: t.offset for t in opened.tasks}
@@ -455,60 +668,206 @@ class RoundEngine:
             )
             replies[reply.client] = reply
 
+        outstanding = [t.client for t in opened.tasks]
         for reply in self.transport.replies(number, Phase.training):
             if reply is not None:
                 fold(reply)
             if self.transport.stopping():
                 return None
-            if self._training_can_close(opened, replies):
+            if self._can_close(outstanding, replies, opened.deadline):
                 break
         for reply in self.transport.close_phase(number, Phase.training):
             fold(reply)
-        closed_at = self.clock()
-        uploads = [replies[t.client] for t in opened.tasks if t.client in replies]
-        outcomes = [
-            Outcome(
-                t.client,
-                t.rate,
-                replies[t.client].seconds if t.client in replies else None,
-                opened.deadline - opened.opened_at,
-            )
-            for t in opened.tasks
-        ]
-        self.policy.observe(number, outcomes)
-        summary = _training_summary(opened, uploads, closed_at, self.strategy.private)
-        if len(uploads) < max(1, self.settings.min_uploads):
-            result = RoundResult(
-                **summary,
-                state="failed",
-                statistics_reports=0,
-                finished_at=closed_at,
-                reason=f"{len(uploads)} uploads, fewer than the quorum {self.settings.min_uploads}",
-            )
-            self._record(result)
-            return None
-        start = self.clock()
-        self.global_state = aggregator.finalize()
-        summary["seconds"]["aggregation"] = self.clock() - start
-        stats_tasks: tuple[Task, ...] = ()
-        if self.has_statistics and self.settings.statistics is not StatisticsClients.none:
-            stats_tasks = self._statistics_tasks(opened, uploads)
-        now = self.clock()
-        closed = replace(
-            opened,
-            phase=Phase.statistics,
-            stats_tasks=stats_tasks,
-            stats_deadline=now + self.settings.stats_seconds,
-            summary=summary,
-        )
-        self.journal.training_closed(closed, self.global_state)
-        return closed
+        return replies, aggregator.finalize, None
 
-    def _training_can_close(self, opened: RoundOpen, replies: Mapping[str, TrainReply]) -> bool:
-        outstanding = [t.client for t in opened.tasks if t.client not in replies]
+    # -- secure aggregation ---------------------------------------------------------
+    def _secure_training(
+        self, opened: RoundOpen
+    ) -> tuple[dict[str, TrainReply], Callable[[], State], str | None] | None:
+        """The round's training through secure aggregation (``heterofl_edge.secagg``).
+
+        Keys are advertised and shared, the clients that shared train and upload
+        masked vectors, the survivors help unmask the sum; the coordinator sees
+        only the per-element sums. Below the threshold at any stage the round
+        fails with the reason (and nothing more is asked of the clients).
+        """
+        number, secure = opened.round, self.strategy.secure
+        assert secure is not None
+        global_rate = self.strategy.mix.global_rate
+        plan = self.strategy.training_plan()
+        rates = {t.client: t.rate for t in opened.tasks}
+        instance = SecAggServer(
+            instance_context(number, Phase.training.value),
+            [(t.client, plan.layout(t.rate)) for t in opened.tasks],
+            plan.layout(global_rate),
+            secure.threshold,
+            secrets.randbits(63),
+            minimum=max(2, self.settings.min_uploads),
+        )
+        fixed = secure.fixed_point(len(opened.tasks))
+        replies: dict[str, TrainReply] = {}
+        try:
+            requests = self._secure_setup(instance, number, Phase.training, opened.deadline)
+            if requests is None:
+                return None
+            inputs = {
+                client: SecureInput(
+                    instance.context,
+                    instance.index[client],
+                    request,
+                    fixed=fixed,
+                    plan=plan,
+                    rates={i: rates[c] for c, i in instance.index.items()},
+                )
+                for client, request in requests.items()
+            }
+            tasks = [t for t in opened.tasks if t.client in inputs]
+            self._secure_transport.open_phase(
+                number, Phase.training, tasks, self.global_state, opened.deadline, secure=inputs
+            )
+
+            def fold(reply: Reply) -> None:
+                if not isinstance(reply, TrainReply) or reply.client not in inputs:
+                    raise InternalError(f"round {number}: unexpected reply {reply!r}")
+                if reply.client in replies or reply.masked is None:
+                    return
+                try:
+                    instance.accept_masked(reply.client, reply.masked)
+                except SecAggRefusal as exc:  # the transport checks first: a bug if it happens
+                    log.warning(
+                        "round %d: masked input of %s refused: %s", number, reply.client, exc
+                    )
+                    return
+                replies[reply.client] = reply
+
+            outstanding = [t.client for t in tasks]
+            for reply in self.transport.replies(number, Phase.training):
+                if reply is not None:
+                    fold(reply)
+                if self.transport.stopping():
+                    return None
+                if self._can_close(outstanding, replies, opened.deadline):
+                    break
+            for reply in self.transport.close_phase(number, Phase.training):
+                fold(reply)
+            if len(replies) < max(1, self.settings.min_uploads):
+                return replies, lambda: self.global_state, None  # fails by quorum: no unmasking
+            sums = self._secure_unmask(instance, number, Phase.training)
+            if sums is None:
+                return None
+        except BelowThreshold as exc:
+            log.warning("round %d: secure aggregation abandoned: %s", number, exc.message)
+            return replies, lambda: self.global_state, f"secure aggregation abandoned: {exc}"
+        survivors = [rates[c] for c in replies]
+        strategy = self.strategy
+
+        def finalize() -> State:
+            return state_from_sums(
+                self.global_state, strategy.spec, global_rate, plan, fixed, sums, survivors
+            )
+
+        return replies, finalize, None
+
+    def _secure_setup(
+        self, instance: SecAggServer, number: int, phase: Phase, deadline: float
+    ) -> dict[str, MaskRequest] | None:
+        """Key advertisement and key sharing; each masking client's request (None: stopped)."""
+        advertised = self._exchange(
+            number,
+            phase,
+            Stage.advertise,
+            {c: StageRequest(instance.context, i) for c, i in instance.index.items()},
+            min(deadline, self.clock() + self.settings.secure_stage_seconds),
+        )
+        if advertised is None:
+            return None
+        for client, advertisement in advertised.items():
+            try:
+                instance.accept_advertisement(client, advertisement)
+            except SecAggRefusal as exc:
+                log.warning("round %d: keys of %s refused: %s", number, client, exc)
+        share_requests = instance.close_advertisement()
+        shared = self._exchange(
+            number,
+            phase,
+            Stage.share,
+            {
+                c: StageRequest(instance.context, instance.index[c], request)
+                for c, request in share_requests.items()
+            },
+            min(deadline, self.clock() + self.settings.secure_stage_seconds),
+        )
+        if shared is None:
+            return None
+        for client, shares in shared.items():
+            try:
+                instance.accept_shares(client, shares)
+            except SecAggRefusal as exc:
+                log.warning("round %d: shares of %s refused: %s", number, client, exc)
+        return instance.close_shares()
+
+    def _secure_unmask(
+        self, instance: SecAggServer, number: int, phase: Phase
+    ) -> np.ndarray | None:
+        """The unmasked sums once the survivors sent their shares (None: stopped)."""
+        requests = instance.close_masked()
+        answered = self._exchange(
+            number,
+            phase,
+            Stage.unmask,
+            {
+                c: StageRequest(instance.context, instance.index[c], request)
+                for c, request in requests.items()
+            },
+            self.clock() + self.settings.secure_stage_seconds,
+        )
+        if answered is None:
+            return None
+        for client, shares in answered.items():
+            try:
+                instance.accept_unmask(client, shares)
+            except SecAggRefusal as exc:
+                log.warning("round %d: unmasking shares of %s refused: %s", number, client, exc)
+        return instance.finalize()
+
+    def _exchange(
+        self,
+        number: int,
+        phase: Phase,
+        stage: Stage,
+        requests: Mapping[str, StageRequest],
+        deadline: float,
+    ) -> dict[str, Any] | None:
+        """One stage: publish its requests, gather answers until all, silence or the deadline."""
+        transport = self._secure_transport
+        transport.open_stage(number, phase, stage, requests, deadline)
+        got: dict[str, Any] = {}
+
+        def keep(reply: StageReply) -> None:
+            if reply.client in requests and reply.client not in got:
+                got[reply.client] = reply.body
+
+        for reply in transport.stage_replies(number, phase, stage):
+            if reply is not None:
+                keep(reply)
+            if self.transport.stopping():
+                return None
+            outstanding = [c for c in requests if c not in got]
+            if not outstanding or self.clock() >= deadline:
+                break
+            if self.transport.all_silent(outstanding):
+                break
+        for reply in transport.close_stage(number, phase, stage):
+            keep(reply)
+        return got
+
+    def _can_close(
+        self, clients: Sequence[str], replies: Mapping[str, Any], deadline: float
+    ) -> bool:
+        outstanding = [c for c in clients if c not in replies]
         if not outstanding:
             return True
-        if self.clock() >= opened.deadline:
+        if self.clock() >= deadline:
             return True
         quorum = len(replies) >= max(1, self.settings.min_uploads)
         return quorum and self.transport.all_silent(outstanding)
@@ -542,6 +901,9 @@ class RoundEngine:
             self.global_state, reports = gathered
         summary["seconds"]["statistics"] = self.clock() - start
         evaluation, seconds, problem = self._evaluate()
+        if self._statistics_problem is not None:
+            problem = "; ".join(p for p in (self._statistics_problem, problem) if p)
+            self._statistics_problem = None
         summary["seconds"]["evaluation"] = seconds
         upload_rates = [
             rate for level, n in summary["levels"].items() for rate in [parse_rate(level)] * n
@@ -564,6 +926,8 @@ class RoundEngine:
         self, opened: RoundOpen, tasks: Sequence[Task], deadline: float
     ) -> tuple[State, int] | None:
         """The global state with the clients' statistics applied, and how many reported."""
+        if self.strategy.secure is not None:
+            return self._secure_statistics(opened, tasks, deadline)
         number = opened.round
         self.transport.open_phase(number, Phase.statistics, tasks, self.global_state, deadline)
         wanted = {t.client for t in tasks}
@@ -590,6 +954,79 @@ class RoundEngine:
             return self.global_state, 0
         combined = self.strategy.combine_statistics(ordered, number)
         return apply_statistics(self.global_state, combined), len(ordered)
+
+    def _secure_statistics(
+        self, opened: RoundOpen, tasks: Sequence[Task], deadline: float
+    ) -> tuple[State, int] | None:
+        """The sBN statistics as a second secure aggregation: count, sum, sum of squares.
+
+        Below the threshold the statistics stay as they were and the round says why.
+        """
+        number, secure = opened.round, self.strategy.secure
+        assert secure is not None
+        layers = sbn_layers(self.global_state)
+        layout = statistics_layout(layers)
+        instance = SecAggServer(
+            instance_context(number, Phase.statistics.value),
+            [(t.client, layout) for t in tasks],
+            layout,
+            secure.threshold,
+            secrets.randbits(63),
+        )
+        uploaded: set[str] = set()
+        try:
+            requests = self._secure_setup(instance, number, Phase.statistics, deadline)
+            if requests is None:
+                return None
+            inputs = {
+                client: SecureInput(
+                    instance.context,
+                    instance.index[client],
+                    request,
+                    layers=layers,
+                    statistics_scale=secure.statistics_scale,
+                )
+                for client, request in requests.items()
+            }
+            subset = [t for t in tasks if t.client in inputs]
+            self._secure_transport.open_phase(
+                number, Phase.statistics, subset, self.global_state, deadline, secure=inputs
+            )
+
+            def keep(reply: Reply) -> None:
+                if not isinstance(reply, StatsReply) or reply.client not in inputs:
+                    return
+                if reply.client in uploaded or reply.masked is None:
+                    return
+                try:
+                    instance.accept_masked(reply.client, reply.masked)
+                except SecAggRefusal as exc:
+                    log.warning(
+                        "round %d: masked statistics of %s refused: %s", number, reply.client, exc
+                    )
+                    return
+                uploaded.add(reply.client)
+
+            outstanding = [t.client for t in subset]
+            for reply in self.transport.replies(number, Phase.statistics):
+                if reply is not None:
+                    keep(reply)
+                if self.transport.stopping():
+                    return None
+                waiting = [c for c in outstanding if c not in uploaded]
+                if not waiting or self.clock() >= deadline or self.transport.all_silent(waiting):
+                    break
+            for reply in self.transport.close_phase(number, Phase.statistics):
+                keep(reply)
+            sums = self._secure_unmask(instance, number, Phase.statistics)
+            if sums is None:
+                return None
+        except BelowThreshold as exc:
+            self._statistics_problem = f"sBN statistics kept: secure aggregation abandoned: {exc}"
+            log.warning("round %d: %s", number, self._statistics_problem)
+            return self.global_state, 0
+        combined = statistics_from_sums(sums, layers, secure.statistics_scale)
+        return apply_statistics(self.global_state, combined), len(uploaded)
 
     def _evaluate(self) -> tuple[Mapping[str, float | None], float, str | None]:
         if self.evaluate is None:

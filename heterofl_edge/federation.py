@@ -56,6 +56,7 @@ class Quorum:
     min_uploads: int = 1  # a round with fewer uploads fails and keeps the model
     round_seconds: float = math.inf  # training deadline
     stats_seconds: float = math.inf  # sBN statistics deadline
+    secure_stage_seconds: float = math.inf  # each secure aggregation stage's wait
 
 
 def build_strategy(
@@ -76,6 +77,8 @@ def build_strategy(
         spec.seed,
         spec.submodel,
         spec.privacy_plan(noise_seed),
+        spec.secure_settings,
+        arch.num_classes,
     )
 
 
@@ -118,6 +121,7 @@ def build_engine(
         round_seconds=quorum.round_seconds,
         stats_seconds=quorum.stats_seconds,
         statistics=spec.statistics,
+        secure_stage_seconds=quorum.secure_stage_seconds,
     )
     if spec.buffered:
         return BufferedEngine(

@@ -22,12 +22,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel, Strict
 
+from heterofl_edge.encoding import Encoding
+
 __all__ = [
     "Accepted",
     "ArtifactRef",
     "DeviceProfile",
     "DistributedNoise",
     "DoneTask",
+    "Encoding",
     "ErrorCode",
     "ErrorReply",
     "Health",
@@ -35,6 +38,10 @@ __all__ = [
     "Hyperparameters",
     "Registered",
     "Runtime",
+    "SecAggAnswer",
+    "SecAggPeer",
+    "SecAggTask",
+    "SecureMasking",
     "StatisticsTask",
     "TaskMessage",
     "TaskReply",
@@ -51,6 +58,7 @@ class ErrorCode(StrEnum):
 
     invalid_request = "invalid_request"  # a path, query or JSON body that does not parse
     bad_profile = "bad_profile"  # a registration profile out of bounds
+    insufficient_memory = "insufficient_memory"  # the device's memory limit fits no level
     unsupported_runtime = "unsupported_runtime"  # none of the device's runtimes is offered
     bad_payload = "bad_payload"  # a body that is not a readable safetensors payload
     bad_metadata = "bad_metadata"  # safetensors metadata missing, malformed or out of bounds
@@ -78,10 +86,22 @@ class ErrorCode(StrEnum):
     not_finite = "not_finite"
     bad_labels = "bad_labels"
     bad_statistics = "bad_statistics"
+    wrong_encoding = "wrong_encoding"  # an upload in another encoding than its task's
+    bad_scales = "bad_scales"  # int8 scales missing, miscounted, NaN, zero or negative
     not_ready = "not_ready"  # artifacts still being built (server side, retry later)
     storage_error = "storage_error"  # the disk or database failed (server side)
     too_many_connections = "too_many_connections"  # the address's connection cap (retry)
     internal_error = "internal_error"  # a bug (server side)
+    # secure aggregation (heterofl_edge.secagg): a message that does not fit the protocol
+    secure_aggregation_unsupported = "secure_aggregation_unsupported"  # a run that masks
+    replayed_key = "replayed_key"  # a public key advertised before in the instance
+    duplicate_advertisement = "duplicate_advertisement"
+    bad_key = "bad_key"  # not a P-256 point, or both keys equal
+    unknown_peer = "unknown_peer"  # a share for (or of) a client that is not a neighbour
+    bad_share = "bad_share"  # missing, malformed or outside the field
+    wrong_length = "wrong_length"  # a masked vector of another length than the layout's
+    bad_modulus = "bad_modulus"  # a masked vector not of uint32 (Z_2^32) elements
+    duplicate_unmask = "duplicate_unmask"  # a second unmasking answer
 
 
 class Runtime(StrEnum):
@@ -130,6 +150,11 @@ class Health(_Reply):
     reference_level: str = Field(description="the level devices time to profile themselves")
     reference_rate: float
     demo_data: bool = Field(description="whether GET /v1/demo-data serves demo shards")
+    run_id: str | None = Field(
+        None,
+        description="this run's identity, made once per state folder: a device that keeps its "
+        "registration (--state-dir) resumes it only with the run it registered with",
+    )
 
 
 # -- registration ---------------------------------------------------------------------
@@ -147,7 +172,20 @@ class DeviceProfile(BaseModel):
         description="median time of one training step of the reference artifact",
     )
     reference_rate: float = Field(gt=0, le=1, allow_inf_nan=False)
-    memory_mb: float = Field(gt=0, le=1e9, allow_inf_nan=False)
+    memory_mb: float = Field(
+        gt=0,
+        le=1e9,
+        allow_inf_nan=False,
+        description="memory the device may use (a device with --max-memory-mb: that limit)",
+    )
+    base_memory_mb: float | None = Field(
+        None,
+        ge=0,
+        le=1e9,
+        allow_inf_nan=False,
+        description="memory the device's process holds before it loads a level (measured); a "
+        "level fits when this plus the level's training memory is within memory_mb",
+    )
     bandwidth_mbps: float = Field(gt=0, le=1e6, allow_inf_nan=False)
     runtimes: list[Annotated[Runtime, Strict(False)]] = Field(
         default_factory=lambda: [Runtime.onnx],
@@ -158,6 +196,17 @@ class DeviceProfile(BaseModel):
     )
     num_examples: JsonInt | None = Field(
         None, ge=1, le=10**9, description="examples the device trains on per epoch"
+    )
+    secure_aggregation: bool = Field(
+        False,
+        description="the device masks its uploads (SecAgg+); a run with secure aggregation "
+        "refuses a device without it",
+    )
+    encodings: list[Annotated[Encoding, Strict(False)]] | None = Field(
+        None,
+        max_length=2 * len(Encoding),
+        description="encodings the device can decode (weights) and encode (updates); absent: "
+        "fp32 only. A task never uses one the device did not declare",
     )
     enrollment_token: str | None = Field(
         None,
@@ -172,6 +221,12 @@ class Registered(_Reply):
     level: str | None = Field(description="the device's level under the profile policy")
     rate: float | None
     policy: str
+    max_level: str | None = Field(
+        None, description="the largest level whose training fits the device's memory"
+    )
+    max_rate: float | None = Field(
+        None, description="that level's rate: the device is never given a larger one"
+    )
     poll_seconds: float = Field(description="how often to ask /v1/task while waiting")
     heartbeat_seconds: float = Field(
         description="how often to call /v1/heartbeat while working on a task"
@@ -210,6 +265,15 @@ class _Work(_Reply):
         description="call /v1/heartbeat this often until the result is uploaded (a device "
         "silent for the coordinator's device timeout is dropped)"
     )
+    download_encoding: Encoding = Field(
+        Encoding.fp32,
+        description="how weights_url's tensors are encoded (its metadata says so too)",
+    )
+    encoding_note: str | None = Field(
+        None,
+        description="set when the run's encoding for this level was replaced by fp32 because "
+        "the device did not declare it",
+    )
 
 
 class DistributedNoise(_Reply):
@@ -236,8 +300,31 @@ class DistributedNoise(_Reply):
     )
 
 
+class SecureMasking(_Reply):
+    """How to encode and mask this task's upload (secure aggregation, ``heterofl_edge.secagg``).
+
+    Upload a safetensors body holding one uint32 tensor ``masked`` and no metadata.
+    Training: the update (trained minus received) in the fixed point ``scale``,
+    ``clip``, laid out by ``plan`` (``LayoutPlan.to_json``); statistics: count,
+    sum and sum of squares of ``layers`` wide-encoded at ``statistics_scale``.
+    ``peers``: neighbour index -> its rate (whose masks to add); ``ciphertexts``:
+    neighbour index -> its encrypted shares for this device (base64), kept for
+    the unmasking.
+    """
+
+    context: str
+    index: int
+    peers: dict[str, float]
+    ciphertexts: dict[str, str]
+    scale: float | None = None
+    clip: float | None = None
+    plan: dict[str, Any] | None = None
+    layers: list[tuple[str, int]] = Field(default_factory=list)
+    statistics_scale: float | None = None
+
+
 class TrainTask(_Work):
-    """Train E local epochs from the round's weights, then upload them."""
+    """Train E local epochs from the round's weights, then upload them (or their update)."""
 
     action: Literal["train"] = "train"
     seed: int = Field(description="seed of the local batch order")
@@ -249,6 +336,21 @@ class TrainTask(_Work):
     )
     distributed_noise: DistributedNoise | None = Field(
         None, description="add this noise to the clipped update before uploading it"
+    )
+    secure: SecureMasking | None = Field(
+        None, description="secure aggregation: upload the masked update only"
+    )
+    upload_encoding: Encoding = Field(
+        Encoding.fp32,
+        description="fp32: upload the trained weights; fp16, bf16, int8: upload the update "
+        "(trained minus the weights received), in that encoding, with metadata 'encoding'",
+    )
+    rounding_seed: int = Field(
+        0, description="SplitMix64 seed of int8 stochastic rounding (in [0, 2**32))"
+    )
+    error_feedback: bool = Field(
+        False,
+        description="add what the last lossy upload at this level lost to this update",
     )
 
 
@@ -264,6 +366,39 @@ class StatisticsTask(_Work):
         description="the examples to summarise (each layer's count in the upload)"
     )
     private: bool = Field(False, description="a differentially private run: count 1")
+    secure: SecureMasking | None = Field(
+        None, description="secure aggregation: upload the masked sums only"
+    )
+
+
+class SecAggPeer(_Reply):
+    index: int
+    c_public: str = Field(description="base64 of a 65-byte uncompressed P-256 point")
+    s_public: str
+
+
+class SecAggTask(_Reply):
+    """A secure aggregation stage (``heterofl_edge.secagg``): answer at ``answer_url``.
+
+    ``advertise``: make fresh keys for ``context`` and send both public keys;
+    ``share``: send Shamir shares of your secrets for each of ``neighbours``,
+    encrypted, at ``threshold``; ``unmask``: send your shares of the ``s`` keys of
+    ``dropped`` and of the self-mask seeds of ``survivors``.
+    """
+
+    action: Literal["secagg"] = "secagg"
+    round: int
+    phase: str = Field(description="training or statistics")
+    stage: Literal["advertise", "share", "unmask"]
+    context: str
+    index: int
+    answer_url: str
+    deadline: float
+    heartbeat_seconds: float
+    threshold: int | None = None
+    neighbours: list[SecAggPeer] = Field(default_factory=list)
+    dropped: list[int] = Field(default_factory=list)
+    survivors: list[int] = Field(default_factory=list)
 
 
 class WaitTask(_Reply):
@@ -277,7 +412,7 @@ class DoneTask(_Reply):
 
 
 TaskReply = Annotated[
-    TrainTask | StatisticsTask | WaitTask | DoneTask, Field(discriminator="action")
+    TrainTask | StatisticsTask | SecAggTask | WaitTask | DoneTask, Field(discriminator="action")
 ]
 
 
@@ -298,7 +433,7 @@ def parse_task(data: Any, default_wait: float) -> TaskReply:
     ``retry_after`` (or ``default_wait``) and asks again, instead of failing
     (``UnknownTask`` says which action it was).
     """
-    known = ("train", "statistics", "wait", "done")
+    known = ("train", "statistics", "secagg", "wait", "done")
     if isinstance(data, dict) and data.get("action") not in known:
         pause = data.get("retry_after")
         return UnknownTask(
@@ -309,6 +444,23 @@ def parse_task(data: Any, default_wait: float) -> TaskReply:
 
 
 # -- results ---------------------------------------------------------------------------------
+
+
+class SecAggAnswer(BaseModel):
+    """A device's answer to a ``SecAggTask`` (``POST answer_url``); base64 bytes, decimal shares.
+
+    advertise: ``c_public`` and ``s_public``; share: ``shares`` (neighbour index
+    -> ciphertext); unmask: ``unmask`` (client index -> share, a decimal integer).
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    context: str = Field(max_length=200)
+    stage: Literal["advertise", "share", "unmask"]
+    c_public: str | None = Field(None, max_length=200)
+    s_public: str | None = Field(None, max_length=200)
+    shares: dict[str, str] | None = Field(None, max_length=10_000)
+    unmask: dict[str, str] | None = Field(None, max_length=10_000)
 
 
 class Heartbeat(_Reply):
@@ -322,7 +474,11 @@ class Accepted(_Reply):
 
 
 class UploadMetadata(BaseModel):
-    """What a training upload says besides its tensors (the safetensors metadata)."""
+    """What a training upload says besides its tensors (the safetensors metadata).
+
+    A lossy upload (the task's ``upload_encoding``) adds ``encoding`` and, for
+    int8, ``scales`` (``heterofl_edge.encoding.payload_metadata``).
+    """
 
     num_samples: int | None = Field(
         None, ge=1, description="examples trained on (each epoch; none in a private run)"

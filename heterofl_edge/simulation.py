@@ -16,7 +16,10 @@ order the sessions finish in. Then every client reports sBN statistics
 computed with the new global model (the same workers, fresh every round), and
 the global model is evaluated on the test set (and, for non-IID splits, on
 each client's labels: local accuracy). With a ``FileJournal`` a killed run
-resumes from its last checkpoint and ends with the same model, bit for bit.
+resumes from its last checkpoint and ends with the same model, bit for bit
+(the transport's error-feedback residuals and byte counts are checkpointed
+beside it). Each round's record holds the bytes its payloads took on the wire
+in the spec's encodings (``transfer``), and the result sums them up.
 
 With a ``SimulatedFleet`` (``simulate --simulated-time``) every client is a
 device with a speed and an on/off availability, the run is timed on a
@@ -27,6 +30,7 @@ same transport. Both report simulated wall-clock time per round or version.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_arrays
+from safetensors.numpy import save as save_arrays
 
 from heterofl_edge.backends import (
     InlineBackend,
@@ -46,8 +53,18 @@ from heterofl_edge.backends import (
 from heterofl_edge.buffered_engine import BufferedJournal, BufferedResult, MemoryBufferedJournal
 from heterofl_edge.data.base import TaskData
 from heterofl_edge.data.registry import get_dataset
-from heterofl_edge.engine import Journal, LevelPolicy, RoundEngine, RoundResult, StatisticsClients
-from heterofl_edge.errors import ConfigError
+from heterofl_edge.encoding import training_bytes_per_device
+from heterofl_edge.engine import (
+    Journal,
+    LevelPolicy,
+    Phase,
+    ResumePoint,
+    RoundEngine,
+    RoundOpen,
+    RoundResult,
+    StatisticsClients,
+)
+from heterofl_edge.errors import ConfigError, DataError
 from heterofl_edge.federation import Quorum, build_engine
 from heterofl_edge.in_process import MemoryJournal, SessionTransport
 from heterofl_edge.journal import FileJournal
@@ -62,6 +79,7 @@ from heterofl_edge.paper import (
 )
 from heterofl_edge.partition import Partition, Split
 from heterofl_edge.profile_policy import LevelTable, ProfileLevels, choose_rate, level_costs
+from heterofl_edge.report import atomic_write_bytes
 from heterofl_edge.sessions import (
     Accelerator,
     ClientArrays,
@@ -203,6 +221,8 @@ class RoundRecord:
     # simulated seconds too.
     simulated_time: float | None = None
     buffer: dict[str, Any] | None = None  # a buffered version: staleness and weights folded
+    # Payload bytes: {down, up: {train, statistics: {encoding: {bytes, payloads}}}, devices}.
+    transfer: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,8 +243,108 @@ class SimulationResult:
             report["stopped"] = self.stopped
         if self.initial_perplexity is not None:
             report["initial_global_perplexity"] = self.initial_perplexity
+        report["transfer"] = transfer_summary(self.rounds)
         report["rounds"] = [asdict(r) for r in self.rounds]
         return report
+
+
+def transfer_summary(rounds: list[RoundRecord]) -> dict[str, Any]:
+    """Bytes on the wire over ``rounds``: by direction, kind and encoding, and per device-round.
+
+    ``bytes_per_device_round`` is a training session's download plus its upload,
+    averaged over the sessions (what a device pays to train once).
+    """
+    totals: dict[str, Any] = {"down": {}, "up": {}}
+    for record in rounds:
+        for direction in ("down", "up"):
+            for kind, encodings in record.transfer.get(direction, {}).items():
+                for encoding, entry in encodings.items():
+                    total = (
+                        totals[direction]
+                        .setdefault(kind, {})
+                        .setdefault(encoding, {"bytes": 0, "payloads": 0})
+                    )
+                    total["bytes"] += entry["bytes"]
+                    total["payloads"] += entry["payloads"]
+    per_session = training_bytes_per_device(totals)
+    return {
+        **totals,
+        "bytes_per_device_round": {
+            k: (None if math.isnan(v) else v) for k, v in per_session.items()
+        },
+    }
+
+
+class TransportJournal:
+    """A ``FileJournal`` whose checkpoints also keep the in-process transport's state.
+
+    The residuals of error feedback and the bytes moved so far are written
+    (``transport-RRRRRR-STAGE.safetensors``) before each checkpoint of the
+    journal, and the one matching the checkpoint a run resumes from is read back,
+    so that a resumed run goes on with the state an uninterrupted one had.
+    """
+
+    def __init__(self, inner: FileJournal, transport: SessionTransport, folder: Path) -> None:
+        self.inner = inner
+        self.transport = transport
+        self.folder = folder
+
+    def _path(self, round_number: int, stage: str) -> Path:
+        return self.folder / f"transport-{round_number:06d}-{stage}.safetensors"
+
+    def save(self, round_number: int, stage: str) -> None:
+        arrays, metadata = self.transport.snapshot()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self._path(round_number, stage), save_arrays(arrays, metadata))
+
+    def _prune(self, keep: Path) -> None:
+        for old in self.folder.glob("transport-*.safetensors"):
+            if old != keep:
+                old.unlink(missing_ok=True)
+
+    def resume(self) -> ResumePoint | None:
+        point = self.inner.resume()
+        if point is None:
+            return None
+        opened = point.open_round
+        stage = (
+            (opened.round, "aggregated")
+            if opened is not None and opened.phase is Phase.statistics
+            else (point.completed_rounds, "final")
+        )
+        path = self._path(*stage)
+        try:
+            body = path.read_bytes()
+            arrays = load_arrays(body)
+            metadata = _metadata_of(body)
+        except (OSError, SafetensorError, ValueError) as exc:
+            raise DataError(
+                f"cannot resume: the transport state {path} is unreadable ({exc})",
+                "start the run in a new --out",
+            ) from None
+        self.transport.restore(arrays, metadata)
+        return point
+
+    def round_opened(self, opened: RoundOpen) -> None:
+        self.inner.round_opened(opened)
+
+    def training_closed(self, opened: RoundOpen, state: dict[str, torch.Tensor]) -> None:
+        self.save(opened.round, "aggregated")
+        self.inner.training_closed(opened, state)
+        self._prune(self._path(opened.round, "aggregated"))
+
+    def round_finished(self, result: RoundResult, state: dict[str, torch.Tensor]) -> None:
+        self.save(result.round, "final")
+        self.inner.round_finished(result, state)
+        self._prune(self._path(result.round, "final"))
+
+
+def _metadata_of(body: bytes) -> dict[str, str]:
+    header = json.loads(body[8 : 8 + int.from_bytes(body[:8], "little")])
+    metadata = header.get("__metadata__") or {}
+    if not {"levels", "transfer"} <= set(metadata):
+        raise ValueError("it lacks its metadata")
+    return dict(metadata)
 
 
 def make_backend(execution: Execution, data: ClientArrays, device: str) -> SessionBackend:
@@ -379,6 +499,7 @@ def run_simulation(
             privacy=result.privacy,
             simulated_time=result.finished_at if timed else None,
             buffer=dict(result.buffer) if isinstance(result, BufferedResult) else None,
+            transfer=transport.transfer.round(result.round),
         )
         records.append(entry)
         if on_model is not None and running:
@@ -386,11 +507,6 @@ def run_simulation(
         if on_round:
             on_round(entry)
 
-    initial: Mapping[str, float | None] = {}
-    if journal is not None and journal.started:
-        initial = journal.initial
-        for done in journal.results:
-            record(done)
     arrays = ClientArrays(train_x.numpy(), train_y.numpy())
     backend = make_backend(execution, arrays, device)
     transport: SessionTransport
@@ -403,12 +519,13 @@ def run_simulation(
             train_parts,
             data.num_classes,
             on_client,
-            journal,
+            None,  # a time-modelled run is not checkpointed (it is deterministic; no --resume)
             initial_state,
             test,
             has_statistics,
             record,
         )
+        kept = None
     else:
         transport = SessionTransport(
             arch,
@@ -418,11 +535,18 @@ def run_simulation(
             data.num_classes,
             config.local_training,
             on_client,
+            config.encodings,
+            config.seed,
+        )
+        kept = (
+            TransportJournal(journal, transport, journal_dir)
+            if journal is not None and journal_dir is not None
+            else None
         )
         engine = build_engine(
             config,
             transport,
-            journal if journal is not None else MemoryJournal(),
+            kept if kept is not None else MemoryJournal(),
             initial_state,
             time.time,
             population=config.num_clients,
@@ -431,15 +555,21 @@ def run_simulation(
             has_statistics=has_statistics,
             on_round=record,
             noise_seed=config.seed,  # a simulation's DP noise is reproducible from its seed
-        )
+        )  # resuming, the journal restores the transport's state here
     running.append(engine)
     transport.privacy, transport.noise_seed = engine.strategy.privacy, config.seed
+    initial: Mapping[str, float | None] = {}
+    if journal is not None and journal.started:
+        initial = journal.initial
+        for done in journal.results:
+            record(done)
     # This process evaluates with as many threads as sessions run at once (one for --workers 1).
     try:
         with session_threads(max(1, min(backend.workers, available_cores()))):
             if journal is None or not journal.started:
                 initial = engine.initial_statistics(transport.wait_for_clients(0))
-                if journal is not None:
+                if kept is not None and journal is not None:
+                    kept.save(0, "final")
                     journal.start(engine.global_state, initial)
             engine.run()
     finally:
@@ -496,7 +626,16 @@ def _timed_engine(
             }
             policy = ProfileLevels(costs, table, rates.__getitem__, rates.update)
     transport = TimedTransport(
-        arch, mix.global_rate, backend, parts, num_classes, local, on_client, model
+        arch,
+        mix.global_rate,
+        backend,
+        parts,
+        num_classes,
+        local,
+        on_client,
+        model,
+        config.encodings,
+        config.seed,
     )
     quorum = Quorum(
         min_clients=1 if fleet is not None else config.num_clients,

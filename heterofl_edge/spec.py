@@ -29,12 +29,14 @@ from typing import Any
 
 from heterofl_edge.assignment import Assignment, LevelMix, parse_mode
 from heterofl_edge.buffered import Aggregation, StalenessRule, parse_staleness
+from heterofl_edge.encoding import EncodingPlan, LevelEncodings
 from heterofl_edge.engine import StatisticsClients
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.models import get_architecture
 from heterofl_edge.paper import PaperSettings, dataset_for, paper_settings
 from heterofl_edge.partition import Split
 from heterofl_edge.privacy import DpPlacement, DpSettings, PrivacyPlan
+from heterofl_edge.secure_aggregation import SecureSettings
 from heterofl_edge.slicing import Submodel
 from heterofl_edge.strategy import MultiStepSchedule
 from heterofl_edge.task_kind import TaskKind
@@ -88,6 +90,18 @@ class FederationSpec:
     server_lr: float = 1.0  # eta: the version moves by eta x the weighted average update
     max_staleness: int = 20  # updates that started more versions ago are refused
     statistics_every: int = 1  # buffered: sBN statistics every this many versions
+    # Secure aggregation (heterofl_edge/secagg.py, SecAgg+ over nested slices): the
+    # coordinator learns only per-element sums; updates are clipped element-wise to
+    # secure_aggregation_clip for the fixed point; a client's secrets need this share of its
+    # neighbours to survive.
+    secure_aggregation: bool = False
+    secure_aggregation_clip: float = 1.0
+    secure_aggregation_threshold: float = 0.5
+    # Compressed transport (heterofl_edge.encoding): DEFAULT[,LEVEL=ENCODING...] each way;
+    # lossy uploads are updates, and error feedback carries what quantization dropped.
+    download_encoding: str = "fp32"
+    upload_encoding: str = "fp32"
+    error_feedback: bool = False
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
@@ -115,8 +129,9 @@ class FederationSpec:
             raise ConfigError(f"milestones must be rounds from 1, got {list(self.lr_milestones)}")
         if self.test_examples is not None and self.test_examples < 1:
             raise ConfigError(f"test examples must be at least 1, got {self.test_examples}")
-        self.level_mix  # noqa: B018 - parsing the mode is the check
+        self._check_encodings()
         self._check_privacy()
+        self._check_secure()
         self._check_buffered()
 
     def _check_buffered(self) -> None:
@@ -128,6 +143,17 @@ class FederationSpec:
             raise ConfigError(f"--max-staleness must be 0 or more, got {self.max_staleness}")
         if self.statistics_every < 1:
             raise ConfigError(f"--statistics-every must be at least 1, got {self.statistics_every}")
+        if self.aggregation is Aggregation.buffered and (
+            self.secure_aggregation
+            or self.error_feedback
+            or str(LevelEncodings.parse(self.upload_encoding)) != "fp32"
+            or str(LevelEncodings.parse(self.download_encoding)) != "fp32"
+        ):
+            raise ConfigError(
+                "--aggregation buffered with secure aggregation or compressed transport is "
+                "not built yet",
+                "leave out --secure-aggregation, --error-feedback and the --*-encoding options",
+            )
         if self.aggregation is Aggregation.buffered and self.private:
             raise ConfigError(
                 "differential privacy is not available with --aggregation buffered",
@@ -139,6 +165,51 @@ class FederationSpec:
     def buffered(self) -> bool:
         """Whether updates are buffered asynchronously (FedBuff) rather than in rounds."""
         return self.aggregation is Aggregation.buffered
+
+    def _check_secure(self) -> None:
+        if not self.secure_aggregation:
+            return
+        self.secure_settings  # noqa: B018 - the settings' own checks
+        if self.submodel is not Submodel.static:
+            raise ConfigError(
+                "--secure-aggregation works with --submodel static only",
+                "rolling windows are not prefixes of each other in a client's own element "
+                "order, which the masks rely on; use --submodel static",
+            )
+        if self.private:
+            raise ConfigError(
+                "--secure-aggregation with differential privacy is not built yet",
+                "leave out --dp-clip, or --secure-aggregation (the server placement clips on "
+                "the server, which never sees an update under secure aggregation)",
+            )
+        if str(LevelEncodings.parse(self.upload_encoding)) != "fp32":
+            raise ConfigError(
+                f"--secure-aggregation with --upload-encoding {self.upload_encoding} is not built",
+                "a secure upload is its masked fixed-point vector; leave --upload-encoding at "
+                "fp32 (--download-encoding may compress)",
+            )
+
+    @property
+    def secure_settings(self) -> SecureSettings | None:
+        """The run's secure aggregation (None when off)."""
+        if not self.secure_aggregation:
+            return None
+        return SecureSettings(self.secure_aggregation_clip, self.secure_aggregation_threshold)
+
+    def _check_encodings(self) -> None:
+        rates = self.level_mix.rates  # parsing the mode is the check
+        for name in ("download_encoding", "upload_encoding"):
+            parsed = LevelEncodings.parse(getattr(self, name))
+            parsed.check_levels(rates, f"--{name.replace('_', '-')} {getattr(self, name)!r}")
+            object.__setattr__(self, name, str(parsed))  # one spelling: fp32,d=int8
+        if not isinstance(self.error_feedback, bool):
+            raise ConfigError(f"error feedback must be true or false, got {self.error_feedback!r}")
+        if self.error_feedback and self.submodel == Submodel.rolling:
+            raise ConfigError(
+                "error feedback keeps each device's residual at its sub-model's positions, "
+                "which rolling sub-models move every round",
+                "use --submodel static with --error-feedback",
+            )
 
     def _check_privacy(self) -> None:
         given = {
@@ -239,6 +310,15 @@ class FederationSpec:
         """The levels in play and, unless the policy is ``profile``, how they are drawn."""
         rule = None if self.policy in (None, Policy.profile) else Assignment(self.policy.value)
         return parse_mode(self.mode, rule)
+
+    @property
+    def encodings(self) -> EncodingPlan:
+        """The transport's encodings down and up, per level, and error feedback."""
+        return EncodingPlan(
+            LevelEncodings.parse(self.download_encoding),
+            LevelEncodings.parse(self.upload_encoding),
+            self.error_feedback,
+        )
 
     @property
     def schedule(self) -> MultiStepSchedule:

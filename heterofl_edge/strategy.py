@@ -21,6 +21,8 @@ from heterofl_edge.assignment import LevelMix
 from heterofl_edge.bn_stats import ChannelMoments, combine_moments
 from heterofl_edge.errors import ConfigError, InternalError
 from heterofl_edge.privacy import PrivacyPlan, PrivateAggregator, private_statistics
+from heterofl_edge.secagg import LayoutPlan
+from heterofl_edge.secure_aggregation import SecureSettings, training_plan
 from heterofl_edge.slicing import SlicingSpec, Submodel
 
 __all__ = ["ClientTask", "HeteroFLStrategy", "MultiStepSchedule", "RoundPlan", "client_seed"]
@@ -79,6 +81,8 @@ class HeteroFLStrategy:
         seed: int = 0,
         submodel: Submodel = Submodel.static,
         privacy: PrivacyPlan | None = None,
+        secure: SecureSettings | None = None,
+        num_classes: int = 0,
     ) -> None:
         if not 0.0 < fraction <= 1.0:
             raise ConfigError(
@@ -94,6 +98,8 @@ class HeteroFLStrategy:
         self.seed = seed
         self.submodel = submodel
         self.privacy = privacy  # client-level DP (heterofl_edge.privacy), or None
+        self.secure = secure  # secure aggregation (heterofl_edge.secagg), or None
+        self.num_classes = num_classes  # rows of a labels dimension (the label split)
 
     def _population(self, population: int | None) -> int:
         total = self.num_clients if population is None else population
@@ -137,6 +143,10 @@ class HeteroFLStrategy:
     def private(self) -> bool:
         """Whether rounds release only differentially private aggregates."""
         return self.privacy is not None
+
+    def training_plan(self) -> LayoutPlan:
+        """How each client lays out its secure training vector (every level in play)."""
+        return training_plan(self.spec, self.mix.rates, self.mix.global_rate, self.num_classes)
 
     def aggregator(
         self, global_state: Mapping[str, torch.Tensor], round_number: int = 0

@@ -29,14 +29,15 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from heterofl_edge.backends import SessionBackend
 from heterofl_edge.buffered_engine import Arrival, Event, Lost, VersionTask
-from heterofl_edge.engine import Client, Phase, StatsReply, Task, TrainReply
+from heterofl_edge.encoding import EncodingPlan
+from heterofl_edge.engine import Client, Phase, SecureInput, StatsReply, Task, TrainReply
 from heterofl_edge.errors import InternalError
 from heterofl_edge.in_process import SessionTransport
 from heterofl_edge.models import Architecture
@@ -73,8 +74,12 @@ class TimedTransport(SessionTransport):
         local: LocalTrainingConfig,
         on_client: Callable[[int, int], None] | None,
         model: TimeModel | None,
+        plan: EncodingPlan | None = None,
+        run_seed: int = 0,
     ) -> None:
-        super().__init__(arch, global_rate, backend, parts, num_classes, local, on_client)
+        super().__init__(
+            arch, global_rate, backend, parts, num_classes, local, on_client, plan, run_seed
+        )
         self.model = model
         self.now = 0.0
         self._silent_after = model.fleet.silent_seconds if model is not None else 0.0
@@ -123,8 +128,9 @@ class TimedTransport(SessionTransport):
         tasks: Sequence[Task],
         state: dict[str, torch.Tensor],
         deadline: float,
+        secure: Mapping[str, SecureInput] | None = None,
     ) -> None:
-        super().open_phase(round_number, phase, tasks, state, deadline)
+        super().open_phase(round_number, phase, tasks, state, deadline, secure)
         self._deadline = deadline
         self._silent = set()
 
@@ -181,9 +187,11 @@ class TimedTransport(SessionTransport):
     # -- buffered versions ------------------------------------------------------------
     def dispatch(self, tasks: Sequence[VersionTask], state: State) -> None:
         """Start every task's session now (the backend runs them while the clock moves on)."""
-        self._state = state
+        if state is not self._state:  # a new version: downloads are cached per version
+            self._state, self._downloads, self._download_sizes = state, {}, {}
         for version_task in tasks:
             task = version_task.task
+            self._round = version_task.version + 1  # the task's round, as a device is told
             seconds, online_until = self._session(task)
             end = self.now + seconds
             outcome = None

@@ -98,6 +98,19 @@ def statistics_body(count: float, mean: float, var: float = 1.0) -> bytes:
     return save(stats)
 
 
+def report_statistics(client, coordinator, tokens) -> None:
+    """Every device with a statistics task reports constant sBN statistics; the round settles."""
+    coordinator.settle()
+    for token in tokens:
+        task = client.get("/v1/task", headers=auth(token)).json
+        if task["action"] == "statistics":
+            body = statistics_body(task["expected_count"], 0.0)
+            assert (
+                client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
+            )
+    coordinator.settle()
+
+
 def global_model(client) -> dict[str, torch.Tensor]:
     return load(client.get("/v1/model").data)
 

@@ -34,6 +34,7 @@ from coordinator.policy import (
     relevel,
 )
 from coordinator.store import StateError
+from heterofl_edge.errors import ConfigError
 
 EXPECTED_HIDDEN = torch.tensor([3.0] * 4 + [1.5] * 12 + [1.0] * 48)  # widths e=4, c=16, a=64
 
@@ -420,7 +421,12 @@ def test_profile_policy_picks_the_largest_level_that_fits():
     counted = DeviceProfile(0.5, 0.0625, 4096, 100, num_examples=6000)  # 5 x 600 steps: 300 s
     assert choose_rate(counted, levels, table, 120, 5, 10) == 0.25
     tiny_memory = DeviceProfile(step_ms=0.5, reference_rate=0.0625, memory_mb=1, bandwidth_mbps=100)
-    assert choose_rate(tiny_memory, levels, table, 120, 5, 10) == 0.0625  # the smallest
+    with pytest.raises(ConfigError, match="fits no level") as refused:  # memory is a hard limit
+        choose_rate(tiny_memory, levels, table, 120, 5, 10)
+    assert refused.value.code == "insufficient_memory"
+    # 50 MB: c (16 MB + 8 x 0.38 MB; a's statistics 16 + 2 x 5.7) fits, a (16 + 8 x 5.7) does not
+    small = DeviceProfile(step_ms=0.5, reference_rate=0.0625, memory_mb=50, bandwidth_mbps=100)
+    assert choose_rate(small, levels, table, 120, 5, 10) == 0.25
     slow_link = DeviceProfile(
         step_ms=0.5, reference_rate=0.0625, memory_mb=4096, bandwidth_mbps=0.5
     )

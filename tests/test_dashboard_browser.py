@@ -7,6 +7,7 @@ devices, levels and round state, and one chart point per evaluated round.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -125,6 +126,25 @@ def test_the_live_page_shows_what_the_api_says(tmp_path, mnist_dir):
             )
             assert sorted(shown_rounds) == sorted([r["round"], r["state"]] for r in rounds)
             assert dict(shown_rounds) == {1: "finished", 2: "training"}
+            # Bytes per device-round: a training session's download plus upload (round 2's
+            # device fetched its weights; nothing came up yet).
+            shown_bytes = dict(
+                page.eval_on_selector_all(
+                    "#rounds td[data-bytes]",
+                    "tds => tds.map(td => "
+                    "[td.parentElement.dataset.round, Number(td.dataset.bytes)])",
+                )
+            )
+            expected_bytes = {}
+            for r in rounds:
+                train = [r["transfer"][d].get("train", {}) for d in ("down", "up")]
+                mean = [
+                    sum(e["bytes"] for e in t.values())
+                    / max(1, sum(e["payloads"] for e in t.values()))
+                    for t in train
+                ]
+                expected_bytes[str(r["round"])] = math.floor(sum(mean) + 0.5)  # Math.round
+            assert shown_bytes == expected_bytes and shown_bytes["1"] > shown_bytes["2"] > 0
             evaluated = [r for r in rounds if r["metrics"].get("evaluation")]
             points = page.get_attribute("#curve", "data-points")
             assert points == str(len(evaluated)) == "1"

@@ -1,10 +1,17 @@
 """The device's HTTP client: backoff while the coordinator is away, refused tokens."""
 
+import random
+
 import pytest
 
 from coordinator.process import free_port, start_coordinator, stop
 from device_sim.device import Device
-from device_sim.protocol import CoordinatorClient, ProtocolError, TokenRefused
+from device_sim.protocol import (
+    CoordinatorClient,
+    CoordinatorUnreachable,
+    ProtocolError,
+    TokenRefused,
+)
 from device_sim.worker import WorkerConfig, run_worker
 from heterofl_edge.protocol import (
     Accepted,
@@ -28,14 +35,30 @@ TASK = TrainTask(
 )  # fmt: skip
 
 
+class Highest(random.Random):
+    """A random source whose every draw is the top of its range: the back-off's ceilings."""
+
+    def uniform(self, a, b):
+        return b
+
+
 def test_unreachable_coordinator_is_retried_with_backoff_then_reported(tmp_path):
-    waits = []
+    waits, lines = [], []
     client = CoordinatorClient(
-        f"http://127.0.0.1:{free_port()}", tmp_path, retry_seconds=10, sleep=waits.append
+        f"http://127.0.0.1:{free_port()}",
+        tmp_path,
+        retry_seconds=30,
+        sleep=waits.append,
+        rng=Highest(),
+        log=lines.append,
     )
-    with pytest.raises(ProtocolError, match=r"unreachable for 1[0-9] s"):
+    with pytest.raises(CoordinatorUnreachable, match=r"unreachable for 3[0-9] s"):
         client.health()
-    assert waits[:5] == [0.25, 0.5, 1.0, 2.0, 4.0] and max(waits) == 5.0  # exponential, capped
+    # the ceilings of the jittered back-off: exponential, capped at 10 s
+    assert waits[:7] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0] and max(waits) == 10.0
+    assert lines == [  # one line for the whole streak, however many tries
+        "coordinator unavailable (connection refused); retrying with back-off (at most 10 s apart)"
+    ]
 
 
 @pytest.fixture
@@ -119,7 +142,7 @@ def test_a_server_fault_is_retried_with_backoff_and_the_device_goes_on(tmp_path)
     import requests
 
     waits = []
-    client = CoordinatorClient("http://127.0.0.1:9", tmp_path, sleep=waits.append)
+    client = CoordinatorClient("http://127.0.0.1:9", tmp_path, sleep=waits.append, rng=Highest())
     replies = []
     for status, body in (
         (503, {"code": "storage_error", "message": "disk full", "hint": ""}),

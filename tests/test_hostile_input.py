@@ -29,6 +29,7 @@ from coordinator_helpers import (
     global_model,
     make_config,
     register,
+    report_statistics,
     statistics_body,
     update_body,
 )
@@ -87,15 +88,7 @@ def finish_round_validly(client, coordinator, tokens):
         body = update_body(constant_update(task["rate"], value), labels)
         reply = client.post(task["upload_url"], data=body, headers=auth(token))
         assert reply.status_code == 200, reply.json
-    coordinator.settle()
-    for token in tokens:
-        task = client.get("/v1/task", headers=auth(token)).json
-        if task["action"] == "statistics":
-            body = statistics_body(task["expected_count"], 0.0)
-            assert (
-                client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
-            )
-    coordinator.settle()
+    report_statistics(client, coordinator, tokens)
     state = global_model(client)
     assert torch.equal(state["blocks.0.conv.bias"], EXPECTED_BIAS)
     assert torch.equal(state["classifier.bias"], torch.tensor([3.0, 3.0] + [1.5] * 8))

@@ -8,6 +8,10 @@
 // Nothing corrupt is uploaded: artifacts are sha256-checked where the browser can hash,
 // weights are checked against the manifest, and non-finite results are not sent.
 //
+// Transport (encoding.js): weights arrive in the task's download_encoding and are decoded to
+// float32; a training result goes up as the task's upload_encoding says: the trained weights
+// (fp32) or the update, with the error-feedback residual kept per level.
+//
 // Liveness: while it works on a task (loading the artifact, training, statistics,
 // uploading) the device POSTs /v1/heartbeat every `heartbeat_seconds`, from the
 // registration reply or, for a device resuming with a stored token, the task reply
@@ -24,6 +28,7 @@ import {
   TASK_GONE_CODES,
 } from './protocol.js';
 import { addDistributedNoise } from './dp_noise.js';
+import { UpdateEncoder, decodeTensors } from './encoding.js';
 import { STATS_BATCH } from './trainer.js';
 
 export const DEFAULT_MEMORY_MB = 2048;
@@ -119,6 +124,16 @@ export class DeviceClient {
     /** The exact bytes of the last upload of each kind ('train', 'statistics'), for tests. */
     this.uploadBodies = {};
     this.unknownActions = new Set(); // actions of a newer coordinator, each logged once
+    this.encoder = new UpdateEncoder(); // lossy uploads and their error-feedback residual
+    this.notes = new Set(); // encoding fallbacks the coordinator told, each logged once
+  }
+
+  /** Log once that the coordinator replaced an encoding this page did not declare. */
+  note(task) {
+    if (task.encoding_note && !this.notes.has(task.encoding_note)) {
+      this.notes.add(task.encoding_note);
+      this.log(`round ${task.round}: ${task.encoding_note}`, 'warn');
+    }
   }
 
   log(text, level = 'info') {
@@ -293,13 +308,15 @@ export class DeviceClient {
     }
   }
 
+  /** The level's weights from `url`, decoded to float32 whatever their encoding. */
   async weights(url, level) {
-    const { tensors } = await this.coordinator.tensors(url);
+    const { tensors, metadata } = await this.coordinator.tensors(url);
+    const { arrays } = decodeTensors(tensors, metadata);
     const out = new Map();
     for (const p of level.manifest.parameters) {
-      const t = tensors.get(p.name);
-      if (!t || t.dtype !== 'F32' || t.shape.join(',') !== p.shape.join(',')) {
-        throw new Error(`the weights for ${p.name} do not fit the manifest (${JSON.stringify(p.shape)} float32)`);
+      const t = arrays.get(p.name);
+      if (!t || t.shape.join(',') !== p.shape.join(',')) {
+        throw new Error(`the weights for ${p.name} do not fit the manifest (${JSON.stringify(p.shape)})`);
       }
       out.set(p.name, t.data);
     }
@@ -327,11 +344,12 @@ export class DeviceClient {
     if (differ.length) {
       this.log(`the task's ${differ.join(', ')} differ from the artifact's; the artifact's apply`, 'warn');
     }
+    this.note(task);
     const weights = await this.weights(task.weights_url, level);
     this.log(`round ${task.round}: training level ${task.level}, ${hyper.epochs} epoch(s) of ${this.data.n} examples`);
     let last = performance.now();
     const result = await level.train({
-      weights,
+      weights: new Map([...weights].map(([name, w]) => [name, w.slice()])), // kept: the update's start
       data: this.data,
       labels: this.data.labels,
       lr: task.lr,
@@ -353,8 +371,12 @@ export class DeviceClient {
     }
     let trained = result.weights;
     if (task.distributed_noise) trained = this.noised(level, weights, trained, task.distributed_noise);
-    const tensors = new Map(
-      level.manifest.parameters.map((p) => [p.name, { dtype: 'F32', shape: p.shape, data: trained.get(p.name) }]),
+    const encoding = task.upload_encoding ?? 'fp32';
+    const encoded = this.encoder.encode(
+      trained,
+      weights,
+      new Map(level.manifest.parameters.map((p) => [p.name, p.shape])),
+      { encoding, seed: task.rounding_seed ?? 0, level: task.level, errorFeedback: Boolean(task.error_feedback) },
     );
     // A private run releases the update only: no example count, labels or metrics.
     const metadata = task.private
@@ -366,7 +388,12 @@ export class DeviceClient {
         };
     this.set({ phase: 'uploading', loss: result.loss, accuracy: result.accuracy });
     const sentBefore = this.coordinator.bytesSent;
-    await this.coordinator.upload(task.upload_url, tensors, metadata);
+    try {
+      await this.coordinator.upload(task.upload_url, encoded.tensors, metadata, encoded.metadata);
+    } catch (err) {
+      this.encoder.forget(); // the update was lost: so is what its residual refers to
+      throw err;
+    }
     this.uploadBodies.train = this.coordinator.lastUpload?.body;
     this.set({
       uploads: this.state.uploads + 1,
@@ -378,6 +405,7 @@ export class DeviceClient {
         accuracy: result.accuracy,
         steps: result.steps,
         bytes: this.coordinator.bytesSent - sentBefore,
+        encoding,
       },
     });
     this.log(
@@ -408,6 +436,7 @@ export class DeviceClient {
   async statistics(task) {
     this.set({ phase: 'statistics', round: task.round, statsBatch: 0, statsBatches: null, deadline: task.deadline ?? null });
     const level = await this.loadLevel(task.artifact.manifest_url);
+    this.note(task);
     const weights = await this.weights(task.weights_url, level);
     this.set({ statsBatch: 0, statsBatches: Math.max(1, Math.ceil(this.data.n / STATS_BATCH)) }); // computing now
     const stats = await level.statistics(weights, this.data, this.signal, ({ batch, batches }) => {

@@ -8,6 +8,7 @@
 // capped at MAX_DELAY_MS, or the reply's Retry-After within that cap) until the caller's
 // AbortSignal stops it; every retry is reported through onRetry so the page can show it.
 
+import { ENCODINGS } from './encoding.js';
 import { parseSafetensors, serializeSafetensors } from './safetensors.js';
 
 export const MAX_DELAY_MS = 4000;
@@ -66,7 +67,7 @@ export const MESSAGES = Object.freeze({
   DeviceProfile: {
     sends: {
       step_ms: 'number', reference_rate: 'number', memory_mb: 'number', bandwidth_mbps: 'number',
-      runtimes: 'array', num_examples: 'integer?', enrollment_token: 'string?',
+      runtimes: 'array', num_examples: 'integer?', encodings: 'array?', enrollment_token: 'string?',
     },
   },
   Registered: {
@@ -82,6 +83,8 @@ export const MESSAGES = Object.freeze({
       lr: 'number', hyperparameters: 'object', artifact: 'object', weights_url: 'string',
       upload_url: 'string', deadline: 'number', heartbeat_seconds: 'number',
       private: 'boolean?', distributed_noise: 'object?',
+      download_encoding: 'string?', upload_encoding: 'string?', rounding_seed: 'integer?',
+      error_feedback: 'boolean?', encoding_note: 'string?',
     },
   },
   StatisticsTask: {
@@ -90,8 +93,12 @@ export const MESSAGES = Object.freeze({
       action: 'string', round: 'integer', level: 'string', artifact: 'object',
       weights_url: 'string', upload_url: 'string', deadline: 'number',
       heartbeat_seconds: 'number', expected_count: 'integer?', private: 'boolean?',
+      download_encoding: 'string?', encoding_note: 'string?',
     },
   },
+  // Secure aggregation's stages: this page does not speak them yet (a run with secure
+  // aggregation refuses it at registration), so it reads one as a wait (checkTask).
+  SecAggTask: { action: 'secagg', reads: { action: 'string', round: 'integer', stage: 'string' } },
   WaitTask: { action: 'wait', reads: { action: 'string', retry_after: 'number' } },
   DoneTask: { action: 'done', reads: { action: 'string', rounds: 'integer' } },
   Hyperparameters: {
@@ -160,7 +167,9 @@ export function checkMessage(name, value) {
 /** A task reply checked against its kind's message; an action this page cannot do reads as wait. */
 export function checkTask(value) {
   const name = TASKS[value?.action];
-  if (!name) return { action: 'wait', retry_after: Number(value?.retry_after ?? 2), asked: String(value?.action) };
+  if (!name || name === 'SecAggTask') {
+    return { action: 'wait', retry_after: Number(value?.retry_after ?? 2), asked: String(value?.action) };
+  }
   checkMessage(name, value);
   if (name === 'TrainTask') checkMessage('Hyperparameters', value.hyperparameters);
   if (name === 'TrainTask' || name === 'StatisticsTask') checkMessage('ArtifactRef', value.artifact);
@@ -344,6 +353,7 @@ export class Coordinator {
     const body = outgoing('DeviceProfile', {
       ...profile,
       runtimes: [RUNTIME],
+      encodings: [...ENCODINGS], // encoding.js decodes weights and encodes updates in all of them
       enrollment_token: this.enrollmentToken,
     });
     const reply = checkMessage('Registered', await this._json('POST', '/v1/devices', body));
@@ -410,10 +420,12 @@ export class Coordinator {
    * @param {string} path upload_url
    * @param {Map<string, {data: ArrayBufferView, shape: number[], dtype?: string}>} tensors
    * @param {Record<string, unknown>} metadata
+   * @param {Record<string, string>} [encoded] metadata already JSON strings (encoding.js's
+   *   `encoding` and `scales`), sent as they are
    */
-  async upload(path, tensors, metadata = {}) {
+  async upload(path, tensors, metadata = {}, encoded = {}) {
     const meta = Object.fromEntries(Object.entries(metadata).map(([k, v]) => [k, JSON.stringify(v)]));
-    const body = serializeSafetensors(tensors, meta);
+    const body = serializeSafetensors(tensors, { ...meta, ...encoded });
     this.lastUpload = { path, body }; // for tests: the exact bytes sent
     const reply = await this._request('POST', path, { body, contentType: 'application/octet-stream' });
     return checkMessage('Accepted', JSON.parse(new TextDecoder().decode(await this._count(reply))));

@@ -12,6 +12,7 @@ from coordinator.schemas import (
     RoundList,
     RoundPath,
     SafetensorsBody,
+    SecAggAnswer,
     safetensors_response,
 )
 
@@ -34,7 +35,7 @@ def history() -> Any:
     },
 )
 def weights(path: RoundPath) -> Response:
-    """The weights of the calling device's task in this round."""
+    """The weights of the calling device's task in this round, in its download_encoding."""
     caller = device()
     return tensor_reply(service().board.weights_for(caller, path.number), caller)
 
@@ -45,7 +46,13 @@ def weights(path: RoundPath) -> Response:
     responses={200: Accepted, **errors(400, 401, 403, 404, 408, 409, 413, 422, 503)},
 )
 def update(path: RoundPath, raw: SafetensorsBody) -> Any:
-    """Upload a trained sub-model (safetensors; metadata num_samples, labels, metrics)."""
+    """Upload a trained sub-model, or its update, in the task's upload_encoding.
+
+    safetensors; metadata (JSON strings) num_samples, labels, metrics, and for a lossy
+    encoding ``encoding`` (fp16, bf16, int8: the update, trained minus received weights)
+    and for int8 ``scales``: {tensor: base64 of one little-endian float32 per output
+    channel}.
+    """
     caller = device()
     body = request.get_data(cache=False)
     return jsonify(service().board.accept_update(caller, path.number, body).model_dump())
@@ -61,3 +68,14 @@ def statistics(path: RoundPath, raw: SafetensorsBody) -> Any:
     caller = device()
     body = request.get_data(cache=False)
     return jsonify(service().board.accept_statistics(caller, path.number, body).model_dump())
+
+
+@bp.post(
+    "/v1/rounds/<int:number>/secagg",
+    security=BEARER,
+    responses={200: Accepted, **errors(400, 401, 403, 404, 409, 422)},
+)
+def secagg(path: RoundPath, body: SecAggAnswer) -> Any:
+    """Answer a secure aggregation stage: public keys, encrypted shares or unmasking shares."""
+    caller = device()
+    return jsonify(service().board.accept_secagg(caller, path.number, body).model_dump())

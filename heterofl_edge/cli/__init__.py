@@ -41,10 +41,10 @@ app.add_typer(models_cmd.app, name="models")
 app.add_typer(data_cmd.app, name="data")
 app.add_typer(coordinator_cmd.app, name="coordinator")
 app.add_typer(devices_cmd.app, name="devices")
+app.add_typer(device_cmd.app, name="device")
 app.command("simulate")(simulate_cmd.simulate)
 app.command("export")(export_cmd.export)
 app.command("demo")(demo_cmd.demo)
-app.command("device")(device_cmd.device)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,37 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from heterofl_edge.cli.spec_options import (
-    AggregationSetting,
-    BatchSizeSetting,
-    BufferSizeSetting,
-    ConfigFileOption,
-    DataSetting,
-    DpClipSetting,
-    DpDeltaSetting,
-    DpMaxEpsilonSetting,
-    DpNoiseMultiplierSetting,
-    DpPlacementSetting,
-    DpStatisticsClipSetting,
-    DpTargetEpsilonSetting,
-    FractionSetting,
-    LocalEpochsSetting,
-    LrFactorSetting,
-    LrSetting,
-    MaxStalenessSetting,
-    MilestonesSetting,
-    ModelSetting,
-    ModeSetting,
-    PolicySetting,
-    RoundsSetting,
-    SeedSetting,
-    ServerLrSetting,
-    SplitSetting,
-    StalenessSetting,
-    StatisticsEverySetting,
-    StatisticsSetting,
-    SubmodelSetting,
-    TestExamplesSetting,
-    spec_settings,
+    federation_options,
 )
 from heterofl_edge.errors import ConfigError
 
@@ -60,38 +30,9 @@ StateDirOption = Annotated[
 
 
 @app.command()
+@federation_options
 def serve(
     state_dir: StateDirOption,
-    config: ConfigFileOption = None,
-    model: ModelSetting = None,
-    data: DataSetting = None,
-    mode: ModeSetting = None,
-    policy: PolicySetting = None,
-    submodel: SubmodelSetting = None,
-    split: SplitSetting = None,
-    rounds: RoundsSetting = None,
-    fraction: FractionSetting = None,
-    lr: LrSetting = None,
-    milestones: MilestonesSetting = None,
-    lr_factor: LrFactorSetting = None,
-    local_epochs: LocalEpochsSetting = None,
-    batch_size: BatchSizeSetting = None,
-    statistics: StatisticsSetting = None,
-    seed: SeedSetting = None,
-    test_examples: TestExamplesSetting = None,
-    dp_clip: DpClipSetting = None,
-    dp_noise_multiplier: DpNoiseMultiplierSetting = None,
-    dp_target_epsilon: DpTargetEpsilonSetting = None,
-    dp_delta: DpDeltaSetting = None,
-    dp_max_epsilon: DpMaxEpsilonSetting = None,
-    dp_statistics_clip: DpStatisticsClipSetting = None,
-    dp_placement: DpPlacementSetting = None,
-    aggregation: AggregationSetting = None,
-    buffer_size: BufferSizeSetting = None,
-    staleness: StalenessSetting = None,
-    server_lr: ServerLrSetting = None,
-    max_staleness: MaxStalenessSetting = None,
-    statistics_every: StatisticsEverySetting = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(
@@ -210,6 +151,7 @@ def serve(
         int,
         typer.Option(help="Threads for aggregation and evaluation (leave cores for requests)."),
     ] = 1,
+    spec: dict[str, Any] | None = None,  # the federation options (federation_options)
 ) -> None:
     """Run the coordinator; an existing state folder resumes where it stopped.
 
@@ -226,38 +168,7 @@ def serve(
     from coordinator.server import ServerLimits, make_server, make_tls_server
     from heterofl_edge.spec import Policy
 
-    settings = spec_settings(
-        config,
-        model=model,
-        data=data,
-        mode=mode,
-        policy=policy,
-        submodel=submodel,
-        split=split,
-        rounds=rounds,
-        fraction=fraction,
-        lr=lr,
-        milestones=milestones,
-        lr_factor=lr_factor,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        statistics=statistics,
-        seed=seed,
-        test_examples=test_examples,
-        dp_clip=dp_clip,
-        dp_noise_multiplier=dp_noise_multiplier,
-        dp_target_epsilon=dp_target_epsilon,
-        dp_delta=dp_delta,
-        dp_max_epsilon=dp_max_epsilon,
-        dp_statistics_clip=dp_statistics_clip,
-        dp_placement=dp_placement,
-        aggregation=aggregation,
-        buffer_size=buffer_size,
-        staleness=staleness,
-        server_lr=server_lr,
-        max_staleness=max_staleness,
-        statistics_every=statistics_every,
-    )
+    settings = dict(spec or {})
     settings.setdefault("policy", Policy.profile)  # devices measure themselves
     if not 0 < port < 65536:
         raise ConfigError(f"port {port} is outside 1..65535")

@@ -1,7 +1,9 @@
 """``heterofl-edge device``: one device against a coordinator (a Raspberry Pi, a laptop).
 
 What a device install (``pip install heterofl-edge``, no extras) runs: numpy,
-onnxruntime, safetensors and requests, never torch.
+onnxruntime, safetensors and requests, never torch. ``heterofl-edge device
+install-service`` (``heterofl_edge.cli.service_cmd``) writes a systemd unit
+that runs this command as a service.
 """
 
 from __future__ import annotations
@@ -12,9 +14,19 @@ from typing import Annotated
 
 import typer
 
+from heterofl_edge.cli import service_cmd
 from heterofl_edge.cli.data_cmd import DataDirOption
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
+
+app = typer.Typer(
+    help="One device against a coordinator (a Raspberry Pi, a laptop).",
+    invoke_without_command=True,
+)
+app.command(
+    "install-service",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(service_cmd.install_service)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "heterofl-edge"
 CAPABILITIES_HELP = (
@@ -23,10 +35,12 @@ CAPABILITIES_HELP = (
 )
 
 
+@app.callback()
 def device(
+    ctx: typer.Context,
     coordinator: Annotated[
-        str, typer.Option(help="Coordinator URL, e.g. http://laptop.local:8080.")
-    ],
+        str | None, typer.Option(help="Coordinator URL, e.g. http://laptop.local:8080.")
+    ] = None,
     data_dir: DataDirOption = None,
     shard: Annotated[int, typer.Option(help="This device's shard of the split, from 0.")] = 0,
     clients: Annotated[
@@ -77,20 +91,45 @@ def device(
     ] = None,
     unreachable_timeout: Annotated[
         float,
-        typer.Option(help="Seconds to keep retrying while the coordinator is unreachable."),
+        typer.Option(
+            help="Seconds to keep retrying while the coordinator is unreachable; then exit "
+            "with code 5 (a service restarts it)."
+        ),
     ] = 900.0,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder that keeps this device's registration (id and token, mode 0600): a "
+            "restart resumes it. Default cache: STATE_DIR/cache."
+        ),
+    ] = None,
+    max_memory_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Never train a level whose training would take this process over this many "
+            "MB; the coordinator is told at registration."
+        ),
+    ] = None,
 ) -> None:
     """Run one device: profile, register, train the rounds it is given, until done.
 
     --shard, --clients, --split and --seed pick this device's share of the
-    training data the same way the simulation does.
+    training data the same way the simulation does. Exit codes: 0 done, 2 a
+    usage error or a refusal, 4 token refused (without --state-dir), 5 the
+    coordinator stayed unreachable.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     from device_sim.device import Capabilities
     from device_sim.runtimes import get_runtime
     from device_sim.worker import DeviceData, WorkerConfig, run_worker
     from heterofl_edge.cli.options import parse_choice
 
     chosen_data = parse_choice(DeviceData, data, "data")
+    if coordinator is None:
+        raise ConfigError(
+            "no coordinator given", "pass --coordinator URL, e.g. http://laptop.local:8080"
+        )
     if data_dir is None:
         raise ConfigError("no data directory given", "pass --data-dir or set HETEROFL_DATA_DIR")
     try:
@@ -109,6 +148,10 @@ def device(
         )
     if not unreachable_timeout > 0:
         raise ConfigError(f"--unreachable-timeout must be positive, got {unreachable_timeout}")
+    if max_memory_mb is not None and not max_memory_mb > 0:
+        raise ConfigError(f"--max-memory-mb must be positive, got {max_memory_mb:g}")
+    if state_dir is not None and cache == DEFAULT_CACHE:
+        cache = state_dir / "cache"
     code = run_worker(
         WorkerConfig(
             coordinator=coordinator,
@@ -126,6 +169,8 @@ def device(
             enrollment_token=enrollment_token,
             ca_cert=ca_cert,
             unreachable_seconds=unreachable_timeout,
+            state_dir=state_dir,
+            max_memory_mb=max_memory_mb,
         )
     )
     if code:

@@ -8,44 +8,14 @@ folder, the transformer on WikiText-2, or ``package.module:factory`` on
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from heterofl_edge.cli.data_cmd import AnyDataDirOption
 from heterofl_edge.cli.options import parse_choice
 from heterofl_edge.cli.spec_options import (
-    AggregationSetting,
-    BatchSizeSetting,
-    BufferSizeSetting,
-    ConfigFileOption,
-    DataSetting,
-    DpClipSetting,
-    DpDeltaSetting,
-    DpMaxEpsilonSetting,
-    DpNoiseMultiplierSetting,
-    DpPlacementSetting,
-    DpStatisticsClipSetting,
-    DpTargetEpsilonSetting,
-    FractionSetting,
-    LocalEpochsSetting,
-    LrFactorSetting,
-    LrSetting,
-    MaxStalenessSetting,
-    MilestonesSetting,
-    ModelSetting,
-    ModeSetting,
-    PolicySetting,
-    RoundsSetting,
-    SeedSetting,
-    ServerLrSetting,
-    SplitSetting,
-    StalenessSetting,
-    StatisticsEverySetting,
-    StatisticsSetting,
-    SubmodelSetting,
-    TestExamplesSetting,
-    spec_settings,
+    federation_options,
 )
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.partition import Split
@@ -58,38 +28,9 @@ def _perplexity(value: float | None) -> str:
     return "inf" if value is None else f"{value:.2f}"  # the engine reports inf as None
 
 
+@federation_options
 def simulate(
     data_dir: AnyDataDirOption = None,
-    config: ConfigFileOption = None,
-    model: ModelSetting = None,
-    data: DataSetting = None,
-    mode: ModeSetting = None,
-    policy: PolicySetting = None,
-    submodel: SubmodelSetting = None,
-    split: SplitSetting = None,
-    rounds: RoundsSetting = None,
-    fraction: FractionSetting = None,
-    lr: LrSetting = None,
-    milestones: MilestonesSetting = None,
-    lr_factor: LrFactorSetting = None,
-    local_epochs: LocalEpochsSetting = None,
-    batch_size: BatchSizeSetting = None,
-    statistics: StatisticsSetting = None,
-    seed: SeedSetting = None,
-    test_examples: TestExamplesSetting = None,
-    dp_clip: DpClipSetting = None,
-    dp_noise_multiplier: DpNoiseMultiplierSetting = None,
-    dp_target_epsilon: DpTargetEpsilonSetting = None,
-    dp_delta: DpDeltaSetting = None,
-    dp_max_epsilon: DpMaxEpsilonSetting = None,
-    dp_statistics_clip: DpStatisticsClipSetting = None,
-    dp_placement: DpPlacementSetting = None,
-    aggregation: AggregationSetting = None,
-    buffer_size: BufferSizeSetting = None,
-    staleness: StalenessSetting = None,
-    server_lr: ServerLrSetting = None,
-    max_staleness: MaxStalenessSetting = None,
-    statistics_every: StatisticsEverySetting = None,
     clients: Annotated[
         int,
         typer.Option(
@@ -178,6 +119,7 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option(help="Output folder [runs/simulate-MODEL-MODE-SPLIT-sSEED].")
     ] = None,
+    spec: dict[str, Any] | None = None,  # the federation options (federation_options)
 ) -> None:
     """Run HeteroFL; write per-round results as JSON, a learning curve and the model.
 
@@ -200,38 +142,7 @@ def simulate(
     )
 
     chosen_backend = parse_choice(Backend, backend, "backend")
-    settings = spec_settings(
-        config,
-        model=model,
-        data=data,
-        mode=mode,
-        policy=policy,
-        submodel=submodel,
-        split=split,
-        rounds=rounds,
-        fraction=fraction,
-        lr=lr,
-        milestones=milestones,
-        lr_factor=lr_factor,
-        local_epochs=local_epochs,
-        batch_size=batch_size,
-        statistics=statistics,
-        seed=seed,
-        test_examples=test_examples,
-        dp_clip=dp_clip,
-        dp_noise_multiplier=dp_noise_multiplier,
-        dp_target_epsilon=dp_target_epsilon,
-        dp_delta=dp_delta,
-        dp_max_epsilon=dp_max_epsilon,
-        dp_statistics_clip=dp_statistics_clip,
-        dp_placement=dp_placement,
-        aggregation=aggregation,
-        buffer_size=buffer_size,
-        staleness=staleness,
-        server_lr=server_lr,
-        max_staleness=max_staleness,
-        statistics_every=statistics_every,
-    )
+    settings = dict(spec or {})
     fleet = simulated_fleet(simulated_time, tiers, step_ms, availability, round_seconds)
     run = SimulationConfig(
         **settings, num_clients=clients, train_examples=train_examples, fleet=fleet
@@ -331,6 +242,12 @@ def simulate(
         write_learning_curve(out / "learning_curve.png", title, curves)
         summary = f"initial global accuracy {result.initial_accuracy:.4f} -> "
         summary += f"final {final.global_accuracy:.4f}"
+    moved = result.to_json()["transfer"]["bytes_per_device_round"]
+    if moved["total"] is not None:
+        summary += (
+            f"; {moved['total'] / 2**20:.2f} MiB per device-round "
+            f"({run.download_encoding} down, {run.upload_encoding} up)"
+        )
     typer.echo(f"{summary}; wrote results.json, learning_curve.png and model.safetensors in {out}")
 
 

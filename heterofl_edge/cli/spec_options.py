@@ -14,8 +14,11 @@ and follows the mode's own rule.
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 
@@ -23,11 +26,13 @@ from heterofl_edge.cli.options import check_data_name, check_model_name
 from heterofl_edge.errors import ConfigError
 
 __all__ = [
+    "FEDERATION_OPTIONS",
     "AggregationSetting",
     "BatchSizeSetting",
     "BufferSizeSetting",
     "ConfigFileOption",
     "DataSetting",
+    "DownloadEncodingSetting",
     "DpClipSetting",
     "DpDeltaSetting",
     "DpMaxEpsilonSetting",
@@ -35,6 +40,7 @@ __all__ = [
     "DpPlacementSetting",
     "DpStatisticsClipSetting",
     "DpTargetEpsilonSetting",
+    "ErrorFeedbackSetting",
     "FractionSetting",
     "LocalEpochsSetting",
     "LrFactorSetting",
@@ -45,6 +51,9 @@ __all__ = [
     "ModelSetting",
     "PolicySetting",
     "RoundsSetting",
+    "SecureAggregationClipSetting",
+    "SecureAggregationSetting",
+    "SecureAggregationThresholdSetting",
     "SeedSetting",
     "ServerLrSetting",
     "SplitSetting",
@@ -53,6 +62,8 @@ __all__ = [
     "StatisticsSetting",
     "SubmodelSetting",
     "TestExamplesSetting",
+    "UploadEncodingSetting",
+    "federation_options",
     "spec_settings",
 ]
 
@@ -204,6 +215,36 @@ TestExamplesSetting = Annotated[
     ),
 ]
 
+DownloadEncodingSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of the weights sent to devices: fp32, fp16, bf16 or int8 (per-channel "
+        "scales, stochastic rounding), for every level or per level as DEFAULT,LEVEL=ENC,... "
+        "(fp16,e=int8); a device gets fp32 where it did not declare the encoding "
+        "[default: fp32].",
+        rich_help_panel=_PANEL,
+    ),
+]
+UploadEncodingSetting = Annotated[
+    str | None,
+    typer.Option(
+        help="Encoding of what devices send back: fp32 (the trained weights) or fp16, bf16, "
+        "int8 (the update: trained minus received weights), as --download-encoding "
+        "(fp32,d=int8,e=int8: int8 at levels d and e only) [default: fp32].",
+        rich_help_panel=_PANEL,
+    ),
+]
+ErrorFeedbackSetting = Annotated[
+    bool | None,
+    typer.Option(
+        "--error-feedback/--no-error-feedback",
+        help="Carry what a lossy upload's quantization dropped into the device's next upload "
+        "at the same level (static sub-models only) [default: no].",
+        show_default=False,
+        rich_help_panel=_PANEL,
+    ),
+]
+
 
 _PRIVACY = "Differential privacy (also from --config)"
 
@@ -314,6 +355,103 @@ StatisticsEverySetting = Annotated[
         rich_help_panel=_BUFFERED,
     ),
 ]
+
+
+_SECURE = "Secure aggregation (also from --config)"
+
+SecureAggregationSetting = Annotated[
+    bool | None,
+    typer.Option(
+        help="SecAgg+ over mixed widths: devices mask their updates, labels and sBN "
+        "statistics so that the coordinator learns only their sums [default: off].",
+        rich_help_panel=_SECURE,
+    ),
+]
+SecureAggregationClipSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="Each update element (trained minus received) is clipped to +- this before its "
+        "fixed-point encoding [default: 1].",
+        rich_help_panel=_SECURE,
+    ),
+]
+SecureAggregationThresholdSetting = Annotated[
+    float | None,
+    typer.Option(
+        help="The share of a device's neighbours that must survive for its secrets to be "
+        "rebuilt; fewer at any stage abandons the round [default: 0.5].",
+        rich_help_panel=_SECURE,
+    ),
+]
+
+
+# Every federation option by its parameter name, in the order --help lists them.
+FEDERATION_OPTIONS: dict[str, Any] = {
+    "config": ConfigFileOption,
+    "model": ModelSetting,
+    "data": DataSetting,
+    "mode": ModeSetting,
+    "policy": PolicySetting,
+    "submodel": SubmodelSetting,
+    "split": SplitSetting,
+    "rounds": RoundsSetting,
+    "fraction": FractionSetting,
+    "lr": LrSetting,
+    "milestones": MilestonesSetting,
+    "lr_factor": LrFactorSetting,
+    "local_epochs": LocalEpochsSetting,
+    "batch_size": BatchSizeSetting,
+    "statistics": StatisticsSetting,
+    "seed": SeedSetting,
+    "test_examples": TestExamplesSetting,
+    "download_encoding": DownloadEncodingSetting,
+    "upload_encoding": UploadEncodingSetting,
+    "error_feedback": ErrorFeedbackSetting,
+    "dp_clip": DpClipSetting,
+    "dp_noise_multiplier": DpNoiseMultiplierSetting,
+    "dp_target_epsilon": DpTargetEpsilonSetting,
+    "dp_delta": DpDeltaSetting,
+    "dp_max_epsilon": DpMaxEpsilonSetting,
+    "dp_statistics_clip": DpStatisticsClipSetting,
+    "dp_placement": DpPlacementSetting,
+    "secure_aggregation": SecureAggregationSetting,
+    "secure_aggregation_clip": SecureAggregationClipSetting,
+    "secure_aggregation_threshold": SecureAggregationThresholdSetting,
+    "aggregation": AggregationSetting,
+    "buffer_size": BufferSizeSetting,
+    "staleness": StalenessSetting,
+    "server_lr": ServerLrSetting,
+    "max_staleness": MaxStalenessSetting,
+    "statistics_every": StatisticsEverySetting,
+}
+
+Command = TypeVar("Command", bound=Callable[..., None])
+
+
+def federation_options(command: Command) -> Command:
+    """Give ``command`` every federation option; it receives them merged as ``spec``.
+
+    ``spec`` holds the spec's constructor arguments (``spec_settings``: the
+    ``--config`` file's values, then the flags given), so that ``simulate`` and
+    ``serve`` declare the options once, here, and cannot drift apart.
+    """
+    signature = inspect.signature(command, eval_str=True)  # typer reads the objects
+    own = [p for p in signature.parameters.values() if p.name != "spec"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in FEDERATION_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_spec(*args: Any, **kwargs: Any) -> None:
+        flags = {name: kwargs.pop(name, None) for name in FEDERATION_OPTIONS}
+        config = flags.pop("config")
+        command(*args, spec=spec_settings(config, **flags), **kwargs)
+
+    with_spec.__signature__ = signature.replace(parameters=own + added)  # type: ignore[attr-defined]
+    hints = {k: v for k, v in command.__annotations__.items() if k != "spec"}
+    with_spec.__annotations__ = {**hints, **FEDERATION_OPTIONS}
+    return cast(Command, with_spec)
 
 
 def spec_settings(config_file: Path | None, **flags: Any) -> dict[str, Any]:

@@ -8,6 +8,12 @@
 * ``standardise.json``: the float32 bits a device computes from uint8 demo pixels and
   the shard's ``normalise`` rule (``coordinator.demo_data.Normalise.apply``, the
   arithmetic of ``heterofl_edge/data/image_arrays.py``), per channel, for a few rules.
+* ``secagg.json``: secure aggregation's arithmetic and one whole instance of four
+  reproducible clients (``secagg_vectors.py``), for ``web/secagg.js``.
+* ``encoding.json``: the transport encodings of ``heterofl_edge/encoding.py``: the
+  rounding uniforms, fp16 and bf16 bits of chosen float32 values (ties, subnormals,
+  the overflow edge), int8 tensors (values, scales, seed: q and scales), and two
+  lossy uploads in a row with error feedback. float32 values travel as their bits.
 * ``safetensors/``: files written by Python's ``safetensors`` library and the
   values they hold (``expected.json``). The JS test writes the same tensors again,
   which must give the same bytes (up to the order of metadata keys, which Python
@@ -33,6 +39,9 @@ from safetensors.numpy import load, save
 
 from heterofl_edge.batching import SplitMix64, epoch_batches
 from heterofl_edge.data.idx import normalise
+
+sys.path.insert(0, str(Path(__file__).parent))
+from secagg_vectors import secagg_vectors
 
 FOLDER = Path(__file__).parent
 SAFETENSORS = FOLDER / "safetensors"
@@ -121,6 +130,113 @@ def standardise_vectors() -> dict[str, Any]:
     }
 
 
+def _bits(values: np.ndarray) -> list[int]:
+    return [int(b) for b in np.ascontiguousarray(values, np.float32).reshape(-1).view(np.uint32)]
+
+
+def _float32(bits: list[int]) -> np.ndarray:
+    return np.array(bits, np.uint32).view(np.float32)
+
+
+HALF_EDGES = [  # float32 bit patterns where fp16 rounding is delicate
+    0x00000000, 0x80000000, 0x3F800000, 0xBF800000, 0x477FE000, 0x477FEFFF, 0x477FF000,
+    0x477FF001, 0x33800000, 0x33000000, 0x33000001, 0x337FFFFF, 0x387FC000, 0x38800000,
+    0x3A800800, 0x3A801000, 0x3A802000, 0x3A801800, 0x3F801000, 0x3F803000, 0x3F802FFF,
+    0x00000001, 0x2F800000, 0xC77FE000, 0x38000000, 0x387FE000, 0x387FF000,
+]  # fmt: skip
+
+
+def encoding_vectors() -> dict[str, Any]:
+    from heterofl_edge.batching import SplitMix64
+    from heterofl_edge.encoding import Encoding, UpdateEncoder, encode_tensors, payload_metadata
+
+    rng = np.random.default_rng(31)
+    uniforms = [
+        {"seed": seed, "values": [float(u) for u in SplitMix64(seed).uniforms(6)]}
+        for seed in (0, 1, 123456789, 2**32 - 1)
+    ]
+    probes = np.concatenate([_float32(HALF_EDGES), rng.normal(0, 3, 40).astype(np.float32)]).astype(
+        np.float32
+    )
+    probes = np.concatenate([probes, rng.normal(0, 1e-5, 20).astype(np.float32)])
+    with np.errstate(over="ignore"):
+        in_range = probes[np.isfinite(probes.astype(np.float16))]
+    fp16 = {
+        "float32": _bits(in_range),
+        "half": [int(b) for b in in_range.astype(np.float16).view(np.uint16)],
+    }
+    bf16_values = np.concatenate(
+        [probes, _float32([0x3F808000, 0x3F818000, 0x3F80C000, 0x7F7F7FFF, 0xFF7F0000])]
+    ).astype(np.float32)
+    bf16_tensors, _ = encode_tensors({"x": bf16_values}, Encoding.bf16)
+    bf16 = {"float32": _bits(bf16_values), "bf16": [int(b) for b in bf16_tensors["x"][1]]}
+    tensors = {
+        "b.weight": rng.normal(0, 0.05, (3, 2, 2, 2)).astype(np.float32),
+        "a.bias": rng.normal(0, 1, 5).astype(np.float32),
+        "c.scalar": np.array(-0.75, np.float32),
+        "d.zeros": np.zeros((2, 3), np.float32),
+        "e.linear": rng.normal(0, 2, (4, 7)).astype(np.float32),
+    }
+    tensors["e.linear"][1, 3] = 0.0
+    tensors["e.linear"][2] *= 1e-30  # tiny values: a scale near float32's smallest normals
+    int8 = []
+    for seed in (0, 7, 2**32 - 1):
+        encoded, scales = encode_tensors(tensors, Encoding.int8, seed)
+        int8.append(
+            {
+                "seed": seed,
+                "q": {n: [int(v) for v in a.reshape(-1)] for n, (_, a) in encoded.items()},
+                "scales": {n: _bits(s) for n, s in scales.items()},
+                "metadata": payload_metadata(Encoding.int8, scales),
+            }
+        )
+    inputs = {n: {"shape": list(t.shape), "bits": _bits(t)} for n, t in tensors.items()}
+    received = {
+        "w": rng.normal(0, 1, (4, 6)).astype(np.float32),
+        "b": rng.normal(0, 1, 4).astype(np.float32),
+    }
+    sessions = []
+    encoder = UpdateEncoder()
+    start = received
+    for step, seed in enumerate((11, 12, 13)):
+        trained = {
+            n: (v + rng.normal(0, 0.01, v.shape)).astype(np.float32) for n, v in start.items()
+        }
+        level = "e" if step < 2 else "d"  # the third session's level differs: residual dropped
+        body = encoder.encode(trained, start, Encoding.int8, seed, level, True, {})
+        header = json.loads(body[8 : 8 + int.from_bytes(body[:8], "little")])
+        sessions.append(
+            {
+                "seed": seed,
+                "level": level,
+                "received": {n: _bits(a) for n, a in start.items()},
+                "trained": {n: _bits(a) for n, a in trained.items()},
+                "q": {n: [int(v) for v in info["data"]] for n, info in sorted(_int8_entries(body))},
+                "metadata": dict(sorted(header["__metadata__"].items())),
+                "residual_after": {n: _bits(a) for n, a in encoder.residual.items()},
+            }
+        )
+        start = trained
+    return {
+        "about": "Transport encodings of heterofl_edge/encoding.py; float32 values as uint32 "
+        "bits. Regenerate only with tests/vectors/make_vectors.py --write.",
+        "uniforms": uniforms,
+        "fp16": fp16,
+        "bf16": bf16,
+        "int8": {"tensors": inputs, "cases": int8},
+        "error_feedback": {
+            "shapes": {n: list(a.shape) for n, a in received.items()},
+            "sessions": sessions,
+        },
+    }
+
+
+def _int8_entries(body: bytes) -> list[tuple[str, dict[str, Any]]]:
+    from safetensors import deserialize
+
+    return [(n, {"data": np.frombuffer(i["data"], np.int8)}) for n, i in deserialize(body)]
+
+
 def render(vectors: dict[str, Any]) -> str:
     return json.dumps(vectors, separators=(",", ":")) + "\n"
 
@@ -188,6 +304,8 @@ def json_files() -> dict[Path, str]:
         FOLDER / "shuffle.json": render(shuffle_vectors()),
         FOLDER / "normalise.json": render(normalise_vectors()),
         FOLDER / "standardise.json": render(standardise_vectors()),
+        FOLDER / "secagg.json": render(secagg_vectors()),
+        FOLDER / "encoding.json": render(encoding_vectors()),
         SAFETENSORS / "expected.json": json.dumps(described, indent=1, ensure_ascii=False) + "\n",
     }
 

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { DeviceClient, ENROLLMENT_MESSAGE, FatalError, initialState } from '../client.js';
+import { decodeTensors, encodeTensors } from '../encoding.js';
 import { ApiError, IntegrityError } from '../protocol.js';
 
 const manifest = { level: 'e', parameters: [{ name: 'w', shape: [2] }] };
@@ -78,13 +79,14 @@ function fakeCoordinator(tasks, uploads = []) {
       if (next instanceof Error) throw next;
       return next;
     },
+    weights: { tensors: new Map([['w', { dtype: 'F32', shape: [2], data: new Float32Array(2) }]]), metadata: null },
     async tensors() {
-      return { tensors: new Map([['w', { dtype: 'F32', shape: [2], data: new Float32Array(2) }]]), metadata: null };
+      return this.weights;
     },
-    async upload(path, tensors, metadata) {
+    async upload(path, tensors, metadata, encoded = {}) {
       const next = uploads.shift();
       if (next instanceof Error) throw next;
-      this.uploaded.push({ path, tensors, metadata });
+      this.uploaded.push({ path, tensors, metadata, encoded });
       return {};
     },
   };
@@ -187,6 +189,20 @@ test('a refused token registers again; a closed round moves on to the next task'
   const texts = state.messages.map((m) => m.text).join('\n');
   assert.match(texts, /refused this device's token/);
   assert.match(texts, /round 2: too late/);
+});
+
+test('a stale update (buffered aggregation) is logged like a closed round; the device takes the next task', async () => {
+  const level = fakeLevel();
+  const coordinator = fakeCoordinator(
+    [trainTask(2), trainTask(5)],
+    [new ApiError(409, 'stale_update', 'version 1 is 4 versions behind', '')],
+  );
+  const { client, state } = device(coordinator, async () => level);
+  await client.run();
+  assert.equal(coordinator.registered, 1);
+  assert.deepEqual(coordinator.uploaded.map((u) => u.path), ['/v1/rounds/5/uploads']);
+  assert.equal(state.uploads, 1);
+  assert.match(state.messages.map((m) => m.text).join('\n'), /round 2: too late/);
 });
 
 test('a damaged artifact is shown and retried with backoff; nothing is uploaded from it', async () => {
@@ -319,4 +335,38 @@ test('statistics progress is reported batch by batch', async () => {
   await client.run();
   assert.deepEqual([...new Set(seen)], ['0/null', '0/1', '1/3', '2/3', '3/3']); // 2 examples: 1 batch of 500 announced
   assert.equal(state.statisticsUploads, 1);
+});
+
+test('weights come in the task\'s encoding and updates go up in its upload encoding', async () => {
+  const level = fakeLevel([0.75, -0.25]);
+  const encodedTask = (round, seed) => ({
+    ...trainTask(round),
+    rounding_seed: seed,
+    download_encoding: 'fp16',
+    upload_encoding: 'int8',
+    error_feedback: true,
+    encoding_note: round === 1 ? 'the run uses download bf16 at level e; fp16 instead' : null,
+  });
+  const coordinator = fakeCoordinator(
+    [encodedTask(1, 5), encodedTask(2, 6), encodedTask(3, 7)],
+    [undefined, new ApiError(409, 'round_closed', 'too late', '')],
+  );
+  const start = Float32Array.of(0.5, 0.125);
+  coordinator.weights = encodeTensors(new Map([['w', { data: start, shape: [2] }]]), 'fp16');
+  const { client, state } = device(coordinator, async () => level);
+  await client.run();
+  assert.deepEqual(Array.from(level.trained[0].weights.get('w')), [0.5, 0.125]); // decoded fp16
+  const [first, third] = coordinator.uploaded;
+  assert.equal(first.tensors.get('w').dtype, 'I8');
+  assert.equal(first.encoded.encoding, '"int8"');
+  const update = decodeTensors(first.tensors, first.encoded).arrays.get('w').data;
+  // The update (trained - received) within one int8 step of its row (peak 0.375 / 127).
+  const step = Math.fround(0.375 / 127);
+  assert.ok(Math.abs(update[0] - 0.25) <= step && Math.abs(update[1] + 0.375) <= step, `${update}`);
+  // Round 2's upload was refused: its residual is dropped, so round 3 encodes as a fresh device.
+  const fresh = encodeTensors(new Map([['w', { data: Float32Array.of(0.25, -0.375), shape: [2] }]]), 'int8', 7);
+  assert.deepEqual(Array.from(third.tensors.get('w').data), Array.from(fresh.tensors.get('w').data));
+  assert.equal(state.lastUpload.encoding, 'int8');
+  const notes = state.messages.filter((m) => m.text.includes('fp16 instead'));
+  assert.equal(notes.length, 1); // said once
 });

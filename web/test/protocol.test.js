@@ -67,7 +67,7 @@ function client(replies, extra = {}) {
   return { coordinator, seen, sleeps, retries };
 }
 
-test('register sends the profile with runtimes and keeps the token for later calls', async () => {
+test('register sends the profile with runtimes and encodings and keeps the token', async () => {
   const storage = new MemoryStorage();
   const { coordinator, seen } = client(
     [
@@ -86,6 +86,7 @@ test('register sends the profile with runtimes and keeps the token for later cal
     memory_mb: 2048,
     bandwidth_mbps: 10,
     runtimes: ['onnx-web'],
+    encodings: ['fp32', 'fp16', 'bf16', 'int8'],
   });
   assert.deepEqual(await coordinator.task(), { action: 'wait', retry_after: 2 });
   assert.equal(seen[1].headers.Authorization, 'Bearer secret');
@@ -246,7 +247,14 @@ test('replies are checked against their declared message; an unknown action read
     retry_after: 3,
     asked: 'reticulate',
   });
-  assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'statistics', 'train', 'wait']);
+  // secure aggregation's stages are declared (the document has them) but this page does not
+  // speak them: one reads as a wait, like an unknown action
+  assert.deepEqual(checkTask({ action: 'secagg', round: 1, stage: 'advertise', retry_after: 3 }), {
+    action: 'wait',
+    retry_after: 3,
+    asked: 'secagg',
+  });
+  assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'secagg', 'statistics', 'train', 'wait']);
   assert.deepEqual(outgoing('DeviceProfile', { step_ms: 1, secret: 'x', num_examples: null }), { step_ms: 1 });
 });
 

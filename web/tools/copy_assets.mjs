@@ -30,6 +30,7 @@ export const PAGE_FILES = [
   'trainer.js',
   'shuffle.js',
   'safetensors.js',
+  'encoding.js',
   'data.js',
   'mnist.js',
 ];

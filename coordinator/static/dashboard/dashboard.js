@@ -48,6 +48,25 @@ function bytes(n) {
   return `${n} B`;
 }
 
+/**
+ * A round's training payloads: bytes per device (download + upload, averaged over the
+ * devices that moved any) and the encodings used, from /v1/rounds' `transfer`.
+ */
+export function roundTransfer(round) {
+  const transfer = round.transfer ?? {};
+  const sum = (direction) => Object.values(transfer[direction]?.train ?? {}).reduce(
+    (acc, e) => ({ bytes: acc.bytes + e.bytes, payloads: acc.payloads + e.payloads }), { bytes: 0, payloads: 0 });
+  const down = sum("down");
+  const up = sum("up");
+  const encodings = (direction) => Object.keys(transfer[direction]?.train ?? {}).sort().join("+");
+  if (!down.payloads && !up.payloads) return null;
+  return {
+    perDevice: (down.payloads ? down.bytes / down.payloads : 0) + (up.payloads ? up.bytes / up.payloads : 0),
+    down: encodings("down") || "–",
+    up: encodings("up") || "–",
+  };
+}
+
 export function accuracyPoints(rounds) {
   return rounds
     .filter((r) => r.state === "finished" && r.metrics && r.metrics.evaluation
@@ -157,6 +176,7 @@ function deviceRow(d) {
   cell(row, "link (Mbit/s)", text(d.profile.bandwidth_mbps));
   cell(row, "last seen", ago(d.last_seen));
   cell(row, "bytes in / out", `${bytes(d.bytes_in)} / ${bytes(d.bytes_out)}`);
+  cell(row, "encodings", (d.profile.encodings ?? ["fp32"]).join(" "));
   return row;
 }
 
@@ -175,6 +195,9 @@ function roundRow(r) {
   cell(row, "quorum", String(r.quorum));
   cell(row, "levels", Object.entries(levelCounts).sort().map(([l, n]) => `${l}×${n}`).join(" ") || "–");
   cell(row, "accuracy", accuracy === null || accuracy === undefined ? "–" : `${(100 * accuracy).toFixed(2)}%`);
+  const transfer = roundTransfer(r);
+  const moved = cell(row, "bytes / device", transfer ? `${bytes(transfer.perDevice)} (${transfer.down} ↓ ${transfer.up} ↑)` : "–");
+  if (transfer) moved.dataset.bytes = String(Math.round(transfer.perDevice));
   cell(row, "duration", `${(end - r.opened_at).toFixed(1)} s`);
   return row;
 }

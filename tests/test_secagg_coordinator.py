@@ -1,0 +1,336 @@
+"""Secure aggregation through the coordinator's /v1 API (Flask test client, fake clock).
+
+Devices here are ``SecAggClient``s driven over HTTP as a device drives them: they
+answer the stages at /v1/rounds/N/secagg and upload masked vectors. The round's
+model must equal the plain average of the known updates; bad input at each stage
+is refused with its code and nothing of it is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from coordinator_helpers import ARCH, PROFILE, assert_error, auth, global_model, register
+from safetensors.numpy import load, save
+from scipy.stats import chisquare
+
+from coordinator.errors import ErrorCode
+from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
+from heterofl_edge.engine import Phase
+from heterofl_edge.secagg import (
+    Advertisement,
+    FixedPoint,
+    LayoutPlan,
+    SecAggClient,
+    b64,
+    statistics_layout,
+    statistics_vector,
+    training_vector,
+    unb64,
+)
+from heterofl_edge.slicing import trainable_names
+
+SECURE = {**PROFILE, "secure_aggregation": True}
+VALUES = (1.0, 2.0, 6.0)  # devices a, c, e upload these weights everywhere
+LABELS = (list(range(10)), list(range(10)), [0, 1])
+MEANS = (1.0, 3.0, 0.0)  # their sBN means (count 600, variance 1)
+
+
+@pytest.fixture
+def secure_app(make_app):
+    return make_app(secure_aggregation=True, secure_aggregation_clip=8.0)
+
+
+class Devices:
+    """Three devices speaking secure aggregation over the test client."""
+
+    def __init__(self, client, tokens) -> None:
+        self.client, self.tokens = client, tokens
+        self.secagg: dict[tuple[str, str], SecAggClient] = {}
+        self.vectors: dict[str, np.ndarray] = {}  # token -> its last vector before masking
+
+    def task(self, token):
+        return self.client.get("/v1/task", headers=auth(token)).json
+
+    def answer(self, token, task, body=None):
+        if body is None:
+            body = self.body(token, task)
+        return self.client.post(task["answer_url"], json=body, headers=auth(token))
+
+    def body(self, token, task):
+        key = (token, task["context"])
+        if task["stage"] == "advertise":
+            self.secagg[key] = SecAggClient(task["context"], task["index"])
+            keys = self.secagg[key].advertise()
+            return {
+                "context": task["context"],
+                "stage": "advertise",
+                "c_public": b64(keys.c_public),
+                "s_public": b64(keys.s_public),
+            }
+        if task["stage"] == "share":
+            neighbours = {
+                p["index"]: Advertisement(unb64(p["c_public"]), unb64(p["s_public"]))
+                for p in task["neighbours"]
+            }
+            shares = self.secagg[key].share_keys(neighbours, task["threshold"])
+            return {
+                "context": task["context"],
+                "stage": "share",
+                "shares": {str(v): b64(blob) for v, blob in shares.items()},
+            }
+        values = self.secagg[key].unmask(task["dropped"], task["survivors"])
+        return {
+            "context": task["context"],
+            "stage": "unmask",
+            "unmask": {str(v): str(x) for v, x in values.items()},
+        }
+
+    def masked(self, token, task, vector, layout, layout_of):
+        self.vectors[token] = vector
+        secure = task["secure"]
+        client = self.secagg[(token, secure["context"])]
+        peers = {int(v): layout_of(rate) for v, rate in secure["peers"].items()}
+        ciphertexts = {int(v): unb64(blob) for v, blob in secure["ciphertexts"].items()}
+        return client.mask(vector, layout, peers, ciphertexts)
+
+    def training_body(self, position, token, task):
+        secure = task["secure"]
+        plan = LayoutPlan.from_json(secure["plan"])
+        weights = self.client.get(task["weights_url"], headers=auth(token)).data
+        from safetensors.numpy import load
+
+        start = load(weights)
+        update = {
+            n: VALUES[position] - start[n].astype(np.float64) for n in trainable_names(ARCH.spec)
+        }
+        fixed = FixedPoint(secure["scale"], secure["clip"])
+        vector = training_vector(update, plan, task["rate"], fixed, LABELS[position])
+        return self.masked(token, task, vector, plan.layout(task["rate"]), plan.layout)
+
+    def statistics_body(self, position, token, task):
+        secure = task["secure"]
+        layers = [(name, channels) for name, channels in secure["layers"]]
+        stats = {}
+        for name, channels in layers:
+            stats[f"{name}.count"] = np.array([600.0])
+            stats[f"{name}.mean"] = np.full(channels, MEANS[position])
+            stats[f"{name}.var"] = np.ones(channels)
+        layout = statistics_layout(layers)
+        vector = statistics_vector(stats, layers, secure["statistics_scale"])
+        return self.masked(token, task, vector, layout, lambda rate: layout)
+
+
+def _stage(devices, coordinator, stage):
+    """Every device answers ``stage``; the engine moves on."""
+    for token in devices.tokens:
+        task = devices.task(token)
+        assert task["action"] == "secagg" and task["stage"] == stage, task
+        reply = devices.answer(token, task)
+        assert reply.status_code == 200, reply.json
+    assert coordinator.settle()
+
+
+def _upload(devices, coordinator, kind):
+    for position, token in enumerate(devices.tokens):
+        task = devices.task(token)
+        assert task["action"] == kind and task["secure"] is not None, task
+        body = (
+            devices.training_body(position, token, task)
+            if kind == "train"
+            else devices.statistics_body(position, token, task)
+        )
+        reply = devices.client.post(
+            task["upload_url"], data=save({"masked": body}), headers=auth(token)
+        )
+        assert reply.status_code == 200, reply.json
+    assert coordinator.settle()
+
+
+def _expected_model(before):
+    """The plain HeteroFL average of the known weights, then the plain sBN statistics."""
+    from heterofl_edge.aggregation import HeteroFLAggregator
+    from heterofl_edge.slicing import shapes_at
+
+    aggregator = HeteroFLAggregator(before, ARCH.spec, 1.0)
+    for value, rate, labels in zip(VALUES, (1.0, 0.25, 0.0625), LABELS, strict=True):
+        shapes = shapes_at(ARCH.spec, rate)
+        aggregator.add(
+            {n: torch.full(shapes[n], value) for n in trainable_names(ARCH.spec)}, rate, labels
+        )
+    state = aggregator.finalize()
+    moments = {}
+    for name, channels in (("blocks.0.norm", 64), ("blocks.1.norm", 128)):
+        mean = sum(MEANS) / 3
+        var = sum(1 + m * m for m in MEANS) / 3 - mean * mean
+        moments[name] = ChannelMoments(
+            1800, torch.full((channels,), mean), torch.full((channels,), var)
+        )
+    return apply_statistics(state, moments)
+
+
+def test_a_device_that_cannot_mask_is_refused_at_registration(secure_app):
+    client = secure_app.test_client()
+    reply = client.post("/v1/devices", json=PROFILE)
+    assert_error(reply, 400, ErrorCode.secure_aggregation_unsupported)
+    assert client.post("/v1/devices", json=SECURE).status_code == 201
+
+
+def test_a_secure_round_over_the_api_gives_the_plain_average_and_statistics(secure_app):
+    client = secure_app.test_client()
+    coordinator = secure_app.extensions["heterofl"]
+    before = global_model(client)
+    devices = Devices(client, register(client, 3, SECURE))
+    assert coordinator.settle()
+    _stage(devices, coordinator, "advertise")
+    _stage(devices, coordinator, "share")
+    _upload(devices, coordinator, "train")
+    # what the coordinator stored for each device (its database, while the round is open):
+    # uniform modulo 2^32 and uncorrelated with the device's true vector
+    ids = {row.device_id for row in coordinator.store.uploaded(1, Phase.training)}
+    assert len(ids) == 3
+    by_device = {}
+    for row in coordinator.store.uploaded(1, Phase.training):
+        stored = load(coordinator.store.payload(1, Phase.training, row.device_id))["masked"]
+        by_device[row.device_id] = stored
+    stored_vectors = sorted(by_device.values(), key=len)
+    true_vectors = sorted(devices.vectors.values(), key=len)
+    for stored, true in zip(stored_vectors, true_vectors, strict=True):
+        assert stored.dtype == np.uint32 and stored.shape == true.shape
+        if stored.size >= 4096:
+            counts = np.bincount((stored >> np.uint32(24)).astype(np.int64), minlength=256)
+            assert chisquare(counts).pvalue > 1e-6
+        r = np.corrcoef(stored.astype(np.float64), true.view(np.int32).astype(np.float64))[0, 1]
+        assert abs(r) < 5 / np.sqrt(true.size), r
+    _stage(devices, coordinator, "unmask")
+    _stage(devices, coordinator, "advertise")  # the sBN statistics' own aggregation
+    _stage(devices, coordinator, "share")
+    _upload(devices, coordinator, "statistics")
+    _stage(devices, coordinator, "unmask")
+    after = global_model(client)
+    expected = _expected_model(before)
+    resolution = FixedPoint(2.0**26, 8.0).resolution
+    for name in ("blocks.0.conv.bias", "blocks.3.conv.weight", "classifier.weight"):
+        gap = (after[name].double() - expected[name].double()).abs().max()
+        assert gap <= resolution + 1e-6, (name, float(gap))
+    torch.testing.assert_close(
+        after["blocks.0.norm.running_mean"], expected["blocks.0.norm.running_mean"]
+    )
+    torch.testing.assert_close(
+        after["blocks.1.norm.running_var"], expected["blocks.1.norm.running_var"]
+    )
+
+
+def test_bad_input_at_each_stage_is_refused_with_a_code_and_nothing_is_kept(secure_app):
+    client = secure_app.test_client()
+    coordinator = secure_app.extensions["heterofl"]
+    before = global_model(client)
+    devices = Devices(client, register(client, 3, SECURE))
+    first, second, third = devices.tokens
+    assert coordinator.settle()
+
+    # advertise: a replayed key, a repeated advertisement, a key that is no P-256 point
+    tasks = {t: devices.task(t) for t in devices.tokens}
+    good = devices.body(first, tasks[first])
+    assert devices.answer(first, tasks[first], good).status_code == 200
+    replay = {**good, "context": tasks[second]["context"]}
+    assert_error(devices.answer(second, tasks[second], replay), 409, ErrorCode.replayed_key)
+    assert_error(devices.answer(first, tasks[first], good), 409, ErrorCode.duplicate_advertisement)
+    bad = {**devices.body(second, tasks[second]), "c_public": b64(b"\x04" + bytes(64))}
+    assert_error(devices.answer(second, tasks[second], bad), 422, ErrorCode.bad_key)
+    for token in (second, third):
+        assert devices.answer(token, tasks[token]).status_code == 200
+    assert coordinator.settle()
+
+    # share: a share for a client that is no neighbour, then too few shares
+    tasks = {t: devices.task(t) for t in devices.tokens}
+    good = devices.body(first, tasks[first])
+    extra = {**good, "shares": {**good["shares"], "99": next(iter(good["shares"].values()))}}
+    assert_error(devices.answer(first, tasks[first], extra), 422, ErrorCode.unknown_peer)
+    short = {**good, "shares": dict(list(good["shares"].items())[:1])}
+    assert_error(devices.answer(first, tasks[first], short), 422, ErrorCode.bad_share)
+    assert devices.answer(first, tasks[first], good).status_code == 200
+    for token in (second, third):
+        assert devices.answer(token, tasks[token]).status_code == 200
+    assert coordinator.settle()
+
+    # masked upload: the wrong length, the wrong modulus, other tensors, twice
+    task = devices.task(first)
+    masked = devices.training_body(0, first, task)
+    url, headers = task["upload_url"], auth(first)
+    for body, status, code in (
+        (save({"masked": masked[:-1]}), 422, ErrorCode.wrong_length),
+        (save({"masked": masked.astype(np.int64)}), 422, ErrorCode.bad_modulus),
+        (save({"masked": masked.view(np.float32)}), 422, ErrorCode.bad_modulus),
+        (save({"masked": masked, "labels": np.arange(3)}), 422, ErrorCode.wrong_tensors),
+    ):
+        assert_error(client.post(url, data=body, headers=headers), status, code)
+    assert client.post(url, data=save({"masked": masked}), headers=headers).status_code == 200
+    again = client.post(url, data=save({"masked": masked}), headers=headers)
+    assert_error(again, 409, ErrorCode.duplicate_upload)
+    for position, token in ((1, second), (2, third)):
+        task = devices.task(token)
+        body = save({"masked": devices.training_body(position, token, task)})
+        assert client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
+    assert coordinator.settle()
+
+    # unmask: a second reply, a share of a client that was not asked
+    tasks = {t: devices.task(t) for t in devices.tokens}
+    answered = devices.body(first, tasks[first])
+    assert devices.answer(first, tasks[first], answered).status_code == 200
+    assert_error(devices.answer(first, tasks[first], answered), 409, ErrorCode.duplicate_unmask)
+    good = devices.body(second, tasks[second])
+    wrong = {**good, "unmask": {**good["unmask"], "42": "1"}}
+    assert_error(devices.answer(second, tasks[second], wrong), 422, ErrorCode.unknown_peer)
+    assert devices.answer(second, tasks[second], good).status_code == 200
+    assert devices.answer(third, tasks[third]).status_code == 200
+    assert coordinator.settle()
+
+    _stage(devices, coordinator, "advertise")
+    _stage(devices, coordinator, "share")
+    _upload(devices, coordinator, "statistics")
+    _stage(devices, coordinator, "unmask")
+    after, expected = global_model(client), _expected_model(before)
+    gap = (after["blocks.0.conv.bias"].double() - expected["blocks.0.conv.bias"].double()).abs()
+    assert float(gap.max()) <= FixedPoint(2.0**26, 8.0).resolution + 1e-6
+
+
+def test_a_restart_with_masked_uploads_held_fails_the_round_and_unmasks_nothing(make_app, caplog):
+    first_app = make_app(secure_aggregation=True, secure_aggregation_clip=8.0)
+    first = first_app.test_client()
+    coordinator = first_app.extensions["heterofl"]
+    before = global_model(first)
+    devices = Devices(first, register(first, 3, SECURE))
+    assert coordinator.settle()
+    _stage(devices, coordinator, "advertise")
+    _stage(devices, coordinator, "share")
+    _upload(devices, coordinator, "train")  # the unmasking stage is open now
+    task = devices.task(devices.tokens[0])
+    assert task["action"] == "secagg" and task["stage"] == "unmask"
+    assert devices.answer(devices.tokens[0], task).status_code == 200  # one share revealed
+    coordinator.close()
+
+    second_app = make_app(secure_aggregation=True, secure_aggregation_clip=8.0)
+    second = second_app.test_client()
+    restarted = second_app.extensions["heterofl"]
+    assert restarted.settle()
+    operator = {"Authorization": f"Bearer {restarted.config.admission.operator_token}"}
+    history = second.get("/v1/rounds", headers=operator).json["rounds"]
+    assert history[0]["round"] == 1 and history[0]["state"] == "failed"
+    assert "restarted during secure aggregation" in history[0]["metrics"]["reason"]
+    for name, value in before.items():  # nothing of round 1 reached the model
+        assert torch.equal(global_model(second)[name], value), name
+    # round 2 starts over with fresh keys: the devices' old instance is of no use
+    again = Devices(second, devices.tokens)
+    _stage(again, restarted, "advertise")
+    _stage(again, restarted, "share")
+    _upload(again, restarted, "train")
+    _stage(again, restarted, "unmask")
+    _stage(again, restarted, "advertise")
+    _stage(again, restarted, "share")
+    _upload(again, restarted, "statistics")
+    _stage(again, restarted, "unmask")
+    after, expected = global_model(second), _expected_model(before)
+    gap = (after["blocks.0.conv.bias"].double() - expected["blocks.0.conv.bias"].double()).abs()
+    assert float(gap.max()) <= FixedPoint(2.0**26, 8.0).resolution + 1e-6
