@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import tomllib
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import StrEnum
@@ -105,6 +106,7 @@ class FederationSpec:
 
     def __post_init__(self) -> None:
         """Refuse impossible settings before any data is loaded."""
+        self._coerce_enums()
         arch = get_architecture(self.model)  # ConfigError listing the choices if unknown
         if arch.task is TaskKind.language_model and self.split is not Split.iid:
             raise ConfigError(
@@ -195,6 +197,19 @@ class FederationSpec:
         if not self.secure_aggregation:
             return None
         return SecureSettings(self.secure_aggregation_clip, self.secure_aggregation_threshold)
+
+    def _coerce_enums(self) -> None:
+        """A setting's plain string (from Python code) becomes its enum, or a ``ConfigError``."""
+        for name, kind in _enum_fields(type(self)).items():
+            value = getattr(self, name)
+            if isinstance(value, str) and not isinstance(value, kind):
+                try:
+                    object.__setattr__(self, name, kind(value))
+                except ValueError:
+                    raise ConfigError(
+                        f"unknown {name} {value!r}",
+                        f"use one of: {', '.join(e.value for e in kind)}",
+                    ) from None
 
     def _check_encodings(self) -> None:
         rates = self.level_mix.rates  # parsing the mode is the check
@@ -376,6 +391,24 @@ _CONVERT: dict[str, Any] = {
     "statistics": StatisticsClients,
     "milestones": lambda v: tuple(int(m) for m in v),
 }
+
+
+_ENUM_FIELDS: dict[type, dict[str, type[StrEnum]]] = {}
+
+
+def _enum_fields(cls: type) -> dict[str, type[StrEnum]]:
+    """The settings of ``cls`` whose type is an enum (``Split | None`` counts), by name."""
+    if cls in _ENUM_FIELDS:
+        return _ENUM_FIELDS[cls]
+    hints = typing.get_type_hints(cls)
+    found: dict[str, type[StrEnum]] = {}
+    for setting in fields(cls):
+        hint = hints[setting.name]
+        for kind in typing.get_args(hint) or (hint,):
+            if isinstance(kind, type) and issubclass(kind, StrEnum):
+                found[setting.name] = kind
+    _ENUM_FIELDS[cls] = found
+    return found
 
 
 def spec_values(values: Mapping[str, Any]) -> dict[str, Any]:

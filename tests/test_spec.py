@@ -193,3 +193,33 @@ def test_simulate_and_serve_read_the_same_spec_file(tmp_path, mnist_dir):
         stop(process)
     assert (health["mode"], health["policy"], health["rounds"]) == ("a2-e8", "profile", 7)
     assert not math.isnan(health["reference_rate"])
+
+
+def test_a_spec_built_in_python_reads_enum_settings_given_as_strings():
+    """``SimulationConfig(split="non-iid")`` means what ``--split non-iid`` means."""
+    from heterofl_edge.partition import Split
+    from heterofl_edge.privacy import DpPlacement
+
+    given = SimulationConfig(
+        split="non-iid",
+        submodel="rolling",
+        statistics="round",
+        policy="fix",
+        dp_clip=1.0,
+        dp_noise_multiplier=1.0,
+        dp_placement="distributed",
+    )
+    assert given.split is Split.non_iid and given.submodel is Submodel.rolling
+    assert given.statistics is StatisticsClients.round and given.policy is Policy.fix
+    assert given.dp_placement is DpPlacement.distributed
+    assert given == SimulationConfig(
+        split=Split.non_iid,
+        submodel=Submodel.rolling,
+        statistics=StatisticsClients.round,
+        policy=Policy.fix,
+        dp_clip=1.0,
+        dp_noise_multiplier=1.0,
+        dp_placement=DpPlacement.distributed,
+    )
+    with pytest.raises(ConfigError, match=r"unknown split 'bogus' \(use one of: iid, non-iid\)"):
+        SimulationConfig(split="bogus")
