@@ -772,63 +772,65 @@ class RoundEngine:
         self, instance: SecAggServer, number: int, phase: Phase, deadline: float
     ) -> dict[str, MaskRequest] | None:
         """Key advertisement and key sharing; each masking client's request (None: stopped)."""
-        advertised = self._exchange(
-            number,
-            phase,
-            Stage.advertise,
-            {c: StageRequest(instance.context, i) for c, i in instance.index.items()},
-            min(deadline, self.clock() + self.settings.secure_stage_seconds),
-        )
-        if advertised is None:
+        stage_deadline = min(deadline, self.clock() + self.settings.secure_stage_seconds)
+        advertise = {c: StageRequest(instance.context, i) for c, i in instance.index.items()}
+        if not self._stage(
+            number, phase, Stage.advertise, advertise, stage_deadline,
+            instance.accept_advertisement, "keys",
+        ):  # fmt: skip
             return None
-        for client, advertisement in advertised.items():
-            try:
-                instance.accept_advertisement(client, advertisement)
-            except SecAggRefusal as exc:
-                log.warning("round %d: keys of %s refused: %s", number, client, exc)
         share_requests = instance.close_advertisement()
-        shared = self._exchange(
-            number,
-            phase,
-            Stage.share,
-            {
-                c: StageRequest(instance.context, instance.index[c], request)
-                for c, request in share_requests.items()
-            },
+        if not self._stage(
+            number, phase, Stage.share, self._requests(instance, share_requests),
             min(deadline, self.clock() + self.settings.secure_stage_seconds),
-        )
-        if shared is None:
+            instance.accept_shares, "shares",
+        ):  # fmt: skip
             return None
-        for client, shares in shared.items():
-            try:
-                instance.accept_shares(client, shares)
-            except SecAggRefusal as exc:
-                log.warning("round %d: shares of %s refused: %s", number, client, exc)
         return instance.close_shares()
 
     def _secure_unmask(
         self, instance: SecAggServer, number: int, phase: Phase
     ) -> np.ndarray | None:
         """The unmasked sums once the survivors sent their shares (None: stopped)."""
-        requests = instance.close_masked()
-        answered = self._exchange(
-            number,
-            phase,
-            Stage.unmask,
-            {
-                c: StageRequest(instance.context, instance.index[c], request)
-                for c, request in requests.items()
-            },
+        if not self._stage(
+            number, phase, Stage.unmask, self._requests(instance, instance.close_masked()),
             self.clock() + self.settings.secure_stage_seconds,
-        )
-        if answered is None:
+            instance.accept_unmask, "unmasking shares",
+        ):  # fmt: skip
             return None
-        for client, shares in answered.items():
-            try:
-                instance.accept_unmask(client, shares)
-            except SecAggRefusal as exc:
-                log.warning("round %d: unmasking shares of %s refused: %s", number, client, exc)
         return instance.finalize()
+
+    @staticmethod
+    def _requests(instance: SecAggServer, requests: Mapping[str, Any]) -> dict[str, StageRequest]:
+        """Each client's ``request`` for a stage, with the instance's context and its index."""
+        return {
+            c: StageRequest(instance.context, instance.index[c], request)
+            for c, request in requests.items()
+        }
+
+    def _stage(
+        self,
+        number: int,
+        phase: Phase,
+        stage: Stage,
+        requests: Mapping[str, StageRequest],
+        deadline: float,
+        accept: Callable[[str, Any], Any],
+        what: str,
+    ) -> bool:
+        """Run one SecAgg stage and hand each answer to ``accept`` (False: stopped).
+
+        An answer ``accept`` refuses is logged (``what`` names it) and left out.
+        """
+        answered = self._exchange(number, phase, stage, requests, deadline)
+        if answered is None:
+            return False
+        for client, answer in answered.items():
+            try:
+                accept(client, answer)
+            except SecAggRefusal as exc:
+                log.warning("round %d: %s of %s refused: %s", number, what, client, exc)
+        return True
 
     def _exchange(
         self,
