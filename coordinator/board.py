@@ -29,6 +29,7 @@ import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -230,6 +231,34 @@ class TaskSettings:
     formats: tuple[str, ...]
     poll_seconds: float
     heartbeat_seconds: float  # how often a working device calls /v1/heartbeat
+
+
+@contextmanager
+def storing_result(device_id: str, number: int, what: str) -> Iterator[None]:
+    """Store a device's ``what`` of round ``number``; the store's refusals as the device's errors.
+
+    A failed disk or database is a server fault (logged, 503 storage_error); a task
+    already uploaded is 409 duplicate_upload, one closed otherwise 409 round_closed.
+    """
+    try:
+        yield
+    except sqlite3.Error as exc:
+        log.exception("storing a %s of device %s failed", what, device_id)
+        raise ApiError(
+            ErrorCode.storage_error,
+            f"the coordinator could not store your {what} ({type(exc).__name__})",
+            "retry later; nothing of it was kept",
+        ) from None
+    except TaskClosed as closed:
+        if closed.status == TaskStatus.uploaded:
+            raise ApiError(
+                ErrorCode.duplicate_upload, f"round {number}: already received"
+            ) from None
+        raise ApiError(
+            ErrorCode.round_closed,
+            f"round {number} closed before your {what} arrived",
+            "ask /v1/task for your next task",
+        ) from None
 
 
 class TaskBoard:
@@ -842,27 +871,10 @@ class TaskBoard:
         labels: Sequence[int] | None,
         metrics: dict[str, float] | None,
     ) -> None:
-        try:
+        with storing_result(device.id, view.round, "result"):
             self.store.accept(
                 view.round, view.phase, device.id, body, now, seconds, num_samples, labels, metrics
             )
-        except sqlite3.Error as exc:  # the disk or the database failed: a server fault
-            log.exception("storing a result of device %s failed", device.id)
-            raise ApiError(
-                ErrorCode.storage_error,
-                f"the coordinator could not store your result ({type(exc).__name__})",
-                "retry later; nothing of it was kept",
-            ) from None
-        except TaskClosed as closed:
-            if closed.status == TaskStatus.uploaded:
-                raise ApiError(
-                    ErrorCode.duplicate_upload, f"round {view.round}: already received"
-                ) from None
-            raise ApiError(
-                ErrorCode.round_closed,
-                f"round {view.round} closed before your result arrived",
-                "ask /v1/task for your next task",
-            ) from None
         with self._lock:
             self._status[device.id] = TaskStatus.uploaded
             self._late.discard(device.id)

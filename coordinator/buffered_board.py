@@ -20,7 +20,6 @@ stored records, also after a restart.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,12 +33,12 @@ from coordinator.board import (
     TaskBoard,
     TaskStatus,
     encode_state,
+    storing_result,
 )
 from coordinator.buffered_journal import BufferedRecords
 from coordinator.errors import ApiError, ErrorCode
 from coordinator.intake import check_update, decode_payload
 from coordinator.registry import Device
-from coordinator.store import TaskClosed
 from heterofl_edge.buffered_engine import Arrival, Event, Lost, VersionTask
 from heterofl_edge.engine import Phase, Task, TrainReply
 from heterofl_edge.protocol import Accepted, DoneTask, TaskReply, WaitTask
@@ -259,7 +258,7 @@ class BufferedBoard(TaskBoard):
         )
         now = self.clock()
         started = self._flight_started.get(device.id, flight.dispatched_at)
-        try:
+        with storing_result(device.id, number, "update"):
             seq = self.records.accept(
                 number,
                 device.id,
@@ -270,23 +269,6 @@ class BufferedBoard(TaskBoard):
                 parsed.labels,
                 parsed.metrics,
             )
-        except sqlite3.Error as exc:
-            log.exception("storing an update of device %s failed", device.id)
-            raise ApiError(
-                ErrorCode.storage_error,
-                f"the coordinator could not store your update ({type(exc).__name__})",
-                "retry later; nothing of it was kept",
-            ) from None
-        except TaskClosed as closed:
-            if closed.status == TaskStatus.uploaded:
-                raise ApiError(
-                    ErrorCode.duplicate_upload, f"round {number}: already received"
-                ) from None
-            raise ApiError(
-                ErrorCode.round_closed,
-                f"your task of round {number} closed before your update arrived",
-                "ask /v1/task for your next task",
-            ) from None
         with self._flight_lock:
             if self._flights.get(device.id) is flight:
                 self._flight_status[device.id] = TaskStatus.uploaded
