@@ -12,6 +12,16 @@
 // float32; a training result goes up as the task's upload_encoding says: the trained weights
 // (fp32) or the update, with the error-feedback residual kept per level.
 //
+// Secure aggregation (secagg_device.js, as device_sim/device.py): the page registers with
+// `secure_aggregation: true`, answers each `secagg` stage (advertise, share, unmask) at the
+// task's answer_url, and a training or statistics task that carries `secure` uploads one
+// uint32 tensor `masked` and nothing else (no labels, metrics or example count). On the page
+// the instances and the masking live in the training worker (`secagg`: remote_level.js).
+// What the protocol refuses (no keys for a context after a reload, say) is logged and
+// nothing is sent, as the Python device does; the device is then out of that instance: the
+// coordinator asks again until the stage closes, and each time it waits `pollSeconds`
+// (the registration's poll_seconds) instead of answering, training or masking again.
+//
 // Liveness: while it works on a task (loading the artifact, training, statistics,
 // uploading) the device POSTs /v1/heartbeat every `heartbeat_seconds`, from the
 // registration reply or, for a device resuming with a stored token, the task reply
@@ -29,11 +39,13 @@ import {
 } from './protocol.js';
 import { addDistributedNoise } from './dp_noise.js';
 import { UpdateEncoder, decodeTensors } from './encoding.js';
+import { SecAggDevice } from './secagg_device.js';
 import { STATS_BATCH } from './trainer.js';
 
 export const DEFAULT_MEMORY_MB = 2048;
 export const MIN_BANDWIDTH_MBPS = 1;
 export const DEFAULT_HEARTBEAT_SECONDS = 5;
+export const DEFAULT_POLL_SECONDS = 2;
 export const ENROLLMENT_MESSAGE =
   'This coordinator needs the device link printed at its start-up: open that link ' +
   '(it ends in #enroll=…) on this device, then start again.';
@@ -49,7 +61,7 @@ export class FatalError extends Error {
 /** Everything the page shows and tests read (window.heterofl.state). */
 export function initialState() {
   return {
-    phase: 'idle', // idle | starting | profiling | registering | polling | waiting | training | statistics | uploading | backoff | stopped | done
+    phase: 'idle', // idle | starting | profiling | registering | polling | waiting | training | statistics | secagg | uploading | backoff | stopped | done
     deviceId: null,
     level: null,
     rate: null,
@@ -67,7 +79,8 @@ export function initialState() {
     accuracy: null,
     uploads: 0,
     statisticsUploads: 0,
-    lastUpload: null, // the last training upload: {round, level, seed, loss, accuracy, steps, bytes}
+    secaggAnswers: 0, // secure aggregation stages answered
+    lastUpload: null, // the last training upload: {round, level, seed, loss, accuracy, steps, bytes, encoding, masked}
     lastStatistics: null, // the last statistics upload: {round, level}
     bytesSent: 0,
     bytesReceived: 0,
@@ -112,6 +125,8 @@ export class DeviceClient {
    * @param {{memoryMb?: number, bandwidthMbps?: number}} [options.device]
    * @param {{setInterval: typeof setInterval, clearInterval: typeof clearInterval}} [options.timers]
    *   the heartbeat's clock (a fake one in tests)
+   * @param {{answer: Function, maskTraining: Function, maskStatistics: Function}} [options.secagg]
+   *   secure aggregation's instances (secagg_device.js SecAggDevice; on the page, the worker's)
    */
   constructor(options) {
     Object.assign(this, options);
@@ -119,7 +134,10 @@ export class DeviceClient {
     this.breathe = options.breathe ?? (async () => {});
     this.device = options.device ?? {};
     this.timers = options.timers ?? globalThis;
+    this.secagg = options.secagg ?? new SecAggDevice();
     this.heartbeatSeconds = DEFAULT_HEARTBEAT_SECONDS;
+    this.pollSeconds = DEFAULT_POLL_SECONDS;
+    this.skippedInstances = new Set(); // secure aggregation contexts this device is out of
     this.profile = null;
     /** The exact bytes of the last upload of each kind ('train', 'statistics'), for tests. */
     this.uploadBodies = {};
@@ -179,6 +197,7 @@ export class DeviceClient {
     this.set({ phase: 'registering' });
     const reply = await this.coordinator.register(profile);
     this.useHeartbeatSeconds(reply.heartbeat_seconds);
+    if (Number(reply.poll_seconds) > 0) this.pollSeconds = Number(reply.poll_seconds);
     this.set({ deviceId: reply.device_id, level: reply.level ?? null, rate: reply.rate ?? null });
     this.log(`registered as ${reply.device_id} (level ${reply.level ?? 'per round'})`);
   }
@@ -250,6 +269,9 @@ export class DeviceClient {
           }
           if (idle++ === 0) this.log(`waiting for a round (asked to come back in ${seconds} s)`);
           await this.sleep(Math.max(0, seconds) * 1000, this.signal);
+        } else if (this.skippedInstances.has(task.secure?.context ?? task.context)) {
+          this.set({ phase: 'waiting' }); // out of this instance: its tasks come back until it closes
+          await this.sleep(this.pollSeconds * 1000, this.signal);
         } else if (task.action === 'train') {
           idle = 0;
           this.useHeartbeatSeconds(task.heartbeat_seconds);
@@ -258,6 +280,9 @@ export class DeviceClient {
           idle = 0;
           this.useHeartbeatSeconds(task.heartbeat_seconds);
           await this.beating(() => this.statistics(task));
+        } else if (task.action === 'secagg') {
+          idle = 0;
+          await this.secureStage(task);
         }
       });
       if (finished) {
@@ -371,6 +396,12 @@ export class DeviceClient {
     }
     let trained = result.weights;
     if (task.distributed_noise) trained = this.noised(level, weights, trained, task.distributed_noise);
+    if (task.secure) {
+      await this.uploadMasked(task, result, () =>
+        this.secagg.maskTraining(task.secure, task.rate, weights, trained, this.data.labels),
+      );
+      return;
+    }
     const encoding = task.upload_encoding ?? 'fp32';
     const encoded = this.encoder.encode(
       trained,
@@ -433,6 +464,77 @@ export class DeviceClient {
     );
   }
 
+  /**
+   * Answer a secure aggregation stage (keys, encrypted shares, unmasking shares) at its
+   * answer_url; a stage the instance refuses (SecAggSkip) is logged and left unanswered.
+   */
+  async secureStage(task) {
+    this.set({ phase: 'secagg', round: task.round });
+    const answer = await this.skipping(task, `secure aggregation ${task.stage}`, () => this.secagg.answer(task));
+    if (answer === null) return;
+    await this.coordinator.answer(task.answer_url, answer);
+    this.set({ secaggAnswers: this.state.secaggAnswers + 1 });
+    this.log(`round ${task.round}: secure aggregation (${task.phase}): answered ${task.stage}`);
+  }
+
+  /**
+   * `work()`, or null when secure aggregation refuses it (SecAggSkip: logged, and the device
+   * is out of that instance from now on).
+   */
+  async skipping(task, what, work) {
+    try {
+      return await work();
+    } catch (err) {
+      if (err?.name !== 'SecAggSkip') throw err;
+      this.skippedInstances.add(task.secure?.context ?? task.context);
+      this.log(`round ${task.round}: ${what}: ${err.message}; out of this aggregation`, 'warn');
+      return null;
+    }
+  }
+
+  /**
+   * Upload a secure task's result: one uint32 tensor `masked` (from `mask()`), no metadata.
+   * `result`: a training session's (kept on the page, never sent), or null for statistics.
+   */
+  async uploadMasked(task, result, mask) {
+    const started = performance.now();
+    const masked = await this.skipping(task, 'cannot mask', mask);
+    if (masked === null) return;
+    const maskMs = Math.round(performance.now() - started);
+    this.set({ phase: 'uploading', ...(result ? { loss: result.loss, accuracy: result.accuracy } : {}) });
+    const sentBefore = this.coordinator.bytesSent;
+    const tensors = new Map([['masked', { data: masked, shape: [masked.length], dtype: 'U32' }]]);
+    await this.coordinator.upload(task.upload_url, tensors, {}); // no metadata: nothing but the vector
+    if (result === null) {
+      this.uploadBodies.statistics = this.coordinator.lastUpload?.body;
+      this.set({
+        statisticsUploads: this.state.statisticsUploads + 1,
+        lastStatistics: { round: task.round, level: task.artifact?.level ?? null, masked: true, maskMs },
+      });
+      this.log(`round ${task.round}: sent masked sBN statistics (${masked.length} elements, masked in ${maskMs} ms)`);
+      return;
+    }
+    this.uploadBodies.train = this.coordinator.lastUpload?.body;
+    this.set({
+      uploads: this.state.uploads + 1,
+      lastUpload: {
+        round: task.round,
+        level: task.level,
+        seed: task.seed,
+        loss: result.loss,
+        accuracy: result.accuracy,
+        steps: result.steps,
+        bytes: this.coordinator.bytesSent - sentBefore,
+        encoding: 'masked',
+        masked: true,
+        maskMs,
+      },
+    });
+    this.log(
+      `round ${task.round}: sent the masked update of level ${task.level} (${masked.length} elements, masked in ${maskMs} ms)`,
+    );
+  }
+
   async statistics(task) {
     this.set({ phase: 'statistics', round: task.round, statsBatch: 0, statsBatches: null, deadline: task.deadline ?? null });
     const level = await this.loadLevel(task.artifact.manifest_url);
@@ -446,6 +548,10 @@ export class DeviceClient {
     if (task.private) {
       // Each report weighs as one client: the example count is not released.
       for (const [name, tensor] of stats) if (name.endsWith('.count')) tensor.data.fill(1);
+    }
+    if (task.secure) {
+      await this.uploadMasked(task, null, () => this.secagg.maskStatistics(task.secure, stats));
+      return;
     }
     this.set({ phase: 'uploading' });
     await this.coordinator.upload(task.upload_url, stats, {});

@@ -1,7 +1,8 @@
 // The page: picks data, wires the training worker, the coordinator client and the device
 // loop to the DOM. Everything it shows lives in `state`, exposed as window.heterofl for tests.
 // The main thread only renders, talks HTTP and sends heartbeats; onnxruntime-web runs in a
-// module Web Worker (train_worker.js), so the page answers while the device trains.
+// module Web Worker (train_worker.js), so the page answers while the device trains. Secure
+// aggregation's keys and masking live in that worker too (secagg_device.js).
 //
 // URL query parameters (all optional):
 //   data=demo           download the demo shard (GET /v1/demo-data) without a click
@@ -83,6 +84,7 @@ const PHASES = {
   waiting: 'Waiting for the next round.',
   training: 'Training.',
   statistics: 'Computing sBN statistics for the coordinator.',
+  secagg: 'Secure aggregation: exchanging keys and shares with the coordinator.',
   uploading: 'Uploading.',
   backoff: 'Retrying after an error.',
   stopped: 'Stopped.',
@@ -399,6 +401,12 @@ function start() {
     changed,
     sleep,
     signal,
+    // the worker's instances (keys never reach the page); the worker starts before the run
+    secagg: {
+      answer: (task) => current.trainer.secagg.answer(task),
+      maskTraining: (...args) => current.trainer.secagg.maskTraining(...args),
+      maskStatistics: (...args) => current.trainer.secagg.maskStatistics(...args),
+    },
     device: {
       memoryMb: navigator.deviceMemory ? navigator.deviceMemory * 1024 : undefined,
       bandwidthMbps: navigator.connection?.downlink || undefined,

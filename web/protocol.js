@@ -67,7 +67,8 @@ export const MESSAGES = Object.freeze({
   DeviceProfile: {
     sends: {
       step_ms: 'number', reference_rate: 'number', memory_mb: 'number', bandwidth_mbps: 'number',
-      runtimes: 'array', num_examples: 'integer?', encodings: 'array?', enrollment_token: 'string?',
+      runtimes: 'array', num_examples: 'integer?', secure_aggregation: 'boolean?', encodings: 'array?',
+      enrollment_token: 'string?',
     },
   },
   Registered: {
@@ -82,7 +83,7 @@ export const MESSAGES = Object.freeze({
       action: 'string', round: 'integer', level: 'string', rate: 'number', seed: 'integer',
       lr: 'number', hyperparameters: 'object', artifact: 'object', weights_url: 'string',
       upload_url: 'string', deadline: 'number', heartbeat_seconds: 'number',
-      private: 'boolean?', distributed_noise: 'object?',
+      private: 'boolean?', distributed_noise: 'object?', secure: 'object?',
       download_encoding: 'string?', upload_encoding: 'string?', rounding_seed: 'integer?',
       error_feedback: 'boolean?', encoding_note: 'string?',
     },
@@ -92,13 +93,33 @@ export const MESSAGES = Object.freeze({
     reads: {
       action: 'string', round: 'integer', level: 'string', artifact: 'object',
       weights_url: 'string', upload_url: 'string', deadline: 'number',
-      heartbeat_seconds: 'number', expected_count: 'integer?', private: 'boolean?',
+      heartbeat_seconds: 'number', expected_count: 'integer?', private: 'boolean?', secure: 'object?',
       download_encoding: 'string?', encoding_note: 'string?',
     },
   },
-  // Secure aggregation's stages: this page does not speak them yet (a run with secure
-  // aggregation refuses it at registration), so it reads one as a wait (checkTask).
-  SecAggTask: { action: 'secagg', reads: { action: 'string', round: 'integer', stage: 'string' } },
+  // Secure aggregation (secagg_device.js): a stage to answer at answer_url, and how a
+  // training or statistics task's upload is masked (its `secure`).
+  SecAggTask: {
+    action: 'secagg',
+    reads: {
+      action: 'string', round: 'integer', phase: 'string', stage: 'string', context: 'string',
+      index: 'integer', answer_url: 'string', deadline: 'number', heartbeat_seconds: 'number',
+      threshold: 'integer?', neighbours: 'array?', dropped: 'array?', survivors: 'array?',
+    },
+  },
+  SecAggPeer: { reads: { index: 'integer', c_public: 'string', s_public: 'string' } },
+  SecAggAnswer: {
+    sends: {
+      context: 'string', stage: 'string', c_public: 'string?', s_public: 'string?', shares: 'object?',
+      unmask: 'object?',
+    },
+  },
+  SecureMasking: {
+    reads: {
+      context: 'string', index: 'integer', peers: 'object', ciphertexts: 'object', scale: 'number?',
+      clip: 'number?', plan: 'object?', layers: 'array?', statistics_scale: 'number?',
+    },
+  },
   WaitTask: { action: 'wait', reads: { action: 'string', retry_after: 'number' } },
   DoneTask: { action: 'done', reads: { action: 'string', rounds: 'integer' } },
   Hyperparameters: {
@@ -167,13 +188,15 @@ export function checkMessage(name, value) {
 /** A task reply checked against its kind's message; an action this page cannot do reads as wait. */
 export function checkTask(value) {
   const name = TASKS[value?.action];
-  if (!name || name === 'SecAggTask') {
+  if (!name) {
     return { action: 'wait', retry_after: Number(value?.retry_after ?? 2), asked: String(value?.action) };
   }
   checkMessage(name, value);
   if (name === 'TrainTask') checkMessage('Hyperparameters', value.hyperparameters);
   if (name === 'TrainTask' || name === 'StatisticsTask') checkMessage('ArtifactRef', value.artifact);
   if (name === 'TrainTask' && value.distributed_noise) checkMessage('DistributedNoise', value.distributed_noise);
+  if ((name === 'TrainTask' || name === 'StatisticsTask') && value.secure) checkMessage('SecureMasking', value.secure);
+  if (name === 'SecAggTask') for (const peer of value.neighbours ?? []) checkMessage('SecAggPeer', peer);
   return value;
 }
 
@@ -354,6 +377,7 @@ export class Coordinator {
       ...profile,
       runtimes: [RUNTIME],
       encodings: [...ENCODINGS], // encoding.js decodes weights and encodes updates in all of them
+      secure_aggregation: true, // secagg_device.js answers the stages and masks uploads when a run asks
       enrollment_token: this.enrollmentToken,
     });
     const reply = checkMessage('Registered', await this._json('POST', '/v1/devices', body));
@@ -368,7 +392,7 @@ export class Coordinator {
   }
 
   /**
-   * GET /v1/task: {action: "train" | "statistics" | "wait" | "done", ...}, checked; an action
+   * GET /v1/task: {action: "train" | "statistics" | "secagg" | "wait" | "done", ...}, checked; an action
    * this page does not know reads as a wait ({action: "wait", retry_after, asked}).
    */
   async task() {
@@ -407,6 +431,14 @@ export class Coordinator {
       files[file] = payload;
     }
     return { manifest, files, checked };
+  }
+
+  /**
+   * POST a secure aggregation stage's answer (a SecAggAnswer, JSON) to the task's answer_url.
+   * @returns {Promise<{accepted: boolean, round: number}>}
+   */
+  async answer(path, answer) {
+    return checkMessage('Accepted', await this._json('POST', path, outgoing('SecAggAnswer', answer)));
   }
 
   /** GET a safetensors resource (weights_url, /v1/demo-data). */

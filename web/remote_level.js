@@ -117,6 +117,15 @@ export class TrainerWorker {
     return this.levels.get(key);
   }
 
+  /**
+   * Secure aggregation in the worker: the same methods as secagg_device.js SecAggDevice
+   * (answer, maskTraining, maskStatistics), whose instances and keys live there.
+   */
+  get secagg() {
+    const call = (method) => (...args) => this.call('secagg', { method, args });
+    return { answer: call('answer'), maskTraining: call('maskTraining'), maskStatistics: call('maskStatistics') };
+  }
+
   /** The worker's key for `data`, posting it the first time. */
   async dataKey(data) {
     let key = this.dataKeys.get(data);

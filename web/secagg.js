@@ -2,9 +2,9 @@
 // SecAggClient computes it, byte for byte (tests/vectors/secagg.json, web/test/secagg.test.js):
 // P-256 ECDH, HKDF-SHA256, AES-256-GCM share encryption and AES-256-CTR masks from WebCrypto,
 // Shamir's scheme over the prime 2^521 - 1 with BigInt, masks added modulo 2^32 over the
-// intersection of two clients' nested slices (`embedding`). Not wired into the device page
-// yet: the coordinator does not run secure aggregation over HTTP (README, "Secure
-// aggregation").
+// intersection of two clients' nested slices (`embedding`). The device page uses it through
+// secagg_device.js (the stages' answers, the masked training and statistics uploads), in its
+// training worker (README, "Secure aggregation").
 
 export const PRIME = (1n << 521n) - 1n;
 export const SHARE_BYTES = 66;

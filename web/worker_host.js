@@ -15,10 +15,14 @@
 //   statistics  {level, data, weights}          -> {tensors: [[name, {dtype, shape, data}]]};
 //                                                   progress {batch, batches}
 //   profile     {level, data, warmup, steps}    -> {stepMs}
+//   secagg      {method, args}                  -> what SecAggDevice's `method` (answer,
+//                                                   maskTraining, maskStatistics) gives for
+//                                                   `args`: secure aggregation's keys stay here
 //
 // `ort` and `post` are passed in, so node's tests run the host with a stand-in runtime.
 
 import { materialise } from './data.js';
+import { SecAggDevice } from './secagg_device.js';
 import { OnnxLevel } from './trainer.js';
 
 /** The distinct, transferable buffers under typed arrays (never a wasm or shared memory). */
@@ -35,12 +39,14 @@ export class WorkerHost {
   /**
    * @param {object} ort onnxruntime-web (or a stand-in)
    * @param {(message: object, transfer?: Transferable[]) => void} post
+   * @param {SecAggDevice} [secagg] the secure aggregation instances (fresh keys by default)
    */
-  constructor(ort, post) {
+  constructor(ort, post, secagg = new SecAggDevice()) {
     this.ort = ort;
     this.post = post;
     this.levels = new Map();
     this.datasets = new Map();
+    this.secagg = secagg;
     this.queue = Promise.resolve();
   }
 
@@ -117,4 +123,13 @@ const OPERATIONS = {
   async profile({ level, data, warmup, steps }) {
     return [{ stepMs: await this._level(level).profile(this._data(data), { warmup, steps }) }];
   },
+
+  async secagg({ method, args }) {
+    if (!SECAGG_METHODS.has(method)) throw new Error(`secure aggregation has no operation ${JSON.stringify(method)}`);
+    const result = await this.secagg[method](...args);
+    return [result, result instanceof Uint32Array ? transferables([result]) : []];
+  },
 };
+
+/** What the page may ask of the worker's SecAggDevice. */
+export const SECAGG_METHODS = new Set(['answer', 'maskTraining', 'maskStatistics']);

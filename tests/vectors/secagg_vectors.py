@@ -13,7 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import save
 
+from coordinator.board import _masking
+from device_sim.device import Device
+from heterofl_edge.engine import SecureInput
+from heterofl_edge.protocol import SecAggPeer, SecAggTask, StatisticsTask, TrainTask
 from heterofl_edge.secagg import (
     SALT,
     FixedPoint,
@@ -22,14 +27,17 @@ from heterofl_edge.secagg import (
     SecAggServer,
     Segment,
     VectorLayout,
+    b64,
     combine_shares,
     derive_key,
     embedding,
     encode_wide,
     prg,
     split_secret,
+    statistics_layout,
     statistics_vector,
     training_vector,
+    unb64,
 )
 
 
@@ -137,6 +145,7 @@ def secagg_vectors() -> dict[str, Any]:
         "embedding": embeddings,
         "shamir": shamir,
         "protocol": protocol_vectors(),
+        "device": device_vectors(),
     }
 
 
@@ -213,17 +222,7 @@ def protocol_vectors() -> dict[str, Any]:
 
 def vector_cases() -> dict[str, Any]:
     """A training vector (label split, presence tiers) and a statistics vector."""
-    plan = LayoutPlan(
-        names=("w", "cls"),
-        blocks={"w": (1, 0), "cls": (0, 1)},
-        shapes={
-            0.5: {"w": (2, 3), "cls": (4, 2)},
-            1.0: {"w": (4, 3), "cls": (4, 4)},
-        },
-        label_dims={"cls": 0},
-        classes=4,
-        tiers=(0.5, 1.0),
-    )
+    plan = _toy_plan()
     rng = np.random.default_rng(5)
     update = {
         "w": rng.normal(0, 0.7, (2, 3)),
@@ -252,4 +251,213 @@ def vector_cases() -> dict[str, Any]:
         "statistics": {k: [float(x) for x in v] for k, v in stats.items()},
         "statistics_scale": 2.0**16,
         "statistics_vector": statistics_vector(stats, layers, 2.0**16).tolist(),
+    }
+
+
+def _toy_plan() -> LayoutPlan:
+    """Two tensors at rates 0.5 and 1.0, a classifier split over four labels."""
+    return LayoutPlan(
+        names=("w", "cls"),
+        blocks={"w": (1, 0), "cls": (0, 1)},
+        shapes={
+            0.5: {"w": (2, 3), "cls": (4, 2)},
+            1.0: {"w": (4, 3), "cls": (4, 4)},
+        },
+        label_dims={"cls": 0},
+        classes=4,
+        tiers=(0.5, 1.0),
+    )
+
+
+def _stage(context: str, index: int, stage: str, **extra: Any) -> SecAggTask:
+    """A stage's task as the coordinator sends it (coordinator.board's _stage_task)."""
+    return SecAggTask(
+        round=7,
+        phase="training" if "training" in context else "statistics",
+        stage=stage,
+        context=context,
+        index=index,
+        answer_url="/v1/rounds/7/secagg",
+        deadline=1e9,
+        heartbeat_seconds=5.0,
+        **extra,
+    )
+
+
+def _device_instance(
+    context: str,
+    rates: dict[str, float],
+    layout_of: Callable[[float], VectorLayout],
+    device: Device,
+    masked_input: Callable[..., Any],
+) -> dict[str, Any]:
+    """One instance where client "d" is the Python device, "p1".."p3" protocol clients.
+
+    "p3" shares its keys and drops before uploading, so the device's unmask answer
+    holds an ``s``-key share (of p3) and seed shares (of the survivors). The
+    device's answers go through ``Device._secagg_answer``; ``masked_input(secure)``
+    gives its masked vector through the device's own masking, the task's
+    ``SecureMasking`` JSON and the inputs behind the vector.
+    """
+    layouts = {n: layout_of(r) for n, r in rates.items()}
+    server = SecAggServer(context, list(layouts.items()), layout_of(1.0), 0.5, 11)
+    index = server.index
+    keys = (_scalar(f"c d {context}"), _scalar(f"s d {context}"))
+    label = f"device {context}"
+    mine = SecAggClient(context, index["d"], stream(label), keys)
+    device._secagg[context] = mine  # what its advertise stage would have made, reproducibly
+    advert = mine.advertise()
+    others = {
+        n: SecAggClient(
+            context, index[n], stream(f"{n} {context}"), (_scalar(f"c {n}"), _scalar(f"s {n}"))
+        )
+        for n in rates
+        if n != "d"
+    }
+    server.accept_advertisement("d", advert)
+    for n, c in others.items():
+        server.accept_advertisement(n, c.advertise())
+    requests = server.close_advertisement()
+    share_task = _stage(
+        context,
+        index["d"],
+        "share",
+        threshold=requests["d"].threshold,
+        neighbours=[
+            SecAggPeer(index=v, c_public=b64(a.c_public), s_public=b64(a.s_public))
+            for v, a in requests["d"].neighbours.items()
+        ],
+    )
+    share_answer = device._secagg_answer(share_task)
+    assert share_answer is not None and share_answer.shares is not None
+    server.accept_shares("d", {int(v): unb64(x) for v, x in share_answer.shares.items()})
+    for n, c in others.items():
+        server.accept_shares(n, c.share_keys(requests[n].neighbours, requests[n].threshold))
+    mask_requests = server.close_shares()
+    rate_of = {index[n]: r for n, r in rates.items()}
+    secure = SecureInput(context, index["d"], mask_requests["d"], rates=rate_of)
+    masked, secure_json, inputs = masked_input(secure)
+    server.accept_masked("d", masked)
+    for n, c in others.items():
+        request = mask_requests[n]
+        vector = np.arange(layouts[n].size, dtype=np.uint32) * 7 + index[n]
+        out = c.mask(vector, layouts[n], request.peers, request.ciphertexts)
+        if n != "p3":  # p3 masks but never uploads: the survivors reveal its s key
+            server.accept_masked(n, out)
+    unmask_requests = server.close_masked()
+    request = unmask_requests["d"]
+    unmask_task = _stage(
+        context,
+        index["d"],
+        "unmask",
+        dropped=list(request.dropped),
+        survivors=list(request.survivors),
+    )
+    unmask_answer = device._secagg_answer(unmask_task)
+    assert unmask_answer is not None and unmask_answer.unmask is not None
+    server.accept_unmask("d", {int(v): int(x) for v, x in unmask_answer.unmask.items()})
+    for n, c in others.items():
+        if n in unmask_requests:
+            r = unmask_requests[n]
+            server.accept_unmask(n, c.unmask(r.dropped, r.survivors))
+    server.finalize()  # the device's masked vector unmasks with the others'
+    return {
+        "context": context,
+        "index": index["d"],
+        "c_private": format(keys[0], "064x"),
+        "s_private": format(keys[1], "064x"),
+        "random_label": label,
+        "advertise": {
+            "context": context,
+            "stage": "advertise",
+            "c_public": b64(advert.c_public),
+            "s_public": b64(advert.s_public),
+        },
+        "share_task": share_task.model_dump(mode="json"),
+        "share_answer": share_answer.model_dump(mode="json", exclude_none=True),
+        "secure": secure_json,
+        **inputs,
+        "masked": masked.tolist(),
+        # the upload's bytes, as device_sim's CoordinatorClient.upload sends them
+        "upload_sha256": hashlib.sha256(save({"masked": masked}, metadata={})).hexdigest(),
+        "unmask_task": unmask_task.model_dump(mode="json"),
+        "unmask_answer": unmask_answer.model_dump(mode="json", exclude_none=True),
+    }
+
+
+def device_vectors() -> dict[str, Any]:
+    """The Python device's answers and masked uploads in two instances (device_sim.Device).
+
+    Training: the device holds labels 1 and 3 at rate 0.5 beside clients at 1.0, 0.5
+    and 1.0; its upload is ``Device._masked_update`` of a received and a trained
+    float32 model. Statistics: ``Device._mask`` of the wide-encoded sums, as
+    ``Device.statistics`` does. The browser's ``SecAggDevice`` must give the same JSON
+    answers and the same vectors from the same task JSON.
+    """
+    device = Device(
+        None, np.zeros((2, 1, 28, 28), np.float32), np.array([3, 1, 3])
+    )  # no coordinator: never called
+    rng = np.random.default_rng(21)
+    plan = _toy_plan()
+    fixed = FixedPoint(2.0**20, 1.0)
+    shapes = {n: s for n, s in plan.shapes[0.5].items()}
+    received = {n: rng.normal(0, 1, s).astype(np.float32) for n, s in shapes.items()}
+    trained = {n: (v + rng.normal(0, 0.4, v.shape)).astype(np.float32) for n, v in received.items()}
+    trained["w"][0, 1] = received["w"][0, 1] + 2.0  # clipped
+
+    def training(secure: SecureInput) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+        full = SecureInput(
+            secure.context, secure.index, secure.request, fixed=fixed, plan=plan, rates=secure.rates
+        )
+        masking = _masking(full)
+        task = TrainTask.model_construct(round=7, rate=0.5, level="b", secure=masking)
+        masked = device._masked_update(task, masking, received, trained)
+        assert masked is not None
+        inputs = {
+            "rate": 0.5,
+            "labels": device.present,
+            "received": {n: [float(x) for x in v.reshape(-1)] for n, v in received.items()},
+            "trained": {n: [float(x) for x in v.reshape(-1)] for n, v in trained.items()},
+        }
+        return masked, masking.model_dump(mode="json"), inputs
+
+    layers = [("n0", 2), ("n1", 3)]
+    stats = {
+        "n0.count": np.array([3.0], np.float32),
+        "n0.mean": np.array([0.25, -1.5], np.float32),
+        "n0.var": np.array([2.0, 0.125], np.float32),
+        "n1.count": np.array([3.0], np.float32),
+        "n1.mean": rng.normal(0, 1, 3).astype(np.float32),
+        "n1.var": rng.uniform(0.1, 2, 3).astype(np.float32),
+    }
+
+    def statistics(secure: SecureInput) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+        full = SecureInput(
+            secure.context,
+            secure.index,
+            secure.request,
+            layers=tuple(layers),
+            statistics_scale=2.0**16,
+        )
+        masking = _masking(full)
+        task = StatisticsTask.model_construct(round=7, secure=masking)
+        layout = statistics_layout(layers)
+        vector = statistics_vector(stats, layers, 2.0**16)  # as Device.statistics
+        masked = device._mask(task, masking, vector, layout, lambda rate: layout)
+        assert masked is not None
+        inputs = {"statistics": {k: [float(x) for x in v] for k, v in stats.items()}}
+        return masked, masking.model_dump(mode="json"), inputs
+
+    rates = {"d": 0.5, "p1": 1.0, "p2": 0.5, "p3": 1.0}
+    return {
+        "training": _device_instance(
+            "round 7 training 5ec0de", rates, plan.layout, device, training
+        ),
+        "statistics": _device_instance(
+            "round 7 statistics 5ec0de",
+            dict.fromkeys(rates, 1.0),
+            lambda rate: statistics_layout(layers),
+            device,
+            statistics,
+        ),
     }

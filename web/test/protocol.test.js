@@ -67,7 +67,7 @@ function client(replies, extra = {}) {
   return { coordinator, seen, sleeps, retries };
 }
 
-test('register sends the profile with runtimes and encodings and keeps the token', async () => {
+test('register sends the profile with runtimes, encodings and secure aggregation and keeps the token', async () => {
   const storage = new MemoryStorage();
   const { coordinator, seen } = client(
     [
@@ -87,6 +87,7 @@ test('register sends the profile with runtimes and encodings and keeps the token
     bandwidth_mbps: 10,
     runtimes: ['onnx-web'],
     encodings: ['fp32', 'fp16', 'bf16', 'int8'],
+    secure_aggregation: true,
   });
   assert.deepEqual(await coordinator.task(), { action: 'wait', retry_after: 2 });
   assert.equal(seen[1].headers.Authorization, 'Bearer secret');
@@ -247,13 +248,18 @@ test('replies are checked against their declared message; an unknown action read
     retry_after: 3,
     asked: 'reticulate',
   });
-  // secure aggregation's stages are declared (the document has them) but this page does not
-  // speak them: one reads as a wait, like an unknown action
-  assert.deepEqual(checkTask({ action: 'secagg', round: 1, stage: 'advertise', retry_after: 3 }), {
-    action: 'wait',
-    retry_after: 3,
-    asked: 'secagg',
-  });
+  // secure aggregation's stages are tasks this page does; their fields and peers are checked
+  const stage = {
+    action: 'secagg', round: 1, phase: 'training', stage: 'share', context: 'c', index: 2,
+    answer_url: '/v1/rounds/1/secagg', deadline: 1, heartbeat_seconds: 5, threshold: 1,
+    neighbours: [{ index: 1, c_public: 'AA==', s_public: 'AA==' }], dropped: [], survivors: [],
+  };
+  assert.equal(checkTask(stage), stage);
+  assert.throws(() => checkTask({ ...stage, answer_url: undefined }), /SecAggTask.answer_url/);
+  assert.throws(() => checkTask({ ...stage, neighbours: [{ index: 1, c_public: 'AA==' }] }), /SecAggPeer.s_public/);
+  const secure = { context: 'c', index: 2, peers: { 1: 0.5 }, ciphertexts: {}, layers: [['n', 2]] };
+  assert.equal(checkTask({ ...task, secure }).secure, secure);
+  assert.throws(() => checkTask({ ...task, secure: { ...secure, peers: [] } }), /SecureMasking.peers should be object/);
   assert.deepEqual(Object.keys(TASKS).sort(), ['done', 'secagg', 'statistics', 'train', 'wait']);
   assert.deepEqual(outgoing('DeviceProfile', { step_ms: 1, secret: 'x', num_examples: null }), { step_ms: 1 });
 });

@@ -1,5 +1,4 @@
 import assert from 'node:assert/strict';
-import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { test } from 'node:test';
 
@@ -18,30 +17,12 @@ import {
   trainingVector,
   unhex,
 } from '../secagg.js';
+import { stream } from './stream.js';
 
 // Written by tests/vectors/make_vectors.py from heterofl_edge/secagg.py: one source of truth.
 const vectors = JSON.parse(
   readFileSync(new URL('../../tests/vectors/secagg.json', import.meta.url), 'utf8'),
 );
-
-/** The vectors' reproducible `random`: SHA-256(label | counter), 32 bytes at a time. */
-function stream(label) {
-  let counter = 0;
-  let buffer = new Uint8Array(0);
-  return (count) => {
-    while (buffer.length < count) {
-      const block = createHash('sha256').update(`${label}|${counter}`).digest();
-      const next = new Uint8Array(buffer.length + block.length);
-      next.set(buffer, 0);
-      next.set(block, buffer.length);
-      buffer = next;
-      counter += 1;
-    }
-    const out = buffer.slice(0, count);
-    buffer = buffer.slice(count);
-    return out;
-  };
-}
 
 test('the AES-CTR mask stream matches numpy word for word', async () => {
   for (const c of vectors.prg) {

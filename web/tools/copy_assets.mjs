@@ -31,6 +31,8 @@ export const PAGE_FILES = [
   'shuffle.js',
   'safetensors.js',
   'encoding.js',
+  'secagg.js',
+  'secagg_device.js',
   'data.js',
   'mnist.js',
 ];
