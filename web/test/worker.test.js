@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { materialise } from '../data.js';
+import { fromBase64 } from '../secagg_device.js';
 import { RemoteLevel, TrainerWorker, WorkerError } from '../remote_level.js';
 import { OnnxLevel } from '../trainer.js';
 import { WorkerHost, transferables } from '../worker_host.js';
@@ -12,7 +13,7 @@ import { data, fakeOrt, files, manifest } from './fake_ort.js';
  * A Worker stand-in: messages cross by structured clone (transfers detach the sender's
  * buffers), are delivered on a later turn, and stop once terminated, as postMessage does.
  */
-function fakeWorker(ort) {
+function fakeWorker(ort, secagg = undefined) {
   const worker = {
     terminated: false,
     received: [],
@@ -30,7 +31,7 @@ function fakeWorker(ort) {
   const host = new WorkerHost(ort, (message, transfer) => {
     const copy = structuredClone(message, { transfer });
     setImmediate(() => !worker.terminated && worker.onmessage?.({ data: copy }));
-  });
+  }, secagg);
   return worker;
 }
 
@@ -159,4 +160,23 @@ test('only whole, distinct, unshared buffers are transferred', () => {
   if (typeof SharedArrayBuffer === 'function') {
     assert.deepEqual(transferables([new Float32Array(new SharedArrayBuffer(16))]), []);
   }
+});
+
+test('secure aggregation through the worker: keys made there, its refusals arrive as SecAggSkip', async () => {
+  const trainer = new TrainerWorker(() => fakeWorker(fakeOrt()));
+  const stage = { round: 3, phase: 'training', context: 'round 3 training ab', index: 2 };
+  const keys = await trainer.secagg.answer({ ...stage, stage: 'advertise' });
+  assert.deepEqual(Object.keys(keys).sort(), ['c_public', 'context', 's_public', 'stage']);
+  for (const key of [keys.c_public, keys.s_public]) {
+    const point = fromBase64(key);
+    assert.equal(point.length, 65); // an uncompressed P-256 point
+    assert.equal(point[0], 4);
+  }
+  // the client decides on the error's name, which must survive the worker boundary
+  await assert.rejects(trainer.secagg.answer({ ...stage, context: 'another', stage: 'unmask' }), {
+    name: 'SecAggSkip',
+    message: /no keys for this aggregation/,
+  });
+  const secure = { context: 'another', layers: [], peers: {}, ciphertexts: {} };
+  await assert.rejects(trainer.secagg.maskStatistics(secure, new Map()), { name: 'SecAggSkip' });
 });
