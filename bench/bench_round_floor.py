@@ -6,13 +6,16 @@ round with 600 examples each, E = 5, B = 10, then sBN statistics from all
 The issue's target is a round at most 0.5x the peer's 67 s, with exact
 statistics.
 
-A round needs, at the least, every client's local training and 70,000 level-a
-forward passes. This measures, in one process and one thread, the fastest
-eager PyTorch formulation found of each (training: default and channels-last
-memory; forwards: both formats, batches of 10 to 1,000, the statistics
-pass's own kernel and a plain evaluation forward) and assumes perfect scaling
-to every core. The floor is that work divided by the cores; a round can be
-faster only with less work or faster kernels.
+A round needs, at the least, every client's local training, the statistics
+pass (60,000 level-a forwards in training-mode batch norm, in the protocol's
+batches of 500, with exact moments) and the evaluation (10,000 level-a
+evaluation-mode forwards, any batch). This measures, in one process and one
+thread, the fastest eager PyTorch formulation found of each (training and
+statistics: default and channels-last memory; evaluation: both formats,
+batches of 10 to 1,000) and assumes perfect scaling to every core. The floor
+of each phase is that work divided by the cores; a round can be faster only
+with less work or faster kernels. ``bench_simulate.py`` measures the same
+floors in its own run and compares each phase of real rounds with them.
 
     .venv/bin/python bench/bench_round_floor.py
 """
@@ -24,6 +27,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,12 +42,14 @@ from heterofl_edge.sessions import session_threads
 from heterofl_edge.training import LocalTrainingConfig, train_local
 
 PEER_ROUND_SECONDS = 67.0  # Flower 1.9 HeteroFL baseline, this machine (the issue's figure)
-PEER_STATISTICS_AND_EVALUATION_SECONDS = 44.0  # the same measurement's share for both passes
 TARGET_OVER_PEER = 0.5
 CLIENTS_PER_ROUND = 10
 EXAMPLES_PER_CLIENT = 600
 EPOCHS = 5
-FORWARDS_PER_ROUND = 60_000 + 10_000  # statistics over the training set, then evaluation
+STATISTICS_IMAGES = 60_000  # the statistics pass over the training set
+EVALUATION_IMAGES = 10_000
+STATISTICS_BATCH = 500  # the protocol's: the batches define the statistics
+FORMATS = (("default", torch.contiguous_format), ("channels_last", torch.channels_last))
 
 
 def training_seconds_per_sample(
@@ -51,7 +57,7 @@ def training_seconds_per_sample(
 ) -> dict[str, float]:
     """One thread, one epoch of 600 examples at batch 10, per memory format."""
     found = {}
-    for name, fmt in (("default", torch.contiguous_format), ("channels_last", torch.channels_last)):
+    for name, fmt in FORMATS:
         torch.manual_seed(0)
         model = build_model("conv", parse_rate(level)).to(memory_format=fmt)  # type: ignore[call-overload]
         x = images.contiguous(memory_format=fmt)
@@ -69,34 +75,52 @@ def training_seconds_per_sample(
     return found
 
 
-def forward_seconds_per_image(images: torch.Tensor, threads: int) -> dict[str, float]:
-    """Level a: the statistics pass and a plain evaluation forward, per format and batch."""
+def _per_image(run: Callable[[], object], images: int, threads: int) -> float:
+    """Seconds per image of ``run()`` over ``images`` images, best of 2 after a warm-up."""
+    best = float("inf")
+    with session_threads(threads), torch.inference_mode():
+        run()
+        for _ in range(2):
+            start = time.perf_counter()
+            run()
+            best = min(best, (time.perf_counter() - start) / images)
+    return best
+
+
+def _batches(images: torch.Tensor, size: int, fmt: torch.memory_format) -> list[torch.Tensor]:
+    return [images[i : i + size].contiguous(memory_format=fmt) for i in range(0, len(images), size)]
+
+
+def statistics_seconds_per_image(images: torch.Tensor, threads: int = 1) -> dict[str, float]:
+    """Level a, the statistics pass in the protocol's batches of 500, per memory format.
+
+    Both layouts give exact moments (``collect_moments``): in the default one the
+    kernel accumulates them in double; in channels-last the sBN layer takes them.
+    """
     found = {}
-    for fmt_name, fmt in (
-        ("default", torch.contiguous_format),
-        ("channels_last", torch.channels_last),
-    ):
+    for name, fmt in FORMATS:
         model = build_model("conv", 1.0).to(memory_format=fmt)  # type: ignore[call-overload]
+        batches = _batches(images, STATISTICS_BATCH, fmt)
+        key = f"statistics, {name}, batches of {STATISTICS_BATCH}"
+        found[key] = _per_image(
+            lambda m=model, b=batches: collect_moments(m, b), len(images), threads
+        )
+        print(f"{threads} thread(s), {key}: {1e3 * found[key]:.3f} ms per image", flush=True)
+    return found
+
+
+def evaluation_seconds_per_image(images: torch.Tensor, threads: int = 1) -> dict[str, float]:
+    """Level a, evaluation-mode forwards, per memory format and batch size (any may serve)."""
+    found = {}
+    for name, fmt in FORMATS:
+        model = build_model("conv", 1.0).to(memory_format=fmt).eval()  # type: ignore[call-overload]
         for size in (10, 100, 500, 1000):
-            batches = [
-                images[i : i + size].contiguous(memory_format=fmt)
-                for i in range(0, len(images), size)
-            ]
-            for kind in ("statistics", "evaluation"):
-                best = float("inf")
-                with session_threads(threads), torch.inference_mode():
-                    for _ in range(2):
-                        start = time.perf_counter()
-                        if kind == "statistics":
-                            collect_moments(model, batches)
-                        else:
-                            model.eval()
-                            for batch in batches:
-                                model(batch)
-                        best = min(best, (time.perf_counter() - start) / len(images))
-                name = f"{kind}, {fmt_name}, batches of {size}"
-                found[name] = best
-                print(f"{threads} thread(s), {name}: {1e3 * best:.3f} ms per image", flush=True)
+            batches = _batches(images, size, fmt)
+            key = f"evaluation, {name}, batches of {size}"
+            found[key] = _per_image(
+                lambda m=model, b=batches: [m(x) for x in b], len(images), threads
+            )
+            print(f"{threads} thread(s), {key}: {1e3 * found[key]:.3f} ms per image", flush=True)
     return found
 
 
@@ -114,27 +138,23 @@ def main() -> None:
         data.train_labels[:EXAMPLES_PER_CLIENT],
     )
     training = {level: training_seconds_per_sample(sample, labels, level) for level in ("a", "e")}
-    forwards_one = forward_seconds_per_image(data.train_images[: args.images], 1)
-    forwards_all = forward_seconds_per_image(data.train_images[: args.images], cores)
+    statistics = statistics_seconds_per_image(data.train_images[: args.images])
+    evaluation = evaluation_seconds_per_image(data.train_images[: args.images])
 
     fastest_train = {level: min(t.values()) for level, t in training.items()}
-    fastest_forward = min(forwards_one.values())
     samples_per_level = CLIENTS_PER_ROUND // 2 * EXAMPLES_PER_CLIENT * EPOCHS  # a-e: half each
-    training_floor = sum(samples_per_level * s for s in fastest_train.values()) / cores
-    forward_floor = FORWARDS_PER_ROUND * fastest_forward / cores
-    target = TARGET_OVER_PEER * PEER_ROUND_SECONDS
+    floors = {
+        "training": sum(samples_per_level * s for s in fastest_train.values()) / cores,
+        "statistics": STATISTICS_IMAGES * min(statistics.values()) / cores,
+        "evaluation": EVALUATION_IMAGES * min(evaluation.values()) / cores,
+    }
+    round_floor = sum(floors.values())
     summary = {
         "cores": cores,
-        "training_floor_seconds": training_floor,
-        "forwards_floor_seconds": forward_floor,
-        "round_floor_seconds": training_floor + forward_floor,
-        "round_floor_over_peer": (training_floor + forward_floor) / PEER_ROUND_SECONDS,
-        "target_round_seconds": target,
-        "forwards_floor_over_target": forward_floor / target,
-        "forwards_floor_over_peer_statistics_and_evaluation": forward_floor
-        / PEER_STATISTICS_AND_EVALUATION_SECONDS,
-        "forward_speed_up_needed_if_training_took_the_peer_s_23_s": forward_floor
-        / max(target - (PEER_ROUND_SECONDS - PEER_STATISTICS_AND_EVALUATION_SECONDS), 1e-9),
+        "floor_seconds": floors,
+        "round_floor_seconds": round_floor,
+        "round_floor_over_peer": round_floor / PEER_ROUND_SECONDS,
+        "target_round_seconds": TARGET_OVER_PEER * PEER_ROUND_SECONDS,
     }
     results = {
         "machine": {
@@ -144,12 +164,13 @@ def main() -> None:
             "load_average_at_end": os.getloadavg(),
         },
         "protocol": "MNIST conv, Dynamic a-e (5 clients at a, 5 at e per round on average), "
-        f"{EXAMPLES_PER_CLIENT} examples per client, E {EPOCHS}, B 10; {FORWARDS_PER_ROUND:,} "
-        "level-a forwards (statistics over 60,000 training images, evaluation on 10,000); "
-        "fastest one-thread figure of each, scaled perfectly to every core",
+        f"{EXAMPLES_PER_CLIENT} examples per client, E {EPOCHS}, B 10; sBN statistics over "
+        f"{STATISTICS_IMAGES:,} training images in batches of {STATISTICS_BATCH}, evaluation "
+        f"on {EVALUATION_IMAGES:,}; fastest one-thread figure of each, scaled perfectly to "
+        "every core",
         "training_seconds_per_sample_one_thread": training,
-        "forward_seconds_per_image_level_a_one_thread": forwards_one,
-        f"forward_seconds_per_image_level_a_{cores}_threads": forwards_all,
+        "statistics_seconds_per_image_level_a_one_thread": statistics,
+        "evaluation_seconds_per_image_level_a_one_thread": evaluation,
         "summary": summary,
     }
     write_json(args.out, results)

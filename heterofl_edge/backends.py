@@ -28,10 +28,12 @@ import numpy as np
 
 from heterofl_edge.sessions import (
     ClientArrays,
+    PredictJob,
     StatsJob,
     StatsOutcome,
     TrainJob,
     TrainOutcome,
+    run_prediction,
     run_statistics,
     run_training,
     session_threads,
@@ -59,6 +61,8 @@ class SessionBackend(Protocol):
     def train(self, jobs: Sequence[TrainJob]) -> Iterator[TrainOutcome]: ...
 
     def statistics(self, jobs: Sequence[StatsJob]) -> Iterator[StatsOutcome]: ...
+
+    def predict(self, jobs: Sequence[PredictJob]) -> Iterator[np.ndarray]: ...
 
     def close(self) -> None: ...
 
@@ -115,6 +119,12 @@ class InlineBackend:
                 outcome = run_statistics(job, self.data, self.device)
             yield outcome
 
+    def predict(self, jobs: Sequence[PredictJob]) -> Iterator[np.ndarray]:
+        for job in jobs:
+            with session_threads(1):
+                outputs = run_prediction(job, self.device)
+            yield outputs
+
     def close(self) -> None:
         return None
 
@@ -140,6 +150,12 @@ def _stats_in_worker(job: StatsJob) -> StatsOutcome:
     data, device = _WORKER["data"], _WORKER["device"]
     assert isinstance(data, ClientArrays) and isinstance(device, str)
     return run_statistics(job, data, device)
+
+
+def _predict_in_worker(job: PredictJob) -> np.ndarray:
+    device = _WORKER["device"]
+    assert isinstance(device, str)
+    return run_prediction(job, device)
 
 
 class PoolBackend:
@@ -170,6 +186,9 @@ class PoolBackend:
 
     def statistics(self, jobs: Sequence[StatsJob]) -> Iterator[StatsOutcome]:
         return _in_order([self._pool.submit(_stats_in_worker, job) for job in jobs])
+
+    def predict(self, jobs: Sequence[PredictJob]) -> Iterator[np.ndarray]:
+        return _in_order([self._pool.submit(_predict_in_worker, job) for job in jobs])
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

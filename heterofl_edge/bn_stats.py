@@ -72,12 +72,12 @@ def collect_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
     The sBN layers normalise with batch statistics (training mode) while every
     Scaler is the identity, as in evaluation: the moments are then those of the
     inputs the layers receive at inference, whatever the model's width. Each
-    layer reports the mean and inverse standard deviation its batch-norm kernel
-    computed to normalise the batch (accumulated in double on the CPU), so the
-    pass costs one forward and no copy; per-batch moments are merged exactly.
-    Use the default memory format on a CPU: in channels-last, PyTorch's CPU
-    kernel accumulates the batch moments in float32 (off by 3e-4 in the
-    variance of a 500 x 28 x 28 batch), in the default format in double.
+    layer reports the mean and variance it normalised the batch with, so the
+    pass costs one forward; per-batch moments are merged exactly. Any memory
+    format: in the default one on a CPU the batch-norm kernel accumulates them
+    in double; in channels-last (faster convolutions) the layer takes them with
+    cascaded sums instead of the kernel's float32 accumulation
+    (``StaticBatchNorm2d._gather``).
     """
     layers = {name: m for name, m in model.named_modules() if isinstance(m, StaticBatchNorm2d)}
     was_training = model.training
@@ -93,7 +93,8 @@ def collect_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
         result = {}
         for name, layer in layers.items():
             parts = [
-                _from_invstd(n, mean, invstd, layer.eps) for n, mean, invstd in layer.gathered or []
+                ChannelMoments(n, mean.detach().float().cpu(), var.detach().float().cpu())
+                for n, mean, var in layer.gathered or []
             ]
             merged = combine_moments({name: p} for p in parts)
             if name in merged:
@@ -103,19 +104,6 @@ def collect_moments(model: nn.Module, batches: Iterable[torch.Tensor]) -> dict[s
         for layer in layers.values():
             layer.gathered = None
         model.train(was_training)
-
-
-def _from_invstd(
-    count: int, mean: torch.Tensor, invstd: torch.Tensor, eps: float
-) -> ChannelMoments:
-    """Moments from a batch-norm kernel's ``mean`` and ``1 / sqrt(var + eps)``.
-
-    ``var + eps`` comes back to float32 precision, which is what evaluation
-    uses; a constant channel (var 0) can come back a rounding error below 0,
-    clamped.
-    """
-    var = (invstd.double().reciprocal().square() - eps).clamp(min=0.0)
-    return ChannelMoments(count, mean.detach().float().cpu(), var.float().cpu())
 
 
 def apply_statistics(

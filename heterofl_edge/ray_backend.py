@@ -21,14 +21,18 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
+
 from heterofl_edge.backends import available_cores, longest_first
 from heterofl_edge.errors import ConfigError
 from heterofl_edge.sessions import (
     ClientArrays,
+    PredictJob,
     StatsJob,
     StatsOutcome,
     TrainJob,
     TrainOutcome,
+    run_prediction,
     run_statistics,
     run_training,
 )
@@ -84,6 +88,10 @@ def _stats_task(job: StatsJob, holder: list[Any], device: str) -> StatsOutcome:
     return run_statistics(job, _data(holder), device)
 
 
+def _predict_task(job: PredictJob, device: str) -> np.ndarray:
+    return run_prediction(job, device)
+
+
 class RayBackend:
     """Sessions as Ray tasks; see the module docstring."""
 
@@ -111,6 +119,7 @@ class RayBackend:
         resources = {"num_gpus": 1} if device == "cuda" else {"num_cpus": 1}
         self._train = ray.remote(**resources)(_train_task)
         self._stats = ray.remote(**resources)(_stats_task)
+        self._predict = ray.remote(**resources)(_predict_task)
         self._holder = [ray.put(data)]
         cluster = ray.cluster_resources()
         self._workers = max(1, int(cluster.get("GPU" if device == "cuda" else "CPU", 1)))
@@ -127,6 +136,9 @@ class RayBackend:
 
     def statistics(self, jobs: Sequence[StatsJob]) -> Iterator[StatsOutcome]:
         return _in_order([self._stats.remote(job, self._holder, self.device) for job in jobs])
+
+    def predict(self, jobs: Sequence[PredictJob]) -> Iterator[np.ndarray]:
+        return _in_order([self._predict.remote(job, self.device) for job in jobs])
 
     def close(self) -> None:
         self._holder = []

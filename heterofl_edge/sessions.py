@@ -9,9 +9,9 @@ gives the same bits in this process, in a worker process or as a Ray task on
 another machine, whatever the number of workers: float reductions depend on the
 thread count, so it is fixed here, not left to the host.
 
-On a CPU the statistics pass (forward only) runs in the channels-last memory
-format: oneDNN's convolutions are 1.5x faster there at level a, a float32
-reordering of the same computation. Training keeps the default layout: with
+On a CPU the forward-only passes (sBN statistics, evaluation) run in the
+channels-last memory format: oneDNN's convolutions are faster there at level
+a, a float32 reordering of the same computation. Training keeps the default layout: with
 its per-batch gathers, channels-last measured 1.14x faster at level a but 4x
 slower at level e on this project's CPU.
 """
@@ -34,19 +34,22 @@ from heterofl_edge.errors import ConfigError
 from heterofl_edge.loss import label_mask
 from heterofl_edge.models import get_architecture
 from heterofl_edge.tasks import task_for
-from heterofl_edge.training import LocalTrainingConfig
+from heterofl_edge.training import LocalTrainingConfig, predict
 
 __all__ = [
     "Accelerator",
     "ClientArrays",
+    "PredictJob",
     "StatsJob",
     "StatsOutcome",
     "TrainJob",
     "TrainOutcome",
+    "forward_layout",
     "memory_format",
     "moments_from",
     "place",
     "resolve_device",
+    "run_prediction",
     "run_statistics",
     "run_training",
     "session_threads",
@@ -131,6 +134,16 @@ class StatsJob:
     indices: tuple[np.ndarray, ...]
 
 
+@dataclass(frozen=True)
+class PredictJob:
+    """The global model's evaluation-mode outputs for ``inputs``, a run of the test examples."""
+
+    model: str
+    global_rate: float
+    state: Arrays
+    inputs: np.ndarray
+
+
 # Per client, in job order: (client, {layer: (count, mean, var)}).
 StatsOutcome = list[tuple[str, dict[str, tuple[int, np.ndarray, np.ndarray]]]]
 
@@ -181,6 +194,13 @@ def memory_format(device: str) -> torch.memory_format:
     return torch.channels_last if device == "cpu" else torch.contiguous_format
 
 
+def forward_layout(inputs: torch.Tensor, device: str) -> torch.Tensor:
+    """``inputs`` contiguous for a forward pass; image batches in ``device``'s memory format."""
+    if inputs.dim() == 4:
+        return inputs.contiguous(memory_format=memory_format(device))
+    return inputs.contiguous()
+
+
 def place(model: nn.Module, device: str) -> nn.Module:
     """``model`` on ``device`` in that device's memory format (in place)."""
     model.to(device)
@@ -224,23 +244,22 @@ def run_training(job: TrainJob, data: ClientArrays, device: str = "cpu") -> Trai
 def run_statistics(job: StatsJob, data: ClientArrays, device: str = "cpu") -> StatsOutcome:
     """Each client's sBN moments under the global model, over its examples in batches of 500.
 
-    The pass runs in the default (contiguous) memory format: there PyTorch's
-    CPU batch-norm kernel accumulates its batch moments in double, which
-    ``collect_moments`` reads back. In channels-last it accumulates in float32:
-    1.5x faster, but 3e-4 off in the first layer's variance over a batch of 500
-    (measured), which the exact statistics must not be.
+    The batches (500 consecutive examples of the client's, the last one short)
+    define the statistics: deeper layers see inputs normalised with the batch's
+    moments. Images run in the device's forward layout (``memory_format``:
+    channels-last on a CPU, 1.3x faster per image at level a, measured in
+    ``bench/bench_round_floor.py``); the sBN layers take the moments in that layout
+    as precisely as the default layout's double accumulation (``collect_moments``).
     """
     _configure(device)
     arch = get_architecture(job.model)
     images, _ = _Placed.get(data, device)
-    fmt = torch.contiguous_format
-    model = arch.build(job.global_rate, job.global_rate)
+    model = place(arch.build(job.global_rate, job.global_rate), device)
     model.load_state_dict(to_tensors(job.state))
-    model.to(device)
     outcome: StatsOutcome = []
     for client, indices in zip(job.clients, job.indices, strict=True):
         local = images.index_select(0, as_tensor(indices).to(device))
-        batches = (local[s].contiguous(memory_format=fmt) for s in stats_batches(len(local)))
+        batches = (forward_layout(local[s], device) for s in stats_batches(len(local)))
         moments = collect_moments(model, batches)
         outcome.append(
             (
@@ -252,6 +271,21 @@ def run_statistics(job: StatsJob, data: ClientArrays, device: str = "cpu") -> St
             )
         )
     return outcome
+
+
+def run_prediction(job: PredictJob, device: str = "cpu") -> np.ndarray:
+    """The outputs (logits) of the global model in evaluation mode for ``job.inputs``.
+
+    In batches of ``EVAL_BATCH`` from the first input, in the device's forward
+    layout: a test set cut into runs of whole batches gives the same bits
+    however many workers score it.
+    """
+    _configure(device)
+    arch = get_architecture(job.model)
+    model = place(arch.build(job.global_rate, job.global_rate), device)
+    model.load_state_dict(to_tensors(job.state))
+    inputs = forward_layout(as_tensor(job.inputs).to(device), device)
+    return predict(model, inputs).cpu().numpy()
 
 
 def moments_from(

@@ -39,6 +39,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_arrays
@@ -83,16 +84,19 @@ from heterofl_edge.report import atomic_write_bytes
 from heterofl_edge.sessions import (
     Accelerator,
     ClientArrays,
-    memory_format,
+    PredictJob,
+    forward_layout,
     place,
     resolve_device,
     session_threads,
+    to_arrays,
 )
 from heterofl_edge.simulated_time import SimulatedFleet, TimeModel
 from heterofl_edge.slicing import Submodel
 from heterofl_edge.spec import FederationSpec, Policy
-from heterofl_edge.tasks import check_compatible, task_for
+from heterofl_edge.tasks import ClassificationTask, check_compatible, task_for
 from heterofl_edge.timed_transport import TimedTransport
+from heterofl_edge.training import EVAL_BATCH
 
 __all__ = [
     "PAPER_SETTINGS",
@@ -380,12 +384,16 @@ def load_data(config: SimulationConfig, data_dir: str | Path | None) -> TaskData
     return data
 
 
-def _inputs_placed(inputs: torch.Tensor, device: str) -> torch.Tensor:
-    """Inputs on ``device``; image batches in its memory format (channels-last on a CPU)."""
-    inputs = inputs.to(device)
-    if inputs.dim() == 4:
-        return inputs.contiguous(memory_format=memory_format(device))
-    return inputs.contiguous()
+def evaluation_runs(count: int, workers: int) -> list[slice]:
+    """The test examples cut into runs of whole evaluation batches, two per worker.
+
+    Runs begin at multiples of ``EVAL_BATCH``, so every run's batches are the
+    batches a single pass would make: the outputs are the same bits for any
+    number of workers.
+    """
+    parts = 2 * workers if workers > 1 else 1
+    size = max(EVAL_BATCH, math.ceil(count / parts / EVAL_BATCH) * EVAL_BATCH)
+    return [slice(start, min(start + size, count)) for start in range(0, count, size)]
 
 
 def run_simulation(
@@ -442,7 +450,7 @@ def run_simulation(
     train_parts, test_parts = split.train, split.test
     evaluation_model = place(arch.build(mix.global_rate, mix.global_rate), device)
     has_statistics = any(isinstance(m, StaticBatchNorm2d) for m in evaluation_model.modules())
-    test_x_placed = _inputs_placed(test_x, device)
+    test_inputs = test_x.numpy()
     # Non-IID: each client's test examples, scored under its label mask (local accuracy).
     local_parts = (
         [
@@ -459,10 +467,24 @@ def run_simulation(
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def test(state: dict[str, torch.Tensor]) -> dict[str, float | None]:
-        evaluation_model.load_state_dict(state)
-        overall, parts = task.evaluate_parts(
-            evaluation_model, test_x_placed, test_y.to(device), local_parts
-        )
+        if isinstance(task, ClassificationTask):
+            # data-parallel over the sessions' workers: each scores runs of the test set
+            arrays = to_arrays(state)
+            jobs = [
+                PredictJob(arch.name, mix.global_rate, arrays, test_inputs[run])
+                for run in evaluation_runs(len(test_inputs), backend.workers)
+            ]
+            logits = torch.from_numpy(np.concatenate(list(backend.predict(jobs))))
+            overall, parts = task.score_parts(logits, test_y, local_parts)
+        else:  # this process, with as many threads as sessions run at once
+            evaluation_model.load_state_dict(state)
+            with session_threads(max(1, min(backend.workers, available_cores()))):
+                overall, parts = task.evaluate_parts(
+                    evaluation_model,
+                    forward_layout(test_x.to(device), device),
+                    test_y.to(device),
+                    local_parts,
+                )
         local = None
         if test_parts is not None:
             correct = sum(part.accuracy * part.num_examples for part in parts)
@@ -563,15 +585,13 @@ def run_simulation(
         initial = journal.initial
         for done in journal.results:
             record(done)
-    # This process evaluates with as many threads as sessions run at once (one for --workers 1).
     try:
-        with session_threads(max(1, min(backend.workers, available_cores()))):
-            if journal is None or not journal.started:
-                initial = engine.initial_statistics(transport.wait_for_clients(0))
-                if kept is not None and journal is not None:
-                    kept.save(0, "final")
-                    journal.start(engine.global_state, initial)
-            engine.run()
+        if journal is None or not journal.started:
+            initial = engine.initial_statistics(transport.wait_for_clients(0))
+            if kept is not None and journal is not None:
+                kept.save(0, "final")
+                journal.start(engine.global_state, initial)
+        engine.run()
     finally:
         backend.close()
     return SimulationResult(

@@ -179,8 +179,16 @@ class ClassificationTask(Task):
         parts: Sequence[tuple[np.ndarray, torch.Tensor]] = (),
     ) -> tuple[EvalResult, list[EvalResult]]:
         """One forward pass over all examples; each part is scored from the same logits."""
-        logits = predict(model, inputs).cpu()
-        targets = targets.cpu()
+        return self.score_parts(predict(model, inputs), targets, parts)
+
+    def score_parts(
+        self,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        parts: Sequence[tuple[np.ndarray, torch.Tensor]] = (),
+    ) -> tuple[EvalResult, list[EvalResult]]:
+        """``evaluate_parts`` from the logits of all examples, computed elsewhere."""
+        logits, targets = logits.cpu(), targets.cpu()
         return score_logits(logits, targets), [
             score_logits(logits[i], targets[i], mask) for i, mask in parts
         ]
