@@ -146,6 +146,9 @@ class Device:
         self._peak = PeakMemory()
         self._refused: set[int] = set()  # rounds whose task was over the memory limit
         self._secagg: dict[str, SecAggClient] = {}  # secure aggregation instances, by context
+        # Instances this device cannot go on in (a refused stage, keys lost to a restart): their
+        # tasks, sent again until the stage closes, are waited out, never answered or trained.
+        self._sitting_out: dict[str, None] = {}  # (in order, for forgetting the oldest)
 
     def _level(self, manifest_url: str) -> LevelRuntime:
         """The level's programs in this device's runtime (one level at a time under a limit)."""
@@ -309,6 +312,9 @@ class Device:
                 idle += task.retry_after
                 continue
             idle = 0.0
+            if self._sits_out(task):
+                self._sleep(self.poll_seconds)  # the same task comes back until its stage closes
+                continue
             if isinstance(task, SecAggTask):
                 self.secagg(task)
                 continue
@@ -454,14 +460,40 @@ class Device:
         self._check_peak(task, self._peak.peak_mb())
 
     # -- secure aggregation -------------------------------------------------------------
+    def _sits_out(self, task: object) -> bool:
+        """Whether ``task`` belongs to a secure aggregation instance this device cannot go on in.
+
+        A secure training or statistics task whose instance it holds no keys for (a
+        restart lost them) joins those instances here, logged once: training it would
+        give an upload nobody can unmask.
+        """
+        if isinstance(task, SecAggTask):
+            return task.context in self._sitting_out
+        secure = getattr(task, "secure", None)
+        if not isinstance(secure, SecureMasking):
+            return False
+        if secure.context not in self._secagg and secure.context not in self._sitting_out:
+            self.log(
+                f"round {getattr(task, 'round', '?')}: no keys for this aggregation "
+                "(restarted?); sitting it out"
+            )
+            self._sitting_out[secure.context] = None
+        return secure.context in self._sitting_out
+
     def secagg(self, task: SecAggTask) -> None:
-        """Answer a secure aggregation stage (keys, encrypted shares, unmasking shares)."""
+        """Answer a secure aggregation stage (keys, encrypted shares, unmasking shares).
+
+        A stage it cannot answer (refused by the protocol, or no keys) puts the
+        instance in ``_sitting_out``: its later tasks are waited out.
+        """
         try:
             answer = self._secagg_answer(task)
         except SecAggRefusal as refusal:
             self.log(f"round {task.round}: secure aggregation {task.stage}: {refusal.message}")
+            self._sitting_out[task.context] = None
             return
         if answer is None:
+            self._sitting_out[task.context] = None
             return
         body = answer.model_dump(mode="json", exclude_none=True)
         self._skip(task, lambda: self.client.answer(task.answer_url, body))
@@ -471,6 +503,8 @@ class Device:
             client = SecAggClient(task.context, task.index)
             while len(self._secagg) >= 4:  # the instances of the last two rounds at most
                 self._secagg.pop(next(iter(self._secagg)))
+            while len(self._sitting_out) >= 16:  # the oldest are long closed
+                self._sitting_out.pop(next(iter(self._sitting_out)))
             self._secagg[task.context] = client
             keys = client.advertise()
             return SecAggAnswer(
@@ -534,6 +568,7 @@ class Device:
             return client.mask(vector, layout, peers, ciphertexts)
         except SecAggRefusal as refusal:
             self.log(f"round {task.round}: cannot mask: {refusal.message}")
+            self._sitting_out[secure.context] = None
             return None
 
     def _noised(

@@ -219,3 +219,64 @@ def test_an_action_the_device_does_not_know_is_waited_out_not_polled_hot():
         "the coordinator asks for 'reticulate', which this device cannot do",
         "coordinator says done",
     ]
+
+
+def test_a_secure_instance_the_device_cannot_go_on_in_is_waited_out_not_answered_or_trained():
+    """A share stage for an instance whose keys this device does not hold (it restarted after
+    advertising), sent again until the stage closes, and that instance's training task: the
+    device answers nothing, trains nothing and waits the poll interval each time."""
+    import json
+
+    import numpy as np
+    import requests
+
+    share = {
+        "action": "secagg", "round": 3, "phase": "training", "stage": "share",
+        "context": "run-1/3/training", "index": 2, "answer_url": "/v1/rounds/3/secagg",
+        "deadline": 0.0, "heartbeat_seconds": 5.0, "threshold": 2,
+    }  # fmt: skip
+    train = {
+        "action": "train", "round": 3, "level": "a", "rate": 1.0,
+        "artifact": {
+            "model": "conv", "level": "a", "manifest_url": "/v1/artifacts/a/manifest.json",
+            "formats": ["onnx"],
+        },
+        "weights_url": "/v1/rounds/3/weights", "upload_url": "/v1/rounds/3/upload",
+        "deadline": 0.0, "heartbeat_seconds": 5.0, "seed": 1, "lr": 0.01,
+        "hyperparameters": {
+            "epochs": 1, "batch_size": 10, "momentum": 0.9, "weight_decay": 0,
+            "clip_grad_norm": None,
+        },
+        "secure": {"context": "run-1/3/training", "index": 2, "peers": {}, "ciphertexts": {}},
+    }  # fmt: skip
+
+    class RestartedCoordinator(CoordinatorClient):
+        def __init__(self):
+            self.tasks = [share, share, train, {"action": "done", "rounds": 3}]
+            self.answered: list[str] = []
+
+        def _request(self, method, path, **kwargs):
+            reply = requests.Response()
+            reply.status_code, reply._content = 200, json.dumps(self.tasks.pop(0)).encode()
+            return reply
+
+        def answer(self, url, body):
+            self.answered.append(url)
+
+    waits, lines = [], []
+    coordinator = RestartedCoordinator()
+    device = Device(
+        coordinator,
+        np.zeros((2, 1, 28, 28), np.float32),
+        np.array([0, 1]),
+        log=lines.append,
+        sleep=waits.append,
+    )
+    device.train = lambda task: pytest.fail("a task of an instance it sat out was trained")
+    device.run()
+    assert coordinator.answered == []
+    assert waits == [2.0, 2.0]  # the second share and the training task: the poll interval
+    assert lines == [
+        "round 3: no keys for this aggregation (restarted?); skipping",
+        "coordinator says done",
+    ]
