@@ -28,6 +28,7 @@ from heterofl_edge.device_runtime import (
     merge_batch_statistics,
     training_batches,
 )
+from heterofl_edge.errors import ConfigError
 
 __all__ = ["ExecuTorchLevel"]
 
@@ -50,8 +51,11 @@ class ExecuTorchLevel:
         weights, x, y, labels = request.weights, request.x, request.y, request.labels
         lr, epochs, batch_size, seed = request.lr, request.epochs, request.batch_size, request.seed
         if batch_size != self.batch:
-            raise ValueError(
-                f"the .pte program trains batches of {self.batch}, the task asks {batch_size}"
+            raise ConfigError(
+                f"the coordinator's ExecuTorch program for level {self.manifest.get('level')} "
+                f"trains batches of {self.batch}, its task asks for {batch_size}",
+                "the coordinator must export its programs at the run's --batch-size: delete "
+                "its artifacts folder and start it again, or run this device with --runtime onnx",
             )
         if self._trainer is None:
             self._trainer = ExecuTorchTrainer(

@@ -280,3 +280,25 @@ def test_a_secure_instance_the_device_cannot_go_on_in_is_waited_out_not_answered
         "round 3: no keys for this aggregation (restarted?); skipping",
         "coordinator says done",
     ]
+
+
+def test_a_task_whose_batch_the_executorch_program_cannot_train_is_a_clear_error(tmp_path):
+    """ExecuTorch programs train the batch they were exported with: another batch in a task is
+    the coordinator's misconfiguration, said in one line with what to do (no traceback)."""
+    import json
+
+    import numpy as np
+
+    pytest.importorskip("executorch")
+    from exporter.executorch_runtime import ExecuTorchLevel
+    from heterofl_edge.device_runtime import TrainingRequest
+    from heterofl_edge.errors import ConfigError
+
+    manifest = {"level": "e", "parameters": [], "num_classes": 10, "batch_size": {"executorch": 10}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    request = TrainingRequest(
+        {}, np.zeros((4, 1, 28, 28), np.float32), np.zeros(4, np.int64), [0], 0.01, 1, 50, 0
+    )
+    with pytest.raises(ConfigError, match="trains batches of 10, its task asks for 50") as raised:
+        ExecuTorchLevel(tmp_path).train(request)
+    assert "--batch-size" in (raised.value.hint or "")

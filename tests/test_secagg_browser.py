@@ -9,9 +9,9 @@ stages in its worker, and uploads one uint32 tensor ``masked`` each time; the
 coordinator unmasks the sums of all three. A browser whose masks did not cancel
 against the Python devices' would leave noise uniform over at least [-1, 1] (the
 clip; the fixed point decodes a sum's full 32-bit range to at least n x clip, and
-an element's average divides by at most n) in every element it holds, and the round's sBN statistics would be noise too: the
-model's change and its accuracy after the round show that the browser's vectors
-were summed with the others'.
+an element's average divides by at most n) in every element it holds, and the
+round's sBN statistics would be noise too: the model's change and its accuracy
+after the round show that the browser's vectors were summed with the others'.
 """
 
 from __future__ import annotations
