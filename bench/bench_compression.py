@@ -64,7 +64,7 @@ RUNS: dict[str, tuple[str, str, bool]] = {
     "fp16-down-int8-up-ef": ("fp16", "int8", True),
 }
 TRANSFORMER_RUNS = ("fp32", "fp16")
-TARGETS = {  # the issue's: bytes over fp32's at most, accuracy within (percentage points)
+TARGETS = {  # the issue's: bytes over fp32's at most, accuracy at most (pp) below fp32's
     "fp16": ("total", 0.51, 0.1),
     "bf16": ("total", 0.51, 0.1),
     "int8-up": ("up", 0.27, 0.5),
@@ -198,11 +198,13 @@ def compare(runs: dict[str, Any]) -> dict[str, Any]:
         target = TARGETS.get(name)
         if target is not None and run["metric"] == "accuracy":
             direction, bound, points = target
+            # The accuracy target bounds the cost: an encoding that ends above fp32 meets it
+            # (on 2,000 test images one image is 0.05 pp).
             entry["target"] = {
                 "bytes": f"{direction} <= {bound}x",
-                "accuracy": f"within {points} pp",
+                "accuracy": f"at most {points} pp below",
                 "bytes_met": ratios[direction] <= bound,
-                "accuracy_met": abs(entry["accuracy_pp_vs_fp32"]) <= points,
+                "accuracy_met": entry["accuracy_pp_vs_fp32"] >= -points,
             }
         out[name] = entry
     return out

@@ -51,6 +51,8 @@ EVALUATION_IMAGES = 10_000
 STATISTICS_BATCH = 500  # the protocol's: the batches define the statistics
 FORMATS = (("default", torch.contiguous_format), ("channels_last", torch.channels_last))
 
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
 
 def training_seconds_per_sample(
     images: torch.Tensor, labels: torch.Tensor, level: str
@@ -131,7 +133,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "round_floor.json"
     )
     args = parser.parse_args()
-    data = load_mnist(os.environ.get("HETEROFL_DATA_DIR"))
+    data = load_mnist(os.environ.get("HETEROFL_DATA_DIR") or SHARED_MNIST)
     cores = os.cpu_count() or 1
     sample, labels = (
         data.train_images[:EXAMPLES_PER_CLIENT],

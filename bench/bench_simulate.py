@@ -45,6 +45,8 @@ PEER_ROUND_SECONDS = 67.0  # Flower 1.9 HeteroFL baseline on Ray, an earlier mac
 STATISTICS_IMAGES = 60_000
 EVALUATION_IMAGES = 10_000
 
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -55,7 +57,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "simulate.json"
     )
     args = parser.parse_args()
-    data = load_mnist(os.environ.get("HETEROFL_DATA_DIR"))
+    data = load_mnist(os.environ.get("HETEROFL_DATA_DIR") or SHARED_MNIST)
     cores = os.cpu_count() or 1
     sample, labels = (
         data.train_images[:EXAMPLES_PER_CLIENT],
