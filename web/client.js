@@ -425,6 +425,15 @@ export class DeviceClient {
       this.encoder.forget(); // the update was lost: so is what its residual refers to
       throw err;
     }
+    this.recordUpload(task, result, sentBefore, { encoding });
+    this.log(
+      `round ${task.round}: uploaded level ${task.level}, loss ${result.loss.toFixed(4)}, ` +
+        `accuracy ${result.accuracy.toFixed(3)}, ${result.steps} steps`,
+    );
+  }
+
+  /** A training upload that went through: its body (for tests) and `lastUpload` in the state. */
+  recordUpload(task, result, sentBefore, extra) {
     this.uploadBodies.train = this.coordinator.lastUpload?.body;
     this.set({
       uploads: this.state.uploads + 1,
@@ -436,13 +445,9 @@ export class DeviceClient {
         accuracy: result.accuracy,
         steps: result.steps,
         bytes: this.coordinator.bytesSent - sentBefore,
-        encoding,
+        ...extra,
       },
     });
-    this.log(
-      `round ${task.round}: uploaded level ${task.level}, loss ${result.loss.toFixed(4)}, ` +
-        `accuracy ${result.accuracy.toFixed(3)}, ${result.steps} steps`,
-    );
   }
 
   /** Received weights plus the clipped update with this device's share of the DP noise. */
@@ -514,22 +519,7 @@ export class DeviceClient {
       this.log(`round ${task.round}: sent masked sBN statistics (${masked.length} elements, masked in ${maskMs} ms)`);
       return;
     }
-    this.uploadBodies.train = this.coordinator.lastUpload?.body;
-    this.set({
-      uploads: this.state.uploads + 1,
-      lastUpload: {
-        round: task.round,
-        level: task.level,
-        seed: task.seed,
-        loss: result.loss,
-        accuracy: result.accuracy,
-        steps: result.steps,
-        bytes: this.coordinator.bytesSent - sentBefore,
-        encoding: 'masked',
-        masked: true,
-        maskMs,
-      },
-    });
+    this.recordUpload(task, result, sentBefore, { encoding: 'masked', masked: true, maskMs });
     this.log(
       `round ${task.round}: sent the masked update of level ${task.level} (${masked.length} elements, masked in ${maskMs} ms)`,
     );
