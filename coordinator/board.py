@@ -81,8 +81,11 @@ from heterofl_edge.protocol import (
     WaitTask,
 )
 from heterofl_edge.secagg import (
+    MODULUS_BITS,
     Advertisement,
+    FixedPoint,
     SecAggRefusal,
+    SharedInt8,
     ShareRequest,
     Stage,
     UnmaskRequest,
@@ -544,12 +547,14 @@ class TaskBoard:
             view.handed.update(new)
             return [StageReply(c, view.answers[c]) for c in new]
 
-    def _masked_length(self, view: PhaseView, device_id: str) -> int:
+    def _masked_shape(self, view: PhaseView, device_id: str) -> tuple[int, int]:
+        """A device's masked vector: its length and the bits of its modulus."""
         assert view.secure is not None
         secure = view.secure[device_id]
-        if secure.plan is not None:
-            return secure.plan.layout(view.tasks[device_id].rate).size
-        return statistics_layout(secure.layers).size
+        if secure.plan is not None and secure.fixed is not None:
+            length = secure.plan.layout(view.tasks[device_id].rate).size
+            return length, secure.fixed.modulus_bits
+        return statistics_layout(secure.layers).size, MODULUS_BITS
 
     def _pending(self, round_number: int, phase: Phase) -> list[Reply]:
         found: list[Reply] = []
@@ -563,7 +568,7 @@ class TaskBoard:
                 secure = view.secure.get(row.device_id)
                 if secure is None:
                     continue
-                masked = parse_masked(payload, self._masked_length(view, row.device_id))
+                masked = parse_masked(payload, *self._masked_shape(view, row.device_id))
                 found.append(
                     TrainReply(row.device_id, {}, None, 0, {}, row.seconds, True, masked)
                     if phase is Phase.training
@@ -834,13 +839,15 @@ class TaskBoard:
     def _accept_masked(
         self, device: Device, view: PhaseView, number: int, body: bytes, kind: str
     ) -> Accepted:
-        """A masked vector of the device's layout, stored as sent (uniform mod 2^32)."""
-        parse_masked(body, self._masked_length(view, device.id))
+        """A masked vector of the device's layout, stored as sent (uniform mod its modulus)."""
+        length, bits = self._masked_shape(view, device.id)
+        parse_masked(body, length, bits)
         now = self.clock()
         started = self._started.get(device.id, view.opened_at)
         self._store_result(device, view, body, now, now - started, None, None, None)
         self.on_result(kind, len(body))
-        self._count(view, device.id, "up", Encoding.fp32, len(body))
+        encoding = Encoding.int8 if bits < MODULUS_BITS else Encoding.fp32
+        self._count(view, device.id, "up", encoding, len(body))
         return Accepted(accepted=True, round=number)
 
     def accept_statistics(self, device: Device, number: int, body: bytes) -> Accepted:
@@ -957,14 +964,16 @@ def _checked_answer(
 
 def _masking(secure: SecureInput) -> SecureMasking:
     """What a device needs to encode and mask its upload."""
-    request = secure.request
+    request, fixed = secure.request, secure.fixed
     return SecureMasking(
         context=secure.context,
         index=secure.index,
         peers={str(v): secure.rates.get(v, 0.0) for v in request.peers},
         ciphertexts={str(v): b64(blob) for v, blob in request.ciphertexts.items()},
-        scale=None if secure.fixed is None else secure.fixed.scale,
-        clip=None if secure.fixed is None else secure.fixed.clip,
+        encoding="int8" if isinstance(fixed, SharedInt8) else "fixed_point",
+        scale=fixed.scale if isinstance(fixed, FixedPoint) else None,
+        clip=None if fixed is None else fixed.clip,
+        modulus_bits=MODULUS_BITS if fixed is None else fixed.modulus_bits,
         plan=None if secure.plan is None else secure.plan.to_json(),
         layers=list(secure.layers),
         statistics_scale=secure.statistics_scale or None,

@@ -42,6 +42,7 @@ from heterofl_edge.encoding import (
     decode_tensors,
 )
 from heterofl_edge.errors import UpdateError
+from heterofl_edge.secagg import MODULUS_BITS, SecAggRefusal, check_masked, wire_dtype
 from heterofl_edge.slicing import SlicingSpec, trainable_names
 
 __all__ = [
@@ -445,12 +446,16 @@ def _metrics(value: Any, limits: Limits) -> dict[str, float]:
     return metrics
 
 
-def parse_masked(body: bytes, length: int, limits: Limits = LIMITS) -> np.ndarray:
-    """A secure upload's masked vector: one uint32 tensor ``masked`` of ``length`` elements.
+def parse_masked(
+    body: bytes, length: int, modulus_bits: int = MODULUS_BITS, limits: Limits = LIMITS
+) -> np.ndarray:
+    """A secure upload's masked vector: one tensor ``masked`` of ``length`` elements.
 
+    Its elements lie in Z_{2^modulus_bits}: uint16 up to 16 bits, else uint32.
     ``bad_payload`` for a body that is not safetensors, ``wrong_tensors`` for
-    other tensor names, ``bad_modulus`` for elements that are not uint32 (Z_2^32),
-    ``wrong_length`` for another length: nothing of such an upload is kept.
+    other tensor names, ``bad_modulus`` for another dtype or an element of the
+    modulus or more, ``wrong_length`` for another length: nothing of such an
+    upload is kept.
     """
     _read_header(body, limits)
     try:
@@ -464,11 +469,13 @@ def parse_masked(body: bytes, length: int, limits: Limits = LIMITS) -> np.ndarra
             "upload the masked vector only",
         )
     entry = entries["masked"]
-    if str(entry["dtype"]).lower() not in ("u32", "uint32"):
+    dtype = np.dtype(wire_dtype(modulus_bits))
+    if str(entry["dtype"]).lower() not in (f"u{8 * dtype.itemsize}", dtype.name):
         raise ApiError(
             ErrorCode.bad_modulus,
-            f"a masked vector holds uint32 elements (modulus 2^32), not {entry['dtype']}",
-            "mask in Z_2^32: uint32 arithmetic that wraps",
+            f"a masked vector holds {dtype.name} elements (modulus 2^{modulus_bits}), "
+            f"not {entry['dtype']}",
+            f"mask in Z_2^{modulus_bits}, as the task's secure.modulus_bits says",
         )
     if list(entry["shape"]) != [length]:
         raise ApiError(
@@ -476,4 +483,9 @@ def parse_masked(body: bytes, length: int, limits: Limits = LIMITS) -> np.ndarra
             f"the masked vector has shape {list(entry['shape'])}, the task's layout [{length}]",
             "lay the vector out as the task's plan says",
         )
-    return np.frombuffer(bytes(entry["data"]), dtype="<u4").astype(np.uint32)
+    vector = np.frombuffer(bytes(entry["data"]), dtype=dtype.newbyteorder("<")).astype(dtype)
+    try:
+        check_masked(vector, length, modulus_bits)
+    except SecAggRefusal as refusal:
+        raise ApiError(ErrorCode.bad_modulus, refusal.message) from None
+    return vector

@@ -448,6 +448,13 @@ class Coordinator:
                 "use a device that speaks it (the Python device does), or a run without "
                 "--secure-aggregation",
             )
+        if self.config.secure_int8 and "int8" not in (profile.get("encodings") or ()):
+            raise ApiError(
+                ErrorCode.secure_aggregation_unsupported,
+                "this coordinator's secure uploads are int8 integers; the device did not "
+                "declare int8 in its encodings",
+                "update the device, or run the coordinator with --upload-encoding fp32",
+            )
         reference = float(profile["reference_rate"])
         if not any(math.isclose(reference, r, rel_tol=1e-9) for r in self.mix.rates):
             accepted = ", ".join(f"{r:g} ({rate_label(r)})" for r in sorted(self.mix.rates))

@@ -39,6 +39,7 @@ from device_sim.protocol import CoordinatorClient, ProtocolError
 from device_sim.runtimes import get_runtime
 from device_sim.state import DeviceIdentity
 from heterofl_edge.assignment import parse_mode
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.device_runtime import LevelRuntime, TrainingRequest, merge_batch_statistics
 from heterofl_edge.dp_noise import add_distributed_noise
 from heterofl_edge.encoding import Encoding, UpdateEncoder
@@ -62,11 +63,14 @@ from heterofl_edge.protocol import (
     WaitTask,
 )
 from heterofl_edge.secagg import (
+    MODULUS_BITS,
     Advertisement,
     FixedPoint,
     LayoutPlan,
+    Quantizer,
     SecAggClient,
     SecAggRefusal,
+    SharedInt8,
     VectorLayout,
     b64,
     statistics_layout,
@@ -540,15 +544,22 @@ class Device:
         received: dict[str, np.ndarray],
         trained: dict[str, np.ndarray],
     ) -> np.ndarray | None:
-        """The update (trained minus received) in fixed point, masked (secure aggregation)."""
+        """The update (trained minus received) in fixed point or int8, masked (secagg)."""
         plan = LayoutPlan.from_json(secure.plan or {})
-        fixed = FixedPoint(float(secure.scale or 0), float(secure.clip or 0))
+        quantizer: Quantizer
+        if secure.encoding == "int8":
+            quantizer = SharedInt8(float(secure.clip or 0), secure.modulus_bits)
+        else:
+            quantizer = FixedPoint(float(secure.scale or 0), float(secure.clip or 0))
         update = {
             n: np.asarray(trained[n], np.float64) - np.asarray(received[n], np.float64)
             for n in plan.names
         }
-        vector = training_vector(update, plan, task.rate, fixed, self.present)
-        return self._mask(task, secure, vector, plan.layout(task.rate), plan.layout)
+        rng = SplitMix64(task.rounding_seed)
+        vector = training_vector(update, plan, task.rate, quantizer, self.present, rng)
+        return self._mask(
+            task, secure, vector, plan.layout(task.rate), plan.layout, quantizer.modulus_bits
+        )
 
     def _mask(
         self,
@@ -557,6 +568,7 @@ class Device:
         vector: np.ndarray,
         layout: VectorLayout,
         layout_of: Callable[[float], VectorLayout],
+        modulus_bits: int = MODULUS_BITS,
     ) -> np.ndarray | None:
         client = self._secagg.get(secure.context)
         if client is None:
@@ -565,7 +577,7 @@ class Device:
         peers = {int(v): layout_of(rate) for v, rate in secure.peers.items()}
         ciphertexts = {int(v): unb64(blob) for v, blob in secure.ciphertexts.items()}
         try:
-            return client.mask(vector, layout, peers, ciphertexts)
+            return client.mask(vector, layout, peers, ciphertexts, modulus_bits)
         except SecAggRefusal as refusal:
             self.log(f"round {task.round}: cannot mask: {refusal.message}")
             self._sitting_out[secure.context] = None

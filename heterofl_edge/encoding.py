@@ -37,10 +37,13 @@ With the other features:
   weights plus the decoded update), so quantization error is inside the clipped,
   noised contribution; in the distributed placement a device adds its noise
   share to its clipped update and then encodes it.
-* **Secure aggregation** (not combined here) would mask the int8 integers
-  ``q``; every device of a level must then share one scale per row (a
-  round-wide bound, e.g. DP's clip norm, instead of ``max|row|``), and the
-  masked sums need ``8 + ceil(log2 n)`` bits for n devices.
+* **Secure aggregation** (``heterofl_edge.secagg``, ``SharedInt8``): with
+  ``int8`` uploads the integers are what is masked. Every device of a round
+  then uses one step, ``clip / 127`` (the secure run's clip, public), instead of
+  its own ``max|row| / 127``, so that the integers of all the devices holding an
+  element add up; their sums need ``8 + ceil(log2 n)`` bits for n devices, and
+  an upload of at most 16 bits travels as uint16. fp16 and bf16 do not compose
+  (not integers); every level of a secure run uploads fp32 or int8 alike.
 """
 
 from __future__ import annotations

@@ -38,9 +38,9 @@ from heterofl_edge.errors import InternalError
 from heterofl_edge.levels import parse_rate, rate_label
 from heterofl_edge.secagg import (
     BelowThreshold,
-    FixedPoint,
     LayoutPlan,
     MaskRequest,
+    Quantizer,
     SecAggRefusal,
     SecAggServer,
     ShareRequest,
@@ -210,7 +210,7 @@ class SecureInput:
     context: str
     index: int
     request: MaskRequest
-    fixed: FixedPoint | None = None
+    fixed: Quantizer | None = None
     plan: LayoutPlan | None = None
     layers: tuple[tuple[str, int], ...] = ()
     statistics_scale: float = 0.0
@@ -696,6 +696,7 @@ class RoundEngine:
         global_rate = self.strategy.mix.global_rate
         plan = self.strategy.training_plan()
         rates = {t.client: t.rate for t in opened.tasks}
+        fixed = secure.quantizer(len(opened.tasks))
         instance = SecAggServer(
             instance_context(number, Phase.training.value),
             [(t.client, plan.layout(t.rate)) for t in opened.tasks],
@@ -703,8 +704,8 @@ class RoundEngine:
             secure.threshold,
             secrets.randbits(63),
             minimum=max(2, self.settings.min_uploads),
+            modulus_bits=fixed.modulus_bits,
         )
-        fixed = secure.fixed_point(len(opened.tasks))
         replies: dict[str, TrainReply] = {}
         try:
             requests = self._secure_setup(instance, number, Phase.training, opened.deadline)

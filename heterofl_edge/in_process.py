@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from heterofl_edge.backends import SessionBackend, split_clients
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.dp_noise import add_distributed_noise
 from heterofl_edge.encoding import (
     Encoding,
@@ -176,7 +177,13 @@ class SessionTransport:
             else statistics_layout(secure.layers)
         )
         request = secure.request
-        return self._secagg[client].mask(vector, layout, request.peers, request.ciphertexts)
+        bits = secure.fixed.modulus_bits if secure.plan is not None and secure.fixed else 32
+        masked = self._secagg[client].mask(vector, layout, request.peers, request.ciphertexts, bits)
+        phase = "train" if secure.plan is not None else "statistics"
+        upload = "int8" if bits < 32 else "fp32"
+        size = len(encode_payload({"masked": masked}, Encoding.fp32))
+        self.transfer.add(self._round, "up", phase, upload, size, client)
+        return masked
 
     def replies(self, round_number: int, phase: Phase) -> Iterator[TrainReply | StatsReply | None]:
         if phase is Phase.statistics:
@@ -218,7 +225,12 @@ class SessionTransport:
         assert secure.plan is not None and secure.fixed is not None
         update = {n: trained[n].astype(np.float64) - job.state[n] for n in secure.plan.names}
         vector = training_vector(
-            update, secure.plan, task.rate, secure.fixed, self.parts.labels[task.position]
+            update,
+            secure.plan,
+            task.rate,
+            secure.fixed,
+            self.parts.labels[task.position],
+            SplitMix64(upload_seed(task.seed)),
         )
         masked = self._masked(task.client, vector, secure, task.rate)
         return TrainReply(task.client, {}, None, 0, {}, seconds, checked=True, masked=masked)

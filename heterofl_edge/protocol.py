@@ -303,10 +303,14 @@ class DistributedNoise(_Reply):
 class SecureMasking(_Reply):
     """How to encode and mask this task's upload (secure aggregation, ``heterofl_edge.secagg``).
 
-    Upload a safetensors body holding one uint32 tensor ``masked`` and no metadata.
-    Training: the update (trained minus received) in the fixed point ``scale``,
-    ``clip``, laid out by ``plan`` (``LayoutPlan.to_json``); statistics: count,
-    sum and sum of squares of ``layers`` wide-encoded at ``statistics_scale``.
+    Upload a safetensors body holding one tensor ``masked`` and no metadata: its
+    elements in Z_{2^modulus_bits}, as uint16 up to 16 bits, else uint32.
+    Training: the update (trained minus received) laid out by ``plan``
+    (``LayoutPlan.to_json``), each value clipped to ``clip`` and encoded as
+    ``encoding`` says: ``fixed_point`` rounds ``x * scale`` to nearest (32 bits);
+    ``int8`` rounds ``x / (clip / 127)`` stochastically with the task's
+    ``rounding_seed`` (``SharedInt8``). Statistics: count, sum and sum of squares
+    of ``layers`` wide-encoded at ``statistics_scale`` (32 bits).
     ``peers``: neighbour index -> its rate (whose masks to add); ``ciphertexts``:
     neighbour index -> its encrypted shares for this device (base64), kept for
     the unmasking.
@@ -316,8 +320,10 @@ class SecureMasking(_Reply):
     index: int
     peers: dict[str, float]
     ciphertexts: dict[str, str]
+    encoding: Literal["fixed_point", "int8"] = "fixed_point"
     scale: float | None = None
     clip: float | None = None
+    modulus_bits: int = Field(default=32, ge=8, le=32)
     plan: dict[str, Any] | None = None
     layers: list[tuple[str, int]] = Field(default_factory=list)
     statistics_scale: float | None = None

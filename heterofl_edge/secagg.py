@@ -12,9 +12,13 @@ arithmetic in Z_{2^32} on uint32 arrays (numpy wraps), so the sums are exact.
 
 Numbers become ring elements by fixed point (``FixedPoint``: values clipped to
 ``[-clip, clip]``, times a power-of-two ``scale`` chosen so that the sum of
-every participant cannot wrap), or, where 32 bits are too few (sBN sums), by
-``encode_wide``: an int64 split into four 16-bit digits, each summed in its own
-32-bit element (no carry is lost for fewer than 2^16 clients).
+every participant cannot wrap), by shared int8 (``SharedInt8``: steps of
+``clip / 127`` rounded stochastically, for int8 uploads; their sums, and so the
+masks, live in the smaller ring Z_{2^(8 + ceil(log2 n))}, which 2^32 is a
+multiple of: the arithmetic stays in uint32 and only the upload is reduced),
+or, where 32 bits are too few (sBN sums), by ``encode_wide``: an int64 split
+into four 16-bit digits, each summed in its own 32-bit element (no carry is
+lost for fewer than 2^16 clients).
 
 One aggregation is an *instance* named by a ``context`` string (run, round,
 phase): fresh keys, fresh masks. Its stages (Bell et al., Figure 2, honest but
@@ -58,7 +62,7 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -68,6 +72,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.errors import HeteroFLError
 
 __all__ = [
@@ -79,10 +84,12 @@ __all__ = [
     "BelowThreshold",
     "FixedPoint",
     "LayoutPlan",
+    "Quantizer",
     "SecAggClient",
     "SecAggRefusal",
     "SecAggServer",
     "Segment",
+    "SharedInt8",
     "Stage",
     "VectorLayout",
     "b64",
@@ -96,15 +103,20 @@ __all__ = [
     "from_b64",
     "neighbour_graph",
     "prg",
+    "reduce_masked",
+    "shared_int8_for",
+    "signed_sums",
     "split_secret",
     "statistics_layout",
     "statistics_vector",
     "threshold_for",
     "training_vector",
     "unb64",
+    "wire_dtype",
 ]
 
-MODULUS_BITS = 32  # every masked element lives in Z_{2^32}
+MODULUS_BITS = 32  # masked elements live in Z_{2^32} (int8 uploads: a smaller power of two)
+INT8_STEPS = 127  # SharedInt8: q in [-127, 127]
 PRIME = 2**521 - 1  # Shamir's field (a Mersenne prime)
 SHARE_BYTES = 66  # a field element, big-endian
 WIDE_DIGITS = 4  # encode_wide: an int64 as four 16-bit digits
@@ -167,8 +179,10 @@ class FixedPoint:
 
     scale: float
     clip: float
+    modulus_bits: ClassVar[int] = MODULUS_BITS
 
-    def encode(self, values: np.ndarray) -> np.ndarray:
+    def encode(self, values: np.ndarray, rng: SplitMix64 | None = None) -> np.ndarray:
+        """Each value clipped and rounded to nearest (``rng`` unused: no draws)."""
         clipped = np.clip(np.asarray(values, np.float64), -self.clip, self.clip)
         return np.rint(clipped * self.scale).astype(np.int64).astype(np.uint32)
 
@@ -190,6 +204,79 @@ def fixed_point_for(clients: int, clip: float) -> FixedPoint:
     while clients * clip * 2.0**exponent >= 2**31 - 1:  # log2's rounding at an exact power
         exponent -= 1
     return FixedPoint(2.0**exponent, clip)
+
+
+@dataclass(frozen=True)
+class SharedInt8:
+    """int8 uploads under secure aggregation: the quantized integers are what is masked.
+
+    Every client of an instance shares one step, ``clip / 127`` (public: it is in
+    the task), so the integers of the clients holding an element sum to that
+    element's sum in steps. A value is clipped to ``[-clip, clip]`` and rounded
+    stochastically and without bias, ``q = floor(x / step + u)`` with ``u`` uniform
+    in [0, 1) (``heterofl_edge.encoding``'s draws: SplitMix64 from the upload's
+    rounding seed, one draw per element in the vector's order), so ``q`` lies in
+    [-127, 127]. The sum of ``n`` clients' integers lies within ``±127 n``, below
+    ``2^(modulus_bits - 1)`` for ``modulus_bits = 8 + ceil(log2 n)``: the masks
+    and the sums live in Z_{2^modulus_bits}, and an upload of at most 16 bits
+    travels as uint16 (half of the fixed point's uint32).
+    """
+
+    clip: float
+    modulus_bits: int
+
+    @property
+    def step(self) -> float:
+        return self.clip / INT8_STEPS
+
+    def encode(self, values: np.ndarray, rng: SplitMix64 | None = None) -> np.ndarray:
+        if rng is None:
+            raise HeteroFLError("int8 secure uploads round stochastically: give the rounding rng")
+        flat = np.clip(np.asarray(values, np.float64).reshape(-1), -self.clip, self.clip)
+        drawn = np.floor(flat / self.step + rng.uniforms(flat.size))
+        q = np.clip(drawn, -INT8_STEPS, INT8_STEPS).astype(np.int64)
+        return q.astype(np.uint32)  # two's complement: reduced mod 2^bits on the wire
+
+    def decode_sum(self, sums: np.ndarray) -> np.ndarray:
+        """The real sum behind a sum of encoded values (float64)."""
+        return signed_sums(sums, self.modulus_bits).astype(np.float64) * self.step
+
+    @property
+    def resolution(self) -> float:
+        """The largest rounding error of one value, and of an average of them (one step)."""
+        return self.step
+
+
+def shared_int8_for(clients: int, clip: float) -> SharedInt8:
+    """int8 for ``clients`` clients: ``8 + ceil(log2 clients)`` bits hold their sum."""
+    if clients < 1 or not (clip > 0 and math.isfinite(clip)):
+        raise HeteroFLError(f"no int8 encoding for {clients} clients at clip {clip}")
+    bits = 8 + math.ceil(math.log2(clients))
+    if bits > MODULUS_BITS:
+        raise HeteroFLError(f"{clients} clients' int8 sums need {bits} bits, more than 32")
+    return SharedInt8(clip, bits)
+
+
+Quantizer = FixedPoint | SharedInt8
+
+
+def signed_sums(sums: np.ndarray, bits: int) -> np.ndarray:
+    """Sums in Z_{2^bits} (uint32) as signed integers (int64), two's complement."""
+    low = np.asarray(sums, np.uint32).astype(np.int64) & ((1 << bits) - 1)
+    return np.where(low >= 1 << (bits - 1), low - (1 << bits), low)
+
+
+def wire_dtype(bits: int) -> type[np.unsignedinteger[Any]]:
+    """The array type a masked vector of ``bits``-bit elements travels in."""
+    return np.uint16 if bits <= 16 else np.uint32
+
+
+def reduce_masked(vector: np.ndarray, bits: int) -> np.ndarray:
+    """A masked uint32 vector in Z_{2^bits}, as ``wire_dtype(bits)`` (the upload)."""
+    values = np.asarray(vector, np.uint32)
+    if bits >= MODULUS_BITS:
+        return values
+    return (values & np.uint32((1 << bits) - 1)).astype(wire_dtype(bits))
 
 
 def encode_wide(values: np.ndarray, scale: float) -> np.ndarray:
@@ -224,6 +311,10 @@ def derive_key(secret: bytes, purpose: str, context: str) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=SALT, info=info).derive(secret)
 
 
+_PRG_CHUNK = 1 << 16  # bytes of keystream per call: the zeros stay in cache
+_ZEROS = bytes(_PRG_CHUNK)
+
+
 def prg(key: bytes, count: int) -> np.ndarray:
     """``count`` uniform uint32s: AES-256-CTR keystream from a zero counter, little-endian words.
 
@@ -231,8 +322,16 @@ def prg(key: bytes, count: int) -> np.ndarray:
     AES-CTR with ``length: 64`` gives the same stream below 2^64 blocks).
     """
     encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
-    stream = encryptor.update(bytes(4 * count)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype="<u4").astype(np.uint32)
+    # The keystream is written into the array itself, a chunk of zeros at a time (no copies);
+    # update_into asks for a block's slack beyond each chunk, hence the extra words.
+    words = np.empty(count + 4, dtype="<u4")
+    out = memoryview(words).cast("B")
+    total = 4 * count
+    for start in range(0, total, _PRG_CHUNK):
+        size = min(_PRG_CHUNK, total - start)
+        encryptor.update_into(_ZEROS[:size], out[start : start + size + 16])
+    encryptor.finalize()
+    return words[:count].astype(np.uint32, copy=False)
 
 
 def _public_bytes(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -462,12 +561,11 @@ def _add_at(
     target: np.ndarray, values: np.ndarray, positions: np.ndarray | None, subtract: bool
 ) -> None:
     """``target[positions] += values`` (or ``-=``) in Z_{2^32}; all of ``target`` if None."""
-    view = target if positions is None else target[positions]
-    view = view - values if subtract else view + values  # uint32 arithmetic wraps: mod 2^32
+    operation = np.subtract if subtract else np.add  # uint32 arithmetic wraps: mod 2^32
     if positions is None:
-        target[:] = view
-    else:
-        target[positions] = view  # positions are distinct: no collisions to accumulate
+        operation(target, values, out=target)
+    else:  # positions are distinct: no collisions to accumulate
+        target[positions] = operation(target[positions], values)
 
 
 # -- the client -----------------------------------------------------------------------
@@ -564,11 +662,13 @@ class SecAggClient:
         layout: VectorLayout,
         peers: Mapping[int, VectorLayout],
         ciphertexts: Mapping[int, bytes],
+        modulus_bits: int = MODULUS_BITS,
     ) -> np.ndarray:
         """``vector`` (uint32, this client's layout) with its self mask and pairwise masks.
 
         ``peers`` are the neighbours that shared keys (and their layouts);
-        ``ciphertexts`` the shares they sent this client, kept for ``unmask``.
+        ``ciphertexts`` the shares they sent this client, kept for ``unmask``. The
+        result is in Z_{2^modulus_bits}, as ``wire_dtype(modulus_bits)`` (the upload).
         """
         if self._masked_with is not None:
             raise SecAggRefusal("this client masked its input already", code="bad_share")
@@ -599,7 +699,7 @@ class SecAggClient:
             _add_at(out, mask, positions, subtract=self.index > v)
         self._masked_with = set(peers)
         self._ciphertexts = dict(ciphertexts)
-        return out
+        return reduce_masked(out, modulus_bits)
 
     def unmask(self, dropped: Iterable[int], survivors: Iterable[int]) -> dict[int, int]:
         """Shares for the server: ``s``-key shares of ``dropped``, seed shares of ``survivors``.
@@ -666,6 +766,9 @@ class SecAggServer:
     keep it (``SecAggRefusal`` with a code otherwise: nothing is kept);
     ``close_*`` end a stage and return the next one's requests, or raise
     ``BelowThreshold``. ``finalize`` returns the unmasked per-element sums.
+    Masked inputs are in Z_{2^modulus_bits} (``check_masked``); the server's
+    arithmetic runs in Z_{2^32}, which 2^modulus_bits divides, and ``finalize``
+    reduces the sums.
     """
 
     def __init__(
@@ -676,8 +779,10 @@ class SecAggServer:
         threshold_fraction: float,
         graph_seed: int,
         minimum: int = 2,
+        modulus_bits: int = MODULUS_BITS,
     ) -> None:
         self.context = context
+        self.modulus_bits = modulus_bits
         self.index = {client: i for i, (client, _) in enumerate(participants, start=1)}
         self.client = {i: client for client, i in self.index.items()}
         self.layout = {self.index[c]: layout for c, layout in participants}
@@ -766,8 +871,9 @@ class SecAggServer:
             raise SecAggRefusal("this client is not in the masked stage", code="not_a_participant")
         if i in self.uploaded:
             raise SecAggRefusal("this client's masked input is in already", code="duplicate_upload")
-        check_masked(vector, self.layout[i].size)
-        _add_at(self._sum, vector, self._positions(self.layout[i]), subtract=False)
+        check_masked(vector, self.layout[i].size, self.modulus_bits)
+        values = vector.astype(np.uint32, copy=False)
+        _add_at(self._sum, values, self._positions(self.layout[i]), subtract=False)
         self.uploaded.add(i)
 
     def close_masked(self) -> dict[str, UnmaskRequest]:
@@ -840,6 +946,8 @@ class SecAggServer:
                 # w added +mask when w < v, else -mask: take back what w added.
                 _add_at(total, mask, self._positions(small), subtract=w < v)
         self.stage = Stage.unmask
+        if self.modulus_bits < MODULUS_BITS:
+            total &= np.uint32((1 << self.modulus_bits) - 1)
         return total
 
     # -- helpers --
@@ -887,11 +995,21 @@ def check_shares(neighbours: Sequence[int], shares: Mapping[int, bytes]) -> None
             raise SecAggRefusal("an encrypted share has the wrong size", code="bad_share")
 
 
-def check_masked(vector: np.ndarray, length: int) -> None:
-    """``SecAggRefusal`` unless ``vector`` is ``length`` elements of Z_{2^32} (uint32)."""
-    if vector.dtype != np.uint32:
+def check_masked(vector: np.ndarray, length: int, modulus_bits: int = MODULUS_BITS) -> None:
+    """``SecAggRefusal`` unless ``vector`` is ``length`` elements of Z_{2^modulus_bits}.
+
+    They travel as ``wire_dtype(modulus_bits)``: uint16 up to 16 bits, else uint32.
+    """
+    dtype = np.dtype(wire_dtype(modulus_bits))
+    if vector.dtype != dtype:
         raise SecAggRefusal(
-            f"a masked input holds uint32 elements (modulus 2^32), not {vector.dtype}",
+            f"a masked input holds {dtype.name} elements (modulus 2^{modulus_bits}), "
+            f"not {vector.dtype}",
+            code="bad_modulus",
+        )
+    if modulus_bits < 8 * dtype.itemsize and vector.size and int(vector.max()) >> modulus_bits:
+        raise SecAggRefusal(
+            f"a masked input has elements of 2^{modulus_bits} or more (its modulus)",
             code="bad_modulus",
         )
     if vector.shape != (length,):
@@ -997,14 +1115,16 @@ def training_vector(
     update: Mapping[str, np.ndarray],
     plan: LayoutPlan,
     rate: float,
-    fixed: FixedPoint,
+    quantizer: Quantizer,
     labels: Sequence[int] | None,
+    rng: SplitMix64 | None = None,
 ) -> np.ndarray:
     """A client's update (trained minus received) as its vector in Z_{2^32}, before masking.
 
-    Each tensor's slice in fixed point, rows of labels it does not hold zeroed
-    (with ``plan.classes``: the label split), then its label presence per tier.
-    ``labels`` None: it holds every label.
+    Each tensor's slice in the round's fixed point or shared int8 (``quantizer``;
+    int8 draws its rounding from ``rng``, tensor after tensor in the plan's order),
+    rows of labels it does not hold zeroed (with ``plan.classes``: the label split),
+    then its label presence per tier. ``labels`` None: it holds every label.
     """
     layout = plan.layout(rate)
     held = np.ones(max(plan.classes, 1), bool)
@@ -1022,7 +1142,7 @@ def training_vector(
         if dim is not None and plan.classes:
             axis = [-1 if d == dim else 1 for d in range(values.ndim)]
             values = values * held[: values.shape[dim]].reshape(axis)
-        parts.append(fixed.encode(values.reshape(-1)))
+        parts.append(quantizer.encode(values.reshape(-1), rng))
     if layout.presence:
         parts.append(np.tile(held.astype(np.uint32), layout.presence // plan.classes))
     return np.concatenate(parts) if parts else np.zeros(0, np.uint32)

@@ -32,8 +32,10 @@ from heterofl_edge.errors import ConfigError, InternalError
 from heterofl_edge.secagg import (
     FixedPoint,
     LayoutPlan,
+    Quantizer,
     decode_wide,
     fixed_point_for,
+    shared_int8_for,
 )
 from heterofl_edge.slicing import DimKind, SlicingSpec, global_positions, shapes_at, trainable_names
 
@@ -56,12 +58,15 @@ class SecureSettings:
     ``clip``: the bound of an update element (trained minus received); larger
     values are clipped before encoding. ``threshold``: the share of a client's
     neighbours that must survive to rebuild its secrets. ``statistics_scale``: the
-    fixed point of sBN sums (wide encoding).
+    fixed point of sBN sums (wide encoding). ``int8``: training uploads are the
+    shared int8 integers (``SharedInt8``, step ``clip / 127``, masked in
+    ``8 + ceil(log2 n)`` bits) instead of the 32-bit fixed point.
     """
 
     clip: float = 1.0
     threshold: float = 0.5
     statistics_scale: float = 2.0**16
+    int8: bool = False
 
     def __post_init__(self) -> None:
         """Refuse what no fixed point or threshold can do."""
@@ -76,6 +81,12 @@ class SecureSettings:
     def fixed_point(self, clients: int) -> FixedPoint:
         """The round's fixed point: ``clients`` clipped updates sum without wrapping."""
         return fixed_point_for(max(1, clients), self.clip)
+
+    def quantizer(self, clients: int) -> Quantizer:
+        """How ``clients`` clients' updates become ring elements: fixed point, or int8."""
+        if self.int8:
+            return shared_int8_for(max(1, clients), self.clip)
+        return self.fixed_point(clients)
 
 
 def instance_context(round_number: int, phase: str) -> str:
@@ -128,7 +139,7 @@ def state_from_sums(
     spec: SlicingSpec,
     global_rate: float,
     plan: LayoutPlan,
-    fixed: FixedPoint,
+    fixed: Quantizer,
     sums: np.ndarray,
     survivor_rates: Sequence[float],
 ) -> State:

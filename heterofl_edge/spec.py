@@ -184,11 +184,19 @@ class FederationSpec:
                 "leave out --dp-clip, or --secure-aggregation (the server placement clips on "
                 "the server, which never sees an update under secure aggregation)",
             )
-        if str(LevelEncodings.parse(self.upload_encoding)) != "fp32":
+        if str(LevelEncodings.parse(self.upload_encoding)) not in ("fp32", "int8"):
             raise ConfigError(
-                f"--secure-aggregation with --upload-encoding {self.upload_encoding} is not built",
-                "a secure upload is its masked fixed-point vector; leave --upload-encoding at "
-                "fp32 (--download-encoding may compress)",
+                f"--secure-aggregation with --upload-encoding {self.upload_encoding} is not "
+                "available",
+                "every device of a round masks its update in one ring: use --upload-encoding "
+                "fp32 (32-bit fixed point) or int8 (one int8 step for every level, masked in "
+                "8 + log2(devices) bits) for all levels; --download-encoding may differ by level",
+            )
+        if self.error_feedback and self.secure_int8:
+            raise ConfigError(
+                "--error-feedback with --secure-aggregation is not built",
+                "leave out --error-feedback: a secure int8 upload rounds without bias and "
+                "carries no residual to the next round",
             )
 
     @property
@@ -196,7 +204,18 @@ class FederationSpec:
         """The run's secure aggregation (None when off)."""
         if not self.secure_aggregation:
             return None
-        return SecureSettings(self.secure_aggregation_clip, self.secure_aggregation_threshold)
+        return SecureSettings(
+            self.secure_aggregation_clip,
+            self.secure_aggregation_threshold,
+            int8=self.secure_int8,
+        )
+
+    @property
+    def secure_int8(self) -> bool:
+        """Whether secure uploads are shared-step int8 (``--upload-encoding int8``)."""
+        return self.secure_aggregation and str(LevelEncodings.parse(self.upload_encoding)) == (
+            "int8"
+        )
 
     def _coerce_enums(self) -> None:
         """A setting's plain string (from Python code) becomes its enum, or a ``ConfigError``."""

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 
 from heterofl_edge.aggregation import HeteroFLAggregator
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.bn_stats import ChannelMoments, combine_moments
+from heterofl_edge.encoding import upload_seed
 from heterofl_edge.engine import (
     Client,
     Phase,
@@ -152,11 +154,13 @@ class ProtocolClients:
                 deltas = {
                     n: trained[n].double().numpy() - received[n].double().numpy() for n in update
                 }
-                vector = training_vector(deltas, secure.plan, task.rate, secure.fixed, labels)
+                rng = SplitMix64(upload_seed(task.seed))  # int8's rounding, as a device's
+                vector = training_vector(deltas, secure.plan, task.rate, secure.fixed, labels, rng)
                 layout = secure.plan.layout(task.rate)
             request = secure.request
+            bits = secure.fixed.modulus_bits if secure.fixed and phase is Phase.training else 32
             masked = self.secagg[task.client].mask(
-                vector, layout, request.peers, request.ciphertexts
+                vector, layout, request.peers, request.ciphertexts, bits
             )
             self.masked[phase][task.client], self.vectors[phase][task.client] = masked, vector
             if phase is Phase.training:

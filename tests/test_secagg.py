@@ -18,9 +18,10 @@ from scipy import stats
 from secagg_helpers import ProtocolClients
 
 from heterofl_edge.assignment import parse_mode
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.bn_stats import apply_statistics
 from heterofl_edge.engine import EngineSettings, Phase, RoundEngine, RoundResult, StatisticsClients
-from heterofl_edge.errors import ConfigError
+from heterofl_edge.errors import ConfigError, HeteroFLError
 from heterofl_edge.in_process import MemoryJournal
 from heterofl_edge.journal import FileJournal
 from heterofl_edge.models import get_architecture
@@ -32,6 +33,7 @@ from heterofl_edge.secagg import (
     SecAggRefusal,
     SecAggServer,
     Segment,
+    SharedInt8,
     Stage,
     VectorLayout,
     combine_shares,
@@ -41,10 +43,12 @@ from heterofl_edge.secagg import (
     encode_wide,
     fixed_point_for,
     neighbour_graph,
+    shared_int8_for,
     split_secret,
     training_vector,
 )
 from heterofl_edge.secure_aggregation import SecureSettings, sbn_layers
+from heterofl_edge.slicing import extract_submodel_state
 from heterofl_edge.spec import FederationSpec
 from heterofl_edge.strategy import HeteroFLStrategy, MultiStepSchedule
 
@@ -64,7 +68,12 @@ def _initial_state() -> dict[str, torch.Tensor]:
 
 
 def _engine(
-    clients: ProtocolClients, rounds: int = 1, threshold: float = 0.5, results=None, journal=None
+    clients: ProtocolClients,
+    rounds: int = 1,
+    threshold: float = 0.5,
+    results=None,
+    journal=None,
+    int8: bool = False,
 ) -> RoundEngine:
     arch = _arch()
     strategy = HeteroFLStrategy(
@@ -74,7 +83,7 @@ def _engine(
         fraction=1.0,
         schedule=MultiStepSchedule(0.1),
         seed=1,
-        secure=SecureSettings(clip=1.0, threshold=threshold),
+        secure=SecureSettings(clip=1.0, threshold=threshold, int8=int8),
         num_classes=arch.num_classes,
     )
     return RoundEngine(
@@ -191,6 +200,84 @@ def test_what_the_coordinator_receives_is_uniform_mod_2_32_and_uncorrelated_with
     assert np.abs(gap.astype(np.int64)).max() <= 16
 
 
+# -- int8 uploads (issue 31): the quantized integers are what is masked ------------------
+
+
+def test_int8_secure_round_is_the_plain_average_of_what_each_client_quantized():
+    """Masks cancel in Z_2^12 (10 clients: 8 + 4 bits); each upload is uint16."""
+    clients = _clients()
+    recorder = _Recorder(clients)
+    engine = _engine(clients, int8=True)
+    engine.run()
+    before, tasks = recorder.before[1]
+    int8 = SecureSettings(int8=True).quantizer(CLIENTS)
+    assert isinstance(int8, SharedInt8) and int8.modulus_bits == 12
+    plan = engine.strategy.training_plan()
+    dequantized = {}
+    for task in tasks:
+        masked = clients.masked[Phase.training][task.client]
+        assert masked.dtype == np.uint16 and int(masked.max()) < 2**12
+        vector = clients.vectors[Phase.training][task.client]
+        q = vector.view(np.int32)[: plan.layout(task.rate).tensor_size]
+        assert int(q.min()) >= -127 and int(q.max()) <= 127
+        # what this client quantized: received weights plus q steps, tensor by tensor
+        received = extract_submodel_state(before, _arch().spec, task.rate, 1.0)
+        at, trained = 0, {}
+        for segment in plan.layout(task.rate).segments:
+            steps = q[at : at + segment.size].reshape(segment.shape).astype(np.float64)
+            update = torch.from_numpy(steps * int8.step)
+            trained[segment.name] = (received[segment.name].double() + update).float()
+            at += segment.size
+        dequantized[task.client] = trained
+    everyone = [t.client for t in tasks]
+    plain = clients.plain_state(before, tasks, everyone)
+    clients.trained.update(dequantized)
+    exact = clients.plain_state(before, tasks, everyone)
+    # the unmasked sum is exact: only the float32 rounding of the weights is left (a step
+    # is 7.9e-3; a mask that did not cancel, or a sum read in the wrong modulus, is far more)
+    assert _assert_model_equal(engine.global_state, exact, 1e-8) < 1e-6
+    # and within one step of the unquantized average (each rounding is below one step)
+    _assert_model_equal(engine.global_state, plain, int8.step)
+
+
+def test_shared_int8_rounds_without_bias_and_sums_of_n_clients_do_not_wrap():
+    rng = SplitMix64(11)
+    quantizer = shared_int8_for(1, 0.5)
+    values = np.array([0.3, -0.123, 0.0049, -0.5, 0.5, 2.0])  # the last one is clipped
+    draws = np.stack([quantizer.encode(values, rng).view(np.int32) for _ in range(20000)])
+    means = draws.mean(axis=0) * quantizer.step
+    expected = np.clip(values, -0.5, 0.5)
+    spread = quantizer.step / 2 / math.sqrt(len(draws))  # a rounding's std is at most step / 2
+    assert np.all(np.abs(means - expected) <= 5 * spread), (means, expected)
+    assert set(np.unique(draws[:, 4])) == {127} and set(np.unique(draws[:, 3])) == {-127}
+    with pytest.raises(HeteroFLError):
+        quantizer.encode(values)  # int8 draws its rounding: no rng, no encoding
+    for clients in (1, 2, 10, 100, 1000, 2**24):
+        int8 = shared_int8_for(clients, 1.0)
+        assert int8.modulus_bits == 8 + math.ceil(math.log2(clients))
+        extreme = int8.encode(np.array([5.0, -5.0]), SplitMix64(0))  # 127 and -127
+        total = (extreme.astype(np.uint64) * np.uint64(clients)) % np.uint64(2**32)
+        sums = total.astype(np.uint32) & np.uint32(2**int8.modulus_bits - 1)
+        assert list(int8.decode_sum(sums)) == pytest.approx([clients * 1.0, -clients * 1.0])
+    with pytest.raises(HeteroFLError):
+        shared_int8_for(2**24 + 1, 1.0)
+
+
+def test_an_int8_instance_refuses_uint32_or_out_of_range_inputs():
+    server, clients, layouts = _instance(modulus_bits=12)
+    requests = _through_shares(server, clients)
+    request = requests["1"]
+    vector = np.arange(4, dtype=np.uint32)
+    masked = clients["1"].mask(vector, layouts["1"], request.peers, request.ciphertexts, 12)
+    assert masked.dtype == np.uint16 and int(masked.max()) < 2**12
+    for bad in (masked.astype(np.uint32), masked | np.uint16(1 << 12)):
+        with pytest.raises(SecAggRefusal) as caught:
+            server.accept_masked("1", bad)
+        assert caught.value.code == "bad_modulus"
+        assert not server.uploaded
+    server.accept_masked("1", masked)
+
+
 # -- dropouts ----------------------------------------------------------------------------
 
 
@@ -260,10 +347,17 @@ def _layouts(sizes):
     return [VectorLayout((Segment("w", (n,), (1,)),)) for n in sizes]
 
 
-def _instance(sizes=(6, 4, 4, 2), fraction=0.5):
+def _instance(sizes=(6, 4, 4, 2), fraction=0.5, modulus_bits=32):
     layouts = _layouts(sizes)
     names = [str(i) for i in range(len(sizes))]
-    server = SecAggServer("ctx", list(zip(names, layouts, strict=True)), layouts[0], fraction, 5)
+    server = SecAggServer(
+        "ctx",
+        list(zip(names, layouts, strict=True)),
+        layouts[0],
+        fraction,
+        5,
+        modulus_bits=modulus_bits,
+    )
     clients = {n: SecAggClient("ctx", server.index[n]) for n in names}
     return server, clients, dict(zip(names, layouts, strict=True))
 
@@ -585,9 +679,14 @@ def test_simulate_with_secure_aggregation_trains_the_same_model_as_without(mnist
     )
 
 
-def test_secure_aggregation_refuses_lossy_uploads_and_takes_compressed_downloads():
-    with pytest.raises(ConfigError, match="upload-encoding") as caught:
-        FederationSpec(secure_aggregation=True, upload_encoding="fp32,e=int8")
-    assert caught.value.code == "bad_config"
+def test_secure_aggregation_takes_int8_for_every_level_and_compressed_downloads_only():
+    for upload in ("fp32,e=int8", "fp16", "bf16"):  # one ring for every device of a round
+        with pytest.raises(ConfigError, match="upload-encoding") as caught:
+            FederationSpec(secure_aggregation=True, upload_encoding=upload)
+        assert caught.value.code == "bad_config"
+    with pytest.raises(ConfigError, match="error-feedback"):
+        FederationSpec(secure_aggregation=True, upload_encoding="int8", error_feedback=True)
     spec = FederationSpec(secure_aggregation=True, download_encoding="fp16")
     assert spec.secure_settings == SecureSettings()
+    spec = FederationSpec(secure_aggregation=True, upload_encoding="int8")
+    assert spec.secure_settings == SecureSettings(int8=True)

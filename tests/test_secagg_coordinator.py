@@ -8,6 +8,8 @@ is refused with its code and nothing of it is kept.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +18,16 @@ from safetensors.numpy import load, save
 from scipy.stats import chisquare
 
 from coordinator.errors import ErrorCode
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
 from heterofl_edge.engine import Phase
 from heterofl_edge.secagg import (
     Advertisement,
     FixedPoint,
     LayoutPlan,
+    Quantizer,
     SecAggClient,
+    SharedInt8,
     b64,
     statistics_layout,
     statistics_vector,
@@ -87,13 +92,13 @@ class Devices:
             "unmask": {str(v): str(x) for v, x in values.items()},
         }
 
-    def masked(self, token, task, vector, layout, layout_of):
+    def masked(self, token, task, vector, layout, layout_of, modulus_bits=32):
         self.vectors[token] = vector
         secure = task["secure"]
         client = self.secagg[(token, secure["context"])]
         peers = {int(v): layout_of(rate) for v, rate in secure["peers"].items()}
         ciphertexts = {int(v): unb64(blob) for v, blob in secure["ciphertexts"].items()}
-        return client.mask(vector, layout, peers, ciphertexts)
+        return client.mask(vector, layout, peers, ciphertexts, modulus_bits)
 
     def training_body(self, position, token, task):
         secure = task["secure"]
@@ -105,9 +110,15 @@ class Devices:
         update = {
             n: VALUES[position] - start[n].astype(np.float64) for n in trainable_names(ARCH.spec)
         }
-        fixed = FixedPoint(secure["scale"], secure["clip"])
-        vector = training_vector(update, plan, task["rate"], fixed, LABELS[position])
-        return self.masked(token, task, vector, plan.layout(task["rate"]), plan.layout)
+        quantizer: Quantizer
+        if secure["encoding"] == "int8":
+            quantizer = SharedInt8(secure["clip"], secure["modulus_bits"])
+        else:
+            quantizer = FixedPoint(secure["scale"], secure["clip"])
+        rng = SplitMix64(task["rounding_seed"])
+        vector = training_vector(update, plan, task["rate"], quantizer, LABELS[position], rng)
+        layout = plan.layout(task["rate"])
+        return self.masked(token, task, vector, layout, plan.layout, quantizer.modulus_bits)
 
     def statistics_body(self, position, token, task):
         secure = task["secure"]
@@ -334,3 +345,107 @@ def test_a_restart_with_masked_uploads_held_fails_the_round_and_unmasks_nothing(
     after, expected = global_model(second), _expected_model(before)
     gap = (after["blocks.0.conv.bias"].double() - expected["blocks.0.conv.bias"].double()).abs()
     assert float(gap.max()) <= FixedPoint(2.0**26, 8.0).resolution + 1e-6
+
+
+def test_an_int8_secure_round_masks_uint16_integers_and_moves_within_one_step(make_app):
+    """Issue 31 with issue 29: three devices' int8 sums in 8 + 2 bits, uploaded as uint16."""
+    app = make_app(secure_aggregation=True, secure_aggregation_clip=8.0, upload_encoding="int8")
+    client = app.test_client()
+    coordinator = app.extensions["heterofl"]
+    assert_error(
+        client.post("/v1/devices", json=SECURE), 400, ErrorCode.secure_aggregation_unsupported
+    )  # a device that declared no int8 is never sent an int8 task
+    before = global_model(client)
+    profile = {**SECURE, "encodings": ["fp32", "int8"]}
+    devices = Devices(client, register(client, 3, profile))
+    assert coordinator.settle()
+    _stage(devices, coordinator, "advertise")
+    _stage(devices, coordinator, "share")
+    first = devices.tokens[0]
+    task = devices.task(first)
+    assert task["secure"]["encoding"] == "int8" and task["secure"]["modulus_bits"] == 10
+    masked = devices.training_body(0, first, task)
+    assert masked.dtype == np.uint16 and int(masked.max()) < 2**10
+    url, headers = task["upload_url"], auth(first)
+    for body in (
+        save({"masked": masked.astype(np.uint32)}),  # the fixed point's uint32
+        save({"masked": masked | np.uint16(1 << 10)}),  # beyond the modulus
+    ):
+        assert_error(client.post(url, data=body, headers=headers), 422, ErrorCode.bad_modulus)
+    assert client.post(url, data=save({"masked": masked}), headers=headers).status_code == 200
+    for position, token in ((1, devices.tokens[1]), (2, devices.tokens[2])):
+        task = devices.task(token)
+        body = save({"masked": devices.training_body(position, token, task)})
+        assert client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
+    assert coordinator.settle()
+    for row in coordinator.store.uploaded(1, Phase.training):  # what is stored: uint16 < 2^10
+        stored = load(coordinator.store.payload(1, Phase.training, row.device_id))["masked"]
+        assert stored.dtype == np.uint16 and int(stored.max()) < 2**10
+        if stored.size >= 4096:
+            counts = np.bincount((stored >> np.uint16(2)).astype(np.int64), minlength=256)
+            assert chisquare(counts).pvalue > 1e-6
+    _stage(devices, coordinator, "unmask")
+    _stage(devices, coordinator, "advertise")
+    _stage(devices, coordinator, "share")
+    _upload(devices, coordinator, "statistics")
+    _stage(devices, coordinator, "unmask")
+    after, expected = global_model(client), _expected_model(before)
+    step = 8.0 / 127  # every element within one step of the plain average (each rounding is)
+    moved = 0.0
+    for name in ("blocks.0.conv.bias", "blocks.3.conv.weight", "classifier.weight"):
+        gap = (after[name].double() - expected[name].double()).abs().max()
+        assert gap <= step + 1e-6, (name, float(gap))
+        moved = max(moved, float((after[name] - before[name]).abs().max()))
+    assert moved > 1.0  # the updates (1 to 6) arrived
+    torch.testing.assert_close(
+        after["blocks.0.norm.running_mean"], expected["blocks.0.norm.running_mean"]
+    )
+
+
+def test_the_logs_of_a_secure_round_hold_no_value_of_any_device(secure_app, caplog):
+    """Everything logged (every logger, DEBUG up) while a secure round runs over the API."""
+    client = secure_app.test_client()
+    coordinator = secure_app.extensions["heterofl"]
+    with caplog.at_level(logging.DEBUG):
+        devices = Devices(client, register(client, 3, SECURE))
+        assert coordinator.settle()
+        _stage(devices, coordinator, "advertise")
+        _stage(devices, coordinator, "share")
+        _upload(devices, coordinator, "train")
+        stored = [
+            load(coordinator.store.payload(1, Phase.training, row.device_id))["masked"]
+            for row in coordinator.store.uploaded(1, Phase.training)
+        ]
+        true_vectors = list(devices.vectors.values())
+        _stage(devices, coordinator, "unmask")
+        _stage(devices, coordinator, "advertise")
+        _stage(devices, coordinator, "share")
+        _upload(devices, coordinator, "statistics")
+        statistics_vectors = list(devices.vectors.values())
+        stored += [
+            load(coordinator.store.payload(1, Phase.statistics, row.device_id))["masked"]
+            for row in coordinator.store.uploaded(1, Phase.statistics)
+        ]
+        _stage(devices, coordinator, "unmask")
+    text = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "round 1 finished" in text  # the round was logged: the check looks at real lines
+    # no element of a device's vector (fixed point: numbers of 8 to 10 digits; the sBN sums'
+    # 16-bit digits), before or after masking, and none of the update's values in decimal
+    for vector in [*true_vectors, *stored, *statistics_vectors]:
+        signed = vector.astype(np.uint32).view(np.int32)
+        large = {int(x) for x in signed if abs(int(x)) >= 10**4}  # not there by chance
+        # (the sBN sums' digits can all be small: then the masked ones below stand for them)
+        assert large or any(vector is v for v in statistics_vectors)
+        for value in sorted(large)[:500]:
+            assert str(value) not in text, value
+            assert str(value & 0xFFFFFFFF) not in text, value
+    for position in range(3):
+        update = VALUES[position] - global_model(client)["blocks.0.conv.weight"].double()
+        for value in update.flatten()[:200].tolist():
+            assert f"{value:.5f}" not in text
+    # nor the raw payloads, as hex or base64 of any 12-byte run
+    for vector in stored:
+        raw = vector.tobytes()
+        for start in range(0, min(len(raw), 4800), 12):
+            piece = raw[start : start + 12]
+            assert piece.hex() not in text and b64(piece) not in text

@@ -15,7 +15,8 @@
 // Secure aggregation (secagg_device.js, as device_sim/device.py): the page registers with
 // `secure_aggregation: true`, answers each `secagg` stage (advertise, share, unmask) at the
 // task's answer_url, and a training or statistics task that carries `secure` uploads one
-// uint32 tensor `masked` and nothing else (no labels, metrics or example count). On the page
+// tensor `masked` (uint32, or uint16 for an int8 run) and nothing else (no labels, metrics or
+// example count). On the page
 // the instances and the masking live in the training worker (`secagg`: remote_level.js).
 // What the protocol refuses (no keys for a context after a reload, say) is logged and
 // nothing is sent, as the Python device does; the device is then out of that instance: the
@@ -398,7 +399,7 @@ export class DeviceClient {
     if (task.distributed_noise) trained = this.noised(level, weights, trained, task.distributed_noise);
     if (task.secure) {
       await this.uploadMasked(task, result, () =>
-        this.secagg.maskTraining(task.secure, task.rate, weights, trained, this.data.labels),
+        this.secagg.maskTraining(task.secure, task.rate, weights, trained, this.data.labels, task.rounding_seed ?? 0),
       );
       return;
     }
@@ -498,7 +499,8 @@ export class DeviceClient {
   }
 
   /**
-   * Upload a secure task's result: one uint32 tensor `masked` (from `mask()`), no metadata.
+   * Upload a secure task's result: one tensor `masked` (from `mask()`: uint32, or uint16 for a
+   * modulus of 16 bits or fewer), no metadata.
    * `result`: a training session's (kept on the page, never sent), or null for statistics.
    */
   async uploadMasked(task, result, mask) {
@@ -508,7 +510,8 @@ export class DeviceClient {
     const maskMs = Math.round(performance.now() - started);
     this.set({ phase: 'uploading', ...(result ? { loss: result.loss, accuracy: result.accuracy } : {}) });
     const sentBefore = this.coordinator.bytesSent;
-    const tensors = new Map([['masked', { data: masked, shape: [masked.length], dtype: 'U32' }]]);
+    const dtype = masked instanceof Uint16Array ? 'U16' : 'U32';
+    const tensors = new Map([['masked', { data: masked, shape: [masked.length], dtype }]]);
     await this.coordinator.upload(task.upload_url, tensors, {}); // no metadata: nothing but the vector
     if (result === null) {
       this.uploadBodies.statistics = this.coordinator.lastUpload?.body;

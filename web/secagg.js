@@ -6,6 +6,8 @@
 // secagg_device.js (the stages' answers, the masked training and statistics uploads), in its
 // training worker (README, "Secure aggregation").
 
+import { Uniforms } from './encoding.js';
+
 export const PRIME = (1n << 521n) - 1n;
 export const SHARE_BYTES = 66;
 export const WIDE_DIGITS = 4;
@@ -126,6 +128,52 @@ export function encodeFixed(values, scale, clip) {
   return out;
 }
 
+export const INT8_STEPS = 127;
+
+/**
+ * Shared int8 (secagg.py SharedInt8): values clipped to [-clip, clip], q = floor(x / step + u)
+ * with step = clip / 127 and u from `uniforms` (encoding.js Uniforms, one draw per element),
+ * q in [-127, 127], in Z_2^32 (two's complement; the upload reduces it mod 2^modulus_bits).
+ */
+export function encodeSharedInt8(values, clip, uniforms) {
+  const step = clip / INT8_STEPS;
+  const out = new Uint32Array(values.length);
+  for (let i = 0; i < values.length; i++) {
+    const clipped = Math.min(clip, Math.max(-clip, values[i]));
+    const q = Math.floor(clipped / step + uniforms.next());
+    out[i] = Math.min(INT8_STEPS, Math.max(-INT8_STEPS, q)) >>> 0;
+  }
+  return out;
+}
+
+/**
+ * The encoder of a task's secure training upload (SecureMasking JSON): `int8` draws its
+ * rounding from SplitMix64 seeded with the task's `rounding_seed`, one generator over the
+ * whole vector; `fixed_point` rounds to nearest.
+ */
+export function secureEncoder(secure, roundingSeed) {
+  const clip = Number(secure.clip ?? 0);
+  if (!(clip > 0)) throw new Error('the task carries no clip');
+  if ((secure.encoding ?? 'fixed_point') === 'int8') {
+    const uniforms = new Uniforms(Number(roundingSeed ?? 0));
+    return (values) => encodeSharedInt8(values, clip, uniforms);
+  }
+  if (secure.encoding !== undefined && secure.encoding !== 'fixed_point') {
+    throw new Error(`no secure encoding ${JSON.stringify(secure.encoding)}`);
+  }
+  const scale = Number(secure.scale ?? 0);
+  return (values) => encodeFixed(values, scale, clip);
+}
+
+/** A masked uint32 vector reduced to Z_2^bits: Uint16Array up to 16 bits, else Uint32Array. */
+export function reduceMasked(vector, bits) {
+  if (bits >= 32) return vector;
+  const mask = 2 ** bits - 1;
+  const out = bits <= 16 ? new Uint16Array(vector.length) : new Uint32Array(vector.length);
+  for (let i = 0; i < vector.length; i++) out[i] = vector[i] & mask;
+  return out;
+}
+
 /** round(v * scale) as int64, four 16-bit digits per value, low first (uint32 each). */
 export function encodeWide(values, scale) {
   const out = new Uint32Array(WIDE_DIGITS * values.length);
@@ -199,11 +247,11 @@ export function planLayout(plan, rate) {
 
 /**
  * A client's update (trained minus received: name -> row-major values of its slice) as its
- * vector in Z_2^32 before masking: each tensor in fixed point with the rows of labels it does
- * not hold zeroed (the label split), then its label presence once per tier at or below its
- * level. `labels` null: it holds every label.
+ * vector in Z_2^32 before masking: each tensor through `encode` (`secureEncoder`: fixed point
+ * or shared int8) with the rows of labels it does not hold zeroed (the label split), then its
+ * label presence once per tier at or below its level. `labels` null: it holds every label.
  */
-export function trainingVector(update, plan, rate, scale, clip, labels) {
+export function trainingVector(update, plan, rate, encode, labels) {
   const layout = planLayout(plan, rate);
   const held = new Array(Math.max(plan.classes, 1)).fill(true);
   if (labels !== null && plan.classes) {
@@ -222,7 +270,7 @@ export function trainingVector(update, plan, rate, scale, clip, labels) {
         values[i] = values[i] * (held[row] ? 1 : 0);
       }
     }
-    parts.push(encodeFixed(values, scale, clip));
+    parts.push(encode(values));
   }
   if (layout.presence) {
     const tiers = layout.presence / plan.classes;
@@ -377,7 +425,11 @@ export class SecAggClient {
    * index -> layout: those that shared keys), +-PRG over the two vectors' intersection.
    * `ciphertexts` (Map index -> bytes): the shares they sent this client, kept for `unmask`.
    */
-  async mask(vector, layout, peers, ciphertexts) {
+  /**
+   * `vector` (Uint32Array, this client's layout) with its self mask and pairwise masks, in
+   * Z_2^modulusBits (`reduceMasked`: the upload's array).
+   */
+  async mask(vector, layout, peers, ciphertexts, modulusBits = 32) {
     if (this.masked) throw new Error('this client masked its input already');
     const size = layoutSize(layout);
     if (vector.length !== size) throw new Error(`the vector has ${vector.length} elements, the layout ${size}`);
@@ -404,7 +456,7 @@ export class SecAggClient {
     }
     this.masked = true;
     this.ciphertexts = ciphertexts;
-    return out;
+    return reduceMasked(out, modulusBits);
   }
 
   /** Shares for the server (Map index -> BigInt): `s`-key shares of `dropped`, seed shares of `survivors`. */

@@ -13,7 +13,7 @@
 // is not one, a layout that does not nest) is a SecAggSkip: the device logs it and answers or
 // uploads nothing, as the Python device does.
 
-import { SecAggClient, planLayout, statisticsVector, trainingVector, WIDE_DIGITS } from './secagg.js';
+import { SecAggClient, planLayout, secureEncoder, statisticsVector, trainingVector, WIDE_DIGITS } from './secagg.js';
 
 export const KEPT_INSTANCES = 4; // the training and statistics instances of the last two rounds
 
@@ -108,11 +108,12 @@ export class SecAggDevice {
 
   /**
    * The masked update of a training task: trained minus received (name -> Float32Array, a
-   * Map), in the task's fixed point and layout plan, rows of labels not held zeroed, the label
-   * presence appended, then masked. `labels`: the labels this device holds.
-   * @returns {Promise<Uint32Array>}
+   * Map), in the task's encoding (fixed point, or shared int8 rounded with `roundingSeed`) and
+   * layout plan, rows of labels not held zeroed, the label presence appended, then masked in
+   * Z_2^modulus_bits. `labels`: the labels this device holds.
+   * @returns {Promise<Uint32Array | Uint16Array>}
    */
-  async maskTraining(secure, rate, received, trained, labels) {
+  async maskTraining(secure, rate, received, trained, labels, roundingSeed = 0) {
     const plan = secure.plan;
     if (!plan?.names) throw new SecAggSkip('the task carries no layout plan');
     const update = {};
@@ -125,10 +126,11 @@ export class SecAggDevice {
       update[name] = delta;
     }
     const [vector, layout] = await refusing('cannot mask: ', () => [
-      trainingVector(update, plan, rate, Number(secure.scale ?? 0), Number(secure.clip ?? 0), labels),
+      trainingVector(update, plan, rate, secureEncoder(secure, roundingSeed), labels),
       planLayout(plan, rate),
     ]);
-    return this._mask(secure, vector, layout, (peerRate) => planLayout(plan, peerRate));
+    const bits = Number(secure.modulus_bits ?? 32);
+    return this._mask(secure, vector, layout, (peerRate) => planLayout(plan, peerRate), bits);
   }
 
   /**
@@ -147,14 +149,14 @@ export class SecAggDevice {
     return this._mask(secure, vector, layout, () => layout);
   }
 
-  async _mask(secure, vector, layout, layoutOf) {
+  async _mask(secure, vector, layout, layoutOf, modulusBits = 32) {
     const client = this._held(secure.context);
     return refusing('cannot mask: ', () => {
       const peers = new Map(Object.entries(secure.peers ?? {}).map(([v, rate]) => [Number(v), layoutOf(Number(rate))]));
       const ciphertexts = new Map(
         Object.entries(secure.ciphertexts ?? {}).map(([v, blob]) => [Number(v), fromBase64(blob, `client ${v}'s shares`)]),
       );
-      return client.mask(vector, layout, peers, ciphertexts);
+      return client.mask(vector, layout, peers, ciphertexts, modulusBits);
     });
   }
 }

@@ -17,12 +17,14 @@ from safetensors.numpy import save
 
 from coordinator.board import _masking
 from device_sim.device import Device
+from heterofl_edge.batching import SplitMix64
 from heterofl_edge.engine import SecureInput
 from heterofl_edge.protocol import SecAggPeer, SecAggTask, StatisticsTask, TrainTask
 from heterofl_edge.secagg import (
     SALT,
     FixedPoint,
     LayoutPlan,
+    Quantizer,
     SecAggClient,
     SecAggServer,
     Segment,
@@ -33,12 +35,15 @@ from heterofl_edge.secagg import (
     embedding,
     encode_wide,
     prg,
+    shared_int8_for,
     split_secret,
     statistics_layout,
     statistics_vector,
     training_vector,
     unb64,
 )
+
+ROUNDING_SEED = 0xC0FFEE  # the int8 cases' rounding seed
 
 
 def stream(label: str) -> Callable[[int], bytes]:
@@ -247,6 +252,11 @@ def vector_cases() -> dict[str, Any]:
         "labels": [1, 3],
         "update": {n: [float(x) for x in v.reshape(-1)] for n, v in update.items()},
         "training": training_vector(update, plan, 0.5, fixed, [1, 3]).tolist(),
+        # int8: the same update in steps of 1/127, rounded with SplitMix64(rounding_seed)
+        "rounding_seed": ROUNDING_SEED,
+        "training_int8": training_vector(
+            update, plan, 0.5, shared_int8_for(4, 1.0), [1, 3], SplitMix64(ROUNDING_SEED)
+        ).tolist(),
         "layers": [list(x) for x in layers],
         "statistics": {k: [float(x) for x in v] for k, v in stats.items()},
         "statistics_scale": 2.0**16,
@@ -290,6 +300,7 @@ def _device_instance(
     layout_of: Callable[[float], VectorLayout],
     device: Device,
     masked_input: Callable[..., Any],
+    modulus_bits: int = 32,
 ) -> dict[str, Any]:
     """One instance where client "d" is the Python device, "p1".."p3" protocol clients.
 
@@ -300,7 +311,9 @@ def _device_instance(
     ``SecureMasking`` JSON and the inputs behind the vector.
     """
     layouts = {n: layout_of(r) for n, r in rates.items()}
-    server = SecAggServer(context, list(layouts.items()), layout_of(1.0), 0.5, 11)
+    server = SecAggServer(
+        context, list(layouts.items()), layout_of(1.0), 0.5, 11, modulus_bits=modulus_bits
+    )
     index = server.index
     keys = (_scalar(f"c d {context}"), _scalar(f"s d {context}"))
     label = f"device {context}"
@@ -341,7 +354,7 @@ def _device_instance(
     for n, c in others.items():
         request = mask_requests[n]
         vector = np.arange(layouts[n].size, dtype=np.uint32) * 7 + index[n]
-        out = c.mask(vector, layouts[n], request.peers, request.ciphertexts)
+        out = c.mask(vector, layouts[n], request.peers, request.ciphertexts, modulus_bits)
         if n != "p3":  # p3 masks but never uploads: the survivors reveal its s key
             server.accept_masked(n, out)
     unmask_requests = server.close_masked()
@@ -405,16 +418,26 @@ def device_vectors() -> dict[str, Any]:
     trained = {n: (v + rng.normal(0, 0.4, v.shape)).astype(np.float32) for n, v in received.items()}
     trained["w"][0, 1] = received["w"][0, 1] + 2.0  # clipped
 
-    def training(secure: SecureInput) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
+    def training(
+        secure: SecureInput, quantizer: Quantizer = fixed
+    ) -> tuple[np.ndarray, dict[str, Any], dict[str, Any]]:
         full = SecureInput(
-            secure.context, secure.index, secure.request, fixed=fixed, plan=plan, rates=secure.rates
+            secure.context,
+            secure.index,
+            secure.request,
+            fixed=quantizer,
+            plan=plan,
+            rates=secure.rates,
         )
         masking = _masking(full)
-        task = TrainTask.model_construct(round=7, rate=0.5, level="b", secure=masking)
+        task = TrainTask.model_construct(
+            round=7, rate=0.5, level="b", secure=masking, rounding_seed=ROUNDING_SEED
+        )
         masked = device._masked_update(task, masking, received, trained)
         assert masked is not None
         inputs = {
             "rate": 0.5,
+            "rounding_seed": ROUNDING_SEED,
             "labels": device.present,
             "received": {n: [float(x) for x in v.reshape(-1)] for n, v in received.items()},
             "trained": {n: [float(x) for x in v.reshape(-1)] for n, v in trained.items()},
@@ -452,6 +475,15 @@ def device_vectors() -> dict[str, Any]:
     return {
         "training": _device_instance(
             "round 7 training 5ec0de", rates, plan.layout, device, training
+        ),
+        # int8 uploads: four clients' sums in 8 + 2 bits, each upload uint16
+        "training_int8": _device_instance(
+            "round 7 training int8 5ec0de",
+            rates,
+            plan.layout,
+            device,
+            lambda secure: training(secure, shared_int8_for(len(rates), 1.0)),
+            shared_int8_for(len(rates), 1.0).modulus_bits,
         ),
         "statistics": _device_instance(
             "round 7 statistics 5ec0de",

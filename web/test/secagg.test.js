@@ -14,6 +14,7 @@ import {
   prg,
   splitSecret,
   statisticsVector,
+  secureEncoder,
   trainingVector,
   unhex,
 } from '../secagg.js';
@@ -48,8 +49,11 @@ test('fixed point and wide encodings match, ties to even included', () => {
 
 test('training and statistics vectors match: label split, presence tiers, wide sums', () => {
   const v = vectors.vectors;
-  const got = trainingVector(v.update, v.plan, v.rate, v.scale, v.clip, v.labels);
+  const got = trainingVector(v.update, v.plan, v.rate, secureEncoder({ scale: v.scale, clip: v.clip }), v.labels);
   assert.deepEqual(Array.from(got), v.training);
+  // int8 (SharedInt8): the same update in steps of clip / 127, rounded with SplitMix64
+  const int8 = secureEncoder({ encoding: 'int8', clip: v.clip }, v.rounding_seed);
+  assert.deepEqual(Array.from(trainingVector(v.update, v.plan, v.rate, int8, v.labels)), v.training_int8);
   assert.equal(got.length, planLayout(v.plan, v.rate).segments.reduce((n, s) => n + s.shape[0] * s.shape[1], 0) + 4);
   assert.deepEqual(Array.from(statisticsVector(v.statistics, v.layers, v.statistics_scale)), v.statistics_vector);
 });

@@ -58,6 +58,22 @@ test("the browser's answers and masked training update equal the Python device's
   await assert.rejects(device.answer(c.unmask_task), { name: 'SecAggSkip', message: /already/ });
 });
 
+test("an int8 run's masked update is the Python device's, in Z_2^10 as uint16 bytes", async () => {
+  const c = vectors.training_int8;
+  assert.equal(c.secure.encoding, 'int8');
+  const device = fixedDevice(c);
+  assert.deepEqual(await device.answer(advertiseTask(c)), c.advertise);
+  assert.deepEqual(await device.answer(c.share_task), c.share_answer);
+  const received = floats(c.received);
+  const masked = await device.maskTraining(c.secure, c.rate, received, floats(c.trained), c.labels, c.rounding_seed);
+  assert.ok(masked instanceof Uint16Array);
+  assert.ok(masked.every((x) => x < 2 ** c.secure.modulus_bits));
+  assert.deepEqual(Array.from(masked), c.masked);
+  const body = serializeSafetensors(new Map([['masked', { data: masked, shape: [masked.length], dtype: 'U16' }]]), {});
+  assert.equal(sha256(body), c.upload_sha256);
+  assert.deepEqual(await device.answer(c.unmask_task), c.unmask_answer);
+});
+
 test("the browser's masked sBN statistics equal the Python device's", async () => {
   const c = vectors.statistics;
   const device = fixedDevice(c);
