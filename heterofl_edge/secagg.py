@@ -325,7 +325,7 @@ def prg(key: bytes, count: int) -> np.ndarray:
     # The keystream is written into the array itself, a chunk of zeros at a time (no copies);
     # update_into asks for a block's slack beyond each chunk, hence the extra words.
     words = np.empty(count + 4, dtype="<u4")
-    out = memoryview(words).cast("B")
+    out = words.data.cast("B")
     total = 4 * count
     for start in range(0, total, _PRG_CHUNK):
         size = min(_PRG_CHUNK, total - start)

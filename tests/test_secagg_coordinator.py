@@ -8,6 +8,7 @@ is refused with its code and nothing of it is kept.
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -131,6 +132,12 @@ class Devices:
         layout = statistics_layout(layers)
         vector = statistics_vector(stats, layers, secure["statistics_scale"])
         return self.masked(token, task, vector, layout, lambda rate: layout)
+
+
+def _header_entry(masked, entry):
+    """A safetensors body for ``masked`` whose header entry is ``entry`` (no data_offsets...)."""
+    header = json.dumps({"masked": entry}).encode()
+    return len(header).to_bytes(8, "little") + header + masked.tobytes()
 
 
 def _stage(devices, coordinator, stage):
@@ -275,6 +282,14 @@ def test_bad_input_at_each_stage_is_refused_with_a_code_and_nothing_is_kept(secu
         (save({"masked": masked.astype(np.int64)}), 422, ErrorCode.bad_modulus),
         (save({"masked": masked.view(np.float32)}), 422, ErrorCode.bad_modulus),
         (save({"masked": masked, "labels": np.arange(3)}), 422, ErrorCode.wrong_tensors),
+        (save({"masked": masked}) + b"\0\0\0\0", 400, ErrorCode.bad_payload),  # bytes past it
+        (save({"masked": masked})[:-4], 400, ErrorCode.bad_payload),  # truncated
+        (_header_entry(masked, {"dtype": "U32", "shape": [-1]}), 400, ErrorCode.bad_payload),
+        (
+            _header_entry(masked, {"dtype": "U32", "shape": [masked.size]}),
+            400,
+            ErrorCode.bad_payload,
+        ),
     ):
         assert_error(client.post(url, data=body, headers=headers), status, code)
     assert client.post(url, data=save({"masked": masked}), headers=headers).status_code == 200
