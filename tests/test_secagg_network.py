@@ -112,3 +112,66 @@ def test_a_networked_secure_round_equals_the_in_process_secure_simulation(
         for name, tensor in simulated.items()
     }
     assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_executorch_devices_take_part_in_a_secure_round_of_mixed_widths(
+    tmp_path, mnist_dir, mnist, artifact_cache
+):
+    """Two level-a and two level-e ExecuTorch devices mask and unmask one secure round.
+
+    The weights are the in-process secure simulation's to ExecuTorch's float error
+    (5e-5 measured; a mask that did not cancel would be off by far more than 1e-3).
+    The sBN statistics are within 1%: an ExecuTorch device computes them in batches of its
+    program's size (10), the simulation in the protocol's 500 (README, "Secure
+    aggregation"), and batch normalisation in the statistics pass depends on the batch.
+    """
+    artifact_cache(tmp_path / "state", ("a", "e"), formats=("onnx", "executorch"))
+    coordinator, url = start_coordinator(
+        [
+            "--state-dir", str(tmp_path / "state"), "--data-dir", str(mnist_dir),
+            "--test-examples", "2000", "--poll-seconds", "0.5", "--mode", "a1-e1",
+            "--policy", "fix", "--rounds", "1", "--fraction", "1", "--min-devices", "4",
+            "--min-uploads", "4", "--local-epochs", "1", "--batch-size", "10", "--lr", "0.01",
+            "--seed", "3", "--formats", "onnx,executorch", "--secure-aggregation",
+        ],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+    profiles = [Capabilities(runtime="executorch")]
+    fleet = Fleet(FleetConfig(url, mnist_dir, 4, "iid", 3, 400, profiles, tmp_path / "fleet"))
+    try:
+        wait_until_ready(url)
+        fleet.start()
+        rounds = fleet.follow(lambda record: None, timeout=900)
+        served = load(requests.get(f"{url}/v1/model", timeout=60).content)
+    finally:
+        fleet.stop()
+        stop(coordinator)
+    assert [r["state"] for r in rounds] == ["finished"], rounds
+    assert sorted(a["level"] for a in rounds[0]["assignments"]) == ["a", "a", "e", "e"]
+    for log in fleet.logs:
+        text = log.read_text()
+        assert "sent the masked update of level" in text and "sent masked sBN statistics" in text
+    simulated = run_simulation(
+        SimulationConfig(
+            mode="a1-e1",
+            rounds=1,
+            num_clients=4,
+            fraction=1.0,
+            lr=0.01,
+            seed=3,
+            train_examples=400,
+            test_examples=2000,
+            local=LocalTrainingConfig(epochs=1, batch_size=10),
+            statistics=StatisticsClients.all,
+            secure_aggregation=True,
+        ),
+        mnist,
+    ).global_state
+    weights = {n: t for n, t in simulated.items() if "running" not in n}
+    worst = {n: float(np.abs(served[n] - t.numpy()).max()) for n, t in weights.items()}
+    assert max(worst.values()) < 2e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    for name, tensor in simulated.items():
+        if "running" in name:
+            expected = tensor.numpy()
+            gap = np.abs(served[name] - expected).max() / np.abs(expected).max()
+            assert gap < 0.01, (name, float(gap))
