@@ -114,16 +114,21 @@ def test_a_networked_secure_round_equals_the_in_process_secure_simulation(
     assert max(worst.values()) < 1e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
 
 
+@pytest.mark.parametrize(("download", "upload"), [("fp32", "fp32"), ("fp16", "int8")])
 def test_executorch_devices_take_part_in_a_secure_round_of_mixed_widths(
-    tmp_path, mnist_dir, mnist, artifact_cache
+    tmp_path, mnist_dir, mnist, artifact_cache, download, upload
 ):
     """Two level-a and two level-e ExecuTorch devices mask and unmask one secure round.
 
-    The weights are the in-process secure simulation's to ExecuTorch's float error
-    (5e-5 measured; a mask that did not cancel would be off by far more than 1e-3).
-    The sBN statistics are within 1%: an ExecuTorch device computes them in batches of its
-    program's size (10), the simulation in the protocol's 500 (README, "Secure
-    aggregation"), and batch normalisation in the statistics pass depends on the batch.
+    fp32: the weights are the in-process secure simulation's to ExecuTorch's float error
+    (5e-5 measured; a mask that did not cancel would be off by far more than 1e-3). fp16
+    down, int8 up (issue 31): the devices decode half-precision weights and mask int8
+    integers of one shared step (clip 1 / 127); ExecuTorch's float error moves a few
+    elements across a stochastic rounding boundary, each by one step over the element's
+    holders at most. The sBN statistics are within 1% (2% with int8): an ExecuTorch device
+    computes them in batches of its program's size (10), the simulation in the protocol's
+    500 (README, "Secure aggregation"), and batch normalisation in the statistics pass
+    depends on the batch.
     """
     artifact_cache(tmp_path / "state", ("a", "e"), formats=("onnx", "executorch"))
     coordinator, url = start_coordinator(
@@ -133,6 +138,7 @@ def test_executorch_devices_take_part_in_a_secure_round_of_mixed_widths(
             "--policy", "fix", "--rounds", "1", "--fraction", "1", "--min-devices", "4",
             "--min-uploads", "4", "--local-epochs", "1", "--batch-size", "10", "--lr", "0.01",
             "--seed", "3", "--formats", "onnx,executorch", "--secure-aggregation",
+            "--download-encoding", download, "--upload-encoding", upload,
         ],
         tmp_path / "coordinator.log",
     )  # fmt: skip
@@ -164,14 +170,23 @@ def test_executorch_devices_take_part_in_a_secure_round_of_mixed_widths(
             local=LocalTrainingConfig(epochs=1, batch_size=10),
             statistics=StatisticsClients.all,
             secure_aggregation=True,
+            download_encoding=download,
+            upload_encoding=upload,
         ),
         mnist,
     ).global_state
     weights = {n: t for n, t in simulated.items() if "running" not in n}
-    worst = {n: float(np.abs(served[n] - t.numpy()).max()) for n, t in weights.items()}
-    assert max(worst.values()) < 2e-4, sorted(worst.items(), key=lambda kv: -kv[1])[:3]
+    gaps = np.concatenate([np.abs(served[n] - t.numpy()).ravel() for n, t in weights.items()])
+    if upload == "fp32":
+        assert gaps.max() < 2e-4, float(gaps.max())
+    else:
+        step = 1.0 / 127  # SharedInt8 at the default clip
+        assert gaps.max() <= step + 1e-6, float(gaps.max())
+        assert float((gaps > 2e-4).mean()) < 0.01, float((gaps > 2e-4).mean())
+    # int8: the statistics are taken of weights a few rounding flips apart, too (1.2% seen)
+    bound = 0.01 if upload == "fp32" else 0.02
     for name, tensor in simulated.items():
         if "running" in name:
             expected = tensor.numpy()
             gap = np.abs(served[name] - expected).max() / np.abs(expected).max()
-            assert gap < 0.01, (name, float(gap))
+            assert gap < bound, (name, float(gap))
