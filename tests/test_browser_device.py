@@ -129,3 +129,59 @@ def test_a_browser_device_trains_beside_python_devices(tmp_path, mnist_dir, arti
     assert worst < 1e-5, worst
     metadata = json.loads(json.dumps(browser_state["lastUpload"]))
     assert metadata["steps"] == 2  # 100 examples in batches of 50: a short session
+
+
+def test_a_browser_device_takes_part_in_buffered_versions(tmp_path, mnist_dir, artifact_cache):
+    """Issue 32: the page against `--aggregation buffered`, beside a Python device.
+
+    K = 2 with two devices: every version folds one update of each (the Python device at
+    level a, the page at level e), whatever order they arrive in. The page trains on the
+    newest version it is given, its update is acknowledged and folded, it answers the
+    versions' sBN statistics queries and ends when the coordinator is done.
+    """
+    chromium_or_skip()
+    assets_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    state = tmp_path / "state"
+    artifact_cache(state, ("a", "e"))
+    split = {"clients": 2, "split": "iid", "seed": 0, "train_examples": 200}
+    process, url = start_coordinator(
+        [
+            "--state-dir", str(state), "--mode", "a1-e1", "--policy", "fix",
+            "--rounds", "3", "--fraction", "1", "--min-devices", "2",
+            "--local-epochs", "1", "--batch-size", "50", "--statistics", "round",
+            "--aggregation", "buffered", "--buffer-size", "2", "--staleness", "constant",
+            "--demo-data", str(mnist_dir), "--data-dir", str(mnist_dir),
+            "--test-examples", "1000", "--poll-seconds", "0.5",
+        ],
+        tmp_path / "coordinator.log",
+    )  # fmt: skip
+    fleet = Fleet(
+        FleetConfig(url, mnist_dir, 2, "iid", 0, 200, [Capabilities()], tmp_path / "fleet", (0,))
+    )
+    query = "&".join(f"{k}={v}" for k, v in split.items())
+    try:
+        wait_until_ready(url)
+        fleet.start()  # shard 0 registers first: position 0, level a
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, chromium_sandbox=False
+            )
+            page = browser.new_page(viewport={"width": 1000, "height": 1300})
+            page.goto(f"{url}/device?data=demo&shard=1&{query}&autostart=1&fresh=1")
+            versions = fleet.follow(lambda record: None, timeout=600)
+            page.wait_for_function("window.heterofl.state.phase === 'done'", timeout=120_000)
+            browser_state = page.evaluate("JSON.parse(JSON.stringify(window.heterofl.state))")
+            browser.close()
+    finally:
+        fleet.stop()
+        stop(process)
+    assert [v["state"] for v in versions] == ["finished"] * 3, versions
+    assert [v["metrics"]["uploads"] for v in versions] == [2, 2, 2]
+    for version in versions:  # each version: one update of each device, at its level
+        assert sorted(a["level"] for a in version["assignments"]) == ["a", "e"], version
+    assert browser_state["level"] == "e"
+    assert browser_state["uploads"] == 3  # one per version, each acknowledged and folded
+    assert browser_state["statisticsUploads"] >= 1
+    assert browser_state["lastUpload"]["round"] == 3
