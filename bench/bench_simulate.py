@@ -14,7 +14,9 @@ with exact moments (the default layout's double accumulation, or channels-last
 with the moments taken by the sBN layer); evaluation, 10,000 evaluation-mode
 forwards (batches of 10 to 1,000, both layouts). Each phase's time over its
 floor is the figure ``--workers 2`` is judged by; ``--workers 2,1`` also runs
-one worker (the same model bits: the same work).
+one worker (the same model bits: the same work). Training is also set against
+the floor of whole sessions (a session is sequential SGD and runs on one core):
+the best assignment of the round's sessions to the cores.
 
     .venv/bin/python bench/bench_simulate.py --rounds 2
 """
@@ -46,6 +48,22 @@ STATISTICS_IMAGES = 60_000
 EVALUATION_IMAGES = 10_000
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
+
+def whole_sessions_floor(sessions: list[float], cores: int) -> float:
+    """The least makespan of indivisible ``sessions`` on ``cores`` workers.
+
+    Exact for two cores (the best split of the sessions into two sets); for more, the
+    bound max(total / cores, the longest session), which no schedule beats.
+    """
+    total = sum(sessions)
+    if cores != 2 or len(sessions) > 20:
+        return max(total / cores, max(sessions, default=0.0))
+    best = total
+    for mask in range(1 << len(sessions)):
+        one = sum(t for i, t in enumerate(sessions) if mask >> i & 1)
+        best = min(best, max(one, total - one))
+    return best
 
 
 def main() -> None:
@@ -84,26 +102,41 @@ def main() -> None:
         result = run_simulation(config, data, on_round=report, execution=Execution(workers=workers))
         wall = time.perf_counter() - start
         rounds = result.rounds
+        session = {
+            level: EXAMPLES_PER_CLIENT * config.local_training.epochs * per_sample[level]
+            for level in per_sample
+        }
         floors = [
             {
-                "training": sum(
-                    count * EXAMPLES_PER_CLIENT * config.local_training.epochs * per_sample[level]
-                    for level, count in r.levels.items()
-                )
+                "training": sum(count * session[level] for level, count in r.levels.items())
                 / cores,
                 "statistics": statistics_floor,
                 "evaluation": evaluation_floor,
             }
             for r in rounds
         ]
+        # A session is sequential SGD: it cannot be split between cores. The least training
+        # time with whole sessions is the best assignment of them to the cores.
+        whole = [
+            whole_sessions_floor(
+                [session[level] for level, count in r.levels.items() for _ in range(count)], cores
+            )
+            for r in rounds
+        ]
         runs[str(workers)] = {
             "round_seconds": [r.round_seconds for r in rounds],
             "seconds": [r.seconds for r in rounds],
             "floor_seconds": floors,
+            "training_floor_whole_sessions_seconds": whole,
             "over_floor": [
                 {phase: r.seconds[phase] / floor[phase] for phase in floor}
                 | {"round": r.round_seconds / sum(floor.values())}
-                for r, floor in zip(rounds, floors, strict=True)
+                | {"training_whole_sessions": r.seconds["training"] / w}
+                | {
+                    "round_whole_sessions": r.round_seconds
+                    / (w + floor["statistics"] + floor["evaluation"])
+                }
+                for r, floor, w in zip(rounds, floors, whole, strict=True)
             ],
             "levels": [r.levels for r in rounds],
             "accuracy": [r.global_accuracy for r in rounds],
@@ -117,7 +150,14 @@ def main() -> None:
             "mean_round_seconds": float(np.mean(run["round_seconds"])),  # type: ignore[arg-type]
             "worst_over_floor": {
                 phase: max(o[phase] for o in over)  # type: ignore[attr-defined]
-                for phase in ("training", "statistics", "evaluation", "round")
+                for phase in (
+                    "training",
+                    "training_whole_sessions",
+                    "statistics",
+                    "evaluation",
+                    "round",
+                    "round_whole_sessions",
+                )
             },
         }
     if "1" in runs and "2" in runs:
