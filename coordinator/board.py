@@ -551,10 +551,9 @@ class TaskBoard:
         """A device's masked vector: its length and the bits of its modulus."""
         assert view.secure is not None
         secure = view.secure[device_id]
-        if secure.plan is not None and secure.fixed is not None:
-            length = secure.plan.layout(view.tasks[device_id].rate).size
-            return length, secure.fixed.modulus_bits
-        return statistics_layout(secure.layers).size, MODULUS_BITS
+        if secure.plan is not None:
+            return secure.plan.layout(view.tasks[device_id].rate).size, secure.modulus_bits
+        return statistics_layout(secure.layers).size, secure.modulus_bits
 
     def _pending(self, round_number: int, phase: Phase) -> list[Reply]:
         found: list[Reply] = []
@@ -973,7 +972,7 @@ def _masking(secure: SecureInput) -> SecureMasking:
         encoding="int8" if isinstance(fixed, SharedInt8) else "fixed_point",
         scale=fixed.scale if isinstance(fixed, FixedPoint) else None,
         clip=None if fixed is None else fixed.clip,
-        modulus_bits=MODULUS_BITS if fixed is None else fixed.modulus_bits,
+        modulus_bits=secure.modulus_bits,
         plan=None if secure.plan is None else secure.plan.to_json(),
         layers=list(secure.layers),
         statistics_scale=secure.statistics_scale or None,

@@ -37,6 +37,7 @@ from heterofl_edge.bn_stats import ChannelMoments, apply_statistics
 from heterofl_edge.errors import InternalError
 from heterofl_edge.levels import parse_rate, rate_label
 from heterofl_edge.secagg import (
+    MODULUS_BITS,
     BelowThreshold,
     LayoutPlan,
     MaskRequest,
@@ -215,6 +216,11 @@ class SecureInput:
     layers: tuple[tuple[str, int], ...] = ()
     statistics_scale: float = 0.0
     rates: Mapping[int, float] = field(default_factory=dict)  # training: index -> level
+
+    @property
+    def modulus_bits(self) -> int:
+        """The bits of the ring its masked upload lives in (statistics: always 32)."""
+        return MODULUS_BITS if self.fixed is None else self.fixed.modulus_bits
 
 
 class Transport(Protocol):

@@ -57,6 +57,7 @@ from heterofl_edge.partition import Partition
 from heterofl_edge.privacy import DpPlacement, PrivacyPlan, noise_shape
 from heterofl_edge.protocol import UploadMetadata
 from heterofl_edge.secagg import (
+    MODULUS_BITS,
     SecAggClient,
     ShareRequest,
     Stage,
@@ -177,10 +178,10 @@ class SessionTransport:
             else statistics_layout(secure.layers)
         )
         request = secure.request
-        bits = secure.fixed.modulus_bits if secure.plan is not None and secure.fixed else 32
+        bits = secure.modulus_bits
         masked = self._secagg[client].mask(vector, layout, request.peers, request.ciphertexts, bits)
         phase = "train" if secure.plan is not None else "statistics"
-        upload = "int8" if bits < 32 else "fp32"
+        upload = "int8" if bits < MODULUS_BITS else "fp32"
         size = len(encode_payload({"masked": masked}, Encoding.fp32))
         self.transfer.add(self._round, "up", phase, upload, size, client)
         return masked

@@ -158,9 +158,8 @@ class ProtocolClients:
                 vector = training_vector(deltas, secure.plan, task.rate, secure.fixed, labels, rng)
                 layout = secure.plan.layout(task.rate)
             request = secure.request
-            bits = secure.fixed.modulus_bits if secure.fixed and phase is Phase.training else 32
             masked = self.secagg[task.client].mask(
-                vector, layout, request.peers, request.ciphertexts, bits
+                vector, layout, request.peers, request.ciphertexts, secure.modulus_bits
             )
             self.masked[phase][task.client], self.vectors[phase][task.client] = masked, vector
             if phase is Phase.training:

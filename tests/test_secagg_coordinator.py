@@ -151,6 +151,14 @@ def _stage(devices, coordinator, stage):
     assert coordinator.settle()
 
 
+def _instance(devices, coordinator, kind):
+    """One whole secure aggregation: keys, shares, every device's masked ``kind``, unmasking."""
+    _stage(devices, coordinator, "advertise")
+    _stage(devices, coordinator, "share")
+    _upload(devices, coordinator, kind)
+    _stage(devices, coordinator, "unmask")
+
+
 def _upload(devices, coordinator, kind):
     for position, token in enumerate(devices.tokens):
         task = devices.task(token)
@@ -314,10 +322,7 @@ def test_bad_input_at_each_stage_is_refused_with_a_code_and_nothing_is_kept(secu
     assert devices.answer(third, tasks[third]).status_code == 200
     assert coordinator.settle()
 
-    _stage(devices, coordinator, "advertise")
-    _stage(devices, coordinator, "share")
-    _upload(devices, coordinator, "statistics")
-    _stage(devices, coordinator, "unmask")
+    _instance(devices, coordinator, "statistics")
     after, expected = global_model(client), _expected_model(before)
     gap = (after["blocks.0.conv.bias"].double() - expected["blocks.0.conv.bias"].double()).abs()
     assert float(gap.max()) <= FixedPoint(2.0**26, 8.0).resolution + 1e-6
@@ -350,14 +355,8 @@ def test_a_restart_with_masked_uploads_held_fails_the_round_and_unmasks_nothing(
         assert torch.equal(global_model(second)[name], value), name
     # round 2 starts over with fresh keys: the devices' old instance is of no use
     again = Devices(second, devices.tokens)
-    _stage(again, restarted, "advertise")
-    _stage(again, restarted, "share")
-    _upload(again, restarted, "train")
-    _stage(again, restarted, "unmask")
-    _stage(again, restarted, "advertise")
-    _stage(again, restarted, "share")
-    _upload(again, restarted, "statistics")
-    _stage(again, restarted, "unmask")
+    _instance(again, restarted, "train")
+    _instance(again, restarted, "statistics")
     after, expected = global_model(second), _expected_model(before)
     gap = (after["blocks.0.conv.bias"].double() - expected["blocks.0.conv.bias"].double()).abs()
     assert float(gap.max()) <= FixedPoint(2.0**26, 8.0).resolution + 1e-6
@@ -401,10 +400,7 @@ def test_an_int8_secure_round_masks_uint16_integers_and_moves_within_one_step(ma
             counts = np.bincount((stored >> np.uint16(2)).astype(np.int64), minlength=256)
             assert chisquare(counts).pvalue > 1e-6
     _stage(devices, coordinator, "unmask")
-    _stage(devices, coordinator, "advertise")
-    _stage(devices, coordinator, "share")
-    _upload(devices, coordinator, "statistics")
-    _stage(devices, coordinator, "unmask")
+    _instance(devices, coordinator, "statistics")
     after, expected = global_model(client), _expected_model(before)
     step = 8.0 / 127  # every element within one step of the plain average (each rounding is)
     moved = 0.0
