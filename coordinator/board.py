@@ -214,6 +214,7 @@ class StageView:
     round: int
     phase: Phase
     stage: Stage
+    context: str  # the instance's (every request names it)
     requests: Mapping[str, StageRequest]
     deadline: float
     answers: dict[str, object] = field(default_factory=dict)
@@ -308,7 +309,9 @@ class TaskBoard:
         # tasks then ask for no labels, metrics or counts, and carry any device-side noise.
         self.privacy: PrivacyPlan | None = None
         self._noise: DistributedNoise | None = None
-        self._stage: StageView | None = None  # an open secure aggregation stage
+        # The open secure aggregation stages, by instance context, in the order they opened
+        # (a round's training and statistics instances set up their keys side by side).
+        self._stages: dict[str, StageView] = {}
         self._check_transport()
 
     def _transport_key(self) -> str:
@@ -518,13 +521,19 @@ class TaskBoard:
         requests: Mapping[str, StageRequest],
         deadline: float,
     ) -> None:
+        contexts = {request.context for request in requests.values()}
+        if len(contexts) > 1:
+            raise InternalError(f"one stage's requests name {len(contexts)} instances")
+        if not contexts:
+            return  # nobody to ask
+        (context,) = contexts
+        view = StageView(round_number, phase, stage, context, dict(requests), deadline)
         with self._lock:
-            self._stage = StageView(round_number, phase, stage, dict(requests), deadline)
+            self._stages = {c: v for c, v in self._stages.items() if not v.closed}
+            self._stages[context] = view
         self.waker.poke()
 
-    def stage_replies(
-        self, round_number: int, phase: Phase, stage: Stage
-    ) -> Iterator[StageReply | None]:
+    def stage_replies(self, round_number: int) -> Iterator[StageReply | None]:
         while True:
             found = self._stage_pending()
             yield from found
@@ -532,20 +541,20 @@ class TaskBoard:
             if not found:
                 self.waker.sleep(self.tick_seconds)
 
-    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
+    def close_stages(self, round_number: int) -> list[StageReply]:
         with self._lock:
-            if self._stage is not None:
-                self._stage.closed = True
+            for view in self._stages.values():
+                view.closed = True
         return self._stage_pending()
 
     def _stage_pending(self) -> list[StageReply]:
+        found = []
         with self._lock:
-            view = self._stage
-            if view is None:
-                return []
-            new = [c for c in view.answers if c not in view.handed]
-            view.handed.update(new)
-            return [StageReply(c, view.answers[c]) for c in new]
+            for view in self._stages.values():
+                new = [c for c in view.answers if c not in view.handed]
+                view.handed.update(new)
+                found += [StageReply(view.context, c, view.answers[c]) for c in new]
+        return found
 
     def _masked_shape(self, view: PhaseView, device_id: str) -> tuple[int, int]:
         """A device's masked vector: its length and the bits of its modulus."""
@@ -624,14 +633,9 @@ class TaskBoard:
 
     # -- the devices' side (request threads) -------------------------------------------
     def task_for(self, device: Device) -> TaskReply:
-        stage = self._stage
-        if (
-            stage is not None
-            and not stage.closed
-            and device.id in stage.requests
-            and device.id not in stage.answers
-        ):
-            return self._stage_task(stage, stage.requests[device.id])
+        for stage in list(self._stages.values()):
+            if not stage.closed and device.id in stage.requests and device.id not in stage.answers:
+                return self._stage_task(stage, stage.requests[device.id])
         view = self._view
         if view is not None and not self._closed and device.id in view.tasks:
             status = self._status.get(device.id)
@@ -716,36 +720,44 @@ class TaskBoard:
 
     def accept_secagg(self, device: Device, number: int, answer: SecAggAnswer) -> Accepted:
         """Check a stage answer and keep it for the engine; refused with a code otherwise."""
-        stage = self._stage
-        if stage is None or stage.round != number or stage.closed:
+        open_now = [v for v in list(self._stages.values()) if v.round == number and not v.closed]
+        if not open_now:
             raise ApiError(
                 ErrorCode.round_closed,
                 f"round {number} takes no secure aggregation answer now",
                 "ask /v1/task for your next task",
             )
-        request = stage.requests.get(device.id)
-        if request is None:
+        if not any(device.id in v.requests for v in open_now):
             raise ApiError(
                 ErrorCode.not_assigned,
                 f"device {device.id} takes no part in this aggregation",
                 "ask /v1/task what to do",
             )
-        if answer.context != request.context or answer.stage != stage.stage.value:
+        stage = next((v for v in open_now if v.context == answer.context), None)
+        request = None if stage is None else stage.requests.get(device.id)
+        if stage is None or request is None or answer.stage != stage.stage.value:
             raise ApiError(
                 ErrorCode.round_closed,
                 "this answer is for another aggregation or stage",
                 "ask /v1/task for your next task",
             )
+        seen_keys = {key for v in open_now for key in v.keys}
         try:
-            value = _checked_answer(stage, request, device.id, answer)
+            value = _checked_answer(stage, request, device.id, answer, seen_keys)
         except SecAggRefusal as refusal:
             raise ApiError(ErrorCode(refusal.code), refusal.message, refusal.hint) from None
         with self._lock:
             if device.id in stage.answers:  # a second answer raced the first
                 raise ApiError(_DUPLICATE[stage.stage], "this stage was answered already")
-            stage.answers[device.id] = value
             if isinstance(value, Advertisement):
-                stage.keys |= {value.c_public, value.s_public}
+                keys = {value.c_public, value.s_public}
+                if any(keys & v.keys for v in self._stages.values()):  # raced another answer
+                    raise ApiError(
+                        ErrorCode.replayed_key,
+                        "a public key that was advertised before: keys are fresh every round",
+                    )
+                stage.keys |= keys
+            stage.answers[device.id] = value
         self.waker.poke()
         return Accepted(accepted=True, round=number)
 
@@ -925,9 +937,16 @@ def _index(text: str) -> int:
 
 
 def _checked_answer(
-    stage: StageView, request: StageRequest, device_id: str, answer: SecAggAnswer
+    stage: StageView,
+    request: StageRequest,
+    device_id: str,
+    answer: SecAggAnswer,
+    seen_keys: set[bytes],
 ) -> object:
-    """The answer as the engine takes it, checked against the stage's request."""
+    """The answer as the engine takes it, checked against the stage's request.
+
+    ``seen_keys``: every public key advertised to the open stages (of any instance).
+    """
     if device_id in stage.answers:
         raise SecAggRefusal("this stage was answered already", code=_DUPLICATE[stage.stage].value)
     if stage.stage is Stage.advertise:
@@ -940,7 +959,7 @@ def _checked_answer(
             check_advertisement(advertisement)
         except SecAggRefusal as refusal:
             raise SecAggRefusal(refusal.message, code="bad_key") from None
-        if {advertisement.c_public, advertisement.s_public} & stage.keys:
+        if {advertisement.c_public, advertisement.s_public} & seen_keys:
             raise SecAggRefusal(
                 "a public key that was advertised before: keys are fresh every round",
                 code="replayed_key",

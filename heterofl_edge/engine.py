@@ -188,12 +188,13 @@ class StageRequest:
 
 @dataclass(frozen=True)
 class StageReply:
-    """A client's accepted answer to a stage.
+    """A client's accepted answer to a stage of the instance named ``context``.
 
     An ``Advertisement``, its encrypted shares (neighbour index -> bytes), or its
     unmasking shares (client index -> field element).
     """
 
+    context: str
     client: str
     body: Any
 
@@ -280,15 +281,18 @@ class SecureTransport(Transport, Protocol):
         requests: Mapping[str, StageRequest],
         deadline: float,
     ) -> None:
-        """Publish one secure aggregation stage (advertise, share, unmask) to its clients."""
+        """Publish one instance's secure aggregation stage (advertise, share, unmask).
 
-    def stage_replies(
-        self, round_number: int, phase: Phase, stage: Stage
-    ) -> Iterator[StageReply | None]:
-        """A stage's accepted answers as they come; ``None`` whenever to look at the clock."""
+        Several instances' stages may be open at once (a round's training and
+        statistics instances share their key set-up): each stays open until
+        ``close_stages``, and a client answers its open stages one after another.
+        """
 
-    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
-        """Refuse further answers to the stage; return those accepted since the last yield."""
+    def stage_replies(self, round_number: int) -> Iterator[StageReply | None]:
+        """The open stages' accepted answers as they come; ``None`` to look at the clock."""
+
+    def close_stages(self, round_number: int) -> list[StageReply]:
+        """Refuse further answers to every open stage; return those not yielded yet."""
 
 
 @dataclass(frozen=True)
@@ -425,6 +429,31 @@ Evaluator = Callable[[State], Mapping[str, float | None]]
 Clock = Callable[[], float]
 
 
+@dataclass(frozen=True)
+class _StagePart:
+    """One instance's part of a secure aggregation stage: its requests and their taker."""
+
+    phase: Phase
+    instance: SecAggServer
+    requests: Mapping[str, StageRequest]
+    accept: Callable[[str, Any], Any]  # SecAggRefusal: the answer is left out
+    what: str  # what an answer is, for the log
+
+
+@dataclass(frozen=True)
+class _PreparedStatistics:
+    """A round's statistics instance, its keys set up beside the training instance's.
+
+    ``requests``: each client that shared keys and what it masks with, or why
+    the set-up fell below the threshold.
+    """
+
+    round: int
+    instance: SecAggServer
+    layers: tuple[tuple[str, int], ...]
+    requests: Mapping[str, MaskRequest] | BelowThreshold
+
+
 class RoundEngine:
     """Runs rounds over a ``Transport``; see the module docstring for one round."""
 
@@ -452,6 +481,7 @@ class RoundEngine:
         self.on_round = on_round
         self.exhausted: str | None = None  # why the run ended early (its privacy budget)
         self._statistics_problem: str | None = None  # why a round's statistics were kept
+        self._prepared_statistics: _PreparedStatistics | None = None  # secure runs
         if strategy.secure is not None and not callable(getattr(transport, "open_stage", None)):
             raise InternalError("secure aggregation needs a transport that runs its stages")
         resume = journal.resume()
@@ -713,10 +743,25 @@ class RoundEngine:
             modulus_bits=fixed.modulus_bits,
         )
         replies: dict[str, TrainReply] = {}
+        instances = {Phase.training: instance}
+        candidates = self._statistics_candidates(opened)
+        statistics = self._statistics_instance(number, candidates) if candidates else None
+        if statistics is not None:
+            instances[Phase.statistics] = statistics[0]
         try:
-            requests = self._secure_setup(instance, number, Phase.training, opened.deadline)
-            if requests is None:
+            # The statistics instance's keys are set up in the same stages as the training
+            # instance's (two round trips fewer), so its clients are known now: see
+            # _statistics_candidates.
+            set_up = self._secure_setup(number, opened.deadline, instances)
+            if set_up is None:
                 return None
+            if statistics is not None:
+                self._prepared_statistics = _PreparedStatistics(
+                    number, statistics[0], statistics[1], set_up[Phase.statistics]
+                )
+            requests = set_up[Phase.training]
+            if isinstance(requests, BelowThreshold):
+                raise requests
             inputs = {
                 client: SecureInput(
                     instance.context,
@@ -775,35 +820,103 @@ class RoundEngine:
 
         return replies, finalize, None
 
+    def _statistics_candidates(self, opened: RoundOpen) -> list[str]:
+        """Who may report the round's sBN statistics, as far as it is known at its opening.
+
+        ``round``: the round's clients; ``all``: every client live now (one that
+        registers during training sits the secure statistics out).
+        """
+        if not self.has_statistics or self.settings.statistics is StatisticsClients.none:
+            return []
+        if self.settings.statistics is StatisticsClients.round:
+            return [t.client for t in opened.tasks]
+        return [c.id for c in self.transport.wait_for_clients(0) or []]
+
+    def _statistics_instance(
+        self, number: int, clients: Sequence[str]
+    ) -> tuple[SecAggServer, tuple[tuple[str, int], ...]]:
+        """A secure aggregation of ``clients``' sBN sums, and the layers its vectors hold."""
+        secure = self.strategy.secure
+        assert secure is not None
+        layers = sbn_layers(self.global_state)
+        layout = statistics_layout(layers)
+        instance = SecAggServer(
+            instance_context(number, Phase.statistics.value),
+            [(c, layout) for c in clients],
+            layout,
+            secure.threshold,
+            secrets.randbits(63),
+        )
+        return instance, layers
+
     def _secure_setup(
-        self, instance: SecAggServer, number: int, phase: Phase, deadline: float
-    ) -> dict[str, MaskRequest] | None:
-        """Key advertisement and key sharing; each masking client's request (None: stopped)."""
-        stage_deadline = min(deadline, self.clock() + self.settings.secure_stage_seconds)
-        advertise = {c: StageRequest(instance.context, i) for c, i in instance.index.items()}
-        if not self._stage(
-            number, phase, Stage.advertise, advertise, stage_deadline,
-            instance.accept_advertisement, "keys",
-        ):  # fmt: skip
+        self, number: int, deadline: float, instances: Mapping[Phase, SecAggServer]
+    ) -> dict[Phase, dict[str, MaskRequest] | BelowThreshold] | None:
+        """Key advertisement and key sharing of ``instances`` at once (None: stopped).
+
+        Per instance: each masking client's request, or ``BelowThreshold`` (that
+        instance stops; the others go on).
+        """
+        outcome: dict[Phase, dict[str, MaskRequest] | BelowThreshold] = {}
+        live = dict(instances)
+
+        def closed(phase: Phase, close: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
+            try:
+                return close()
+            except BelowThreshold as exc:
+                outcome[phase] = exc
+                del live[phase]
+                return None
+
+        def stage_deadline() -> float:
+            return min(deadline, self.clock() + self.settings.secure_stage_seconds)
+
+        advertise = [
+            _StagePart(
+                phase,
+                instance,
+                {c: StageRequest(instance.context, i) for c, i in instance.index.items()},
+                instance.accept_advertisement,
+                "keys",
+            )
+            for phase, instance in live.items()
+        ]
+        if not self._stages(number, Stage.advertise, advertise, stage_deadline()):
             return None
-        share_requests = instance.close_advertisement()
-        if not self._stage(
-            number, phase, Stage.share, self._requests(instance, share_requests),
-            min(deadline, self.clock() + self.settings.secure_stage_seconds),
-            instance.accept_shares, "shares",
-        ):  # fmt: skip
+        share = []
+        for phase, instance in list(live.items()):
+            requests = closed(phase, instance.close_advertisement)
+            if requests is not None:
+                share.append(
+                    _StagePart(
+                        phase,
+                        instance,
+                        self._requests(instance, requests),
+                        instance.accept_shares,
+                        "shares",
+                    )
+                )
+        if share and not self._stages(number, Stage.share, share, stage_deadline()):
             return None
-        return instance.close_shares()
+        for phase, instance in list(live.items()):
+            masking = closed(phase, instance.close_shares)
+            if masking is not None:
+                outcome[phase] = masking
+        return outcome
 
     def _secure_unmask(
         self, instance: SecAggServer, number: int, phase: Phase
     ) -> np.ndarray | None:
         """The unmasked sums once the survivors sent their shares (None: stopped)."""
-        if not self._stage(
-            number, phase, Stage.unmask, self._requests(instance, instance.close_masked()),
-            self.clock() + self.settings.secure_stage_seconds,
-            instance.accept_unmask, "unmasking shares",
-        ):  # fmt: skip
+        part = _StagePart(
+            phase,
+            instance,
+            self._requests(instance, instance.close_masked()),
+            instance.accept_unmask,
+            "unmasking shares",
+        )
+        deadline = self.clock() + self.settings.secure_stage_seconds
+        if not self._stages(number, Stage.unmask, [part], deadline):
             return None
         return instance.finalize()
 
@@ -815,59 +928,71 @@ class RoundEngine:
             for c, request in requests.items()
         }
 
-    def _stage(
-        self,
-        number: int,
-        phase: Phase,
-        stage: Stage,
-        requests: Mapping[str, StageRequest],
-        deadline: float,
-        accept: Callable[[str, Any], Any],
-        what: str,
+    def _stages(
+        self, number: int, stage: Stage, parts: Sequence[_StagePart], deadline: float
     ) -> bool:
-        """Run one SecAgg stage and hand each answer to ``accept`` (False: stopped).
+        """Run ``stage`` of every part's instance at once; hand each answer to its part.
 
-        An answer ``accept`` refuses is logged (``what`` names it) and left out.
+        An answer a part refuses is logged and left out. False: the run stopped.
         """
-        answered = self._exchange(number, phase, stage, requests, deadline)
+        answered = self._exchange(number, stage, parts, deadline)
         if answered is None:
             return False
-        for client, answer in answered.items():
-            try:
-                accept(client, answer)
-            except SecAggRefusal as exc:
-                log.warning("round %d: %s of %s refused: %s", number, what, client, exc)
+        for part in parts:
+            for client, answer in answered[part.instance.context].items():
+                try:
+                    part.accept(client, answer)
+                except SecAggRefusal as exc:
+                    log.warning("round %d: %s of %s refused: %s", number, part.what, client, exc)
         return True
 
     def _exchange(
-        self,
-        number: int,
-        phase: Phase,
-        stage: Stage,
-        requests: Mapping[str, StageRequest],
-        deadline: float,
-    ) -> dict[str, Any] | None:
-        """One stage: publish its requests, gather answers until all, silence or the deadline."""
+        self, number: int, stage: Stage, parts: Sequence[_StagePart], deadline: float
+    ) -> dict[str, dict[str, Any]] | None:
+        """Publish the parts' requests; gather answers until all, silence or the deadline.
+
+        The answers by instance context, then by client; None: the run stopped.
+        """
         transport = self._secure_transport
-        transport.open_stage(number, phase, stage, requests, deadline)
-        got: dict[str, Any] = {}
+        opened_at = self.clock()
+        for part in parts:
+            transport.open_stage(number, part.phase, stage, part.requests, deadline)
+        wanted = {part.instance.context: part.requests for part in parts}
+        got: dict[str, dict[str, Any]] = {context: {} for context in wanted}
 
         def keep(reply: StageReply) -> None:
-            if reply.client in requests and reply.client not in got:
-                got[reply.client] = reply.body
+            requests = wanted.get(reply.context)
+            if requests is not None and reply.client in requests:
+                got[reply.context].setdefault(reply.client, reply.body)
 
-        for reply in transport.stage_replies(number, phase, stage):
+        for reply in transport.stage_replies(number):
             if reply is not None:
                 keep(reply)
             if self.transport.stopping():
                 return None
-            outstanding = [c for c in requests if c not in got]
+            outstanding = list(
+                dict.fromkeys(
+                    c
+                    for context, requests in wanted.items()
+                    for c in requests
+                    if c not in got[context]
+                )
+            )
             if not outstanding or self.clock() >= deadline:
                 break
             if self.transport.all_silent(outstanding):
                 break
-        for reply in transport.close_stage(number, phase, stage):
+        for reply in transport.close_stages(number):
             keep(reply)
+        log.debug(
+            "round %d: %s stage of %s: %d of %d answers in %.2f s",
+            number,
+            stage.value,
+            " and ".join(part.phase.value for part in parts),
+            sum(len(answers) for answers in got.values()),
+            sum(len(requests) for requests in wanted.values()),
+            self.clock() - opened_at,
+        )
         return got
 
     def _can_close(
@@ -973,20 +1098,26 @@ class RoundEngine:
         """
         number, secure = opened.round, self.strategy.secure
         assert secure is not None
-        layers = sbn_layers(self.global_state)
-        layout = statistics_layout(layers)
-        instance = SecAggServer(
-            instance_context(number, Phase.statistics.value),
-            [(t.client, layout) for t in tasks],
-            layout,
-            secure.threshold,
-            secrets.randbits(63),
-        )
+        prepared, self._prepared_statistics = self._prepared_statistics, None
         uploaded: set[str] = set()
         try:
-            requests = self._secure_setup(instance, number, Phase.statistics, deadline)
-            if requests is None:
-                return None
+            if prepared is not None and prepared.round == number:
+                # Keys set up with the training's: whoever shared them and is asked now masks;
+                # the other sharers are dropouts, whose masks the survivors help remove.
+                instance, layers = prepared.instance, prepared.layers
+                if isinstance(prepared.requests, BelowThreshold):
+                    raise prepared.requests
+                wanted = {t.client for t in tasks}
+                requests = {c: r for c, r in prepared.requests.items() if c in wanted}
+            else:  # round 0's statistics: no training instance to set up beside
+                instance, layers = self._statistics_instance(number, [t.client for t in tasks])
+                set_up = self._secure_setup(number, deadline, {Phase.statistics: instance})
+                if set_up is None:
+                    return None
+                found = set_up[Phase.statistics]
+                if isinstance(found, BelowThreshold):
+                    raise found
+                requests = found
             inputs = {
                 client: SecureInput(
                     instance.context,

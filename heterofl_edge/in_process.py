@@ -116,8 +116,9 @@ class SessionTransport:
         self.noise_seed = 0
         # Secure aggregation: each client's side of the protocol runs here, as a device's would.
         self._secure: Mapping[str, SecureInput] | None = None
-        self._stage: tuple[Stage, Mapping[str, StageRequest]] | None = None
-        self._secagg: dict[str, SecAggClient] = {}
+        self._stages: list[tuple[Stage, Mapping[str, StageRequest]]] = []  # open, in order
+        # Each client's protocol state, by instance context (the latest two rounds' at most).
+        self._secagg: dict[str, dict[str, SecAggClient]] = {}
         self._downloads: dict[float, tuple[Encoding, Arrays]] = {}  # this round's, by rate
         self._download_sizes: dict[float, int] = {}
 
@@ -147,26 +148,32 @@ class SessionTransport:
         requests: Mapping[str, StageRequest],
         deadline: float,
     ) -> None:
-        self._stage = (stage, requests)
+        self._stages.append((stage, requests))
 
-    def stage_replies(self, round_number: int, phase: Phase, stage: Stage) -> Iterator[StageReply]:
-        """Each client's answer, computed as a device computes it (``SecAggClient``)."""
-        assert self._stage is not None and self._stage[0] is stage
-        for client, request in self._stage[1].items():
-            if stage is Stage.advertise:
-                self._secagg[client] = SecAggClient(request.context, request.index)
-                yield StageReply(client, self._secagg[client].advertise())
-            elif isinstance(request.body, ShareRequest):
-                body = request.body
-                yield StageReply(
-                    client, self._secagg[client].share_keys(body.neighbours, body.threshold)
-                )
-            elif isinstance(request.body, UnmaskRequest):
-                answer = self._secagg[client].unmask(request.body.dropped, request.body.survivors)
-                yield StageReply(client, answer)
+    def stage_replies(self, round_number: int) -> Iterator[StageReply]:
+        """Each client's answer to each open stage, computed as a device computes it."""
+        for stage, requests in self._stages:
+            for client, request in requests.items():
+                yield StageReply(request.context, client, self._answer(stage, client, request))
 
-    def close_stage(self, round_number: int, phase: Phase, stage: Stage) -> list[StageReply]:
-        self._stage = None
+    def _answer(self, stage: Stage, client: str, request: StageRequest) -> object:
+        if stage is Stage.advertise:
+            if request.context not in self._secagg:
+                while len(self._secagg) >= 4:  # as a device keeps them
+                    self._secagg.pop(next(iter(self._secagg)))
+                self._secagg[request.context] = {}
+            held = self._secagg[request.context]
+            held[client] = SecAggClient(request.context, request.index)
+            return held[client].advertise()
+        held_client = self._secagg[request.context][client]
+        body = request.body
+        if isinstance(body, ShareRequest):
+            return held_client.share_keys(body.neighbours, body.threshold)
+        assert isinstance(body, UnmaskRequest)
+        return held_client.unmask(body.dropped, body.survivors)
+
+    def close_stages(self, round_number: int) -> list[StageReply]:
+        self._stages = []
         return []
 
     def _masked(
@@ -179,7 +186,8 @@ class SessionTransport:
         )
         request = secure.request
         bits = secure.modulus_bits
-        masked = self._secagg[client].mask(vector, layout, request.peers, request.ciphertexts, bits)
+        held = self._secagg[secure.context][client]
+        masked = held.mask(vector, layout, request.peers, request.ciphertexts, bits)
         phase = "train" if secure.plan is not None else "statistics"
         upload = "int8" if bits < MODULUS_BITS else "fp32"
         size = len(encode_payload({"masked": masked}, Encoding.fp32))

@@ -501,21 +501,18 @@ class VectorLayout:
     segments: tuple[Segment, ...]
     presence: int = 0
     offsets: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    tensor_size: int = field(init=False, repr=False, compare=False)  # the segments' elements
+    size: int = field(init=False, repr=False, compare=False)  # the vector's elements
 
     def __post_init__(self) -> None:
+        # Computed once: masking asks every peer's layout for its size.
         starts, at = [], 0
         for segment in self.segments:
             starts.append(at)
             at += segment.size
         object.__setattr__(self, "offsets", tuple(starts))
-
-    @property
-    def tensor_size(self) -> int:
-        return sum(s.size for s in self.segments)
-
-    @property
-    def size(self) -> int:
-        return self.tensor_size + self.presence
+        object.__setattr__(self, "tensor_size", at)
+        object.__setattr__(self, "size", at + self.presence)
 
 
 def _dim_map(small: int, large: int, blocks: int) -> np.ndarray:

@@ -65,7 +65,7 @@ class ProtocolClients:
         self.scale = scale
         self.vanish_rounds = vanish_rounds
         self._round = 0
-        self.secagg: dict[str, SecAggClient] = {}
+        self.secagg: dict[tuple[str, str], SecAggClient] = {}  # by client and context
         self.trained: dict[str, dict[str, torch.Tensor]] = {}  # what each client uploaded
         # per phase: what the coordinator received, and the vector behind it before masking
         self.masked: dict[Phase, dict[str, np.ndarray]] = {p: {} for p in Phase}
@@ -75,7 +75,8 @@ class ProtocolClients:
         self._tasks: tuple[Task, ...] = ()
         self._state: Mapping[str, torch.Tensor] = {}
         self._secure: Mapping[str, SecureInput] | None = None
-        self._stage: tuple[Stage, Mapping[str, StageRequest]] | None = None
+        self._stages: list[tuple[Phase, Stage, Mapping[str, StageRequest]]] = []
+        self.stage_log: list[tuple[int, Phase, Stage]] = []  # every stage opened, in order
         self._phase = Phase.training
 
     # -- who is there --
@@ -158,7 +159,7 @@ class ProtocolClients:
                 vector = training_vector(deltas, secure.plan, task.rate, secure.fixed, labels, rng)
                 layout = secure.plan.layout(task.rate)
             request = secure.request
-            masked = self.secagg[task.client].mask(
+            masked = self.secagg[(task.client, secure.context)].mask(
                 vector, layout, request.peers, request.ciphertexts, secure.modulus_bits
             )
             self.masked[phase][task.client], self.vectors[phase][task.client] = masked, vector
@@ -173,28 +174,34 @@ class ProtocolClients:
 
     # -- stages --
     def open_stage(self, round_number, phase, stage, requests, deadline) -> None:
-        self._stage, self._phase, self._round = (stage, requests), phase, round_number
+        self._stages.append((phase, stage, requests))
+        self.stage_log.append((round_number, phase, stage))
+        self._round = round_number
+        # A statistics instance's keys set up beside the training's are part of training's
+        # time line (who vanishes at a training stage misses both instances' stage).
+        opened = {p for p, _, _ in self._stages}
+        self._phase = Phase.training if Phase.training in opened else Phase.statistics
 
-    def stage_replies(self, round_number, phase, stage) -> Iterator[StageReply | None]:
-        assert self._stage is not None
-        for client, request in self._stage[1].items():
-            if self.gone(client, stage):
-                continue
-            if stage is Stage.advertise:
-                self.secagg[client] = SecAggClient(request.context, request.index)
-                yield StageReply(client, self.secagg[client].advertise())
-            elif isinstance(request.body, ShareRequest):
+    def stage_replies(self, round_number) -> Iterator[StageReply | None]:
+        for _, stage, requests in self._stages:
+            for client, request in requests.items():
+                if self.gone(client, stage):
+                    continue
+                key = (client, request.context)
                 body = request.body
-                yield StageReply(
-                    client, self.secagg[client].share_keys(body.neighbours, body.threshold)
-                )
-            elif isinstance(request.body, UnmaskRequest):
-                body = request.body
-                yield StageReply(client, self.secagg[client].unmask(body.dropped, body.survivors))
+                if stage is Stage.advertise:
+                    self.secagg[key] = SecAggClient(request.context, request.index)
+                    answer = self.secagg[key].advertise()
+                elif isinstance(body, ShareRequest):
+                    answer = self.secagg[key].share_keys(body.neighbours, body.threshold)
+                else:
+                    assert isinstance(body, UnmaskRequest)
+                    answer = self.secagg[key].unmask(body.dropped, body.survivors)
+                yield StageReply(request.context, client, answer)
         yield None
 
-    def close_stage(self, round_number, phase, stage) -> list:
-        self._stage = None
+    def close_stages(self, round_number) -> list:
+        self._stages = []
         return []
 
     # -- what the plain aggregation of some clients gives --

@@ -166,6 +166,17 @@ def test_secure_round_equals_plain_for_levels_a_to_e_with_label_split_and_sbn_st
     # the classifier rows moved only where some client held the label, by their average
     moved = (engine.global_state["classifier.weight"] - before["classifier.weight"]).abs()
     assert bool((moved.sum(dim=1) > 0).all())  # every label is held by someone
+    # the statistics instance's keys are set up in the training instance's stages: four
+    # exchanges with the devices besides the two uploads, not six
+    training, statistics = Phase.training, Phase.statistics
+    assert [(phase, stage) for _, phase, stage in clients.stage_log] == [
+        (training, Stage.advertise),
+        (statistics, Stage.advertise),
+        (training, Stage.share),
+        (statistics, Stage.share),
+        (training, Stage.unmask),
+        (statistics, Stage.unmask),
+    ]
 
 
 def test_what_the_coordinator_receives_is_uniform_mod_2_32_and_uncorrelated_with_the_update():

@@ -141,22 +141,33 @@ def _header_entry(masked, entry):
     return len(header).to_bytes(8, "little") + header + masked.tobytes()
 
 
-def _stage(devices, coordinator, stage):
-    """Every device answers ``stage``; the engine moves on."""
+def _stage(devices, coordinator, stage, phases=("training",)):
+    """Every device answers ``stage`` of each of ``phases``' instances; the engine moves on."""
     for token in devices.tokens:
-        task = devices.task(token)
-        assert task["action"] == "secagg" and task["stage"] == stage, task
-        reply = devices.answer(token, task)
-        assert reply.status_code == 200, reply.json
+        for phase in phases:  # one after the other, in the order the stages opened
+            task = devices.task(token)
+            assert task["action"] == "secagg" and task["stage"] == stage, task
+            assert task["phase"] == phase and task["context"].startswith("round"), task
+            reply = devices.answer(token, task)
+            assert reply.status_code == 200, reply.json
     assert coordinator.settle()
 
 
+BOTH = ("training", "statistics")  # a round sets up both instances' keys in the same stages
+
+
+def _setup(devices, coordinator):
+    """Keys and shares of the round's training and statistics instances, side by side."""
+    _stage(devices, coordinator, "advertise", BOTH)
+    _stage(devices, coordinator, "share", BOTH)
+
+
 def _instance(devices, coordinator, kind):
-    """One whole secure aggregation: keys, shares, every device's masked ``kind``, unmasking."""
-    _stage(devices, coordinator, "advertise")
-    _stage(devices, coordinator, "share")
+    """The rest of one instance: training's set-up (with statistics'), uploads, unmasking."""
+    if kind == "train":
+        _setup(devices, coordinator)
     _upload(devices, coordinator, kind)
-    _stage(devices, coordinator, "unmask")
+    _stage(devices, coordinator, "unmask", ("training",) if kind == "train" else ("statistics",))
 
 
 def _upload(devices, coordinator, kind):
@@ -210,8 +221,7 @@ def test_a_secure_round_over_the_api_gives_the_plain_average_and_statistics(secu
     before = global_model(client)
     devices = Devices(client, register(client, 3, SECURE))
     assert coordinator.settle()
-    _stage(devices, coordinator, "advertise")
-    _stage(devices, coordinator, "share")
+    _setup(devices, coordinator)
     _upload(devices, coordinator, "train")
     # what the coordinator stored for each device (its database, while the round is open):
     # uniform modulo 2^32 and uncorrelated with the device's true vector
@@ -231,10 +241,9 @@ def test_a_secure_round_over_the_api_gives_the_plain_average_and_statistics(secu
         r = np.corrcoef(stored.astype(np.float64), true.view(np.int32).astype(np.float64))[0, 1]
         assert abs(r) < 5 / np.sqrt(true.size), r
     _stage(devices, coordinator, "unmask")
-    _stage(devices, coordinator, "advertise")  # the sBN statistics' own aggregation
-    _stage(devices, coordinator, "share")
+    # the sBN statistics' own aggregation, on the keys set up beside the training's
     _upload(devices, coordinator, "statistics")
-    _stage(devices, coordinator, "unmask")
+    _stage(devices, coordinator, "unmask", ("statistics",))
     after = global_model(client)
     expected = _expected_model(before)
     resolution = FixedPoint(2.0**26, 8.0).resolution
@@ -268,10 +277,18 @@ def test_bad_input_at_each_stage_is_refused_with_a_code_and_nothing_is_kept(secu
     assert_error(devices.answer(second, tasks[second], bad), 422, ErrorCode.bad_key)
     for token in (second, third):
         assert devices.answer(token, tasks[token]).status_code == 200
+    # the statistics instance's advertisement comes next: the training's keys are no keys there
+    tasks = {t: devices.task(t) for t in devices.tokens}
+    assert {t["phase"] for t in tasks.values()} == {"statistics"}
+    reused = {**good, "context": tasks[first]["context"]}
+    assert_error(devices.answer(first, tasks[first], reused), 409, ErrorCode.replayed_key)
+    for token in devices.tokens:
+        assert devices.answer(token, tasks[token]).status_code == 200
     assert coordinator.settle()
 
     # share: a share for a client that is no neighbour, then too few shares
     tasks = {t: devices.task(t) for t in devices.tokens}
+    assert {t["phase"] for t in tasks.values()} == {"training"}
     good = devices.body(first, tasks[first])
     extra = {**good, "shares": {**good["shares"], "99": next(iter(good["shares"].values()))}}
     assert_error(devices.answer(first, tasks[first], extra), 422, ErrorCode.unknown_peer)
@@ -280,7 +297,7 @@ def test_bad_input_at_each_stage_is_refused_with_a_code_and_nothing_is_kept(secu
     assert devices.answer(first, tasks[first], good).status_code == 200
     for token in (second, third):
         assert devices.answer(token, tasks[token]).status_code == 200
-    assert coordinator.settle()
+    _stage(devices, coordinator, "share", ("statistics",))
 
     # masked upload: the wrong length, the wrong modulus, other tensors, twice
     task = devices.task(first)
@@ -335,8 +352,7 @@ def test_a_restart_with_masked_uploads_held_fails_the_round_and_unmasks_nothing(
     before = global_model(first)
     devices = Devices(first, register(first, 3, SECURE))
     assert coordinator.settle()
-    _stage(devices, coordinator, "advertise")
-    _stage(devices, coordinator, "share")
+    _setup(devices, coordinator)
     _upload(devices, coordinator, "train")  # the unmasking stage is open now
     task = devices.task(devices.tokens[0])
     assert task["action"] == "secagg" and task["stage"] == "unmask"
@@ -374,8 +390,7 @@ def test_an_int8_secure_round_masks_uint16_integers_and_moves_within_one_step(ma
     profile = {**SECURE, "encodings": ["fp32", "int8"]}
     devices = Devices(client, register(client, 3, profile))
     assert coordinator.settle()
-    _stage(devices, coordinator, "advertise")
-    _stage(devices, coordinator, "share")
+    _setup(devices, coordinator)
     first = devices.tokens[0]
     task = devices.task(first)
     assert task["secure"]["encoding"] == "int8" and task["secure"]["modulus_bits"] == 10
@@ -422,8 +437,7 @@ def test_the_logs_of_a_secure_round_hold_no_value_of_any_device(secure_app, capl
     with caplog.at_level(logging.DEBUG):
         devices = Devices(client, register(client, 3, SECURE))
         assert coordinator.settle()
-        _stage(devices, coordinator, "advertise")
-        _stage(devices, coordinator, "share")
+        _setup(devices, coordinator)
         _upload(devices, coordinator, "train")
         stored = [
             load(coordinator.store.payload(1, Phase.training, row.device_id))["masked"]
@@ -431,15 +445,13 @@ def test_the_logs_of_a_secure_round_hold_no_value_of_any_device(secure_app, capl
         ]
         true_vectors = list(devices.vectors.values())
         _stage(devices, coordinator, "unmask")
-        _stage(devices, coordinator, "advertise")
-        _stage(devices, coordinator, "share")
         _upload(devices, coordinator, "statistics")
         statistics_vectors = list(devices.vectors.values())
         stored += [
             load(coordinator.store.payload(1, Phase.statistics, row.device_id))["masked"]
             for row in coordinator.store.uploaded(1, Phase.statistics)
         ]
-        _stage(devices, coordinator, "unmask")
+        _stage(devices, coordinator, "unmask", ("statistics",))
     text = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert "round 1 finished" in text  # the round was logged: the check looks at real lines
     # Numbers as the log writes them: whole tokens, not digits inside a hex id or a port.
