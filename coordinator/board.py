@@ -528,9 +528,10 @@ class TaskBoard:
             return  # nobody to ask
         (context,) = contexts
         view = StageView(round_number, phase, stage, context, dict(requests), deadline)
-        with self._lock:
-            self._stages = {c: v for c, v in self._stages.items() if not v.closed}
-            self._stages[context] = view
+        with self._lock:  # a new dict: request threads read the old one without the lock
+            stages = {c: v for c, v in self._stages.items() if not v.closed}
+            stages[context] = view
+            self._stages = stages
         self.waker.poke()
 
     def stage_replies(self, round_number: int) -> Iterator[StageReply | None]:

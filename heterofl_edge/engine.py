@@ -438,6 +438,10 @@ class _StagePart:
     requests: Mapping[str, StageRequest]
     accept: Callable[[str, Any], Any]  # SecAggRefusal: the answer is left out
     what: str  # what an answer is, for the log
+    # Beside a leading part, a stage waits for this part's clients only where they are the
+    # leading part's too (they answer their tasks back to back); the others' answers are
+    # taken while the leading part is still open, and a busy one is left out, never waited for.
+    leading: bool = True
 
 
 @dataclass(frozen=True)
@@ -755,13 +759,13 @@ class RoundEngine:
             set_up = self._secure_setup(number, opened.deadline, instances)
             if set_up is None:
                 return None
+            requests = set_up[Phase.training]
+            if isinstance(requests, BelowThreshold):
+                raise requests
             if statistics is not None:
                 self._prepared_statistics = _PreparedStatistics(
                     number, statistics[0], statistics[1], set_up[Phase.statistics]
                 )
-            requests = set_up[Phase.training]
-            if isinstance(requests, BelowThreshold):
-                raise requests
             inputs = {
                 client: SecureInput(
                     instance.context,
@@ -871,6 +875,9 @@ class RoundEngine:
         def stage_deadline() -> float:
             return min(deadline, self.clock() + self.settings.secure_stage_seconds)
 
+        # With training's, the statistics instance follows (its clients beyond the round's,
+        # with --statistics all, may be busy: the round's key set-up never waits for them).
+        leads = Phase.training if len(live) > 1 else None
         advertise = [
             _StagePart(
                 phase,
@@ -878,6 +885,7 @@ class RoundEngine:
                 {c: StageRequest(instance.context, i) for c, i in instance.index.items()},
                 instance.accept_advertisement,
                 "keys",
+                leading=leads in (None, phase),
             )
             for phase, instance in live.items()
         ]
@@ -894,8 +902,11 @@ class RoundEngine:
                         self._requests(instance, requests),
                         instance.accept_shares,
                         "shares",
+                        leading=leads in (None, phase),
                     )
                 )
+        if leads is not None and leads not in live:
+            return outcome  # the leading instance failed: the others are of no use
         if share and not self._stages(number, Stage.share, share, stage_deadline()):
             return None
         for phase, instance in list(live.items()):
@@ -959,6 +970,9 @@ class RoundEngine:
             transport.open_stage(number, part.phase, stage, part.requests, deadline)
         wanted = {part.instance.context: part.requests for part in parts}
         got: dict[str, dict[str, Any]] = {context: {} for context in wanted}
+        leaders = {c for part in parts if part.leading for c in part.requests}
+        if not any(part.leading for part in parts):
+            leaders = {c for part in parts for c in part.requests}
 
         def keep(reply: StageReply) -> None:
             requests = wanted.get(reply.context)
@@ -975,7 +989,7 @@ class RoundEngine:
                     c
                     for context, requests in wanted.items()
                     for c in requests
-                    if c not in got[context]
+                    if c not in got[context] and c in leaders
                 )
             )
             if not outstanding or self.clock() >= deadline:

@@ -478,3 +478,37 @@ def test_the_logs_of_a_secure_round_hold_no_value_of_any_device(secure_app, capl
         for start in range(0, min(len(raw), 4800), 12):
             piece = raw[start : start + 12]
             assert piece.hex() not in text and b64(piece) not in text
+
+
+def test_a_busy_device_outside_the_round_never_holds_up_its_key_set_up(make_app):
+    """--statistics all: every live device is asked for the statistics instance's keys at the
+    round's opening, beside the training instance's. One that is not in the round and does
+    not answer (busy: live, not silent) is left out of the statistics; the round goes on."""
+    app = make_app(
+        secure_aggregation=True, secure_aggregation_clip=8.0, fraction=0.75, min_devices=4
+    )
+    client = app.test_client()
+    coordinator = app.extensions["heterofl"]
+    tokens = register(client, 4, SECURE)
+    assert coordinator.settle()
+    first = {t: client.get("/v1/task", headers=auth(t)).json for t in tokens}
+    assert all(task["action"] == "secagg" for task in first.values()), first
+    (busy,) = [t for t, task in first.items() if task["phase"] == "statistics"]
+    assert first[busy]["stage"] == "advertise"  # asked, and never answers
+    devices = Devices(client, [t for t in tokens if t != busy])
+    _setup(devices, coordinator)  # the three answer both instances; nobody waits for the busy one
+    assert client.get("/v1/task", headers=auth(busy)).json["action"] == "wait"
+    for position, token in enumerate(devices.tokens):  # levels as drawn: values by position
+        task = devices.task(token)
+        assert task["action"] == "train", task
+        body = save({"masked": devices.training_body(position, token, task)})
+        assert client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
+    assert coordinator.settle()
+    _stage(devices, coordinator, "unmask")
+    assert client.get("/v1/task", headers=auth(busy)).json["action"] == "wait"  # no statistics
+    _upload(devices, coordinator, "statistics")
+    _stage(devices, coordinator, "unmask", ("statistics",))
+    operator = {"Authorization": f"Bearer {coordinator.config.admission.operator_token}"}
+    record = client.get("/v1/rounds", headers=operator).json["rounds"][0]
+    assert record["state"] == "finished", record
+    assert record["metrics"]["statistics_reports"] == 3, record
