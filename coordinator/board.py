@@ -742,12 +742,19 @@ class TaskBoard:
                 "this answer is for another aggregation or stage",
                 "ask /v1/task for your next task",
             )
-        seen_keys = {key for v in open_now for key in v.keys}
+        with self._lock:  # other request threads add keys under it
+            seen_keys = set().union(*(v.keys for v in open_now))
         try:
             value = _checked_answer(stage, request, device.id, answer, seen_keys)
         except SecAggRefusal as refusal:
             raise ApiError(ErrorCode(refusal.code), refusal.message, refusal.hint) from None
         with self._lock:
+            if stage.closed:  # closed while the answer was checked: the engine has moved on
+                raise ApiError(
+                    ErrorCode.round_closed,
+                    f"round {number} takes no secure aggregation answer now",
+                    "ask /v1/task for your next task",
+                )
             if device.id in stage.answers:  # a second answer raced the first
                 raise ApiError(_DUPLICATE[stage.stage], "this stage was answered already")
             if isinstance(value, Advertisement):

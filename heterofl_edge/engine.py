@@ -438,10 +438,6 @@ class _StagePart:
     requests: Mapping[str, StageRequest]
     accept: Callable[[str, Any], Any]  # SecAggRefusal: the answer is left out
     what: str  # what an answer is, for the log
-    # Beside a leading part, a stage waits for this part's clients only where they are the
-    # leading part's too (they answer their tasks back to back); the others' answers are
-    # taken while the leading part is still open, and a busy one is left out, never waited for.
-    leading: bool = True
 
 
 @dataclass(frozen=True)
@@ -748,14 +744,18 @@ class RoundEngine:
         )
         replies: dict[str, TrainReply] = {}
         instances = {Phase.training: instance}
+        # The statistics instance's keys are set up in the training instance's stages (two
+        # exchanges fewer) when its clients are the round's: --statistics round, or all with
+        # every live client in the round. Then it draws the training's neighbour graph, so
+        # that the same dropouts leave both above (or both below) the threshold. Otherwise
+        # (devices outside the round, busy ones among them) it sets up after training.
         candidates = self._statistics_candidates(opened)
-        statistics = self._statistics_instance(number, candidates) if candidates else None
-        if statistics is not None:
+        statistics = None
+        if candidates and set(candidates) <= set(rates):
+            ordered = [t.client for t in opened.tasks if t.client in set(candidates)]
+            statistics = self._statistics_instance(number, ordered, instance.graph_seed)
             instances[Phase.statistics] = statistics[0]
         try:
-            # The statistics instance's keys are set up in the same stages as the training
-            # instance's (two round trips fewer), so its clients are known now: see
-            # _statistics_candidates.
             set_up = self._secure_setup(number, opened.deadline, instances)
             if set_up is None:
                 return None
@@ -837,9 +837,12 @@ class RoundEngine:
         return [c.id for c in self.transport.wait_for_clients(0) or []]
 
     def _statistics_instance(
-        self, number: int, clients: Sequence[str]
+        self, number: int, clients: Sequence[str], graph_seed: int | None = None
     ) -> tuple[SecAggServer, tuple[tuple[str, int], ...]]:
-        """A secure aggregation of ``clients``' sBN sums, and the layers its vectors hold."""
+        """A secure aggregation of ``clients``' sBN sums, and the layers its vectors hold.
+
+        ``graph_seed``: its neighbour graph's (None: a fresh one).
+        """
         secure = self.strategy.secure
         assert secure is not None
         layers = sbn_layers(self.global_state)
@@ -849,7 +852,7 @@ class RoundEngine:
             [(c, layout) for c in clients],
             layout,
             secure.threshold,
-            secrets.randbits(63),
+            secrets.randbits(63) if graph_seed is None else graph_seed,
         )
         return instance, layers
 
@@ -875,9 +878,6 @@ class RoundEngine:
         def stage_deadline() -> float:
             return min(deadline, self.clock() + self.settings.secure_stage_seconds)
 
-        # With training's, the statistics instance follows (its clients beyond the round's,
-        # with --statistics all, may be busy: the round's key set-up never waits for them).
-        leads = Phase.training if len(live) > 1 else None
         advertise = [
             _StagePart(
                 phase,
@@ -885,7 +885,6 @@ class RoundEngine:
                 {c: StageRequest(instance.context, i) for c, i in instance.index.items()},
                 instance.accept_advertisement,
                 "keys",
-                leading=leads in (None, phase),
             )
             for phase, instance in live.items()
         ]
@@ -902,11 +901,10 @@ class RoundEngine:
                         self._requests(instance, requests),
                         instance.accept_shares,
                         "shares",
-                        leading=leads in (None, phase),
                     )
                 )
-        if leads is not None and leads not in live:
-            return outcome  # the leading instance failed: the others are of no use
+        if Phase.training in instances and Phase.training not in live:
+            return outcome  # the training instance failed: the round fails, the rest is moot
         if share and not self._stages(number, Stage.share, share, stage_deadline()):
             return None
         for phase, instance in list(live.items()):
@@ -970,9 +968,6 @@ class RoundEngine:
             transport.open_stage(number, part.phase, stage, part.requests, deadline)
         wanted = {part.instance.context: part.requests for part in parts}
         got: dict[str, dict[str, Any]] = {context: {} for context in wanted}
-        leaders = {c for part in parts if part.leading for c in part.requests}
-        if not any(part.leading for part in parts):
-            leaders = {c for part in parts for c in part.requests}
 
         def keep(reply: StageReply) -> None:
             requests = wanted.get(reply.context)
@@ -989,7 +984,7 @@ class RoundEngine:
                     c
                     for context, requests in wanted.items()
                     for c in requests
-                    if c not in got[context] and c in leaders
+                    if c not in got[context]
                 )
             )
             if not outstanding or self.clock() >= deadline:
@@ -1123,7 +1118,7 @@ class RoundEngine:
                     raise prepared.requests
                 wanted = {t.client for t in tasks}
                 requests = {c: r for c, r in prepared.requests.items() if c in wanted}
-            else:  # round 0's statistics: no training instance to set up beside
+            else:  # round 0, or clients outside the round: keys set up now
                 instance, layers = self._statistics_instance(number, [t.client for t in tasks])
                 set_up = self._secure_setup(number, deadline, {Phase.statistics: instance})
                 if set_up is None:

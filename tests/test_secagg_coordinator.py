@@ -480,10 +480,10 @@ def test_the_logs_of_a_secure_round_hold_no_value_of_any_device(secure_app, capl
             assert piece.hex() not in text and b64(piece) not in text
 
 
-def test_a_busy_device_outside_the_round_never_holds_up_its_key_set_up(make_app):
-    """--statistics all: every live device is asked for the statistics instance's keys at the
-    round's opening, beside the training instance's. One that is not in the round and does
-    not answer (busy: live, not silent) is left out of the statistics; the round goes on."""
+def test_statistics_from_devices_outside_the_round_set_up_their_keys_after_training(make_app):
+    """--statistics all with a device outside the round: the statistics instance's keys are
+    not set up beside the training instance's (the round never waits for devices it did
+    not pick), but after training, and every live device reports."""
     app = make_app(
         secure_aggregation=True, secure_aggregation_clip=8.0, fraction=0.75, min_devices=4
     )
@@ -492,23 +492,29 @@ def test_a_busy_device_outside_the_round_never_holds_up_its_key_set_up(make_app)
     tokens = register(client, 4, SECURE)
     assert coordinator.settle()
     first = {t: client.get("/v1/task", headers=auth(t)).json for t in tokens}
-    assert all(task["action"] == "secagg" for task in first.values()), first
-    (busy,) = [t for t, task in first.items() if task["phase"] == "statistics"]
-    assert first[busy]["stage"] == "advertise"  # asked, and never answers
-    devices = Devices(client, [t for t in tokens if t != busy])
-    _setup(devices, coordinator)  # the three answer both instances; nobody waits for the busy one
-    assert client.get("/v1/task", headers=auth(busy)).json["action"] == "wait"
-    for position, token in enumerate(devices.tokens):  # levels as drawn: values by position
-        task = devices.task(token)
+    (outside,) = [t for t, task in first.items() if task["action"] == "wait"]
+    in_round = Devices(client, [t for t in tokens if t != outside])
+    assert {first[t]["phase"] for t in in_round.tokens} == {"training"}
+    _stage(in_round, coordinator, "advertise")  # the training instance's keys alone
+    _stage(in_round, coordinator, "share")
+    for position, token in enumerate(in_round.tokens):  # levels as drawn: values by position
+        task = in_round.task(token)
         assert task["action"] == "train", task
-        body = save({"masked": devices.training_body(position, token, task)})
+        body = save({"masked": in_round.training_body(position, token, task)})
         assert client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
     assert coordinator.settle()
-    _stage(devices, coordinator, "unmask")
-    assert client.get("/v1/task", headers=auth(busy)).json["action"] == "wait"  # no statistics
-    _upload(devices, coordinator, "statistics")
-    _stage(devices, coordinator, "unmask", ("statistics",))
+    _stage(in_round, coordinator, "unmask")
+    everyone = Devices(client, tokens)
+    _stage(everyone, coordinator, "advertise", ("statistics",))  # now all four
+    _stage(everyone, coordinator, "share", ("statistics",))
+    for position, token in enumerate(everyone.tokens):
+        task = everyone.task(token)
+        assert task["action"] == "statistics" and task["secure"] is not None, task
+        body = save({"masked": everyone.statistics_body(position % 3, token, task)})
+        assert client.post(task["upload_url"], data=body, headers=auth(token)).status_code == 200
+    assert coordinator.settle()
+    _stage(everyone, coordinator, "unmask", ("statistics",))
     operator = {"Authorization": f"Bearer {coordinator.config.admission.operator_token}"}
     record = client.get("/v1/rounds", headers=operator).json["rounds"][0]
     assert record["state"] == "finished", record
-    assert record["metrics"]["statistics_reports"] == 3, record
+    assert record["metrics"]["statistics_reports"] == 4, record
