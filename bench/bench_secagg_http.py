@@ -1,7 +1,9 @@
 """Benchmark: secure aggregation over loopback HTTP, against a real ``coordinator serve``.
 
 N protocol-level devices (threads in this process, one ``requests`` session
-each) register, poll ``/v1/task`` every 0.2 s and do what it says, training
+each) register, ask ``/v1/task`` and do what it says (a wait: again after its
+``retry_after``: ``--poll-seconds``, 0.2 s here, shorter while a secure stage
+a device answered waits for the others), training
 nothing: a random update of their level's slice, sBN moments of zeros and ones;
 with ``--secure-aggregation`` they answer the SecAgg+ stages with the real
 client code (``SecAggClient``) and upload masked vectors. MNIST conv, Fix a-e in
@@ -107,7 +109,7 @@ class Device(threading.Thread):
             if task["action"] == "done":
                 return
             if task["action"] == "wait":
-                time.sleep(0.2)
+                time.sleep(float(task["retry_after"]))
                 continue
             if task["action"] == "secagg":
                 start = time.thread_time()
@@ -189,7 +191,9 @@ class Device(threading.Thread):
         return save({"masked": client.mask(vector, layout, peers, ciphertexts)})
 
 
-def measure(size: int, secure: bool, work: Path, processes: int) -> dict[str, Any]:
+def measure(
+    size: int, secure: bool, work: Path, processes: int, poll_seconds: float
+) -> dict[str, Any]:
     state = work / f"state-{size}-{'secure' if secure else 'plain'}"
     shutil.rmtree(state, ignore_errors=True)
     per = size // len(LEVELS)
@@ -197,7 +201,7 @@ def measure(size: int, secure: bool, work: Path, processes: int) -> dict[str, An
     args = [
         "--state-dir", str(state), "--mode", mode, "--policy", "fix", "--rounds", "1",
         "--fraction", "1", "--min-devices", str(size), "--min-uploads", str(size),
-        "--statistics", "round", "--no-artifacts", "--poll-seconds", "0.2",
+        "--statistics", "round", "--no-artifacts", "--poll-seconds", str(poll_seconds),
         "--connections-per-address", "1000", "--round-seconds", "600", "--stats-seconds", "600",
     ]  # fmt: skip
     if secure:
@@ -258,12 +262,18 @@ def main() -> None:
         default=4,
         help="device processes (threads within each): 1 serialises every device's work",
     )
+    parser.add_argument(
+        "--poll-seconds",
+        type=float,
+        default=0.2,
+        help="the coordinator's poll interval (its default is 2)",
+    )
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     runs = []
     for size in args.sizes:
-        plain = measure(size, False, args.work, args.processes)
-        secure = measure(size, True, args.work, args.processes)
+        plain = measure(size, False, args.work, args.processes, args.poll_seconds)
+        secure = measure(size, True, args.work, args.processes, args.poll_seconds)
         bytes_plain = plain["bytes_up_per_device"] + plain["bytes_down_per_device"]
         bytes_secure = secure["bytes_up_per_device"] + secure["bytes_down_per_device"]
         entry = {
@@ -290,11 +300,13 @@ def main() -> None:
         json.dumps(
             {
                 "protocol": (
-                    "coordinator serve on 127.0.0.1 (--no-artifacts, --poll-seconds 0.2, "
+                    f"coordinator serve on 127.0.0.1 (--no-artifacts, --poll-seconds "
+                    f"{args.poll_seconds:g}, "
                     "--statistics round), MNIST conv Fix a-e in equal parts, one round; "
                     f"protocol-level devices as threads of {args.processes} processes"
                 ),
                 "processes": args.processes,
+                "poll_seconds": args.poll_seconds,
                 "machine": {
                     "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(),

@@ -644,7 +644,22 @@ class TaskBoard:
                 return self._task(view, view.tasks[device.id])
         if self._done:
             return DoneTask(rounds=self._done_rounds)
-        return WaitTask(retry_after=self.settings.poll_seconds)
+        return WaitTask(retry_after=self._wait_seconds(device))
+
+    def _wait_seconds(self, device: Device) -> float:
+        """How long a device with nothing to do waits before asking again.
+
+        The poll interval; shorter while a secure aggregation stage it answered waits
+        for the other devices' answers, because the next stage (or the phase) opens the
+        moment the last one comes. The stage's devices then ask at most about
+        ``_STAGE_ASKS_PER_SECOND`` times a second in all.
+        """
+        poll = self.settings.poll_seconds
+        for stage in list(self._stages.values()):
+            if not stage.closed and device.id in stage.answers:
+                share = len(stage.requests) / _STAGE_ASKS_PER_SECOND
+                return min(poll, max(_STAGE_POLL_SECONDS, share))
+        return poll
 
     def _task(self, view: PhaseView, task: Task) -> TrainTask | StatisticsTask:
         number, level = view.round, rate_label(task.rate)
@@ -930,6 +945,12 @@ class TaskBoard:
             return DeviceState.late
         return DeviceState.online
 
+
+# A device that answered a secure aggregation stage asks again after this long while the
+# stage waits for the others (at most the poll interval), and the stage's devices at most
+# about this many times a second in all (a large stage's devices wait longer).
+_STAGE_POLL_SECONDS = 0.25
+_STAGE_ASKS_PER_SECOND = 400.0
 
 _DUPLICATE = {
     Stage.advertise: ErrorCode.duplicate_advertisement,

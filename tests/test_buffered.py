@@ -109,16 +109,31 @@ def test_a_buffer_of_two_widths_and_two_staleness_levels_worked_by_hand():
     # Execute
     new = buffer.finalize()
 
-    # Assert: units 0..7 (both hold them): sum 1 x 4 + 1/3 x 3 = 5 over the weighted count
-    # 1 + 1/3 = 4/3, i.e. 3.75, times 0.5: 1.875. Units 8..15 (A alone): 0.5 x 4 = 2.
-    hidden = torch.tensor([1.875] * 8 + [2.0] * 8)
+    # Assert: units 0..7 (both hold them): sum 1 x 4 + 1/3 x 3 = 5 over the count of updates
+    # 2, i.e. 2.5, times 0.5: 1.25. Units 8..15 (A alone): 0.5 x 1 x 4 = 2.
+    hidden = torch.tensor([1.25] * 8 + [2.0] * 8)
     assert torch.equal(new["hidden.bias"], hidden)
     assert torch.equal(new["hidden.weight"], hidden[:, None].expand(16, 2))
     # Classifier: rows 0, 1 as the hidden units; row 2 (B lacks label 2) from A alone.
     assert torch.equal(new["out.weight"], torch.stack([hidden, hidden, torch.full((16,), 2.0)]))
-    assert torch.equal(new["out.bias"], torch.tensor([1.875, 1.875, 2.0]))
+    assert torch.equal(new["out.bias"], torch.tensor([1.25, 1.25, 2.0]))
     assert torch.equal(new["stat"], torch.full((16,), 7.0))  # not trained: untouched
     assert buffer.weights == [1.0, 1 / 3]
+
+
+def test_a_stale_update_alone_on_its_elements_moves_them_by_its_weight():
+    # B (rate 1/2, all labels, 3 versions stale: polynomial:1 weight 1/4) and C (rate 1/2,
+    # fresh) hold units 0..7; A (rate 1, 3 versions stale) is alone on units 8..15. The
+    # current model is 0 and so was every base; each trained to 8.
+    rule = parse_staleness("polynomial:1")
+    buffer = BufferedAggregator(state_of(0.0), SPEC, 1.0)
+    buffer.add(trained(16, 8.0), state_of(0.0), 1.0, rule.weight(3))
+    buffer.add(trained(8, 8.0), state_of(0.0), 0.5, rule.weight(3))
+    buffer.add(trained(8, 8.0), state_of(0.0), 0.5, rule.weight(0))
+    new = buffer.finalize()
+    # Units 0..7: (1/4 x 8 + 1/4 x 8 + 1 x 8) / 3 = 4; units 8..15: 1/4 x 8 / 1 = 2, where a
+    # division by the summed weights would give 8 there: A's whole update.
+    assert torch.equal(new["hidden.bias"], torch.tensor([4.0] * 8 + [2.0] * 8))
 
 
 def test_a_rolling_window_counts_the_indices_the_client_held():

@@ -518,3 +518,31 @@ def test_statistics_from_devices_outside_the_round_set_up_their_keys_after_train
     record = client.get("/v1/rounds", headers=operator).json["rounds"][0]
     assert record["state"] == "finished", record
     assert record["metrics"]["statistics_reports"] == 4, record
+
+
+def test_a_device_that_answered_a_stage_asks_again_sooner_while_the_others_answer(secure_app):
+    """The next stage opens the moment the last device answers: one that answered waits a
+    quarter of a second, not the poll interval, before asking again."""
+    client = secure_app.test_client()
+    coordinator = secure_app.extensions["heterofl"]
+    poll = coordinator.config.poll_seconds
+    assert poll > 0.25
+    devices = Devices(client, register(client, 3, SECURE))
+    assert coordinator.settle()
+    first, *others = devices.tokens
+    for _ in BOTH:
+        task = devices.task(first)
+        assert devices.answer(first, task).status_code == 200
+    waiting = devices.task(first)
+    assert waiting == {"action": "wait", "retry_after": 0.25}, waiting
+    for token in others:
+        for _ in BOTH:
+            assert devices.answer(token, devices.task(token)).status_code == 200
+    assert coordinator.settle()
+    assert devices.task(first)["stage"] == "share"  # at its next ask
+    _stage(devices, coordinator, "share", BOTH)
+    task = devices.task(first)
+    body = save({"masked": devices.training_body(0, first, task)})
+    assert client.post(task["upload_url"], data=body, headers=auth(first)).status_code == 200
+    # waiting for the others' training (no stage open): the poll interval again
+    assert devices.task(first) == {"action": "wait", "retry_after": poll}
