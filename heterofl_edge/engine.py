@@ -450,7 +450,6 @@ class _PreparedStatistics:
 
     round: int
     instance: SecAggServer
-    layers: tuple[tuple[str, int], ...]
     requests: Mapping[str, MaskRequest] | BelowThreshold
 
 
@@ -749,12 +748,12 @@ class RoundEngine:
         # every live client in the round. Then it draws the training's neighbour graph, so
         # that the same dropouts leave both above (or both below) the threshold. Otherwise
         # (devices outside the round, busy ones among them) it sets up after training.
-        candidates = self._statistics_candidates(opened)
+        candidates = set(self._statistics_candidates(opened))
         statistics = None
-        if candidates and set(candidates) <= set(rates):
-            ordered = [t.client for t in opened.tasks if t.client in set(candidates)]
+        if candidates and candidates <= set(rates):
+            ordered = [t.client for t in opened.tasks if t.client in candidates]
             statistics = self._statistics_instance(number, ordered, instance.graph_seed)
-            instances[Phase.statistics] = statistics[0]
+            instances[Phase.statistics] = statistics
         try:
             set_up = self._secure_setup(number, opened.deadline, instances)
             if set_up is None:
@@ -764,7 +763,7 @@ class RoundEngine:
                 raise requests
             if statistics is not None:
                 self._prepared_statistics = _PreparedStatistics(
-                    number, statistics[0], statistics[1], set_up[Phase.statistics]
+                    number, statistics, set_up[Phase.statistics]
                 )
             inputs = {
                 client: SecureInput(
@@ -838,23 +837,21 @@ class RoundEngine:
 
     def _statistics_instance(
         self, number: int, clients: Sequence[str], graph_seed: int | None = None
-    ) -> tuple[SecAggServer, tuple[tuple[str, int], ...]]:
-        """A secure aggregation of ``clients``' sBN sums, and the layers its vectors hold.
+    ) -> SecAggServer:
+        """A secure aggregation of ``clients``' sBN sums (``sbn_layers`` of the global model).
 
         ``graph_seed``: its neighbour graph's (None: a fresh one).
         """
         secure = self.strategy.secure
         assert secure is not None
-        layers = sbn_layers(self.global_state)
-        layout = statistics_layout(layers)
-        instance = SecAggServer(
+        layout = statistics_layout(sbn_layers(self.global_state))
+        return SecAggServer(
             instance_context(number, Phase.statistics.value),
             [(c, layout) for c in clients],
             layout,
             secure.threshold,
             secrets.randbits(63) if graph_seed is None else graph_seed,
         )
-        return instance, layers
 
     def _secure_setup(
         self, number: int, deadline: float, instances: Mapping[Phase, SecAggServer]
@@ -1108,18 +1105,19 @@ class RoundEngine:
         number, secure = opened.round, self.strategy.secure
         assert secure is not None
         prepared, self._prepared_statistics = self._prepared_statistics, None
+        layers = sbn_layers(self.global_state)  # training changes no layer: the instance's
         uploaded: set[str] = set()
         try:
             if prepared is not None and prepared.round == number:
                 # Keys set up with the training's: whoever shared them and is asked now masks;
                 # the other sharers are dropouts, whose masks the survivors help remove.
-                instance, layers = prepared.instance, prepared.layers
+                instance = prepared.instance
                 if isinstance(prepared.requests, BelowThreshold):
                     raise prepared.requests
                 wanted = {t.client for t in tasks}
                 requests = {c: r for c, r in prepared.requests.items() if c in wanted}
             else:  # round 0, or clients outside the round: keys set up now
-                instance, layers = self._statistics_instance(number, [t.client for t in tasks])
+                instance = self._statistics_instance(number, [t.client for t in tasks])
                 set_up = self._secure_setup(number, deadline, {Phase.statistics: instance})
                 if set_up is None:
                     return None
